@@ -1,0 +1,105 @@
+"""``prefork-smtpd``: the server's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefork_smtpd import __version__
+from prefork_smtpd.settings import Settings, check_range
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line, exit 2: easy to read in a terminal and in journald.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_setting(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        reason = check_range(name, value)
+        if reason:
+            raise argparse.ArgumentTypeError(reason)
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = _Parser(
+        prog="prefork-smtpd",
+        description="A prefork SMTP server that stores mail in Maildir folders.",
+        argument_default=argparse.SUPPRESS,  # only what was given overrides the file
+    )
+    p.add_argument("-v", "--version", action="version", version=f"prefork-smtpd {__version__}")
+    p.add_argument("--config", metavar="FILE", help="TOML file with settings; flags override it")
+    p.add_argument("--workers", type=_int_setting("workers"), help=f"worker processes (default: CPU count, {d.workers})")
+    p.add_argument("-l", "--listen", metavar="ADDR", help="SMTP address (default: every IPv6 and IPv4 address)")
+    p.add_argument("-P", "--port", type=_int_setting("port"), help=f"SMTP port (default {d.port})")
+    p.add_argument("-C", "--config-address", metavar="ADDR", help=f"config port address (default {d.config_address})")
+    p.add_argument("-c", "--config-port", type=_int_setting("config_port"), help=f"config port (default {d.config_port})")
+    p.add_argument("--config-secret-file", metavar="FILE", help="file holding the config port's token")
+    p.add_argument("--metrics-address", metavar="ADDR", help=f"Prometheus address (default {d.metrics_address})")
+    p.add_argument("--metrics-port", type=_int_setting("metrics_port"), help="Prometheus port (default: off)")
+    p.add_argument(
+        "--domain", dest="domains", action="append", metavar="D",
+        help=f"a served domain; repeat for more (default {d.domains[0]})",
+    )
+    p.add_argument("--hostname", help="name in the greeting and Received headers (default: host name)")
+    p.add_argument("--mail-dir", metavar="DIR", help=f"Maildir root (default {d.mail_dir})")
+    p.add_argument("--log-file", metavar="FILE", help=f"log file (default {d.log_file})")
+    p.add_argument("--logging", type=_int_setting("logging"), help="0: logging off at start (default 1)")
+    for name, unit, what in (
+        ("max_message_size", "BYTES", "message size"),
+        ("max_recipients", "N", "recipients per message"),
+        ("max_command_line", "BYTES", "command line length, CRLF included"),
+        ("max_text_line", "BYTES", "message line length, CRLF included"),
+        ("max_errors", "N", "bad commands before the session is closed"),
+        ("timeout", "SECONDS", "time to send one command"),
+        ("data_timeout", "SECONDS", "time to send one message after 354"),
+        ("max_connections", "N", "open SMTP connections, all workers together"),
+        ("max_connections_per_ip", "N", "open connections from one address, 0 for no limit"),
+        ("graceful_timeout", "SECONDS", "time sessions get to finish on stop"),
+        ("max_requests", "N", "sessions before a worker is recycled, 0 for never"),
+        ("backlog", "N", "listen backlog"),
+        ("delivery_threads", "N", "disk-writing threads per worker"),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=_int_setting(name), metavar=unit,
+            help=f"{what} (default {getattr(d, name)})",
+        )
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config", None)
+    values: dict = {}
+    if config_file is not None:
+        from prefork_smtpd.config_file import ConfigFileError, load_config_file
+
+        try:
+            values.update(load_config_file(config_file))
+        except ConfigFileError as exc:
+            parser.error(str(exc))
+    values.update(args)
+    return Settings(config_file=config_file, **values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    from prefork_smtpd.master import Master
+
+    try:
+        return Master(settings).run()
+    except OSError as exc:
+        print(f"prefork-smtpd: error: {exc}", file=sys.stderr)
+        return 1
+

@@ -1,0 +1,341 @@
+"""The master (arbiter): binds the ports, forks workers, keeps them alive.
+
+The master runs no asyncio loop (a forked child must never inherit a live
+event loop); it waits in a plain ``selectors`` loop on the signal pipe and
+its own service sockets. Signal handlers only queue the signal; the main
+loop acts on the queue, then reaps dead workers and forks missing ones:
+
+    TERM, INT   graceful stop: workers finish their transactions, then exit
+    QUIT        fast stop
+    TTIN, TTOU  one worker more, one worker less
+    USR1        reopen log files (workers too)
+    CHLD        a worker exited: reap it, fold its counters, replace it
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import selectors
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+from setproctitle import setproctitle
+
+from .log import open_log
+from .settings import Settings
+from .stats import FIELD, MAX_WORKERS, SharedStats
+from .worker import run_worker
+
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
+FAST_STOP_SECONDS = 5
+MAX_BACKOFF = 10.0  # seconds between respawns of a worker that keeps crashing
+CRASH_WINDOW = 5.0  # a worker dying sooner than this after its start counts as a crash
+
+
+@dataclass
+class WorkerInfo:
+    index: int
+    pid: int
+    started: float
+    retiring: bool = False  # told to stop; not to be replaced
+
+
+def bind_smtp_sockets(settings: Settings) -> list[socket.socket]:
+    """Listening sockets for the SMTP port: every address, or the one asked for."""
+    if settings.listen is None:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
+            return [_listen(sock, ("::", settings.port), settings.backlog)]
+        except OSError:
+            pass  # no IPv6 on this host
+        return [_listen(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", settings.port), settings.backlog)]
+    sockets = []
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        settings.listen, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        sock = socket.socket(family, kind, proto)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sockets.append(_listen(sock, address, settings.backlog))
+    return sockets
+
+
+def _listen(sock: socket.socket, address: tuple, backlog: int) -> socket.socket:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft fd limit to the hard one: each session holds a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+class Master:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.target_workers = settings.workers
+        self.workers: dict[int, WorkerInfo] = {}
+        self.signal_queue: list[int] = []
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.next_spawn = 0.0
+        self.backoff = 0.0
+        self.running = True
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> int:
+        settings = self.settings
+        raise_open_file_limit()
+        self.sockets = bind_smtp_sockets(settings)
+        self.stats = SharedStats()
+        self.apply_settings(settings)
+        self.logger = open_log(settings.log_file, self.stats, "")
+        setproctitle("prefork-smtpd: master")
+        self.selector = selectors.DefaultSelector()
+        self.install_signals()
+        self.open_services()
+        self.log("Server Initialized")
+        self.log(f"listening on port {settings.port} with {self.target_workers} workers, domains {', '.join(settings.domains)}")
+        try:
+            while self.running:
+                self.manage_workers()
+                for key, _ in self.selector.select(self.wait_time()):
+                    key.data()
+                self.handle_signals()
+                self.reap_workers()
+                self.check_stop()
+        finally:
+            self.close_services()
+        self.log("Server Shutting Down")
+        return 0
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Publish the live settings in the shared block for the workers."""
+        for name in (
+            "logging",
+            "max_connections",
+            "max_message_size",
+            "max_recipients",
+            "timeout",
+            "data_timeout",
+            "max_errors",
+            "max_command_line",
+            "max_text_line",
+            "max_connections_per_ip",
+        ):
+            self.stats.set(name, getattr(settings, name))
+        self.stats.set("workers", self.target_workers)
+
+    def wait_time(self) -> float:
+        now = time.monotonic()
+        wait = 1.0
+        if self.stopping:
+            wait = min(wait, max(self.stop_deadline - now, 0.0))
+        if len(self.active_workers()) < self.target_workers:
+            wait = min(wait, max(self.next_spawn - now, 0.0))
+        return wait
+
+    # ------------------------------------------------------------ signals
+    def install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, self._queue_signal)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeup)
+
+    def _queue_signal(self, signum: int, frame: object) -> None:
+        # Only queue: the main loop acts, outside the handler's restrictions.
+        self.signal_queue.append(signum)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signal_queue:
+            signum = self.signal_queue.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(graceful=True)
+            elif signum == signal.SIGQUIT:
+                self.stop(graceful=False)
+            elif signum == signal.SIGTTIN:
+                self.set_worker_count(self.target_workers + 1)
+            elif signum == signal.SIGTTOU:
+                self.set_worker_count(self.target_workers - 1)
+            elif signum == signal.SIGUSR1:
+                self.reopen_logs()
+            elif signum == signal.SIGHUP:
+                self.reload()
+
+    # ------------------------------------------------------------ workers
+    def active_workers(self) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def set_worker_count(self, count: int) -> None:
+        count = max(1, min(count, MAX_WORKERS - 1))
+        if count != self.target_workers:
+            self.log(f"workers: {self.target_workers} -> {count}")
+        self.target_workers = count
+        self.stats.set("workers", count)
+
+    def manage_workers(self) -> None:
+        """Fork missing workers (with a crash backoff); retire extra ones."""
+        if self.stopping:
+            return
+        active = self.active_workers()
+        if len(active) > self.target_workers:
+            for info in sorted(active, key=lambda w: w.index)[self.target_workers :]:
+                self.retire_worker(info)
+            return
+        while len(self.active_workers()) < self.target_workers and time.monotonic() >= self.next_spawn:
+            self.spawn_worker(self.free_index())
+
+    def free_index(self) -> int:
+        used = {w.index for w in self.workers.values()}
+        return next(i for i in range(1, MAX_WORKERS) if i not in used)
+
+    def spawn_worker(self, index: int) -> None:
+        slot = self.stats.slot(index)
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                self.become_worker()
+                status = run_worker(index, self.sockets, self.settings, self.stats)
+            except BaseException:
+                try:
+                    self.logger.critical(f"worker {index} crashed: {traceback.format_exc()}")
+                except Exception:
+                    pass
+            finally:
+                os._exit(status)
+        slot.set(FIELD["pid"], pid)
+        self.workers[pid] = WorkerInfo(index=index, pid=pid, started=time.monotonic())
+
+    def become_worker(self) -> None:
+        """In the child right after fork: drop everything that is the master's."""
+        signal.set_wakeup_fd(-1)
+        for signum in HANDLED_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.close_services()
+
+    def retire_worker(self, info: WorkerInfo, signum: int = signal.SIGTERM) -> None:
+        info.retiring = True
+        self.kill(info.pid, signum)
+
+    def kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            info = self.workers.pop(pid, None)
+            if info is None:
+                continue
+            self.stats.retire(info.index)
+            cause = describe_exit(status)
+            if info.retiring or self.stopping:
+                self.log(f"worker {info.index} (pid {pid}) stopped: {cause}")
+                continue
+            self.stats.slot(info.index).add(FIELD["restarts"])
+            self.log(f"worker {info.index} (pid {pid}) died: {cause}; replacing it")
+            self.schedule_respawn(info)
+
+    def schedule_respawn(self, info: WorkerInfo) -> None:
+        """Replace at once, unless workers keep dying young: then back off."""
+        now = time.monotonic()
+        if now - info.started < CRASH_WINDOW:
+            self.backoff = min(max(self.backoff * 2, 0.1), MAX_BACKOFF)
+            self.next_spawn = now + self.backoff
+            self.log(f"worker died {now - info.started:.1f}s after start; next fork in {self.backoff:.1f}s")
+        else:
+            self.backoff = 0.0
+
+    # --------------------------------------------------------- lifecycle
+    def stop(self, graceful: bool) -> None:
+        if self.stopping and graceful:
+            return
+        self.stopping = True
+        grace = self.settings.graceful_timeout + FAST_STOP_SECONDS if graceful else FAST_STOP_SECONDS
+        self.stop_deadline = time.monotonic() + grace
+        self.log("stopping" + (" gracefully" if graceful else " now"))
+        for info in self.workers.values():
+            self.retire_worker(info, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def check_stop(self) -> None:
+        if not self.stopping:
+            return
+        if not self.workers:
+            self.running = False
+        elif time.monotonic() >= self.stop_deadline:
+            for info in self.workers.values():
+                self.log(f"worker {info.index} (pid {info.pid}) did not stop in time; killing it")
+                self.kill(info.pid, signal.SIGKILL)
+            self.stop_deadline = time.monotonic() + FAST_STOP_SECONDS
+
+    def reload(self) -> None:
+        self.log("reload requested: not supported yet, ignored")
+
+    def reopen_logs(self) -> None:
+        self.logger = open_log(self.settings.log_file, self.stats, "")
+        for info in self.workers.values():
+            self.kill(info.pid, signal.SIGUSR1)
+        self.log("log file reopened")
+
+    # ------------------------------------------------ services of the master
+    def open_services(self) -> None:
+        """The master's own sockets (config port, metrics); none yet."""
+
+    def close_services(self) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        if self.stats.get("logging"):
+            self.logger.info(message)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        return f"killed by {signal.Signals(signum).name}"
+    code = os.waitstatus_to_exitcode(status)
+    return f"exit code {code}"
+

@@ -1,0 +1,547 @@
+"""The SMTP session as a pure state machine (no sockets, clocks or files).
+
+Theory of operation
+-------------------
+A worker owns one ``Session`` per TCP connection. It writes ``greeting()``
+when the client connects, then hands every chunk that arrives to
+``feed(data)`` and writes back the bytes it returns: zero or more complete
+replies, in the order of the commands (PIPELINING falls out of this: any
+number of commands may arrive in one read).
+
+When a message is complete the session stops reading commands and exposes
+it as ``pending`` (an ``Envelope``). The worker stores it and answers with
+``message_stored(queue_id)`` or ``message_failed(reply)``; only then does the
+session reply to the DATA and go on with whatever the client pipelined
+behind it, which it kept buffered meanwhile. ``closing`` tells the worker to
+close the connection once the returned bytes are written.
+
+Which command is allowed in which state is data, not code: ``ALLOWED``
+lists the states each verb may run in, and ``SEQUENCE_ERRORS`` the 503 reply
+for each verb used too early or too late. Every transition is made by one
+of the ``_cmd_*`` handlers; nothing outside this module changes ``state``.
+
+Every line gets exactly one reply. Limits come from a ``Limits`` object read
+at the moment of use, so a live change applies to the next command.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class State(enum.Enum):
+    CONNECTED = "connected"  # greeted; waiting for HELO/EHLO
+    READY = "ready"  # HELO/EHLO done; no mail transaction
+    MAIL = "mail"  # MAIL accepted; waiting for RCPT
+    RCPT = "rcpt"  # at least one RCPT accepted
+    DATA = "data"  # reading message content
+    DELIVERING = "delivering"  # message complete; waiting for the store
+    CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
+
+
+# The states each verb may run in. Verbs not listed here are unknown (500).
+_ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
+ALLOWED: dict[str, frozenset[State]] = {
+    "EHLO": _ANY,
+    "HELO": _ANY,
+    "MAIL": frozenset({State.READY}),
+    "RCPT": frozenset({State.MAIL, State.RCPT}),
+    "DATA": frozenset({State.RCPT}),
+    "RSET": _ANY,
+    "NOOP": _ANY,
+    "QUIT": _ANY,
+    "HELP": _ANY,
+    "VRFY": _ANY,
+    "XSTAT": _ANY,
+    # Known verbs this server does not implement: 502, in any state.
+    "EXPN": _ANY,
+    "TURN": _ANY,
+    "ETRN": _ANY,
+    "SEND": _ANY,
+    "SOML": _ANY,
+    "SAML": _ANY,
+    "BDAT": _ANY,
+    "AUTH": _ANY,
+    "STARTTLS": _ANY,
+}
+NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS"})
+
+# The 503 reply for a verb used in a state that does not allow it.
+_NEED_HELO = b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+_NEED_MAIL = b"503 5.5.1 Error: need MAIL command\r\n"
+SEQUENCE_ERRORS: dict[tuple[str, State], bytes] = {
+    ("MAIL", State.CONNECTED): _NEED_HELO,
+    ("MAIL", State.MAIL): b"503 5.5.1 Error: nested MAIL command\r\n",
+    ("MAIL", State.RCPT): b"503 5.5.1 Error: nested MAIL command\r\n",
+    ("RCPT", State.CONNECTED): _NEED_HELO,
+    ("RCPT", State.READY): _NEED_MAIL,
+    ("DATA", State.CONNECTED): _NEED_HELO,
+    ("DATA", State.READY): _NEED_MAIL,
+    ("DATA", State.MAIL): b"503 5.5.1 Error: need RCPT command\r\n",
+}
+
+XSTAT_TEXT = {
+    "TOTAL": "total connections",
+    "CURRENT": "current connections",
+    "BYTES": "total bytes of data transferred",
+    "MAILS": "total mails sent",
+}
+
+# RFC 5322 atext without "/" (a folder separator): a local part made of these
+# joined by single dots can never name "..", a hidden file or a subfolder.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-=?^_`{|}~]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
+_QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
+MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
+
+
+@dataclass
+class Limits:
+    """The limits a session obeys; the worker may change them live."""
+
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_line: int = 512  # octets, CRLF included (RFC 5321 4.5.3.1.4)
+    max_text_line: int = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
+    max_errors: int = 20  # bad commands before 421 (Postfix's hard limit)
+
+
+@dataclass
+class Recipient:
+    address: str  # as the client gave it, for Delivered-To
+    folder: str  # the mail_dir subfolder it is stored in
+
+
+@dataclass
+class Envelope:
+    helo: str
+    sender: str  # "" for the null reverse-path
+    recipients: list[Recipient] = field(default_factory=list)
+    content: bytes = b""  # CRLF lines, dot-stuffing undone
+
+
+def folder_for(local_part: str) -> str | None:
+    """The mail_dir subfolder for a local part, or None if it is unsafe.
+
+    One documented mapping: the local part, lowercased. Only a dot-atom of
+    ASCII atext without "/" qualifies, so no folder name can escape mail_dir.
+    """
+    if len(local_part) > MAX_LOCAL_PART or not _DOT_ATOM.match(local_part):
+        return None
+    return local_part.lower()
+
+
+class Session:
+    def __init__(
+        self,
+        hostname: str,
+        domains: frozenset[str],
+        limits: Limits,
+        read_stat: Callable[[str], int],
+    ) -> None:
+        self.hostname = hostname
+        self.domains = domains  # lowercase
+        self.limits = limits
+        self.read_stat = read_stat
+        self.state = State.CONNECTED
+        self.helo = ""
+        self.pending: Envelope | None = None
+        self.closing = False
+        self.errors = 0  # bad commands so far, for max_errors
+        self.replies_4xx = 0
+        self.replies_5xx = 0
+        self.log: list[str] = []  # notable events; the worker drains and logs them
+        self._buf = bytearray()
+        self._envelope: Envelope | None = None
+        self._rejected_rcpts = 0  # RCPTs refused in this transaction
+        self._skipping_long_line = False
+        # DATA phase
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._data_error: bytes | None = None
+        self._mid_line = False  # the buffer starts inside a line we cut short
+
+    # ----------------------------------------------------------------- API
+    def greeting(self) -> bytes:
+        return f"220 {self.hostname} ESMTP prefork-smtpd\r\n".encode()
+
+    def feed(self, data: bytes) -> bytes:
+        """Take bytes from the client; return the replies to send."""
+        if self.state is State.CLOSED:
+            return b""
+        self._buf += data
+        if self.state is State.DELIVERING:
+            return b""
+        return self._run()
+
+    def message_stored(self, queue_id: str) -> bytes:
+        """The pending message is on disk for good: acknowledge it."""
+        reply = f"250 2.0.0 Ok: queued as {queue_id}\r\n".encode()
+        return self._after_delivery(reply)
+
+    def message_failed(self, reply: bytes) -> bytes:
+        """The pending message could not be stored: say so (4xx)."""
+        self._count(reply)
+        return self._after_delivery(reply)
+
+    def timeout_reply(self) -> bytes:
+        self.state = State.CLOSED
+        self.closing = True
+        return f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode()
+
+    def shutdown_reply(self) -> bytes:
+        self.state = State.CLOSED
+        self.closing = True
+        return f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode()
+
+    # ------------------------------------------------------------ framing
+    def _run(self) -> bytes:
+        out: list[bytes] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            state = self.state
+            if state is State.DATA:
+                pos, reply = self._consume_data(buf, pos)
+                if reply is None:
+                    break
+                out.append(reply)
+                continue
+            if state is State.DELIVERING or state is State.CLOSED:
+                break
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > self.limits.max_command_line:
+                    # Drop the head of an endless line now; answer it once it ends.
+                    self._skipping_long_line = True
+                    pos = len(buf)
+                break
+            line = bytes(buf[pos : nl + 1])
+            pos = nl + 1
+            if self._skipping_long_line or len(line) > self.limits.max_command_line:
+                self._skipping_long_line = False
+                out.append(self._error(b"500 5.5.6 Error: command line too long\r\n"))
+                continue
+            out.append(self._command(line))
+        del buf[:pos]
+        return b"".join(out)
+
+    def _command(self, line: bytes) -> bytes:
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            return self._error(b"500 5.5.2 Error: bare CR or LF in command; lines must end with CRLF\r\n")
+        text = line[:-2].decode("latin-1")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        arg = arg.strip()
+        allowed = ALLOWED.get(verb)
+        if allowed is None:
+            if b"\x00" in line:
+                return self._error(b"500 5.5.2 Error: NUL byte in command\r\n")
+            return self._error(b"500 5.5.2 Error: command not recognized\r\n")
+        if verb in NOT_IMPLEMENTED:
+            return self._error(b"502 5.5.1 Error: command not implemented\r\n")
+        if self.state not in allowed:
+            if verb == "DATA" and self.state is State.MAIL and self._envelope and self._rejected_rcpts:
+                return self._error(b"554 5.5.1 Error: no valid recipients\r\n")
+            return self._error(SEQUENCE_ERRORS[(verb, self.state)])
+        return getattr(self, "_cmd_" + verb)(arg)
+
+    def _error(self, reply: bytes) -> bytes:
+        self._count(reply)
+        self.errors += 1
+        if self.errors >= self.limits.max_errors:
+            self.state = State.CLOSED
+            self.closing = True
+            self.log.append(f"too many errors ({self.errors}); closing")
+            return reply + f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode()
+        return reply
+
+    def _count(self, reply: bytes) -> None:
+        if reply[0] == 0x34:  # "4"
+            self.replies_4xx += 1
+        elif reply[0] == 0x35:  # "5"
+            self.replies_5xx += 1
+
+    # ----------------------------------------------------------- commands
+    def _hello(self, arg: str, verb: str) -> str | None:
+        name = arg.split(" ", 1)[0]
+        if not name or not name.isprintable() or not name.isascii():
+            return None
+        self.helo = name
+        self._reset_transaction()
+        self.state = State.READY
+        self.log.append(f"{verb} {name}")
+        return name
+
+    def _cmd_EHLO(self, arg: str) -> bytes:
+        name = self._hello(arg, "EHLO")
+        if name is None:
+            return self._error(b"501 5.5.4 Syntax: EHLO hostname\r\n")
+        return (
+            f"250-{self.hostname} Hello {name}\r\n"
+            "250-PIPELINING\r\n"
+            f"250-SIZE {self.limits.max_message_size}\r\n"
+            "250-8BITMIME\r\n"
+            "250-ENHANCEDSTATUSCODES\r\n"
+            "250 HELP\r\n"
+        ).encode()
+
+    def _cmd_HELO(self, arg: str) -> bytes:
+        name = self._hello(arg, "HELO")
+        if name is None:
+            return self._error(b"501 5.5.4 Syntax: HELO hostname\r\n")
+        return f"250 {self.hostname} Hello {name}\r\n".encode()
+
+    def _cmd_MAIL(self, arg: str) -> bytes:
+        parsed = _split_path(arg, "FROM:")
+        if parsed is None:
+            return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain>\r\n")
+        path, params = parsed
+        size = 0
+        for param in params:
+            m = _PARAM.match(param)
+            if not m:
+                return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n")
+            key, value = m.group(1).upper(), m.group(2)
+            if key == "SIZE" and value is not None and value.isdigit() and len(value) <= 20:
+                size = int(value)
+            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
+                pass
+            else:
+                return self._error(f"555 5.5.4 Error: unsupported MAIL parameter {key}\r\n".encode())
+        if size > self.limits.max_message_size:
+            return self._error(b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n")
+        if path != "":
+            address = _parse_mailbox(path)
+            if address is None:
+                return self._error(b"501 5.1.7 Syntax: MAIL FROM:<user@domain>\r\n")
+            if address[1].lower() not in self.domains:
+                return self._error(b"550 5.7.1 Error: sender domain not served here\r\n")
+        self._envelope = Envelope(helo=self.helo, sender=path)
+        self._rejected_rcpts = 0
+        self.state = State.MAIL
+        return b"250 2.1.0 Ok\r\n"
+
+    def _cmd_RCPT(self, arg: str) -> bytes:
+        parsed = _split_path(arg, "TO:")
+        if parsed is None or parsed[0] == "":
+            return self._error(b"501 5.5.4 Syntax: RCPT TO:<user@domain>\r\n")
+        path, params = parsed
+        if params:
+            self._rejected_rcpts += 1
+            return self._error(b"555 5.5.4 Error: RCPT parameters are not supported\r\n")
+        envelope = self._envelope
+        assert envelope is not None
+        if len(envelope.recipients) >= self.limits.max_recipients:
+            # Not counted as a client error: RFC 5321 4.5.3.1.10 expects
+            # clients to retry the rest in another transaction.
+            self._rejected_rcpts += 1
+            self.replies_4xx += 1
+            return b"452 4.5.3 Error: too many recipients\r\n"
+        local, at, domain = path.rpartition("@")
+        if not at:
+            local = path  # a bare local part, as the seed allowed
+        elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
+            self._rejected_rcpts += 1
+            return self._error(b"501 5.1.3 Syntax: RCPT TO:<user@domain>\r\n")
+        elif domain.lower() not in self.domains:
+            self._rejected_rcpts += 1
+            return self._error(b"550 5.7.1 Error: relay access denied; recipient domain not served here\r\n")
+        folder = folder_for(local)
+        if folder is None:
+            self._rejected_rcpts += 1
+            return self._error(b"553 5.1.3 Error: mailbox name not allowed\r\n")
+        envelope.recipients.append(Recipient(address=path, folder=folder))
+        self.state = State.RCPT
+        return b"250 2.1.5 Ok\r\n"
+
+    def _cmd_DATA(self, arg: str) -> bytes:
+        if arg:
+            return self._error(b"501 5.5.4 Syntax: DATA\r\n")
+        self.state = State.DATA
+        self._chunks = []
+        self._size = 0
+        self._data_error = None
+        self._mid_line = False
+        return b"354 End data with <CR><LF>.<CR><LF>\r\n"
+
+    def _cmd_RSET(self, arg: str) -> bytes:
+        if arg:
+            return self._error(b"501 5.5.4 Syntax: RSET\r\n")
+        self._reset_transaction()
+        if self.state is not State.CONNECTED:
+            self.state = State.READY
+        return b"250 2.0.0 Ok\r\n"
+
+    def _cmd_NOOP(self, arg: str) -> bytes:
+        return b"250 2.0.0 Ok\r\n"
+
+    def _cmd_QUIT(self, arg: str) -> bytes:
+        self.state = State.CLOSED
+        self.closing = True
+        return f"221 2.0.0 {self.hostname} Bye\r\n".encode()
+
+    def _cmd_HELP(self, arg: str) -> bytes:
+        return (
+            b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT\r\n"
+            b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
+            b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
+            b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
+            b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters\r\n"
+            b"214 2.0.0 End of HELP\r\n"
+        )
+
+    def _cmd_VRFY(self, arg: str) -> bytes:
+        if not arg:
+            return self._error(b"501 5.5.4 Syntax: VRFY address\r\n")
+        return b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+
+    def _cmd_XSTAT(self, arg: str) -> bytes:
+        key = arg.upper()
+        text = XSTAT_TEXT.get(key)
+        if text is None:
+            return self._error(b"501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS\r\n")
+        return f"250 2.0.0 {text}: {self.read_stat(key)}\r\n".encode()
+
+    def _reset_transaction(self) -> None:
+        self._envelope = None
+        self._rejected_rcpts = 0
+        self._chunks = []
+
+    # --------------------------------------------------------------- DATA
+    def _consume_data(self, buf: bytearray, pos: int) -> tuple[int, bytes | None]:
+        """Take message lines from buf[pos:]; return (new pos, reply or None).
+
+        Works on whole runs of complete lines with bytes methods (C speed),
+        never byte by byte. The buffer always starts at a line start unless
+        an over-long line was cut (``_mid_line``).
+        """
+        end = -1
+        if not self._mid_line and buf.startswith(b".\r\n", pos):
+            seg_end, end = pos, pos + 3
+        else:
+            i = buf.find(b"\r\n.\r\n", pos)
+            if i >= 0:
+                seg_end, end = i + 2, i + 5
+            else:
+                seg_end = buf.rfind(b"\n", pos) + 1
+                if seg_end == 0:
+                    seg_end = pos
+                    if len(buf) - pos > self.limits.max_text_line:
+                        # An endless line: keep only a tail that might hold CRLF.
+                        self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
+                        seg_end = len(buf) - 1
+                        self._mid_line = True
+                        return seg_end, None
+        if seg_end > pos:
+            self._absorb(buf, pos, seg_end)
+        if end < 0:
+            return seg_end, None
+        return end, self._end_of_data()
+
+    def _absorb(self, buf: bytearray, start: int, stop: int) -> None:
+        seg = bytes(buf[start:stop])
+        first_line_continues = self._mid_line
+        self._mid_line = False
+        if self._data_error is not None:
+            self._size += len(seg)
+            return
+        crlf = seg.count(b"\r\n")
+        if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
+            self._reject_data(b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n")
+            return
+        if _long_line_pattern(self.limits.max_text_line).search(seg):
+            self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
+            return
+        # Undo dot-stuffing: every line that starts with "." loses that dot.
+        if b"\r\n." in seg:
+            seg = seg.replace(b"\r\n.", b"\r\n")
+        if seg[:1] == b"." and not first_line_continues:
+            seg = seg[1:]
+        self._size += len(seg)
+        if self._size > self.limits.max_message_size:
+            self._reject_data(b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n")
+            return
+        self._chunks.append(seg)
+
+    def _reject_data(self, reply: bytes) -> None:
+        if self._data_error is None:
+            self._data_error = reply
+            self._chunks = []
+
+    def _end_of_data(self) -> bytes | None:
+        envelope = self._envelope
+        assert envelope is not None
+        if self._data_error is not None:
+            reply = self._data_error
+            self._data_error = None
+            self._reset_transaction()
+            self.state = State.READY
+            return self._error(reply)
+        envelope.content = b"".join(self._chunks)
+        self._chunks = []
+        self.pending = envelope
+        self.state = State.DELIVERING
+        return None
+
+    def _after_delivery(self, reply: bytes) -> bytes:
+        self.pending = None
+        self._reset_transaction()
+        self.state = State.READY
+        return reply + self._run() if self._buf else reply
+
+
+_long_line_cache: dict[int, re.Pattern[bytes]] = {}
+
+
+def _long_line_pattern(limit: int) -> re.Pattern[bytes]:
+    """A regex that finds a line of more than ``limit`` octets with its CRLF.
+
+    ``limit`` characters other than LF (the line's CR among them) mean at
+    least ``limit + 1`` octets with the LF. Anchored at line starts, so the
+    scan costs about two passes over the data.
+    """
+    pattern = _long_line_cache.get(limit)
+    if pattern is None:
+        pattern = re.compile(rb"(?:\A|\n)[^\n]{%d}" % limit)
+        _long_line_cache[limit] = pattern
+    return pattern
+
+
+def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
+    """Split ``FROM:<path> PARAMS`` into the path and its parameters.
+
+    Accepts ``FROM:<a@b>``, ``FROM: <a@b>`` and the seed's ``FROM: a@b``.
+    """
+    if arg[: len(keyword)].upper() != keyword:
+        return None
+    rest = arg[len(keyword) :].lstrip(" ")
+    if rest.startswith("<"):
+        close = rest.find(">")
+        if close < 0:
+            return None
+        path, tail = rest[1:close], rest[close + 1 :]
+        if tail and not tail.startswith(" "):
+            return None
+    else:
+        path, _, tail = rest.partition(" ")
+        if not path:
+            return None
+    return path, tail.split()
+
+
+def _parse_mailbox(path: str) -> tuple[str, str] | None:
+    """``local@domain`` -> (local, domain) if it is a valid RFC 5321 mailbox."""
+    local, at, domain = path.rpartition("@")
+    if not at or not local or not domain or len(domain) > MAX_DOMAIN:
+        return None
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)) or not _DOMAIN.match(domain):
+        return None
+    return local, domain

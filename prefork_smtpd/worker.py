@@ -1,0 +1,317 @@
+"""A worker process: one uvloop event loop serving SMTP sessions.
+
+The worker glues transports to sans-IO sessions, enforces the timeouts and
+connection limits, and hands complete messages to the Maildir store on a
+thread pool so that disk work never stalls the loop. Of the other workers it
+knows only the shared counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import uvloop
+from setproctitle import setproctitle
+
+from .delivery import DeliveryError, MaildirStore
+from .log import open_log
+from .session import Limits, Session, State
+from .settings import Settings
+from .stats import FIELD, SharedStats
+
+TOTAL = FIELD["total"]
+CURRENT = FIELD["current"]
+BYTES = FIELD["bytes"]
+MAILS = FIELD["mails"]
+REPLIES_4XX = FIELD["replies_4xx"]
+REPLIES_5XX = FIELD["replies_5xx"]
+REJECTED = FIELD["rejected_connections"]
+
+_IDLE_STATES = (State.CONNECTED, State.READY)
+TICK = 0.5  # seconds between housekeeping passes (timeouts, live settings)
+
+
+class SMTPConnection(asyncio.Protocol):
+    """One client connection: bytes to the session, replies to the socket."""
+
+    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed")
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.peer = "unknown"
+        self.deadline = math.inf
+        self.closed = False
+
+    # --------------------------------------------------------- lifecycle
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        worker = self.worker
+        self.transport = transport  # type: ignore[assignment]
+        slot = worker.slot
+        slot.add(TOTAL)
+        slot.add(CURRENT)
+        worker.connections.add(self)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            host = peername[0]
+            if host.startswith("::ffff:"):  # an IPv4 client on the dual-stack socket
+                host = host[7:]
+            self.peer = f"[{host}]:{peername[1]}"
+        refusal = worker.admission_refusal()
+        if refusal is not None:
+            slot.add(REJECTED)
+            worker.log(f"{self.peer} refused: {refusal}")
+            transport.write(f"421 4.7.0 {worker.settings.hostname} Error: {refusal}, try again later\r\n".encode())
+            transport.close()
+            return
+        self.session = Session(worker.settings.hostname, worker.domains, worker.limits, worker.stats.xstat)
+        self.deadline = worker.now + worker.limits_timeout
+        transport.write(self.session.greeting())
+        worker.log(f"{self.peer} connected")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        worker = self.worker
+        self.closed = True
+        worker.slot.add(CURRENT, -1)
+        worker.connections.discard(self)
+        session = self.session
+        if session is not None:
+            if session.replies_4xx:
+                worker.slot.add(REPLIES_4XX, session.replies_4xx)
+            if session.replies_5xx:
+                worker.slot.add(REPLIES_5XX, session.replies_5xx)
+            worker.log(f"{self.peer} closed" + (f" ({exc})" if exc else ""))
+        worker.session_ended()
+
+    # ------------------------------------------------------------- input
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._send(session.feed(data))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def _send(self, out: bytes) -> None:
+        """Write replies, then act on what the session asks for."""
+        session = self.session
+        assert session is not None and self.transport is not None
+        worker = self.worker
+        if out:
+            self.transport.write(out)
+            if session.state is State.DATA:
+                self.deadline = worker.now + worker.limits_data_timeout
+            else:
+                self.deadline = worker.now + worker.limits_timeout
+        if session.log:
+            for event in session.log:
+                worker.log(f"{self.peer} {event}")
+            session.log.clear()
+        if session.pending is not None:
+            self._deliver()
+        elif session.closing:
+            self.transport.close()
+        elif worker.stopping and session.state in _IDLE_STATES:
+            self.transport.write(session.shutdown_reply())
+            self.transport.close()
+
+    # ---------------------------------------------------------- delivery
+    def _deliver(self) -> None:
+        """Store the pending message off the loop; reply when it is on disk."""
+        assert self.transport is not None and self.session is not None
+        self.transport.pause_reading()  # the client waits for our verdict anyway
+        self.deadline = math.inf
+        worker = self.worker
+        future = worker.loop.run_in_executor(worker.executor, worker.store.deliver, self.session.pending, self.peer.rpartition(":")[0])
+        future.add_done_callback(self._delivered)
+
+    def _delivered(self, future: asyncio.Future) -> None:
+        worker = self.worker
+        session = self.session
+        assert session is not None and session.pending is not None
+        envelope = session.pending
+        try:
+            queue_id = future.result()
+        except DeliveryError as exc:
+            worker.log(f"{self.peer} delivery failed: {exc}")
+            if exc.no_space:
+                reply = b"452 4.3.1 Error: insufficient system storage\r\n"
+            else:
+                reply = b"451 4.3.0 Error: local error in processing\r\n"
+            out = session.message_failed(reply)
+        else:
+            worker.slot.add(MAILS)
+            worker.slot.add(BYTES, len(envelope.content))
+            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            worker.log(
+                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({len(envelope.content)} bytes)"
+            )
+            out = session.message_stored(queue_id)
+        if self.closed:
+            return  # the client left while we stored; nothing to answer
+        self.transport.resume_reading()
+        self._send(out)
+
+    def timed_out(self) -> None:
+        assert self.transport is not None and self.session is not None
+        self.worker.log(f"{self.peer} timeout in state {self.session.state.value}")
+        self.transport.write(self.session.timeout_reply())
+        self.transport.close()
+
+
+class Worker:
+    def __init__(self, index: int, sockets: list[socket.socket], settings: Settings, stats: SharedStats) -> None:
+        self.index = index
+        self.sockets = sockets
+        self.settings = settings
+        self.stats = stats
+        self.slot = stats.slot(index)
+        self.domains = frozenset(settings.domains)
+        self.limits = Limits()
+        self.limits_timeout = settings.timeout
+        self.limits_data_timeout = settings.data_timeout
+        self.connections: set[SMTPConnection] = set()
+        self.stopping = False
+        self.sessions_served = 0
+        self.now = 0.0
+        self.master_pid = os.getppid()
+        self._logger: logging.Logger | None = None
+
+    # ------------------------------------------------------------ running
+    def run(self) -> int:
+        """The body of the forked child; returns the exit status."""
+        self.title()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides when we stop
+        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}")
+        self.store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        self.executor = ThreadPoolExecutor(self.settings.delivery_threads, thread_name_prefix="delivery")
+        # A fresh loop, built after fork: never one inherited from the master.
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.serve())
+        finally:
+            self.executor.shutdown(wait=True)
+            self.loop.close()
+        return 0
+
+    async def serve(self) -> None:
+        loop = self.loop
+        self.now = loop.time()
+        self.refresh_settings()
+        self.finished = loop.create_future()
+        self.servers = [
+            await loop.create_server(lambda: SMTPConnection(self), sock=sock, backlog=self.settings.backlog)
+            for sock in self.sockets
+        ]
+        loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
+        self.log("accepting connections")
+        ticker = loop.create_task(self.housekeeping())
+        await self.finished
+        ticker.cancel()
+        for server in self.servers:
+            server.close()
+
+    async def housekeeping(self) -> None:
+        """Every tick: refresh live settings, cut timed-out sessions, retitle."""
+        last_count = -1
+        while True:
+            await asyncio.sleep(TICK)
+            self.now = now = self.loop.time()
+            if os.getppid() != self.master_pid and not self.stopping:
+                self.log("master is gone; stopping")
+                self.begin_shutdown()
+            self.refresh_settings()
+            for conn in [c for c in self.connections if c.deadline <= now]:
+                conn.timed_out()
+            if self.stopping:
+                self.close_idle_sessions()
+                if not self.connections or now >= self.stop_deadline:
+                    self.stop_now()
+            if len(self.connections) != last_count:
+                last_count = len(self.connections)
+                self.title()
+
+    def refresh_settings(self) -> None:
+        """Copy the live settings from the shared block into this worker."""
+        get = self.stats.get
+        limits = self.limits
+        limits.max_message_size = get("max_message_size")
+        limits.max_recipients = get("max_recipients")
+        limits.max_command_line = get("max_command_line")
+        limits.max_text_line = get("max_text_line")
+        limits.max_errors = get("max_errors")
+        self.limits_timeout = get("timeout")
+        self.limits_data_timeout = get("data_timeout")
+
+    def admission_refusal(self) -> str | None:
+        """Why a new connection must be turned away, or None to serve it."""
+        if self.stopping:
+            return "service shutting down"
+        if self.stats.xstat("CURRENT") > self.stats.get("max_connections"):
+            return "too many connections"
+        return None
+
+    def session_ended(self) -> None:
+        self.sessions_served += 1
+        max_requests = self.settings.max_requests
+        if max_requests and self.sessions_served >= max_requests and not self.stopping:
+            self.log(f"served {self.sessions_served} sessions; recycling")
+            self.begin_shutdown()
+
+    # ------------------------------------------------------------ stopping
+    def begin_shutdown(self) -> None:
+        """Stop accepting; let sessions finish their transaction, then 421."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = self.now + self.settings.graceful_timeout
+        for server in self.servers:
+            server.close()
+        self.log("stopping: no new connections")
+        self.close_idle_sessions()
+        if not self.connections:
+            self.stop_now()
+
+    def close_idle_sessions(self) -> None:
+        for conn in list(self.connections):
+            session = conn.session
+            if session is not None and session.state in _IDLE_STATES and conn.transport is not None:
+                conn.transport.write(session.shutdown_reply())
+                conn.transport.close()
+
+    def stop_now(self) -> None:
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                if conn.session is not None and not conn.session.closing:
+                    conn.transport.write(conn.session.shutdown_reply())
+                conn.transport.close()
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    # ------------------------------------------------------------- helpers
+    def title(self) -> None:
+        setproctitle(f"prefork-smtpd: worker {self.index} [{len(self.connections)} connections]")
+
+    def reopen_log(self) -> None:
+        """After logrotate moved the file: write to a new one at the same path."""
+        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}")
+
+    def log(self, message: str) -> None:
+        if self._logger is not None and self.stats.get("logging"):
+            self._logger.info(message)
+
+
+def run_worker(index: int, sockets: list[socket.socket], settings: Settings, stats: SharedStats) -> int:
+    return Worker(index, sockets, settings, stats).run()
+
