@@ -53,6 +53,7 @@ SLOT_FIELDS = (
     "replies_5xx",
     "rejected_connections",  # closed at once with 421 (over a connection limit)
     "restarts",  # master-owned: how often this slot's worker was replaced
+    "accepting",  # 1 once the worker serves its listening sockets
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16

@@ -32,6 +32,7 @@ MAILS = FIELD["mails"]
 REPLIES_4XX = FIELD["replies_4xx"]
 REPLIES_5XX = FIELD["replies_5xx"]
 REJECTED = FIELD["rejected_connections"]
+ACCEPTING = FIELD["accepting"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, live settings)
@@ -188,7 +189,7 @@ class Worker:
     # ------------------------------------------------------------ running
     def run(self) -> int:
         """The body of the forked child; returns the exit status."""
-        self.title()
+        setproctitle(f"prefork-smtpd: worker {self.index} (starting)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides when we stop
         self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}")
         self.store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
@@ -215,6 +216,8 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
+        self.slot.set(ACCEPTING, 1)
+        self.title()  # the counted title also says: this worker accepts now
         self.log("accepting connections")
         ticker = loop.create_task(self.housekeeping())
         await self.finished
