@@ -271,23 +271,47 @@ def test_limit_flags(start_server):
     assert c.closed_by_server()
 
 
-def test_idle_timeout_and_slow_client(start_server):
+def drip_until_closed(client, limit: float) -> tuple[float, bytes]:
+    """Send one byte every 0.2 s (a slowloris) until the server hangs up."""
+    import select
+    import time
+
+    start = time.monotonic()
+    received = b""
+    while time.monotonic() - start < limit:
+        readable, _, _ = select.select([client.sock], [], [], 0.2)
+        if readable:
+            chunk = client.sock.recv(4096)
+            received += chunk
+            if not chunk:
+                return time.monotonic() - start, received
+            continue
+        try:
+            client.sock.send(b"N")
+        except OSError:
+            return time.monotonic() - start, received
+    raise AssertionError("server never cut the slow client")
+
+
+def test_idle_timeout_and_slowloris(start_server):
     server = start_server("--timeout", "1")
     idle = server.client()
     slow = server.client()
-    slow.send(b"N")
-    # a byte now and then does not keep a command open forever
-    for _ in range(3):
-        slow.sock.settimeout(0.4)
-        try:
-            slow.send(b"O")
-        except OSError:
-            break
+    elapsed, received = drip_until_closed(slow, limit=10)
+    assert received.startswith(b"421 4.4.2") and elapsed < 4
     idle.sock.settimeout(10)
     assert idle.reply()[0] == 421
     assert idle.closed_by_server()
-    slow.sock.settimeout(10)
-    assert slow.reply()[0] == 421
+
+
+def test_data_timeout(start_server):
+    server = start_server("--timeout", "30", "--data-timeout", "1")
+    c = server.client()
+    c.cmd("EHLO x"); c.cmd("MAIL FROM:<a@smtpd.com>"); c.cmd("RCPT TO:<r>")
+    assert c.cmd("DATA")[0] == 354
+    elapsed, received = drip_until_closed(c, limit=10)
+    assert received.startswith(b"421 4.4.2") and elapsed < 4
+    assert not server.stored("r")
 
 
 def test_bad_flag_values_exit_2_with_one_line(tmp_path):
@@ -437,3 +461,37 @@ def test_logging_flag_off_keeps_only_nothing_of_sessions(start_server):
     c.cmd("QUIT")
     assert server.stop() == 0
     assert "quiet" not in server.log_text() and "connected" not in server.log_text()
+
+
+def test_crashing_workers_are_replaced_with_backoff(start_server):
+    server = start_server(workers=1)
+    for _ in range(3):
+        (pid,) = wait_until(server.accepting_workers, what="a worker")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: pid not in server.worker_pids(), what="the worker to die")
+    server.wait_ready(workers=1)
+    log = server.log_text()
+    delays = [float(x) for x in re.findall(r"next fork in ([0-9.]+)s", log)]
+    assert len(delays) == 3 and delays == sorted(delays) and delays[-1] > delays[0]
+    assert server.client().cmd("NOOP")[0] == 250
+
+
+def test_log_lines_are_whole_under_concurrency(start_server):
+    server = start_server(workers=4)
+    import threading
+
+    def send(n):
+        with smtplib.SMTP("127.0.0.1", server.port) as s:
+            for i in range(10):
+                s.sendmail("a@smtpd.com", [f"l{n}"], f"Subject: {i}\r\n\r\nx\r\n")
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert server.stop() == 0
+    lines = server.log_text().splitlines()
+    assert len([line for line in lines if " mail " in line]) == 160
+    pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d : \S")
+    assert all(pattern.match(line) for line in lines), [l for l in lines if not pattern.match(l)][:3]
