@@ -90,7 +90,36 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         except ConfigFileError as exc:
             parser.error(str(exc))
     values.update(args)
-    return Settings(config_file=config_file, **values)
+    settings = Settings(config_file=config_file, **values)
+    problem = settings_problem(settings)
+    if problem:
+        parser.error(problem)
+    return settings
+
+
+def settings_problem(settings: Settings) -> str | None:
+    """What makes these settings unusable together, or None."""
+    if settings.config_secret_file is None and not _is_loopback(settings.config_address):
+        return "--config-secret-file is required when the config port is not on loopback"
+    if settings.config_secret_file is not None:
+        from prefork_smtpd.control import load_secret
+
+        try:
+            load_secret(settings.config_secret_file)
+        except (OSError, ValueError) as exc:
+            return f"config secret: {exc}"
+    return None
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

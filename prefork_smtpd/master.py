@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 from setproctitle import setproctitle
 
+from .control import PARAMETERS, ConfigSession, load_secret
 from .log import open_log
+from .prometheus import make_renderer
+from .services import HttpMetricsRequest, Service, listening_socket
 from .settings import Settings
 from .stats import FIELD, MAX_WORKERS, SharedStats
 from .worker import run_worker
@@ -123,8 +126,8 @@ class Master:
         try:
             while self.running:
                 self.manage_workers()
-                for key, _ in self.selector.select(self.wait_time()):
-                    key.data()
+                for key, mask in self.selector.select(self.wait_time()):
+                    key.data(mask)
                 self.handle_signals()
                 self.reap_workers()
                 self.check_stop()
@@ -171,7 +174,7 @@ class Master:
         # Only queue: the main loop acts, outside the handler's restrictions.
         self.signal_queue.append(signum)
 
-    def _drain_wakeup(self) -> None:
+    def _drain_wakeup(self, mask: int) -> None:
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -322,10 +325,45 @@ class Master:
 
     # ------------------------------------------------ services of the master
     def open_services(self) -> None:
-        """The master's own sockets (config port, metrics); none yet."""
+        """The config port and, if asked for, the Prometheus endpoint."""
+        settings = self.settings
+        self.services: list[Service] = []
+        secret = load_secret(settings.config_secret_file) if settings.config_secret_file else None
+        config_sock = listening_socket(settings.config_address, settings.config_port)
+        self.services.append(Service(
+            self.selector, config_sock,
+            lambda: ConfigSession(self.apply_live, self.live_values, secret),
+            b"ERR too many config connections\r\n",
+        ))
+        if settings.metrics_port is not None:
+            render = make_renderer(self.stats, self.live_worker_indices)
+            metrics_sock = listening_socket(settings.metrics_address, settings.metrics_port)
+            self.services.append(Service(
+                self.selector, metrics_sock, lambda: HttpMetricsRequest(render),
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            ))
 
     def close_services(self) -> None:
-        pass
+        for service in getattr(self, "services", []):
+            service.close()
+        self.services = []
+
+    def apply_live(self, name: str, value: int) -> None:
+        """A config-port message that passed its checks: apply it now."""
+        if name == "workers":
+            self.set_worker_count(value)
+        else:
+            self.stats.set(name, value)
+        setattr(self.settings, name, value)
+        self.log(f"config: {name}={value}")
+
+    def live_values(self) -> dict[str, int]:
+        values = {name: self.stats.get(name) for name in PARAMETERS if name != "workers"}
+        values["workers"] = self.target_workers
+        return values
+
+    def live_worker_indices(self) -> list[int]:
+        return sorted(w.index for w in self.workers.values())
 
     def log(self, message: str) -> None:
         if self.stats.get("logging"):

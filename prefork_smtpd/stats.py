@@ -117,6 +117,29 @@ class SharedStats:
         dead.set(FIELD["restarts"], restarts)
 
 
+class LiveSettings:
+    """The control block seen as attributes, read at each use.
+
+    A session reads its limits through this, so a value set on the config
+    port applies to the very next command, in every worker, with no copy to
+    refresh. Each read is one index into shared memory.
+    """
+
+    __slots__ = ("_words",)
+
+    def __init__(self, stats: SharedStats) -> None:
+        self._words = stats.words
+
+
+def _control_property(name: str) -> property:
+    index = CONTROL_INDEX[name]
+    return property(lambda self: self._words[index], doc=f"live value of {name}")
+
+
+for _name in CONTROL:
+    setattr(LiveSettings, _name, _control_property(_name))
+
+
 class Slot:
     """One worker's counters: a window on the shared words."""
 

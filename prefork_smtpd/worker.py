@@ -21,9 +21,9 @@ from setproctitle import setproctitle
 
 from .delivery import DeliveryError, MaildirStore
 from .log import open_log
-from .session import Limits, Session, State
+from .session import Session, State
 from .settings import Settings
-from .stats import FIELD, SharedStats
+from .stats import FIELD, LiveSettings, SharedStats
 
 TOTAL = FIELD["total"]
 CURRENT = FIELD["current"]
@@ -35,7 +35,7 @@ REJECTED = FIELD["rejected_connections"]
 ACCEPTING = FIELD["accepting"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
-TICK = 0.5  # seconds between housekeeping passes (timeouts, live settings)
+TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
 
 
 class SMTPConnection(asyncio.Protocol):
@@ -72,8 +72,8 @@ class SMTPConnection(asyncio.Protocol):
             transport.write(f"421 4.7.0 {worker.settings.hostname} Error: {refusal}, try again later\r\n".encode())
             transport.close()
             return
-        self.session = Session(worker.settings.hostname, worker.domains, worker.limits, worker.stats.xstat)
-        self.deadline = worker.now + worker.limits_timeout
+        self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat)
+        self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
         worker.log(f"{self.peer} connected")
 
@@ -84,10 +84,6 @@ class SMTPConnection(asyncio.Protocol):
         worker.connections.discard(self)
         session = self.session
         if session is not None:
-            if session.replies_4xx:
-                worker.slot.add(REPLIES_4XX, session.replies_4xx)
-            if session.replies_5xx:
-                worker.slot.add(REPLIES_5XX, session.replies_5xx)
             worker.log(f"{self.peer} closed" + (f" ({exc})" if exc else ""))
         worker.session_ended()
 
@@ -109,9 +105,11 @@ class SMTPConnection(asyncio.Protocol):
         if out:
             self.transport.write(out)
             if session.state is State.DATA:
-                self.deadline = worker.now + worker.limits_data_timeout
+                self.deadline = worker.now + worker.live.data_timeout
             else:
-                self.deadline = worker.now + worker.limits_timeout
+                self.deadline = worker.now + worker.live.timeout
+        if session.replies_4xx or session.replies_5xx:
+            self._count_error_replies()
         if session.log:
             for event in session.log:
                 worker.log(f"{self.peer} {event}")
@@ -123,6 +121,14 @@ class SMTPConnection(asyncio.Protocol):
         elif worker.stopping and session.state in _IDLE_STATES:
             self.transport.write(session.shutdown_reply())
             self.transport.close()
+
+    def _count_error_replies(self) -> None:
+        """Move the session's error-reply counts into the shared slot."""
+        session = self.session
+        slot = self.worker.slot
+        slot.add(REPLIES_4XX, session.replies_4xx)
+        slot.add(REPLIES_5XX, session.replies_5xx)
+        session.replies_4xx = session.replies_5xx = 0
 
     # ---------------------------------------------------------- delivery
     def _deliver(self) -> None:
@@ -176,9 +182,7 @@ class Worker:
         self.stats = stats
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
-        self.limits = Limits()
-        self.limits_timeout = settings.timeout
-        self.limits_data_timeout = settings.data_timeout
+        self.live = LiveSettings(stats)  # limits as the config port sets them
         self.connections: set[SMTPConnection] = set()
         self.stopping = False
         self.sessions_served = 0
@@ -207,7 +211,6 @@ class Worker:
     async def serve(self) -> None:
         loop = self.loop
         self.now = loop.time()
-        self.refresh_settings()
         self.finished = loop.create_future()
         self.servers = [
             await loop.create_server(lambda: SMTPConnection(self), sock=sock, backlog=self.settings.backlog)
@@ -226,7 +229,7 @@ class Worker:
             server.close()
 
     async def housekeeping(self) -> None:
-        """Every tick: refresh live settings, cut timed-out sessions, retitle."""
+        """Every tick: cut timed-out sessions, notice a lost master, retitle."""
         last_count = -1
         while True:
             await asyncio.sleep(TICK)
@@ -234,7 +237,6 @@ class Worker:
             if os.getppid() != self.master_pid and not self.stopping:
                 self.log("master is gone; stopping")
                 self.begin_shutdown()
-            self.refresh_settings()
             for conn in [c for c in self.connections if c.deadline <= now]:
                 conn.timed_out()
             if self.stopping:
@@ -245,23 +247,11 @@ class Worker:
                 last_count = len(self.connections)
                 self.title()
 
-    def refresh_settings(self) -> None:
-        """Copy the live settings from the shared block into this worker."""
-        get = self.stats.get
-        limits = self.limits
-        limits.max_message_size = get("max_message_size")
-        limits.max_recipients = get("max_recipients")
-        limits.max_command_line = get("max_command_line")
-        limits.max_text_line = get("max_text_line")
-        limits.max_errors = get("max_errors")
-        self.limits_timeout = get("timeout")
-        self.limits_data_timeout = get("data_timeout")
-
     def admission_refusal(self) -> str | None:
         """Why a new connection must be turned away, or None to serve it."""
         if self.stopping:
             return "service shutting down"
-        if self.stats.xstat("CURRENT") > self.stats.get("max_connections"):
+        if self.stats.xstat("CURRENT") > self.live.max_connections:
             return "too many connections"
         return None
 

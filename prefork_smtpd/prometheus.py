@@ -1,0 +1,52 @@
+"""Prometheus text exposition of the shared counters, rendered by the master.
+
+A custom collector reads the shared block at scrape time, so the figures
+are the same ones XSTAT gives (not prometheus-client's multiprocess files).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .stats import FIELD, SharedStats
+
+
+class SharedStatsCollector:
+    def __init__(self, stats: SharedStats, live_workers: Callable[[], list[int]]) -> None:
+        self.stats = stats
+        self.live_workers = live_workers  # slot indices of running workers
+
+    def collect(self) -> Iterable[Metric]:
+        t = self.stats.totals()
+        yield CounterMetricFamily("smtpd_connections", "SMTP connections accepted", value=t.total)
+        yield GaugeMetricFamily("smtpd_connections_current", "SMTP connections open now", value=t.current)
+        yield CounterMetricFamily("smtpd_received_bytes", "Message bytes accepted", value=t.bytes)
+        yield CounterMetricFamily("smtpd_mails", "Messages accepted and stored", value=t.mails)
+        yield CounterMetricFamily(
+            "smtpd_connections_refused", "Connections closed at once with 421 (over a limit)",
+            value=t.rejected_connections,
+        )
+        rejected = CounterMetricFamily("smtpd_rejected_replies", "Error replies sent, by class", labels=["class"])
+        rejected.add_metric(["4xx"], t.replies_4xx)
+        rejected.add_metric(["5xx"], t.replies_5xx)
+        yield rejected
+        workers = self.live_workers()
+        yield GaugeMetricFamily("smtpd_workers", "Worker processes running", value=len(workers))
+        current = GaugeMetricFamily("smtpd_worker_connections", "Connections open per worker", labels=["worker"])
+        restarts = CounterMetricFamily("smtpd_worker_restarts", "Times a worker slot was refilled", labels=["worker"])
+        for index in workers:
+            slot = self.stats.slot(index)
+            current.add_metric([str(index)], slot.get(FIELD["current"]))
+            restarts.add_metric([str(index)], slot.get(FIELD["restarts"]))
+        yield current
+        yield restarts
+
+
+def make_renderer(stats: SharedStats, live_workers: Callable[[], list[int]]) -> Callable[[], tuple[bytes, str]]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SharedStatsCollector(stats, live_workers))  # type: ignore[arg-type]
+    return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
