@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 from prefork_smtpd import __version__
+from prefork_smtpd.config_file import ConfigFileError, load_config_file
 from prefork_smtpd.settings import Settings, check_range
 
 
@@ -77,24 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(argv: list[str] | None = None) -> Settings:
+def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callable[[], Settings]]:
+    """The settings to start with, and how to build them again on reload."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config", None)
-    values: dict = {}
-    if config_file is not None:
-        from prefork_smtpd.config_file import ConfigFileError, load_config_file
 
-        try:
-            values.update(load_config_file(config_file))
-        except ConfigFileError as exc:
-            parser.error(str(exc))
-    values.update(args)
-    settings = Settings(config_file=config_file, **values)
-    problem = settings_problem(settings)
-    if problem:
-        parser.error(problem)
-    return settings
+    def build() -> Settings:
+        values: dict = load_config_file(config_file) if config_file is not None else {}
+        values.update(args)  # flags override the file
+        settings = Settings(config_file=config_file, **values)
+        problem = settings_problem(settings)
+        if problem:
+            raise ConfigFileError(problem)
+        return settings
+
+    try:
+        return build(), build
+    except ConfigFileError as exc:
+        parser.error(str(exc))
+        raise  # not reached: error() exits
 
 
 def settings_problem(settings: Settings) -> str | None:
@@ -123,11 +127,11 @@ def _is_loopback(address: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    settings, reread = settings_from_args(argv)
     from prefork_smtpd.master import Master
 
     try:
-        return Master(settings).run()
+        return Master(settings, reread).run()
     except OSError as exc:
         print(f"prefork-smtpd: error: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,9 @@ One message per line, ``<param>=<integer>``, case-insensitive, ended by LF
 or CR LF. Every message gets one reply line: ``OK``, or ``ERR <reason>``
 with nothing changed. ``QUIT`` answers ``OK`` and ends the connection.
 ``show=1`` answers one ``param=value`` line per parameter, then ``OK``.
+``reload=1`` reloads the server (as SIGHUP does) and answers only once the
+new workers accept, or with ``ERR`` if the config file is refused: a
+synchronous reload for systemd's ``ExecReload``. Lines sent meanwhile wait.
 
 With a secret configured, the first message must be ``token=<integer>``
 matching it; until then every other message is refused.
@@ -55,10 +58,13 @@ class ConfigSession:
         apply: Callable[[str, int], None],
         current: Callable[[], dict[str, int]],
         secret: int | None = None,
+        reload: Callable[["ConfigSession"], None] | None = None,
     ) -> None:
         self.apply = apply
         self.current = current
         self.secret = secret
+        self.reload = reload
+        self.waiting = False  # a reload is under way; its reply comes first
         self.authenticated = secret is None
         self.closing = False
         self.rejected: list[str] = []  # reasons for ERR, for the master's log
@@ -69,8 +75,17 @@ class ConfigSession:
         if self.closing:
             return b""
         self._buf += data
+        return self._run()
+
+    def reload_done(self, error: str | None) -> bytes:
+        """The reload this session asked for has ended: reply, then go on."""
+        self.waiting = False
+        reply = self._err(f"reload failed: {error}") if error else b"OK\r\n"
+        return reply + self._run()
+
+    def _run(self) -> bytes:
         out = []
-        while not self.closing:
+        while not self.closing and not self.waiting:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 if len(self._buf) > MAX_LINE:
@@ -113,6 +128,12 @@ class ConfigSession:
             return self._err("bad token")
         if not self.authenticated:
             return self._err("authentication required: send token=<integer> first")
+        if name == "reload":
+            if self.reload is None:
+                return self._err("reload is not available")
+            self.waiting = True
+            self.reload(self)
+            return b""
         if name == "show":
             values = self.current()
             return "".join(f"{p}={values[p]}\r\n" for p in PARAMETERS).encode() + b"OK\r\n"

@@ -140,3 +140,30 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def remove_temporary_files(root: str, pid: int) -> list[str]:
+    """Unlink the tmp/ files a dead worker left: its mail was never acknowledged.
+
+    Maildir names carry the writer's pid (``...P<pid>Q...``), so only that
+    worker's files are touched, never those another worker is writing now.
+    """
+    marker = f"P{pid}Q"
+    removed = []
+    try:
+        folders = os.scandir(root)
+    except OSError:
+        return removed
+    with folders:
+        for folder in folders:
+            tmp = os.path.join(folder.path, "tmp")
+            try:
+                names = os.listdir(tmp)
+            except OSError:
+                continue
+            for name in names:
+                if marker in name:
+                    path = os.path.join(tmp, name)
+                    _unlink_quietly(path)
+                    removed.append(path)
+    return removed

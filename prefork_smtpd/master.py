@@ -7,9 +7,15 @@ loop acts on the queue, then reaps dead workers and forks missing ones:
 
     TERM, INT   graceful stop: workers finish their transactions, then exit
     QUIT        fast stop
+    HUP         reload: re-read the config file, fork a new generation of
+                workers, and once they accept, retire the old ones (which
+                finish their sessions); the port never stops accepting
     TTIN, TTOU  one worker more, one worker less
     USR1        reopen log files (workers too)
     CHLD        a worker exited: reap it, fold its counters, replace it
+
+The master signals its workers the same way: TERM to stop, QUIT to stop
+now, HUP to retire, USR1 to reopen the log.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 from setproctitle import setproctitle
 
 from .control import PARAMETERS, ConfigSession, load_secret
+from .delivery import remove_temporary_files
 from .log import open_log
 from .prometheus import make_renderer
+from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, listening_socket
 from .settings import Settings
 from .stats import FIELD, MAX_WORKERS, SharedStats
@@ -48,12 +57,18 @@ MAX_BACKOFF = 10.0  # seconds between respawns of a worker that keeps crashing
 CRASH_WINDOW = 5.0  # a worker dying sooner than this after its start counts as a crash
 
 
+# Settings a reload cannot change: they need sockets the workers inherit.
+NEEDS_RESTART = ("listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port")
+STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
+
+
 @dataclass
 class WorkerInfo:
     index: int
     pid: int
     started: float
-    retiring: bool = False  # told to stop; not to be replaced
+    generation: int
+    retiring: bool = False  # told to leave; not to be replaced
 
 
 def bind_smtp_sockets(settings: Settings) -> list[socket.socket]:
@@ -98,8 +113,11 @@ def raise_open_file_limit() -> int:
 
 
 class Master:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reread_settings: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        # Builds fresh settings for a reload (config file, then the same
+        # flags on top); raises ConfigFileError for a bad file.
+        self.reread_settings = reread_settings
         self.target_workers = settings.workers
         self.workers: dict[int, WorkerInfo] = {}
         self.signal_queue: list[int] = []
@@ -108,6 +126,12 @@ class Master:
         self.next_spawn = 0.0
         self.backoff = 0.0
         self.running = True
+        self.generation = 0
+        self.ready_generation = -1  # the last generation reported READY
+        self.reload_requests: list[ConfigSession | None] = []  # None: from SIGHUP
+        self.reload_waiters: list[ConfigSession] = []
+        self.notifier = Notifier()
+        self.next_status = 0.0
 
     # ---------------------------------------------------------------- run
     def run(self) -> int:
@@ -122,17 +146,23 @@ class Master:
         self.install_signals()
         self.open_services()
         self.log("Server Initialized")
-        self.log(f"listening on port {settings.port} with {self.target_workers} workers, domains {', '.join(settings.domains)}")
+        self.log(
+            f"listening on port {settings.port} with {self.target_workers} workers,"
+            f" domains {', '.join(settings.domains)}"
+        )
         try:
             while self.running:
                 self.manage_workers()
                 for key, mask in self.selector.select(self.wait_time()):
                     key.data(mask)
                 self.handle_signals()
+                self.handle_reload_requests()
                 self.reap_workers()
+                self.report_readiness()
                 self.check_stop()
         finally:
             self.close_services()
+            self.notifier.close()
         self.log("Server Shutting Down")
         return 0
 
@@ -160,6 +190,11 @@ class Master:
             wait = min(wait, max(self.stop_deadline - now, 0.0))
         if len(self.active_workers()) < self.target_workers:
             wait = min(wait, max(self.next_spawn - now, 0.0))
+        if self.ready_generation != self.generation:
+            wait = min(wait, 0.05)  # new workers are starting: look again soon
+        watchdog = self.notifier.watchdog_due(now)
+        if watchdog is not None:
+            wait = min(wait, watchdog)
         return wait
 
     # ------------------------------------------------------------ signals
@@ -195,11 +230,12 @@ class Master:
             elif signum == signal.SIGUSR1:
                 self.reopen_logs()
             elif signum == signal.SIGHUP:
-                self.reload()
+                self.reload_requests.append(None)
 
     # ------------------------------------------------------------ workers
     def active_workers(self) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if not w.retiring]
+        """Workers of the current generation that are not leaving."""
+        return [w for w in self.workers.values() if not w.retiring and w.generation == self.generation]
 
     def set_worker_count(self, count: int) -> None:
         count = max(1, min(count, MAX_WORKERS - 1))
@@ -215,7 +251,7 @@ class Master:
         active = self.active_workers()
         if len(active) > self.target_workers:
             for info in sorted(active, key=lambda w: w.index)[self.target_workers :]:
-                self.retire_worker(info)
+                self.retire_worker(info, signal.SIGHUP)  # it finishes its sessions
             return
         while len(self.active_workers()) < self.target_workers and time.monotonic() >= self.next_spawn:
             self.spawn_worker(self.free_index())
@@ -240,7 +276,7 @@ class Master:
             finally:
                 os._exit(status)
         slot.set(FIELD["pid"], pid)
-        self.workers[pid] = WorkerInfo(index=index, pid=pid, started=time.monotonic())
+        self.workers[pid] = WorkerInfo(index=index, pid=pid, started=time.monotonic(), generation=self.generation)
 
     def become_worker(self) -> None:
         """In the child right after fork: drop everything that is the master's."""
@@ -250,9 +286,14 @@ class Master:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self.close_services()
+        for service in self.services:
+            service.sock.close()
+            for client in service.clients:
+                client.sock.close()
+        self.services = []
+        self.notifier.close()
 
-    def retire_worker(self, info: WorkerInfo, signum: int = signal.SIGTERM) -> None:
+    def retire_worker(self, info: WorkerInfo, signum: int) -> None:
         info.retiring = True
         self.kill(info.pid, signum)
 
@@ -275,6 +316,8 @@ class Master:
                 continue
             self.stats.retire(info.index)
             cause = describe_exit(status)
+            for path in remove_temporary_files(self.settings.mail_dir, pid):
+                self.log(f"removed unacknowledged {path} of worker {info.index}")
             if info.retiring or self.stopping:
                 self.log(f"worker {info.index} (pid {pid}) stopped: {cause}")
                 continue
@@ -297,6 +340,9 @@ class Master:
         if self.stopping and graceful:
             return
         self.stopping = True
+        self.notifier.stopping()
+        self.answer_reload(self.reload_waiters, "server stopping")
+        self.reload_waiters = []
         grace = self.settings.graceful_timeout + FAST_STOP_SECONDS if graceful else FAST_STOP_SECONDS
         self.stop_deadline = time.monotonic() + grace
         self.log("stopping" + (" gracefully" if graceful else " now"))
@@ -314,8 +360,74 @@ class Master:
                 self.kill(info.pid, signal.SIGKILL)
             self.stop_deadline = time.monotonic() + FAST_STOP_SECONDS
 
-    def reload(self) -> None:
-        self.log("reload requested: not supported yet, ignored")
+    def request_reload(self, requester: ConfigSession) -> None:
+        """``reload=1`` on the config port; answered when the reload ends."""
+        self.reload_requests.append(requester)
+
+    def handle_reload_requests(self) -> None:
+        if not self.reload_requests or self.stopping:
+            return
+        requests, self.reload_requests = self.reload_requests, []
+        error = self.reload()
+        waiters = [r for r in requests if r is not None]
+        if error:
+            self.answer_reload(waiters, error)
+        else:
+            self.reload_waiters += waiters
+
+    def reload(self) -> str | None:
+        """Re-read the settings and start a new generation; None if it began."""
+        self.notifier.reloading()
+        self.log("reloading")
+        try:
+            fresh = self.reread_settings() if self.reread_settings else self.settings
+        except Exception as exc:  # a bad file: keep every old setting
+            self.log(f"reload refused, old settings kept: {exc}")
+            self.notifier.ready(self.status_text())
+            return str(exc)
+        for name in NEEDS_RESTART:
+            if getattr(fresh, name) != getattr(self.settings, name):
+                self.log(f"reload: {name} changes only on restart; kept {getattr(self.settings, name)!r}")
+                setattr(fresh, name, getattr(self.settings, name))
+        self.settings = fresh
+        self.target_workers = fresh.workers
+        self.apply_settings(fresh)
+        self.generation += 1  # manage_workers forks the new generation
+        return None
+
+    def report_readiness(self) -> None:
+        """READY=1 once the current generation accepts; then retire the old one."""
+        now = time.monotonic()
+        if self.ready_generation != self.generation and not self.stopping:
+            active = self.active_workers()
+            accepting = [w for w in active if self.stats.slot(w.index).get(FIELD["accepting"])]
+            if len(active) == self.target_workers and len(accepting) == len(active):
+                for info in self.workers.values():
+                    if info.generation < self.generation and not info.retiring:
+                        self.retire_worker(info, signal.SIGHUP)
+                if self.ready_generation >= 0:
+                    self.log(f"reload done: generation {self.generation} accepting")
+                self.ready_generation = self.generation
+                self.notifier.ready(self.status_text())
+                self.answer_reload(self.reload_waiters, None)
+                self.reload_waiters = []
+        if self.notifier.enabled and now >= self.next_status:
+            self.notifier.status(self.status_text())
+            self.next_status = now + STATUS_EVERY
+
+    def answer_reload(self, waiters: list[ConfigSession], error: str | None) -> None:
+        for session in waiters:
+            for service in self.services:
+                for client in list(service.clients):
+                    if client.handler is session:
+                        client.push(session.reload_done(error))
+
+    def status_text(self) -> str:
+        t = self.stats.totals()
+        return (
+            f"{len(self.active_workers())} workers, {t.current} connections open,"
+            f" {t.total} accepted, {t.mails} mails, {t.bytes} bytes"
+        )
 
     def reopen_logs(self) -> None:
         self.logger = open_log(self.settings.log_file, self.stats, "")
@@ -332,7 +444,7 @@ class Master:
         config_sock = listening_socket(settings.config_address, settings.config_port)
         self.services.append(Service(
             self.selector, config_sock,
-            lambda: ConfigSession(self.apply_live, self.live_values, secret),
+            lambda: ConfigSession(self.apply_live, self.live_values, secret, self.request_reload),
             b"ERR too many config connections\r\n",
         ))
         if settings.metrics_port is not None:

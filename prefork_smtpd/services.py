@@ -89,6 +89,11 @@ class ServiceClient:
                 self.outbuf += self.handler.feed(data)
         self.flush()
 
+    def push(self, data: bytes) -> None:
+        """Send bytes the handler produced outside ``feed`` (a late reply)."""
+        self.outbuf += data
+        self.flush()
+
     def flush(self) -> None:
         if self.outbuf:
             try:

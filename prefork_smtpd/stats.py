@@ -11,7 +11,10 @@ words, in three parts:
   CPython runs prefork servers on);
 * the retired slot, written only by the master: when a worker dies, its
   totals are folded in there and its current connections dropped, so the
-  sums stay true after a crash.
+  sums stay true after a crash;
+* one table of open connections per client-address bucket for each worker
+  (again single-writer), for the per-address connection limit. Addresses
+  share a bucket when their hashes collide, which can only over-count.
 
 Readers add up the retired slot and every worker slot.
 """
@@ -19,6 +22,7 @@ Readers add up the retired slot and every worker slot.
 from __future__ import annotations
 
 import mmap
+import zlib
 from dataclasses import dataclass
 
 WORD = 8
@@ -58,6 +62,7 @@ SLOT_FIELDS = (
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16
 RETIRED = MAX_WORKERS  # slot number of the retired totals
+ADDRESS_BUCKETS = 4096  # per worker, for max_connections_per_ip
 
 # The counters summed for XSTAT, by XSTAT argument.
 XSTAT_FIELDS = {"TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"]}
@@ -79,7 +84,8 @@ class SharedStats:
     """The shared block. Build it in the master, before any fork."""
 
     def __init__(self) -> None:
-        words = CONTROL_WORDS + (MAX_WORKERS + 1) * SLOT_WORDS
+        self._address_base = CONTROL_WORDS + (MAX_WORKERS + 1) * SLOT_WORDS
+        words = self._address_base + MAX_WORKERS * ADDRESS_BUCKETS
         self._map = mmap.mmap(-1, words * WORD)
         self.words = memoryview(self._map).cast("q")
 
@@ -105,6 +111,20 @@ class SharedStats:
     def totals(self) -> Totals:
         return Totals(**{name: self.read(FIELD[name]) for name in _SUMMED})
 
+    # ---------------------------------------------------- per client address
+    @staticmethod
+    def address_bucket(address: str) -> int:
+        return zlib.crc32(address.encode()) % ADDRESS_BUCKETS
+
+    def address_add(self, index: int, bucket: int, amount: int) -> None:
+        """Count a connection opened (+1) or closed (-1) by worker ``index``."""
+        self.words[self._address_base + index * ADDRESS_BUCKETS + bucket] += amount
+
+    def address_connections(self, bucket: int) -> int:
+        """Open connections in this address bucket, all workers together."""
+        start = self._address_base + bucket
+        return sum(self.words[start : start + MAX_WORKERS * ADDRESS_BUCKETS : ADDRESS_BUCKETS])
+
     def retire(self, index: int) -> None:
         """Fold a dead worker's totals into the retired slot (master only)."""
         dead = self.slot(index)
@@ -115,6 +135,8 @@ class SharedStats:
         restarts = dead.get(FIELD["restarts"])
         dead.clear()
         dead.set(FIELD["restarts"], restarts)
+        start = self._address_base + index * ADDRESS_BUCKETS
+        self.words[start : start + ADDRESS_BUCKETS] = memoryview(bytes(ADDRESS_BUCKETS * WORD)).cast("q")
 
 
 class LiveSettings:

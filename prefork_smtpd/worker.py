@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+import random
 import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
 class SMTPConnection(asyncio.Protocol):
     """One client connection: bytes to the session, replies to the socket."""
 
-    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed")
+    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed", "bucket")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -50,6 +51,7 @@ class SMTPConnection(asyncio.Protocol):
         self.peer = "unknown"
         self.deadline = math.inf
         self.closed = False
+        self.bucket = -1  # client-address bucket in the shared table
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,12 +62,15 @@ class SMTPConnection(asyncio.Protocol):
         slot.add(CURRENT)
         worker.connections.add(self)
         peername = transport.get_extra_info("peername")
+        host = "unknown"
         if peername:
             host = peername[0]
             if host.startswith("::ffff:"):  # an IPv4 client on the dual-stack socket
                 host = host[7:]
             self.peer = f"[{host}]:{peername[1]}"
-        refusal = worker.admission_refusal()
+        self.bucket = worker.stats.address_bucket(host)
+        worker.stats.address_add(worker.index, self.bucket, 1)
+        refusal = worker.admission_refusal(self.bucket)
         if refusal is not None:
             slot.add(REJECTED)
             worker.log(f"{self.peer} refused: {refusal}")
@@ -81,6 +86,7 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         self.closed = True
         worker.slot.add(CURRENT, -1)
+        worker.stats.address_add(worker.index, self.bucket, -1)
         worker.connections.discard(self)
         session = self.session
         if session is not None:
@@ -118,7 +124,7 @@ class SMTPConnection(asyncio.Protocol):
             self._deliver()
         elif session.closing:
             self.transport.close()
-        elif worker.stopping and session.state in _IDLE_STATES:
+        elif worker.closing_idle and session.state in _IDLE_STATES:
             self.transport.write(session.shutdown_reply())
             self.transport.close()
 
@@ -184,8 +190,13 @@ class Worker:
         self.domains = frozenset(settings.domains)
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.connections: set[SMTPConnection] = set()
-        self.stopping = False
+        self.stopping = False  # no longer accepting
+        self.closing_idle = False  # closing sessions between transactions
         self.sessions_served = 0
+        # Recycle after max_requests sessions, plus up to 10% jitter so that
+        # workers started together do not all restart together.
+        jitter = random.randint(0, settings.max_requests // 10) if settings.max_requests else 0
+        self.max_sessions = settings.max_requests + jitter
         self.now = 0.0
         self.master_pid = os.getppid()
         self._logger: logging.Logger | None = None
@@ -218,6 +229,7 @@ class Worker:
         ]
         loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
+        loop.add_signal_handler(signal.SIGHUP, self.retire)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
         self.slot.set(ACCEPTING, 1)
         self.title()  # the counted title also says: this worker accepts now
@@ -240,39 +252,55 @@ class Worker:
             for conn in [c for c in self.connections if c.deadline <= now]:
                 conn.timed_out()
             if self.stopping:
-                self.close_idle_sessions()
+                if self.closing_idle:
+                    self.close_idle_sessions()
                 if not self.connections or now >= self.stop_deadline:
                     self.stop_now()
             if len(self.connections) != last_count:
                 last_count = len(self.connections)
                 self.title()
 
-    def admission_refusal(self) -> str | None:
-        """Why a new connection must be turned away, or None to serve it."""
-        if self.stopping:
-            return "service shutting down"
-        if self.stats.xstat("CURRENT") > self.live.max_connections:
+    def admission_refusal(self, bucket: int) -> str | None:
+        """Why a new connection must be turned away, or None to serve it.
+
+        Both counts already include the new connection.
+        """
+        live = self.live
+        if self.stats.xstat("CURRENT") > live.max_connections:
             return "too many connections"
+        per_ip = live.max_connections_per_ip
+        if per_ip and self.stats.address_connections(bucket) > per_ip:
+            return "too many connections from your address"
         return None
 
     def session_ended(self) -> None:
         self.sessions_served += 1
-        max_requests = self.settings.max_requests
-        if max_requests and self.sessions_served >= max_requests and not self.stopping:
+        if self.max_sessions and self.sessions_served >= self.max_sessions and not self.stopping:
             self.log(f"served {self.sessions_served} sessions; recycling")
-            self.begin_shutdown()
+            self.retire()
 
     # ------------------------------------------------------------ stopping
+    # Two ways to leave, both bounded by graceful_timeout, then 421 4.3.2:
+    # stop (TERM): sessions finish their current transaction and are closed;
+    # retire (HUP: reload, fewer workers, recycling): sessions run to their end.
     def begin_shutdown(self) -> None:
-        """Stop accepting; let sessions finish their transaction, then 421."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.stop_deadline = self.now + self.settings.graceful_timeout
-        for server in self.servers:
-            server.close()
-        self.log("stopping: no new connections")
-        self.close_idle_sessions()
+        """Stop: no new connections; sessions end after their transaction."""
+        self._leave(close_idle=True)
+
+    def retire(self) -> None:
+        """Retire: no new connections; sessions end when their clients quit."""
+        self._leave(close_idle=False)
+
+    def _leave(self, close_idle: bool) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = self.now + self.settings.graceful_timeout
+            for server in self.servers:
+                server.close()
+            self.log("stopping: no new connections")
+        self.closing_idle = self.closing_idle or close_idle
+        if self.closing_idle:
+            self.close_idle_sessions()
         if not self.connections:
             self.stop_now()
 
