@@ -105,10 +105,17 @@ def _listen(sock: socket.socket, address: tuple, backlog: int) -> socket.socket:
 
 
 def raise_open_file_limit() -> int:
-    """Lift the soft fd limit to the hard one: each session holds a socket."""
+    """Lift the soft fd limit to the hard one: each session holds a socket.
+
+    Under a sandbox that forbids setrlimit (systemd's @resources filter) the
+    limit given to us (LimitNOFILE) stands.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except OSError:
+            return soft
     return hard
 
 

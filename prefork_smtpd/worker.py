@@ -297,6 +297,7 @@ class Worker:
             self.stop_deadline = self.now + self.settings.graceful_timeout
             for server in self.servers:
                 server.close()
+            self.title()
             self.log("stopping: no new connections")
         self.closing_idle = self.closing_idle or close_idle
         if self.closing_idle:
@@ -322,7 +323,10 @@ class Worker:
 
     # ------------------------------------------------------------- helpers
     def title(self) -> None:
-        setproctitle(f"prefork-smtpd: worker {self.index} [{len(self.connections)} connections]")
+        if self.stopping:
+            setproctitle(f"prefork-smtpd: worker {self.index} (leaving, {len(self.connections)} open)")
+        else:
+            setproctitle(f"prefork-smtpd: worker {self.index} [{len(self.connections)} connections]")
 
     def reopen_log(self) -> None:
         """After logrotate moved the file: write to a new one at the same path."""

@@ -103,7 +103,10 @@ class Client:
 class Server:
     """A real prefork-smtpd master with its workers, in a temporary folder."""
 
-    def __init__(self, root: Path, *args: str, workers: int = 2, listen: str | None = "127.0.0.1") -> None:
+    def __init__(
+        self, root: Path, *args: str, workers: int = 2, listen: str | None = "127.0.0.1",
+        env: dict[str, str] | None = None, wait: bool = True,
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.config_port = free_port()
@@ -117,8 +120,11 @@ class Server:
             cmd += ["-l", listen]
         cmd += list(args)
         self.stderr = open(root / "stderr.txt", "wb")
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT)
-        self.wait_ready()
+        self.proc = subprocess.Popen(
+            cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, workers: int | None = None) -> None:
         """Wait until ``workers`` workers accept: their titles show a count then."""
