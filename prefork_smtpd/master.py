@@ -412,7 +412,7 @@ class Master:
                 for info in self.workers.values():
                     if info.generation < self.generation and not info.retiring:
                         self.retire_worker(info, signal.SIGHUP)
-                if self.ready_generation >= 0:
+                if self.generation > 0:
                     self.log(f"reload done: generation {self.generation} accepting")
                 self.ready_generation = self.generation
                 self.notifier.ready(self.status_text())

@@ -221,7 +221,7 @@ def test_max_connections_flag_and_per_ip_limit(start_server):
     s3.settimeout(10)
     s3.connect(("127.0.0.1", server.port))
     assert s3.recv(200).startswith(b"421 4.7.0")  # over max-connections (4)
-    assert a.xstat("CURRENT") == 4
+    wait_until(lambda: a.xstat("CURRENT") == 4, what="the refused connection to be closed")
 
 
 def test_2000_slowloris_clients_do_not_stop_a_real_one(start_server):
