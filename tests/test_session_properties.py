@@ -1,0 +1,94 @@
+"""Property tests of the sans-IO session: random commands, random byte splits."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefork_smtpd.session import Limits, Session, State
+
+REPLY_LINE = re.compile(rb"\d{3}[ -][^\r\n]*\r\n")
+
+COMMANDS = st.sampled_from([
+    b"EHLO c", b"HELO c", b"EHLO", b"MAIL FROM:<a@smtpd.com>", b"MAIL FROM:<>", b"MAIL FROM:<a@evil.com>",
+    b"MAIL FROM:<a@smtpd.com> SIZE=99999999", b"RCPT TO:<b@smtpd.com>", b"RCPT TO:<b>", b"RCPT TO:<../x>",
+    b"RCPT TO:<x@other.org>", b"RSET", b"NOOP", b"HELP", b"VRFY b", b"XSTAT TOTAL", b"XSTAT nope", b"EXPN x",
+    b"BOGUS", b"", b"\x00\xff", b"NOOP " + b"x" * 600, b"mail from:<a@SMTPD.COM>",
+])
+BODY_LINES = st.lists(
+    st.sampled_from([b"hello", b".dot", b"..two", b"", b".", b"x" * 1200, b"bare\nlf", b"cr\rhere"]), max_size=6
+)
+
+
+def new_session(**kw) -> Session:
+    return Session("mx.test", frozenset({"smtpd.com"}), Limits(max_recipients=3, max_errors=1000, **kw), lambda k: 1)
+
+
+@st.composite
+def conversations(draw):
+    parts = []
+    for _ in range(draw(st.integers(0, 25))):
+        if draw(st.booleans()) and draw(st.integers(0, 3)) == 0:
+            parts.append(b"DATA\r\n" + b"".join(line + b"\r\n" for line in draw(BODY_LINES)) + b".\r\n")
+        else:
+            parts.append(draw(COMMANDS) + b"\r\n")
+    if draw(st.booleans()):
+        parts.append(b"QUIT\r\n")
+    return b"".join(parts)
+
+
+def drive(session: Session, chunks: list[bytes]) -> bytes:
+    """Feed chunks, storing each complete message at once, as a worker would."""
+    out = b""
+    for chunk in chunks:
+        out += session.feed(chunk)
+        while session.pending is not None:
+            check_invariants(session)
+            out += session.message_stored("Q")
+        check_invariants(session)
+    return out
+
+
+def check_invariants(s: Session) -> None:
+    assert (s.pending is not None) == (s.state is State.DELIVERING)
+    if s.state in (State.MAIL, State.RCPT, State.DATA, State.DELIVERING):
+        assert s._envelope is not None
+    if s.state in (State.RCPT, State.DATA, State.DELIVERING):
+        assert 1 <= len(s._envelope.recipients) <= 3
+    if s.closing:
+        assert s.state is State.CLOSED
+    # Nothing grows without bound: at most a line under the limits is kept.
+    assert len(s._buf) <= 2000 or s.state in (State.DELIVERING, State.CLOSED)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(conversations(), st.lists(st.integers(0, 10_000), max_size=12))
+def test_any_split_gives_the_same_well_formed_replies(data, cuts):
+    whole = drive(new_session(), [data])
+    pieces = drive(new_session(), split(data, cuts))
+    assert pieces == whole
+    assert REPLY_LINE.sub(b"", whole) == b""  # only whole, well-formed reply lines
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(COMMANDS, max_size=30))
+def test_every_command_line_gets_exactly_one_reply(lines):
+    s = new_session()
+    out = drive(s, [b"".join(line + b"\r\n" for line in lines)])
+    finals = [m for m in REPLY_LINE.findall(out) if m[3:4] == b" "]
+    assert len(finals) == len(lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=8))
+def test_random_bytes_never_raise(data, cuts):
+    s = new_session()
+    s.feed(b"EHLO x\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b>\r\n")
+    drive(s, split(data, cuts))
