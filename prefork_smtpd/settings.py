@@ -41,7 +41,7 @@ class Settings:
     graceful_timeout: int = 30
     max_requests: int = 0  # recycle a worker after this many sessions; 0: never
     backlog: int = 4096
-    delivery_threads: int = 16
+    delivery_threads: int = 2  # each stores a batch of messages per group commit
     config_file: str | None = None  # where these settings came from, for reload
 
     def __post_init__(self) -> None:

@@ -15,13 +15,12 @@ import os
 import random
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 from setproctitle import setproctitle
 
-from .delivery import DeliveryError, MaildirStore
-from .log import open_log
+from .delivery import BatchCommitter, DeliveryError, MaildirStore
+from .log import flush_log, open_log
 from .session import Session, State
 from .settings import Settings
 from .stats import FIELD, LiveSettings, SharedStats
@@ -142,8 +141,7 @@ class SMTPConnection(asyncio.Protocol):
         assert self.transport is not None and self.session is not None
         self.transport.pause_reading()  # the client waits for our verdict anyway
         self.deadline = math.inf
-        worker = self.worker
-        future = worker.loop.run_in_executor(worker.executor, worker.store.deliver, self.session.pending, self.peer.rpartition(":")[0])
+        future = self.worker.committer.submit(self.session.pending, self.peer.rpartition(":")[0])
         future.add_done_callback(self._delivered)
 
     def _delivered(self, future: asyncio.Future) -> None:
@@ -206,17 +204,18 @@ class Worker:
         """The body of the forked child; returns the exit status."""
         setproctitle(f"prefork-smtpd: worker {self.index} (starting)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides when we stop
-        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}")
-        self.store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
-        self.executor = ThreadPoolExecutor(self.settings.delivery_threads, thread_name_prefix="delivery")
+        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}", buffered=True)
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
+        store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         try:
             self.loop.run_until_complete(self.serve())
         finally:
-            self.executor.shutdown(wait=True)
+            self.committer.close()
             self.loop.close()
+            flush_log(self._logger)
         return 0
 
     async def serve(self) -> None:
@@ -259,6 +258,7 @@ class Worker:
             if len(self.connections) != last_count:
                 last_count = len(self.connections)
                 self.title()
+            flush_log(self._logger)
 
     def admission_refusal(self, bucket: int) -> str | None:
         """Why a new connection must be turned away, or None to serve it.
@@ -330,7 +330,7 @@ class Worker:
 
     def reopen_log(self) -> None:
         """After logrotate moved the file: write to a new one at the same path."""
-        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}")
+        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}", buffered=True)
 
     def log(self, message: str) -> None:
         if self._logger is not None and self.stats.get("logging"):
