@@ -223,7 +223,7 @@ class MaildirStore:
                 )
                 copy.fd = os.open(copy.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
                 job.copies.append(copy)
-                _write_all(copy.fd, self._trace_header(envelope, address, job.peer_address, job.queue_id) + body)
+                _write_all(copy.fd, self._trace_header(envelope, address, job.peer_address, job.queue_id), body)
         except OSError as exc:
             job.fail(exc)
 
@@ -314,10 +314,16 @@ def _settle(future: asyncio.Future, result: str | DeliveryError) -> None:
         future.set_result(result)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, header: bytes, body: bytes) -> None:
+    """Write header then body with writev, never joining them in memory."""
+    parts = [memoryview(header), memoryview(body)]
+    while parts:
+        written = os.writev(fd, parts)
+        while parts and written >= len(parts[0]):
+            written -= len(parts[0])
+            parts.pop(0)
+        if parts and written:
+            parts[0] = parts[0][written:]
 
 
 def _fsync_dir(path: str) -> None:
