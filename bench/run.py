@@ -193,6 +193,7 @@ def sessions_per_worker(server: RunningServer) -> list[int]:
 # S4 ---------------------------------------------------------------------
 IDLE_CLIENT = r"""
 import asyncio, json, sys, time
+import uvloop
 port, count = int(sys.argv[1]), int(sys.argv[2])
 async def one(sem, delays, held):
     async with sem:
@@ -206,11 +207,13 @@ async def one(sem, delays, held):
             delays.append(time.perf_counter() - start)
             held.append(w)
 async def main():
-    sem, delays, held = asyncio.Semaphore(500), [], []
+    # At most 100 connects in flight, so the figure is the server's greeting
+    # delay and not this client's own queue.
+    sem, delays, held = asyncio.Semaphore(100), [], []
     await asyncio.gather(*(one(sem, delays, held) for _ in range(count)))
     print(json.dumps(delays), flush=True)
     sys.stdin.readline()   # hold every session until told to let go
-asyncio.run(main())
+uvloop.run(main())
 """
 
 
@@ -423,6 +426,8 @@ def plot(results: Results, kinds: list[ServerKind]) -> bool:
     except ImportError:
         return False
     scenarios = list(results.rates)
+    if not scenarios:
+        return False
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4))
     if len(scenarios) == 1:
         axes = [axes]
