@@ -141,6 +141,10 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+        # Every run starts on a clean file system: flushing is not left to the
+        # next server (a journal commit or syncfs would pay for this one's
+        # unsynced files and their removal).
+        os.sync()
 
 
 # -------------------------------------------------------------- scenarios
