@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from typing import Callable
 
 from .session import Envelope
 
@@ -190,9 +191,7 @@ class MaildirStore:
             try:
                 _fsync_dir(directory)
             except OSError as exc:
-                for job in jobs:
-                    if job.error is None and any(c.new_dir == directory for c in job.copies):
-                        job.fail(exc)
+                _fail_jobs_with(jobs, exc, lambda c: c.new_dir == directory)
 
     @staticmethod
     def _syncfs_each_device(jobs: list[_Job], fd_by_device: dict[int, int]) -> None:
@@ -201,9 +200,7 @@ class MaildirStore:
             try:
                 syncfs(fd)
             except OSError as exc:
-                for job in jobs:
-                    if job.error is None and any(c.device == device for c in job.copies):
-                        job.fail(exc)
+                _fail_jobs_with(jobs, exc, lambda c: c.device == device)
 
     def _write(self, job: _Job) -> None:
         """Write one copy per distinct folder into tmp/ (not yet fsynced)."""
@@ -303,6 +300,13 @@ class BatchCommitter:
                 results = [DeliveryError(f"internal error: {exc!r}", False)] * len(batch)
             for (_, _, future), result in zip(batch, results):
                 self.loop.call_soon_threadsafe(_settle, future, result)
+
+
+def _fail_jobs_with(jobs: list[_Job], exc: OSError, affected: Callable[[_Copy], bool]) -> None:
+    """Fail every job still standing that has a copy ``affected`` by ``exc``."""
+    for job in jobs:
+        if job.error is None and any(affected(c) for c in job.copies):
+            job.fail(exc)
 
 
 def _settle(future: asyncio.Future, result: str | DeliveryError) -> None:

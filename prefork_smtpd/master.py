@@ -39,7 +39,7 @@ from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, listening_socket
 from .settings import Settings
-from .stats import FIELD, MAX_WORKERS, SharedStats
+from .stats import CONTROL, FIELD, MAX_WORKERS, SharedStats
 from .worker import run_worker
 
 HANDLED_SIGNALS = (
@@ -175,20 +175,8 @@ class Master:
 
     def apply_settings(self, settings: Settings) -> None:
         """Publish the live settings in the shared block for the workers."""
-        for name in (
-            "logging",
-            "max_connections",
-            "max_message_size",
-            "max_recipients",
-            "timeout",
-            "data_timeout",
-            "max_errors",
-            "max_command_line",
-            "max_text_line",
-            "max_connections_per_ip",
-        ):
-            self.stats.set(name, getattr(settings, name))
-        self.stats.set("workers", self.target_workers)
+        for name in CONTROL:
+            self.stats.set(name, self.target_workers if name == "workers" else getattr(settings, name))
 
     def wait_time(self) -> float:
         now = time.monotonic()

@@ -1,9 +1,10 @@
 """A worker process: one uvloop event loop serving SMTP sessions.
 
-The worker glues transports to sans-IO sessions, enforces the timeouts and
-connection limits, and hands complete messages to the Maildir store on a
-thread pool so that disk work never stalls the loop. Of the other workers it
-knows only the shared counters.
+The worker accepts clients from the listening socket it shares with the
+other workers, glues their transports to sans-IO sessions, enforces the
+timeouts and connection limits, and hands complete messages to the batch
+committer's threads so that disk work never stalls the loop. Of the other
+workers it knows only the shared counters.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import Client, free_port, raise_fd_limit, wait_until
+from harness import Client, raise_fd_limit, tmpfs, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -246,10 +246,7 @@ def test_2000_slowloris_clients_do_not_stop_a_real_one(start_server):
 
 
 def test_read_only_mail_dir_gives_451_and_recovers(start_server, tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "4m") as mnt:
         server = start_server("--mail-dir", str(mnt))
         c = server.client()
         c.cmd("EHLO x")
@@ -261,8 +258,6 @@ def test_read_only_mail_dir_gives_451_and_recovers(start_server, tmp_path):
         assert c.mail("a@smtpd.com", ["u"], b"four")[0] == 250
         assert len(list((mnt / "u" / "new").iterdir())) == 2
         assert not list((mnt / "u" / "tmp").iterdir())
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def hostile_session(port: int, i: int) -> None:

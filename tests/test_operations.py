@@ -301,3 +301,28 @@ def scrape(port: int, name: str, labels: tuple) -> float | None:
                 return sample.value
     return None
 
+
+
+def test_metrics_redraws_in_place_on_a_terminal(server):
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-P", "-m", "prefork_smtpd.cli.metrics", "-P", str(server.port), "--interval", "0.2"],
+        stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        while seen.count(b"\x1b[H\x1b[2J") < 2:  # two redraws of the same screen
+            ready, _, _ = select.select([master], [], [], 20)
+            assert ready, f"no output from the monitor: {seen!r}"
+            seen += os.read(master, 4096)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        os.close(master)
+    screen = seen.rsplit(b"\x1b[H\x1b[2J", 1)[1].decode()
+    assert "status               Online" in screen and "delay (NOOP)" in screen

@@ -13,7 +13,7 @@ import socket
 import psutil
 import pytest
 
-from harness import Client, wait_until
+from harness import Client, tmpfs, wait_until
 
 
 def read_maildir(server, folder: str) -> list[email.message.Message]:
@@ -340,12 +340,7 @@ def test_unwritable_folder_gives_451_and_server_goes_on(server):
 
 
 def test_disk_full_gives_452_and_recovers(start_server, tmp_path):
-    import subprocess
-
-    full = tmp_path / "small"
-    full.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "256k") as full:
         server = start_server("--mail-dir", str(full))
         c = server.client()
         c.cmd("EHLO x")
@@ -355,8 +350,6 @@ def test_disk_full_gives_452_and_recovers(start_server, tmp_path):
         assert len(list((full / "u" / "new").iterdir())) == 1
         assert not list((full / "u" / "tmp").iterdir())
         assert c.mail("a@smtpd.com", ["u"], b"fits again")[0] == 250
-    finally:
-        subprocess.run(["umount", "-l", str(full)], check=True)
 
 
 def test_mail_dir_removed_under_running_server(server):
