@@ -39,11 +39,16 @@ class AppendLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.stats.get("logging") == 0 and record.levelno < logging.CRITICAL:
             return  # the live switch; critical lines (crashes) always go out
-        second = int(record.created)
+        self.add_line(record.getMessage(), record.created)
+
+    def add_line(self, message: str, created: float | None = None) -> None:
+        """Append one line. Workers call this directly for per-session events:
+        a Logger call costs about 10 us a line, this about 1 us."""
+        second = int(time.time() if created is None else created)
         if second != self._second:  # format the time once per second, not per line
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        line = f"{self._stamp} : {self.prefix}{record.getMessage()}\n"
+        line = f"{self._stamp} : {self.prefix}{message}\n"
         self.pending.append(line)
         self.pending_size += len(line)
         if not self.buffered or self.pending_size >= FLUSH_AT:
@@ -76,6 +81,13 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
     ``process`` prefixes each message (``worker 2: ...``); the master passes
     "" so its lines read exactly ``... : Server Initialized``.
     """
+    # Our lines use none of the caller, thread or process fields; not
+    # gathering them (the logging HOWTO's "Optimization") takes a record
+    # from 17 to 11 us.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER_NAME)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
@@ -88,6 +100,11 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger
+
+
+def line_writer(logger: logging.Logger) -> AppendLineHandler:
+    """The handler behind ``logger``, for direct per-line appends."""
+    return next(h for h in logger.handlers if isinstance(h, AppendLineHandler))
 
 
 def flush_log(logger: logging.Logger | None) -> None:

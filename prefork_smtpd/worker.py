@@ -21,7 +21,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
-from .log import flush_log, open_log
+from .log import AppendLineHandler, flush_log, line_writer, open_log
 from .session import Session, State
 from .settings import Settings
 from .stats import FIELD, LiveSettings, SharedStats
@@ -201,13 +201,14 @@ class Worker:
         self.now = 0.0
         self.master_pid = os.getppid()
         self._logger: logging.Logger | None = None
+        self._log_lines: AppendLineHandler | None = None
 
     # ------------------------------------------------------------ running
     def run(self) -> int:
         """The body of the forked child; returns the exit status."""
         setproctitle(f"prefork-smtpd: worker {self.index} (starting)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides when we stop
-        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}", buffered=True)
+        self.reopen_log()
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -371,12 +372,13 @@ class Worker:
             setproctitle(f"prefork-smtpd: worker {self.index} [{len(self.connections)} connections]")
 
     def reopen_log(self) -> None:
-        """After logrotate moved the file: write to a new one at the same path."""
+        """Open the log; again after logrotate moved it (USR1)."""
         self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}", buffered=True)
+        self._log_lines = line_writer(self._logger)
 
     def log(self, message: str) -> None:
-        if self._logger is not None and self.stats.get("logging"):
-            self._logger.info(message)
+        if self._log_lines is not None and self.stats.get("logging"):
+            self._log_lines.add_line(message)
 
 
 def run_worker(index: int, sockets: list[socket.socket], settings: Settings, stats: SharedStats) -> int:
