@@ -47,6 +47,7 @@ from typing import Callable
 from .session import Envelope
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+IOV_BATCH = 512  # pieces per writev (the system allows 1024)
 MAX_BATCH = 64  # messages per group commit
 SYNCFS_FROM = 3  # files (or directories) in a batch from which syncfs beats fsyncs
 
@@ -205,7 +206,9 @@ class MaildirStore:
     def _write(self, job: _Job) -> None:
         """Write one copy per distinct folder into tmp/ (not yet fsynced)."""
         envelope = job.envelope
-        body = envelope.content.replace(b"\r\n", b"\n")
+        # Piece by piece: each replace holds the GIL for one received piece
+        # (at most a read's worth), not for the whole message.
+        body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
         folders: dict[str, str] = {}
         for rcpt in envelope.recipients:
             folders.setdefault(rcpt.folder, rcpt.address)
@@ -318,16 +321,17 @@ def _settle(future: asyncio.Future, result: str | DeliveryError) -> None:
         future.set_result(result)
 
 
-def _write_all(fd: int, header: bytes, body: bytes) -> None:
-    """Write header then body with writev, never joining them in memory."""
-    parts = [memoryview(header), memoryview(body)]
-    while parts:
-        written = os.writev(fd, parts)
-        while parts and written >= len(parts[0]):
-            written -= len(parts[0])
-            parts.pop(0)
-        if parts and written:
-            parts[0] = parts[0][written:]
+def _write_all(fd: int, header: bytes, body: list[bytes]) -> None:
+    """Write the header and the body pieces with writev, never joining them."""
+    parts = [memoryview(header)] + [memoryview(b) for b in body if b]
+    i = 0
+    while i < len(parts):
+        written = os.writev(fd, parts[i : i + IOV_BATCH])
+        while i < len(parts) and written >= len(parts[i]):
+            written -= len(parts[i])
+            i += 1
+        if written:
+            parts[i] = parts[i][written:]
 
 
 def _fsync_dir(path: str) -> None:

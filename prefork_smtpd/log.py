@@ -4,15 +4,18 @@ Every process opens the file itself, ``O_APPEND``, after fork. Lines are
 gathered in memory and written whole in one ``write()``, which the kernel
 appends as one piece, so the master and the workers never interleave
 inside a line. A worker flushes every housekeeping tick (half a second) and
-whenever its buffer passes 32 KiB; the master, whose lines are few,
-flushes each one at once. One write per tick instead of one per line is
-what keeps logging cheap on the per-session hot path.
+whenever its buffer passes 32 KiB, and the write itself happens on a
+background thread: on a journalling file system an append can wait behind
+another process's big flush, and that wait must not stall the event loop.
+The master, whose lines are few, writes each one at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 
 from .stats import SharedStats
@@ -35,6 +38,11 @@ class AppendLineHandler(logging.Handler):
         self._second = -1
         self._stamp = ""
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._writes: queue.SimpleQueue | None = None
+        if buffered:
+            self._writes = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
+            self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stats.get("logging") == 0 and record.levelno < logging.CRITICAL:
@@ -60,6 +68,12 @@ class AppendLineHandler(logging.Handler):
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
         self.pending.clear()
         self.pending_size = 0
+        if self._writes is not None:
+            self._writes.put(data)
+        else:
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
@@ -67,8 +81,17 @@ class AppendLineHandler(logging.Handler):
         except OSError:
             pass  # a full or vanished log disk must not stop the mail service
 
+    def _write_loop(self) -> None:
+        assert self._writes is not None
+        while (data := self._writes.get()) is not None:
+            self._write(data)
+
     def close(self) -> None:
         self.flush()
+        if self._writes is not None:
+            self._writes.put(None)  # the writer empties the queue, then stops
+            self._writer.join()
+            self._writes = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -105,6 +128,13 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
 def line_writer(logger: logging.Logger) -> AppendLineHandler:
     """The handler behind ``logger``, for direct per-line appends."""
     return next(h for h in logger.handlers if isinstance(h, AppendLineHandler))
+
+
+def close_log(logger: logging.Logger) -> None:
+    """Write out everything pending and close the file (before a process exits)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def flush_log(logger: logging.Logger | None) -> None:

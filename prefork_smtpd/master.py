@@ -34,7 +34,7 @@ from setproctitle import setproctitle
 
 from .control import PARAMETERS, ConfigSession, load_secret
 from .delivery import remove_temporary_files
-from .log import open_log
+from .log import close_log, open_log
 from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, listening_socket
@@ -266,6 +266,7 @@ class Master:
             except BaseException:
                 try:
                     self.logger.critical(f"worker {index} crashed: {traceback.format_exc()}")
+                    close_log(self.logger)  # os._exit below skips every cleanup
                 except Exception:
                     pass
             finally:

@@ -124,7 +124,17 @@ class Envelope:
     helo: str
     sender: str  # "" for the null reverse-path
     recipients: list[Recipient] = field(default_factory=list)
-    content: bytes = b""  # CRLF lines, dot-stuffing undone
+    # The message as received: CRLF lines, dot-stuffing undone, in the
+    # pieces it arrived in. Each piece holds whole lines, so the store can
+    # convert and write it piece by piece, never holding the GIL long
+    # enough to stall the event loop on a 50 MiB message.
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def content(self) -> bytes:
+        """The whole message in one piece (for tests and small uses)."""
+        return b"".join(self.chunks)
 
 
 def folder_for(local_part: str) -> str | None:
@@ -485,7 +495,8 @@ class Session:
             self._reset_transaction()
             self.state = State.READY
             return self._error(reply)
-        envelope.content = b"".join(self._chunks)
+        envelope.chunks = self._chunks
+        envelope.size = self._size
         self._chunks = []
         self.pending = envelope
         self.state = State.DELIVERING

@@ -21,7 +21,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
-from .log import AppendLineHandler, flush_log, line_writer, open_log
+from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .session import Session, State
 from .settings import Settings
 from .stats import FIELD, LiveSettings, SharedStats
@@ -162,10 +162,10 @@ class SMTPConnection(asyncio.Protocol):
             out = session.message_failed(reply)
         else:
             worker.slot.add(MAILS)
-            worker.slot.add(BYTES, len(envelope.content))
+            worker.slot.add(BYTES, envelope.size)
             folders = ",".join(sorted({r.folder for r in envelope.recipients}))
             worker.log(
-                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({len(envelope.content)} bytes)"
+                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
             )
             out = session.message_stored(queue_id)
         if self.closed:
@@ -219,7 +219,7 @@ class Worker:
         finally:
             self.committer.close()
             self.loop.close()
-            flush_log(self._logger)
+            close_log(self._logger)
         return 0
 
     async def serve(self) -> None:

@@ -15,8 +15,9 @@ from prefork_smtpd.session import Envelope, Recipient
 
 
 def envelope(*folders: str, body: bytes = b"Subject: t\r\n\r\nhello\r\n") -> Envelope:
-    return Envelope(helo="client", sender="a@smtpd.com",
-                    recipients=[Recipient(f"{f}@smtpd.com", f) for f in folders], content=body)
+    half = body.index(b"\r\n") + 2  # two pieces, as a message arrives
+    return Envelope(helo="client", sender="a@smtpd.com", recipients=[Recipient(f"{f}@smtpd.com", f) for f in folders],
+                    chunks=[body[:half], body[half:]], size=len(body))
 
 
 def files(root, folder, sub="new"):

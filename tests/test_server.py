@@ -488,3 +488,15 @@ def test_log_lines_are_whole_under_concurrency(start_server):
     assert len([line for line in lines if " mail " in line]) == 160
     pattern = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d : \S")
     assert all(pattern.match(line) for line in lines), [l for l in lines if not pattern.match(l)][:3]
+
+
+def test_8bitmime_body_is_stored_byte_for_byte(server):
+    body = "Subject: caf\u00e9\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nni\u00f1o \u2713\r\n".encode()
+    latin1 = b"Subject: x\r\n\r\n\xe9t\xe9 \xff\r\n"
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("a@smtpd.com", ["eight"], body, mail_options=["BODY=8BITMIME"])
+        s.sendmail("a@smtpd.com", ["eight"], latin1, mail_options=["BODY=8BITMIME"])
+    stored = sorted(p.read_bytes().split(b"\n\n", 1)[1] for p in server.stored("eight"))
+    # the trace headers end at the first blank line of ours; the rest is the message, LF-ended
+    expected = sorted(m.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1] for m in (body, latin1))
+    assert stored == expected
