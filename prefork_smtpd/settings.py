@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 MiB = 1024 * 1024
 
@@ -69,9 +69,6 @@ RANGES: dict[str, tuple[int, int]] = {
     "backlog": (1, 65535),
     "delivery_threads": (1, 256),
 }
-
-SETTING_NAMES = frozenset(f.name for f in fields(Settings))
-
 
 def check_range(name: str, value: int) -> str | None:
     """None if ``value`` is allowed for ``name``, else the reason."""
