@@ -292,9 +292,14 @@ class Worker:
         self.loop.create_task(self.loop.connect_accepted_socket(lambda: SMTPConnection(self), sock))
 
     def over_fair_share(self) -> bool:
+        """More open connections than the server-wide average, plus one.
+
+        (Allowing 20% over the average left S6 at max/min 1.3 to 2.0 with
+        4 workers; the plain average keeps it at 1.3 to 1.4.)
+        """
         workers = max(self.stats.get("workers"), 1)
         fair = self.stats.xstat("CURRENT") / workers
-        return len(self.connections) > fair * 1.2 + 1
+        return len(self.connections) > fair + 1
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if not self.stopping:
