@@ -12,17 +12,18 @@ words, in three parts:
 * the retired slot, written only by the master: when a worker dies, its
   totals are folded in there and its current connections dropped, so the
   sums stay true after a crash;
-* one table of open connections per client-address bucket for each worker
-  (again single-writer), for the per-address connection limit. Addresses
-  share a bucket when their hashes collide, which can only over-count.
+* one table of client addresses per worker (again single-writer), for the
+  per-address connection limit: see ``AddressTables``.
 
 Readers add up the retired slot and every worker slot.
 """
 
 from __future__ import annotations
 
+import hashlib
 import mmap
-import zlib
+import secrets
+import socket
 from dataclasses import dataclass
 
 WORD = 8
@@ -62,7 +63,6 @@ SLOT_FIELDS = (
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16
 RETIRED = MAX_WORKERS  # slot number of the retired totals
-ADDRESS_BUCKETS = 4096  # per worker, for max_connections_per_ip
 
 # The counters summed for XSTAT, by XSTAT argument.
 XSTAT_FIELDS = {"TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"]}
@@ -84,10 +84,11 @@ class SharedStats:
     """The shared block. Build it in the master, before any fork."""
 
     def __init__(self) -> None:
-        self._address_base = CONTROL_WORDS + (MAX_WORKERS + 1) * SLOT_WORDS
-        words = self._address_base + MAX_WORKERS * ADDRESS_BUCKETS
+        address_base = CONTROL_WORDS + (MAX_WORKERS + 1) * SLOT_WORDS
+        words = address_base + MAX_WORKERS * AddressTables.REGION_WORDS
         self._map = mmap.mmap(-1, words * WORD)
         self.words = memoryview(self._map).cast("q")
+        self.addresses = AddressTables(self.words, address_base)
 
     # ------------------------------------------------------------ control
     def get(self, name: str) -> int:
@@ -111,20 +112,6 @@ class SharedStats:
     def totals(self) -> Totals:
         return Totals(**{name: self.read(FIELD[name]) for name in _SUMMED})
 
-    # ---------------------------------------------------- per client address
-    @staticmethod
-    def address_bucket(address: str) -> int:
-        return zlib.crc32(address.encode()) % ADDRESS_BUCKETS
-
-    def address_add(self, index: int, bucket: int, amount: int) -> None:
-        """Count a connection opened (+1) or closed (-1) by worker ``index``."""
-        self.words[self._address_base + index * ADDRESS_BUCKETS + bucket] += amount
-
-    def address_connections(self, bucket: int) -> int:
-        """Open connections in this address bucket, all workers together."""
-        start = self._address_base + bucket
-        return sum(self.words[start : start + MAX_WORKERS * ADDRESS_BUCKETS : ADDRESS_BUCKETS])
-
     def retire(self, index: int) -> None:
         """Fold a dead worker's totals into the retired slot (master only)."""
         dead = self.slot(index)
@@ -135,8 +122,7 @@ class SharedStats:
         restarts = dead.get(FIELD["restarts"])
         dead.clear()
         dead.set(FIELD["restarts"], restarts)
-        start = self._address_base + index * ADDRESS_BUCKETS
-        self.words[start : start + ADDRESS_BUCKETS] = memoryview(bytes(ADDRESS_BUCKETS * WORD)).cast("q")
+        self.addresses.clear(index)
 
 
 class LiveSettings:
@@ -183,3 +169,179 @@ class Slot:
     def clear(self) -> None:
         for i in range(SLOT_WORDS):
             self.words[self.base + i] = 0
+
+
+# ------------------------------------------------------ per client address
+# What one client controls: an IPv4 address, or an IPv6 /64 (the smallest
+# network a site is given, and a host picks any address inside its own /64
+# at will). An IPv4-mapped IPv6 address (::ffff:a.b.c.d, a v4 client on a
+# dual-stack socket) is its IPv4 address.
+IPV4 = 1
+IPV6_64 = 2
+UNKNOWN = 3  # no usable peer address: all such connections share one entry
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def address_key(host: str) -> tuple[int, int]:
+    """(kind, key) of a peer address as the socket reports it.
+
+    The key is the whole IPv4 address or the whole /64 prefix, so two keys
+    are equal exactly when the addresses must be counted together.
+    """
+    try:
+        return IPV4, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    except OSError:
+        pass
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # no zone index
+    except OSError:
+        return UNKNOWN, 0
+    if packed[:12] == _MAPPED_PREFIX:
+        return IPV4, int.from_bytes(packed[12:], "big")
+    prefix = int.from_bytes(packed[:8], "big")
+    return IPV6_64, prefix - (1 << 64) if prefix >= 1 << 63 else prefix  # as a signed 64-bit word
+
+
+class AddressTables:
+    """Open connections per client address: one hash table per worker.
+
+    Worker ``i`` alone writes table ``i``; an address's count is the sum of
+    its entries in every table. Each table is open addressing with linear
+    probing over ``SLOTS`` entries of three words (kind, key, count), plus a
+    header word holding how many entries are in use (readers skip empty
+    tables). The full key is stored and compared, so two addresses are
+    never counted together; the probe start is a hash keyed by a secret
+    drawn when the master starts, so a client cannot pick addresses that
+    crowd one probe run either.
+
+    An entry lives only while its address has a connection open in that
+    worker (a deletion shifts the run back, leaving no tombstones), so a
+    table holds at most as many entries as the worker has connections,
+    which max_connections caps. A table takes at most ``MAX_ENTRIES``
+    (three quarters full keeps probe runs short); past that, ``open``
+    answers False and the worker refuses the client: never an uncounted
+    connection.
+
+    Readers in other workers probe without a lock. A reader that meets an
+    entry being moved by a deletion may miss it for that instant; like two
+    workers admitting the same address at the same moment, that can let a
+    client past its limit by a connection in flight, never lock one out.
+    """
+
+    SLOTS = 16384  # a power of two
+    MAX_ENTRIES = SLOTS * 3 // 4  # 12,288 distinct addresses per worker
+    ENTRY_WORDS = 3
+    HEADER_WORDS = 8
+    REGION_WORDS = HEADER_WORDS + SLOTS * ENTRY_WORDS  # 384 KiB per worker
+
+    def __init__(self, words: memoryview, base: int) -> None:
+        self.words = words
+        self.base = base
+        self._secret = secrets.token_bytes(16)  # drawn before fork: shared by every worker
+
+    def _region(self, index: int) -> int:
+        return self.base + index * self.REGION_WORDS
+
+    def home(self, kind: int, key: int) -> int:
+        """The slot a key's probe run starts at."""
+        digest = hashlib.blake2b(
+            kind.to_bytes(1, "big") + key.to_bytes(8, "big", signed=True), digest_size=8, key=self._secret
+        ).digest()
+        return int.from_bytes(digest, "big") & (self.SLOTS - 1)
+
+    def _find(self, index: int, kind: int, key: int, slot: int) -> tuple[int, bool]:
+        """(word offset of the key's entry, True), or of the empty slot ending its run."""
+        words = self.words
+        entries = self._region(index) + self.HEADER_WORDS
+        mask = self.SLOTS - 1
+        while True:
+            at = entries + slot * self.ENTRY_WORDS
+            found_kind = words[at]
+            if found_kind == 0:
+                return at, False
+            if found_kind == kind and words[at + 1] == key:
+                return at, True
+            slot = (slot + 1) & mask
+
+    # ------------------------------------------------- the owning worker
+    def open(self, index: int, address: tuple[int, int]) -> bool:
+        """Count a connection opened; False if the table is full (not counted)."""
+        kind, key = address
+        at, found = self._find(index, kind, key, self.home(kind, key))
+        words = self.words
+        if found:
+            words[at + 2] += 1
+            return True
+        header = self._region(index)
+        if words[header] >= self.MAX_ENTRIES:
+            return False
+        words[at + 2] = 1
+        words[at + 1] = key
+        words[at] = kind  # last: readers see a whole entry or an empty slot
+        words[header] += 1
+        return True
+
+    def close(self, index: int, address: tuple[int, int]) -> None:
+        """Count a connection closed (one that ``open`` counted)."""
+        kind, key = address
+        at, found = self._find(index, kind, key, self.home(kind, key))
+        if not found:
+            return
+        words = self.words
+        words[at + 2] -= 1
+        if words[at + 2] <= 0:
+            self._delete(index, at)
+
+    def _delete(self, index: int, at: int) -> None:
+        """Remove the entry at ``at``, shifting later entries of its run back."""
+        words = self.words
+        entries = self._region(index) + self.HEADER_WORDS
+        width = self.ENTRY_WORDS
+        mask = self.SLOTS - 1
+        hole = (at - entries) // width
+        slot = hole
+        while True:
+            slot = (slot + 1) & mask
+            src = entries + slot * width
+            kind = words[src]
+            if kind == 0:
+                break
+            home = self.home(kind, words[src + 1])
+            # The entry may fill the hole only if its run passes the hole:
+            # its home is not cyclically within (hole, slot].
+            if (slot - home) & mask >= (slot - hole) & mask:
+                dst = entries + hole * width
+                words[dst + 2] = words[src + 2]
+                words[dst + 1] = words[src + 1]
+                words[dst] = kind
+                hole = slot
+        words[entries + hole * width] = 0
+        words[entries + hole * width + 1] = 0
+        words[entries + hole * width + 2] = 0
+        words[self._region(index)] -= 1
+
+    # ----------------------------------------------------------- readers
+    def connections(self, address: tuple[int, int]) -> int:
+        """Open connections from this address, all workers together."""
+        kind, key = address
+        home = self.home(kind, key)
+        words = self.words
+        in_use = words[self.base : self.base + MAX_WORKERS * self.REGION_WORDS : self.REGION_WORDS]
+        total = 0
+        for index, entries in enumerate(in_use):
+            if entries:
+                at, found = self._find(index, kind, key, home)
+                if found:
+                    total += words[at + 2]
+        return total
+
+    def entries(self, index: int) -> int:
+        """Distinct addresses in worker ``index``'s table."""
+        return self.words[self._region(index)]
+
+    # ------------------------------------------------------------ master
+    def clear(self, index: int) -> None:
+        """Empty a dead worker's table (master only; its writer is gone)."""
+        start = self._region(index)
+        if self.words[start]:
+            self.words[start : start + self.REGION_WORDS] = memoryview(bytes(self.REGION_WORDS * WORD)).cast("q")

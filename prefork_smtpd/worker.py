@@ -24,7 +24,7 @@ from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .session import Session, State
 from .settings import Settings
-from .stats import FIELD, LiveSettings, SharedStats
+from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
 
 TOTAL = FIELD["total"]
 CURRENT = FIELD["current"]
@@ -43,7 +43,7 @@ DEFER_ACCEPT = 0.002  # seconds a worker over its fair share waits before accept
 class SMTPConnection(asyncio.Protocol):
     """One client connection: bytes to the session, replies to the socket."""
 
-    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed", "bucket")
+    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed", "address")
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -52,7 +52,7 @@ class SMTPConnection(asyncio.Protocol):
         self.peer = "unknown"
         self.deadline = math.inf
         self.closed = False
-        self.bucket = -1  # client-address bucket in the shared table
+        self.address: tuple[int, int] | None = None  # counted in the shared address table
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -69,9 +69,7 @@ class SMTPConnection(asyncio.Protocol):
             if host.startswith("::ffff:"):  # an IPv4 client on the dual-stack socket
                 host = host[7:]
             self.peer = f"[{host}]:{peername[1]}"
-        self.bucket = worker.stats.address_bucket(host)
-        worker.stats.address_add(worker.index, self.bucket, 1)
-        refusal = worker.admission_refusal(self.bucket)
+        refusal = worker.admit(self, address_key(host))
         if refusal is not None:
             slot.add(REJECTED)
             worker.log(f"{self.peer} refused: {refusal}")
@@ -87,7 +85,8 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         self.closed = True
         worker.slot.add(CURRENT, -1)
-        worker.stats.address_add(worker.index, self.bucket, -1)
+        if self.address is not None:
+            worker.stats.addresses.close(worker.index, self.address)
         worker.connections.discard(self)
         session = self.session
         if session is not None:
@@ -309,7 +308,19 @@ class Worker:
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
 
-    def admission_refusal(self, bucket: int) -> str | None:
+    def admit(self, conn: SMTPConnection, address: tuple[int, int]) -> str | None:
+        """Count a new connection's address; why it must be turned away, or None.
+
+        A full address table refuses the client (logged): an uncounted
+        connection would slip past max_connections_per_ip.
+        """
+        if not self.stats.addresses.open(self.index, address):
+            self.log(f"address table full ({AddressTables.MAX_ENTRIES} client addresses in this worker)")
+            return "too many connections"
+        conn.address = address
+        return self.admission_refusal(address)
+
+    def admission_refusal(self, address: tuple[int, int]) -> str | None:
         """Why a new connection must be turned away, or None to serve it.
 
         Both counts already include the new connection.
@@ -318,7 +329,7 @@ class Worker:
         if self.stats.xstat("CURRENT") > live.max_connections:
             return "too many connections"
         per_ip = live.max_connections_per_ip
-        if per_ip and self.stats.address_connections(bucket) > per_ip:
+        if per_ip and self.stats.addresses.connections(address) > per_ip:
             return "too many connections from your address"
         return None
 
