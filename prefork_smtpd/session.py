@@ -137,6 +137,26 @@ class Envelope:
         return b"".join(self.chunks)
 
 
+class Policy:
+    """Questions the session asks its server about a transaction.
+
+    The server supplies its answers (``policy.ServerPolicy``); this base
+    allows everything. An answer is None to go on, or the reply to refuse
+    with. Answers must be quick: they run on the worker's event loop.
+    """
+
+    def mail_refusal(self, size: int) -> bytes | None:
+        """At MAIL, with the ``SIZE=`` the client announced (0 if none)."""
+        return None
+
+    def recipient_refusal(self, folder: str) -> bytes | None:
+        """At RCPT, for a recipient whose address passed every syntax check."""
+        return None
+
+
+ALLOW_ALL = Policy()
+
+
 def folder_for(local_part: str) -> str | None:
     """The mail_dir subfolder for a local part, or None if it is unsafe.
 
@@ -155,11 +175,13 @@ class Session:
         domains: frozenset[str],
         limits: Limits,
         read_stat: Callable[[str], int],
+        policy: Policy = ALLOW_ALL,
     ) -> None:
         self.hostname = hostname
         self.domains = domains  # lowercase
         self.limits = limits
         self.read_stat = read_stat
+        self.policy = policy
         self.state = State.CONNECTED
         self.helo = ""
         self.pending: Envelope | None = None
@@ -334,6 +356,11 @@ class Session:
                 return self._error(b"501 5.1.7 Syntax: MAIL FROM:<user@domain>\r\n")
             if address[1].lower() not in self.domains:
                 return self._error(b"550 5.7.1 Error: sender domain not served here\r\n")
+        refusal = self.policy.mail_refusal(size)
+        if refusal is not None:  # the server's state, not the client's fault: no error counted
+            self._count(refusal)
+            self.log.append(f"MAIL FROM:<{path}> refused: {refusal.decode().rstrip()}")
+            return refusal
         self._envelope = Envelope(helo=self.helo, sender=path)
         self._rejected_rcpts = 0
         self.state = State.MAIL
@@ -368,6 +395,11 @@ class Session:
         if folder is None:
             self._rejected_rcpts += 1
             return self._error(b"553 5.1.3 Error: mailbox name not allowed\r\n")
+        refusal = self.policy.recipient_refusal(folder)
+        if refusal is not None:
+            self._rejected_rcpts += 1
+            self.log.append(f"RCPT TO:<{path}> refused: {refusal.decode().rstrip()}")
+            return self._error(refusal)
         envelope.recipients.append(Recipient(address=path, folder=folder))
         self.state = State.RCPT
         return b"250 2.1.5 Ok\r\n"

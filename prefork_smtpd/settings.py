@@ -38,6 +38,12 @@ class Settings:
     data_timeout: int = 600  # seconds a client may take to send one message
     max_connections: int = 50_000
     max_connections_per_ip: int = 0  # 0: no per-address limit
+    # Bytes kept free on mail_dir's file system (0: no check): ten default-size
+    # messages, room for the log and the system; Postfix needs 1.5 x the
+    # message size limit, which this covers up to a 64 MiB limit.
+    min_free_space: int = 100 * MiB
+    mailboxes: str = "auto"  # auto | existing | FILE (see policy.py)
+    mailbox_list: frozenset[str] | None = None  # the local parts a mailboxes FILE names, once read
     graceful_timeout: int = 30
     max_requests: int = 0  # recycle a worker after this many sessions; 0: never
     backlog: int = 4096
@@ -64,6 +70,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "data_timeout": (1, 86_400),
     "max_connections": (1, 1_000_000),
     "max_connections_per_ip": (0, 1_000_000),
+    "min_free_space": (0, 2**60),
     "graceful_timeout": (0, 86_400),
     "max_requests": (0, 2**31),
     "backlog": (1, 65535),

@@ -43,6 +43,7 @@ CONTROL = (
     "max_text_line",
     "workers",
     "max_connections_per_ip",
+    "min_free_space",
 )
 CONTROL_INDEX = {name: i for i, name in enumerate(CONTROL)}
 CONTROL_WORDS = 32

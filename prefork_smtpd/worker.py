@@ -21,8 +21,10 @@ import uvloop
 from setproctitle import setproctitle
 
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
+from .diskspace import SpaceGuard, bytes_to_store
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
-from .session import Session, State
+from .policy import ServerPolicy, mailbox_check
+from .session import Envelope, Session, State
 from .settings import Settings
 from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
 
@@ -76,7 +78,7 @@ class SMTPConnection(asyncio.Protocol):
             transport.write(f"421 4.7.0 {worker.settings.hostname} Error: {refusal}, try again later\r\n".encode())
             transport.close()
             return
-        self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat)
+        self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy)
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
         worker.log(f"{self.peer} connected")
@@ -142,7 +144,7 @@ class SMTPConnection(asyncio.Protocol):
         assert self.transport is not None and self.session is not None
         self.transport.pause_reading()  # the client waits for our verdict anyway
         self.deadline = math.inf
-        future = self.worker.committer.submit(self.session.pending, self.peer.rpartition(":")[0])
+        future = self.worker.store_when_room(self.session.pending, self.peer.rpartition(":")[0])
         future.add_done_callback(self._delivered)
 
     def _delivered(self, future: asyncio.Future) -> None:
@@ -188,6 +190,10 @@ class Worker:
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
         self.live = LiveSettings(stats)  # limits as the config port sets them
+        self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
+        self.policy = ServerPolicy(
+            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
+        )
         self.connections: set[SMTPConnection] = set()
         self.stopping = False  # no longer accepting
         self._deferred = False  # the last wakeup was passed to the other workers
@@ -332,6 +338,23 @@ class Worker:
         if per_ip and self.stats.addresses.connections(address) > per_ip:
             return "too many connections from your address"
         return None
+
+    def store_when_room(self, envelope: Envelope, peer_address: str) -> asyncio.Future:
+        """Hand a message to the store if the disk keeps its reserve after it.
+
+        Checked before anything is written: every copy of the message plus
+        the reserve must fit. If not, the future fails as a full disk would
+        (452), and nothing is written.
+        """
+        needed = bytes_to_store(envelope)
+        shortage = self.space.claim(needed)
+        if shortage is not None:
+            future = self.loop.create_future()
+            future.set_exception(DeliveryError(shortage, no_space=True))
+            return future
+        future = self.committer.submit(envelope, peer_address)
+        future.add_done_callback(lambda _: self.space.release(needed))
+        return future
 
     def session_ended(self) -> None:
         self.sessions_served += 1

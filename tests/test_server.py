@@ -341,7 +341,7 @@ def test_unwritable_folder_gives_451_and_server_goes_on(server):
 
 def test_disk_full_gives_452_and_recovers(start_server, tmp_path):
     with tmpfs(tmp_path / "small", "256k") as full:
-        server = start_server("--mail-dir", str(full))
+        server = start_server("--mail-dir", str(full), "--min-free-space", "0")  # the store's own ENOSPC path
         c = server.client()
         c.cmd("EHLO x")
         assert c.mail("a@smtpd.com", ["u"], b"small one")[0] == 250

@@ -8,6 +8,7 @@ from typing import Callable
 
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
+from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list
 from prefork_smtpd.settings import Settings, check_range
 
 
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hostname", help="name in the greeting and Received headers (default: host name)")
     p.add_argument("--mail-dir", metavar="DIR", help=f"Maildir root (default {d.mail_dir})")
+    p.add_argument(
+        "--mailboxes", metavar="auto|existing|FILE",
+        help="which recipients get a folder: any valid local part (auto, the default), only folders"
+        " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
+    )
     p.add_argument("--log-file", metavar="FILE", help=f"log file (default {d.log_file})")
     p.add_argument("--logging", type=_int_setting("logging"), help="0: logging off at start (default 1)")
     for name, unit, what in (
@@ -66,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("timeout", "SECONDS", "time to send one command"),
         ("data_timeout", "SECONDS", "time to send one message after 354"),
         ("max_connections", "N", "open SMTP connections, all workers together"),
-        ("max_connections_per_ip", "N", "open connections from one address, 0 for no limit"),
+        ("max_connections_per_ip", "N", "open connections from one address (an IPv6 /64 counts as one), 0 for no limit"),
+        ("min_free_space", "BYTES", "free space kept on mail_dir's file system, 0 for no check"),
         ("graceful_timeout", "SECONDS", "time sessions get to finish on stop"),
         ("max_requests", "N", "sessions before a worker is recycled, 0 for never"),
         ("backlog", "N", "listen backlog"),
@@ -92,6 +99,11 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
         problem = settings_problem(settings)
         if problem:
             raise ConfigFileError(problem)
+        if settings.mailboxes not in MODES:  # a file: read it now, at start and on each reload
+            try:
+                settings.mailbox_list = load_mailbox_list(settings.mailboxes)
+            except MailboxListError as exc:
+                raise ConfigFileError(str(exc)) from None
         return settings
 
     try:

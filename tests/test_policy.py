@@ -1,0 +1,61 @@
+"""The session's policy hook and the free-space reserve, without a server."""
+
+from __future__ import annotations
+
+from prefork_smtpd.diskspace import HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
+from prefork_smtpd.policy import NO_STORAGE, UNKNOWN_MAILBOX, ServerPolicy
+from prefork_smtpd.session import Envelope, Limits, Recipient, Session
+
+MiB = 1024 * 1024
+
+
+def session_with(policy) -> Session:
+    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), {}.__getitem__, policy)
+    assert s.feed(b"EHLO x\r\n").startswith(b"250")
+    return s
+
+
+def test_unknown_mailboxes_get_550_count_as_errors_and_are_logged():
+    policy = ServerPolicy({"alice"}.__contains__, SpaceGuard("/", lambda: 0))
+    s = session_with(policy)
+    out = s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<Alice@smtpd.com>\r\nRCPT TO:<bob>\r\n")
+    assert out.split(b"\r\n")[2] + b"\r\n" == UNKNOWN_MAILBOX
+    assert s.log == ["EHLO x", "RCPT TO:<bob> refused: 550 5.1.1 Error: mailbox unavailable"]
+    assert [r.folder for r in s._envelope.recipients] == ["alice"]
+    # Guessing names is a bad command like any other: max_errors ends it.
+    out = s.feed(b"RCPT TO:<c1>\r\nRCPT TO:<c2>\r\n")
+    assert s.closing and out.endswith(b"421 4.7.0 mx.test Error: too many errors\r\n")
+
+
+def test_no_storage_at_mail_is_452_and_not_a_client_error():
+    free = [10 * MiB]
+    policy = ServerPolicy(None, SpaceGuard("/", lambda: 8 * MiB, free=lambda _: free[0]))
+    s = session_with(policy)
+    assert s.feed(b"MAIL FROM:<a@smtpd.com> SIZE=3000000\r\n") == NO_STORAGE
+    assert s.feed(b"MAIL FROM:<a@smtpd.com> SIZE=1000000\r\n").startswith(b"250")
+    assert s.errors == 0 and s.replies_4xx == 1
+    free[0] = 7 * MiB
+    assert s.feed(b"RSET\r\nMAIL FROM:<>\r\n") == b"250 2.0.0 Ok\r\n" + NO_STORAGE
+
+
+def test_the_guard_counts_messages_still_being_written():
+    guard = SpaceGuard("/", lambda: 100, free=lambda _: 1000)
+    assert guard.claim(500) is None
+    reason = guard.claim(401)  # 1000 free, 500 of them already promised
+    assert reason is not None and "500 being written" in reason
+    guard.release(500)
+    assert guard.claim(401) is None
+    assert SpaceGuard("/", lambda: 0, free=lambda _: 0).claim(10**12) is None  # 0: no check
+    assert SpaceGuard("/", lambda: 1, free=lambda _: None).claim(10**12) is None  # unknown: the store decides
+
+
+def test_bytes_to_store_counts_one_copy_per_distinct_folder():
+    env = Envelope("x", "a@smtpd.com", [Recipient("A", "a"), Recipient("a@smtpd.com", "a"), Recipient("b", "b")])
+    env.size = 1000
+    assert bytes_to_store(env) == 2 * (1000 + HEADROOM_PER_COPY)
+
+
+def test_free_bytes_of_a_mail_dir_not_made_yet_is_that_of_its_parent(tmp_path):
+    from prefork_smtpd.diskspace import free_bytes
+
+    assert free_bytes(str(tmp_path / "not" / "yet")) == free_bytes(str(tmp_path)) > 0
