@@ -21,9 +21,11 @@ Readers add up the retired slot and every worker slot.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import mmap
 import secrets
 import socket
+import struct
 from dataclasses import dataclass
 
 WORD = 8
@@ -181,6 +183,8 @@ IPV4 = 1
 IPV6_64 = 2
 UNKNOWN = 3  # no usable peer address: all such connections share one entry
 _MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+_INDICES = range(MAX_WORKERS)
+_KIND_AND_KEY = struct.Struct(">Bq")
 
 
 def address_key(host: str) -> tuple[int, int]:
@@ -245,9 +249,7 @@ class AddressTables:
 
     def home(self, kind: int, key: int) -> int:
         """The slot a key's probe run starts at."""
-        digest = hashlib.blake2b(
-            kind.to_bytes(1, "big") + key.to_bytes(8, "big", signed=True), digest_size=8, key=self._secret
-        ).digest()
+        digest = hashlib.blake2b(_KIND_AND_KEY.pack(kind, key), digest_size=8, key=self._secret).digest()
         return int.from_bytes(digest, "big") & (self.SLOTS - 1)
 
     def _find(self, index: int, kind: int, key: int, slot: int) -> tuple[int, bool]:
@@ -327,13 +329,12 @@ class AddressTables:
         kind, key = address
         home = self.home(kind, key)
         words = self.words
-        in_use = words[self.base : self.base + MAX_WORKERS * self.REGION_WORDS : self.REGION_WORDS]
+        in_use = words[self.base : self.base + MAX_WORKERS * self.REGION_WORDS : self.REGION_WORDS].tolist()
         total = 0
-        for index, entries in enumerate(in_use):
-            if entries:
-                at, found = self._find(index, kind, key, home)
-                if found:
-                    total += words[at + 2]
+        for index in itertools.compress(_INDICES, in_use):  # tables with entries only
+            at, found = self._find(index, kind, key, home)
+            if found:
+                total += words[at + 2]
         return total
 
     def entries(self, index: int) -> int:

@@ -247,7 +247,7 @@ def test_2000_slowloris_clients_do_not_stop_a_real_one(start_server):
 
 def test_read_only_mail_dir_gives_451_and_recovers(start_server, tmp_path):
     with tmpfs(tmp_path / "ro", "4m") as mnt:
-        server = start_server("--mail-dir", str(mnt))
+        server = start_server("--mail-dir", str(mnt), "--min-free-space", "0")  # 4 MiB: below the default reserve
         c = server.client()
         c.cmd("EHLO x")
         assert c.mail("a@smtpd.com", ["u"], b"one")[0] == 250
