@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("timeout", "SECONDS", "time to send one command"),
         ("data_timeout", "SECONDS", "time to send one message after 354"),
         ("max_connections", "N", "open SMTP connections, all workers together"),
-        ("max_connections_per_ip", "N", "open connections from one address (an IPv6 /64 counts as one), 0 for no limit"),
+        ("max_connections_per_ip", "N", "open connections from one address (IPv6: one /64), 0 for no limit"),
         ("min_free_space", "BYTES", "free space kept on mail_dir's file system, 0 for no check"),
         ("graceful_timeout", "SECONDS", "time sessions get to finish on stop"),
         ("max_requests", "N", "sessions before a worker is recycled, 0 for never"),
