@@ -454,7 +454,7 @@ class Master:
                 self.settings.config_max_clients, self.settings.config_login_timeout,
                 self.settings.config_idle_timeout,
             ),
-            b"ERR closed: too many config connections, or idle\r\n", self.log,
+            lambda reason: f"ERR closed: {reason}\r\n".encode(), self.log,
         ))
         if settings.metrics_port is not None:
             render = make_renderer(self.stats, self.live_worker_indices)
@@ -464,7 +464,8 @@ class Master:
                 lambda: ServiceLimits(
                     self.settings.metrics_max_clients, self.settings.metrics_timeout, self.settings.metrics_timeout,
                 ),
-                log=self.log,
+                lambda reason: b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.log, not_logged_in="sent no request",
             ))
 
     def new_config_session(self, peer: str) -> ConfigSession:

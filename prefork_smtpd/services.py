@@ -60,16 +60,18 @@ class Service:
         sock: socket.socket,
         make_handler: Callable[[str], Handler],
         limits: Callable[[], ServiceLimits],
-        closed_reply: bytes = b"",
+        farewell: Callable[[str], bytes] | None = None,
         log: Callable[[str], None] = lambda message: None,
         clock: Callable[[], float] = time.monotonic,
+        not_logged_in: str = "not logged in",
     ) -> None:
         self.name = name
+        self.not_logged_in = not_logged_in  # how the log and farewell name a late login
         self.selector = selector
         self.sock = sock
         self.make_handler = make_handler  # peer "host:port" -> handler
         self.limits = limits
-        self.closed_reply = closed_reply  # a parting word to a client closed by a limit
+        self.farewell = farewell  # reason -> a parting word to a client closed by a limit
         self.log = log
         self.clock = clock
         self.clients: set[ServiceClient] = set()
@@ -97,9 +99,9 @@ class Service:
         self.close_for(victim, "closed for a newcomer (port full)")
 
     def close_for(self, client: "ServiceClient", reason: str) -> None:
-        if self.closed_reply:
+        if self.farewell is not None:
             try:
-                client.sock.send(self.closed_reply)  # best effort; never waits
+                client.sock.send(self.farewell(reason))  # best effort; never waits
             except OSError:
                 pass
         client.close()
@@ -119,7 +121,7 @@ class Service:
             if handler.waiting:
                 continue
             if not handler.authenticated and now - client.opened > limits.login_timeout:
-                self.close_for(client, f"not logged in within {limits.login_timeout:g} s")
+                self.close_for(client, f"{self.not_logged_in} within {limits.login_timeout:g} s")
             elif now - client.last_active > limits.idle_timeout:
                 self.close_for(client, f"silent for {limits.idle_timeout:g} s")
         if self.closed_counts and now >= self.next_summary:
