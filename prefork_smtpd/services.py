@@ -32,6 +32,7 @@ READ_SIZE = 4096
 FEED_SLICE = 512  # bytes fed per call: bounds the replies one call can make
 HIGH_WATER = 64 * 1024  # unsent bytes past which a client is not read
 SUMMARY_EVERY = 10.0  # seconds between log lines about closed connections
+EXPIRE_EVERY = 0.25  # seconds between looks for expired clients (the loop may turn far more often)
 
 
 class Handler(Protocol):
@@ -77,6 +78,7 @@ class Service:
         self.clients: set[ServiceClient] = set()
         self.closed_counts: dict[str, int] = {}  # reason -> connections, since the last summary
         self.next_summary = 0.0
+        self.next_expiry = 0.0
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ, self.on_accept)
 
@@ -115,6 +117,9 @@ class Service:
         a flood of connections must not become a flood of log lines.
         """
         now = self.clock()
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + EXPIRE_EVERY
         limits = self.limits()
         for client in list(self.clients):
             handler = client.handler
