@@ -14,7 +14,7 @@ from dataclasses import fields
 from .settings import RANGES, Settings, check_range
 
 _KINDS = {f.name: f.type for f in fields(Settings)}
-_NOT_IN_FILE = {"config_file", "mailbox_list"}
+_NOT_IN_FILE = {"config_file", "mailbox_list", "sources"}
 
 
 class ConfigFileError(Exception):

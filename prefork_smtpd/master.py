@@ -27,17 +27,17 @@ import signal
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from setproctitle import setproctitle
 
-from .control import PARAMETERS, ConfigSession, load_secret
+from .control import PARAMETERS, ConfigSession, TokenGate, load_secret
 from .delivery import remove_temporary_files
 from .log import close_log, open_log
 from .prometheus import make_renderer
 from .sdnotify import Notifier
-from .services import HttpMetricsRequest, Service, listening_socket
+from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
 from .settings import Settings
 from .stats import CONTROL, FIELD, MAX_WORKERS, SharedStats
 from .worker import run_worker
@@ -139,6 +139,10 @@ class Master:
         self.reload_waiters: list[ConfigSession] = []
         self.notifier = Notifier()
         self.next_status = 0.0
+        # The live-changeable values as the config file and flags last gave
+        # them, and the names an operator changed on the config port since.
+        self.configured = configured_values(settings)
+        self.live: set[str] = set()
 
     # ---------------------------------------------------------------- run
     def run(self) -> int:
@@ -162,6 +166,7 @@ class Master:
                 self.manage_workers()
                 for key, mask in self.selector.select(self.wait_time()):
                     key.data(mask)
+                self.expire_service_clients()
                 self.handle_signals()
                 self.handle_reload_requests()
                 self.reap_workers()
@@ -376,7 +381,8 @@ class Master:
         self.notifier.reloading()
         self.log("reloading")
         try:
-            fresh = self.reread_settings() if self.reread_settings else self.settings
+            fresh = self.reread_settings() if self.reread_settings else replace(self.settings, **self.configured)
+            secret = load_secret(fresh.config_secret_file) if fresh.config_secret_file is not None else None
         except Exception as exc:  # a bad file: keep every old setting
             self.log(f"reload refused, old settings kept: {exc}")
             self.notifier.ready(self.status_text())
@@ -385,6 +391,9 @@ class Master:
             if getattr(fresh, name) != getattr(self.settings, name):
                 self.log(f"reload: {name} changes only on restart; kept {getattr(self.settings, name)!r}")
                 setattr(fresh, name, getattr(self.settings, name))
+        self.keep_live_values(fresh)
+        self.gate.secret = secret
+        self.gate.failures_per_minute = fresh.config_login_failures_per_minute
         self.settings = fresh
         self.target_workers = fresh.workers
         self.apply_settings(fresh)
@@ -436,20 +445,38 @@ class Master:
         """The config port and, if asked for, the Prometheus endpoint."""
         settings = self.settings
         self.services: list[Service] = []
-        secret = load_secret(settings.config_secret_file) if settings.config_secret_file else None
+        secret = load_secret(settings.config_secret_file) if settings.config_secret_file is not None else None
+        self.gate = TokenGate(secret, settings.config_login_failures_per_minute)
         config_sock = listening_socket(settings.config_address, settings.config_port)
         self.services.append(Service(
-            self.selector, config_sock,
-            lambda: ConfigSession(self.apply_live, self.live_values, secret, self.request_reload),
-            b"ERR too many config connections\r\n",
+            "config port", self.selector, config_sock, self.new_config_session,
+            lambda: ServiceLimits(
+                self.settings.config_max_clients, self.settings.config_login_timeout,
+                self.settings.config_idle_timeout,
+            ),
+            lambda reason: f"ERR closed: {reason}\r\n".encode(), self.log,
         ))
         if settings.metrics_port is not None:
             render = make_renderer(self.stats, self.live_worker_indices)
             metrics_sock = listening_socket(settings.metrics_address, settings.metrics_port)
             self.services.append(Service(
-                self.selector, metrics_sock, lambda: HttpMetricsRequest(render),
-                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                "metrics", self.selector, metrics_sock, lambda peer: HttpMetricsRequest(render),
+                lambda: ServiceLimits(
+                    self.settings.metrics_max_clients, self.settings.metrics_timeout, self.settings.metrics_timeout,
+                ),
+                lambda reason: b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.log, not_logged_in="sent no request",
             ))
+
+    def new_config_session(self, peer: str) -> ConfigSession:
+        return ConfigSession(
+            self.apply_live, self.live_values, self.gate, self.request_reload, peer, self.log,
+            self.settings.config_max_login_failures,
+        )
+
+    def expire_service_clients(self) -> None:
+        for service in self.services:
+            service.expire()
 
     def close_services(self) -> None:
         for service in getattr(self, "services", []):
@@ -463,12 +490,43 @@ class Master:
         else:
             self.stats.set(name, value)
         setattr(self.settings, name, value)
+        self.live.add(name)
         self.log(f"config: {name}={value}")
 
-    def live_values(self) -> dict[str, int]:
+    def current_values(self) -> dict[str, int]:
         values = {name: self.stats.get(name) for name in PARAMETERS if name != "workers"}
         values["workers"] = self.target_workers
         return values
+
+    def live_values(self) -> dict[str, tuple[int, str]]:
+        """Each parameter's value now, and where it comes from (for ``show``)."""
+        return {name: (value, self.source_of(name, value)) for name, value in self.current_values().items()}
+
+    def source_of(self, name: str, value: int) -> str:
+        # Changed on the port, or by a signal (TTIN/TTOU change workers): live.
+        if name in self.live or value != self.configured[name]:
+            return "live"
+        return self.settings.sources.get(name, "default")
+
+    def keep_live_values(self, fresh: Settings) -> None:
+        """On reload: a live value stays unless the file (or a flag) changed that key.
+
+        The new configured value is compared with the one last read, not with
+        the live one: a key the operator did not touch in the file leaves the
+        live change in force; a key they did change there wins.
+        """
+        current = self.current_values()
+        configured = configured_values(fresh)
+        for name in PARAMETERS:
+            if self.source_of(name, current[name]) != "live":
+                continue
+            if configured[name] != self.configured[name]:
+                self.live.discard(name)
+                self.log(f"reload: {name}={configured[name]} from the config replaces the live {current[name]}")
+            else:
+                setattr(fresh, name, current[name])
+                self.live.add(name)
+        self.configured = configured
 
     def live_worker_indices(self) -> list[int]:
         return sorted(w.index for w in self.workers.values())
@@ -476,6 +534,10 @@ class Master:
     def log(self, message: str) -> None:
         if self.stats.get("logging"):
             self.logger.info(message)
+
+
+def configured_values(settings: Settings) -> dict[str, int]:
+    return {name: getattr(settings, name) for name in PARAMETERS}
 
 
 def describe_exit(status: int) -> str:

@@ -22,8 +22,15 @@ class Settings:
     config_address: str = "127.0.0.1"
     config_port: int = 2526
     config_secret_file: str | None = None
+    config_max_clients: int = 64  # held connections; when full the least useful one goes
+    config_login_timeout: int = 10  # seconds to send the token
+    config_idle_timeout: int = 300  # seconds a config connection may stay silent
+    config_max_login_failures: int = 3  # per connection, then it is closed
+    config_login_failures_per_minute: int = 10  # per client address (IPv6: per /64)
     metrics_address: str = "127.0.0.1"
     metrics_port: int | None = None  # Prometheus endpoint; off unless set
+    metrics_max_clients: int = 64
+    metrics_timeout: int = 10  # seconds a scraper has to send its request
     domains: list[str] = field(default_factory=lambda: ["smtpd.com"])
     hostname: str = field(default_factory=socket.gethostname)
     mail_dir: str = "mail_dir"
@@ -49,6 +56,8 @@ class Settings:
     backlog: int = 4096
     delivery_threads: int = 1  # one: while it flushes, the next batch fills (measured ~10% faster than 2)
     config_file: str | None = None  # where these settings came from, for reload
+    # name -> "file" or "flag" for each value not left at its default
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.domains = [d.lower() for d in self.domains]
@@ -60,6 +69,13 @@ RANGES: dict[str, tuple[int, int]] = {
     "port": (1, 65535),
     "config_port": (1, 65535),
     "metrics_port": (1, 65535),
+    "config_max_clients": (1, 4096),
+    "config_login_timeout": (1, 3600),
+    "config_idle_timeout": (1, 86_400),
+    "config_max_login_failures": (1, 1000),
+    "config_login_failures_per_minute": (1, 1_000_000),
+    "metrics_max_clients": (1, 4096),
+    "metrics_timeout": (1, 3600),
     "logging": (-(2**63), 2**63 - 1),  # 0 off, anything else on
     "max_message_size": (1024, 2**40),
     "max_recipients": (1, 100_000),

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from prefork_smtpd.control import PARAMETERS, ConfigSession
+from prefork_smtpd.control import PARAMETERS, ConfigSession, TokenGate, address_key, parse_show_line
 
 
 def new(secret=None):
     applied = []
-    values = {p: 1 for p in PARAMETERS}
+    values = {p: (1, "default") for p in PARAMETERS}
     reloads = []
-    session = ConfigSession(lambda n, v: applied.append((n, v)), lambda: values, secret, reloads.append)
+    gate = TokenGate(secret, 10) if secret is not None else None
+    session = ConfigSession(lambda n, v: applied.append((n, v)), lambda: values, gate, reloads.append, "192.0.2.1:5")
     return session, applied, reloads
 
 
@@ -56,3 +57,62 @@ def test_show_lists_every_parameter():
     s, _, _ = new()
     lines = s.feed(b"show=1\r\n").decode().split("\r\n")
     assert lines[-2:] == ["OK", ""] and [l.split("=")[0] for l in lines[:-2]] == list(PARAMETERS)
+
+
+def test_show_tells_each_source():
+    s, _, _ = new()
+    line = s.feed(b"show=1\r\n").decode().split("\r\n")[0]
+    assert line == "logging=1 (default)"
+    assert parse_show_line("max_recipients=7 (live)") == ("max_recipients", 7, "live")
+
+
+def test_out_of_range_integers_are_answered_with_the_range():
+    s, applied, _ = new()
+    assert s.feed(b"max_recipients=99999999999999999999\r\n") == b"ERR max_recipients must be between 1 and 100000\r\n"
+    assert s.feed(b"workers=-1" + b"0" * 200 + b"\r\n") == b"ERR workers must be between 1 and 128\r\n"
+    assert applied == []
+
+
+def test_secret_zero_still_needs_its_token():
+    s, applied, _ = new(secret=0)
+    assert not s.authenticated
+    assert s.feed(b"logging=0\r\n").startswith(b"ERR authentication required")
+    assert s.feed(b"token=0\r\nlogging=0\r\n") == b"OK\r\nOK\r\n"
+    assert applied == [("logging", 0)]
+
+
+def test_every_refusal_before_login_counts_and_the_last_closes():
+    s, _, _ = new(secret=42)
+    assert s.feed(b"\r\n").startswith(b"ERR expected")
+    assert s.feed(b"x" * 400 + b"\r\n") == b"ERR line too long\r\n"
+    assert s.feed(b"token=1\r\ntoken=42\r\n") == b"ERR bad token; too many failed logins, closing\r\n"
+    assert s.closing and not s.authenticated
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_address_budget_refills_at_its_rate_and_the_table_is_bounded():
+    clock = Clock()
+    gate = TokenGate(7, failures_per_minute=2, clock=clock, max_addresses=3)
+    gate.spend("a"); gate.spend("a")
+    assert not gate.may_try("a") and gate.may_try("b")
+    assert gate.first_refusal("a") and not gate.first_refusal("a")  # logged once
+    clock.now += 30  # a minute refills 2: half a minute, 1
+    assert gate.may_try("a")
+    for key in "bcde":
+        gate.spend(key)
+    assert len(gate._budgets) == 3 and "a" not in gate._budgets
+
+
+def test_ipv6_clients_share_a_budget_per_64():
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    s = ConfigSession(lambda n, v: None, lambda: {}, TokenGate(1, 10), None, "[2001:db8::5]:4000")
+    assert s.address == "2001:db8::/64"

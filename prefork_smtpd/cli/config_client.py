@@ -2,18 +2,21 @@
 
 Interactive (a prompt with line editing and history), or one-shot:
 ``prefork-smtpd-config logging=0 workers=8`` sends each message in order and
-exits 1 if any was refused.
+exits 1 if any was refused. ``--config FILE`` takes the address, port and
+secret file from the server's own TOML file, so the two never disagree.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import socket
 import sys
+import tomllib
 
 from prefork_smtpd import __version__
-from prefork_smtpd.control import HELP, PARAMETERS, load_secret
-from prefork_smtpd.settings import RANGES
+from prefork_smtpd.control import HELP, PARAMETERS, load_secret, parse_show_line
+from prefork_smtpd.settings import RANGES, Settings, check_range
 
 
 class Unreachable(Exception):
@@ -48,25 +51,75 @@ class ConfigConnection:
         self.sock.close()
 
 
-def help_text(values: dict[str, int] | None) -> str:
+def help_text(values: dict[str, tuple[int, str]] | None) -> str:
     rows = ["Messages are <param>=<integer>. Parameters:"]
     for name in PARAMETERS:
         low, high = RANGES[name]
-        now = f", now {values[name]}" if values and name in values else ""
+        now = f", now {values[name][0]} ({values[name][1]})" if values and name in values else ""
         rows.append(f"  {name:<24} {low}..{high}{now}: {HELP[name]}")
     rows += [
         "  logger                   the same as logging",
-        "  show=1                   list the current values",
+        "  show=1                   list the current values: param=value (default|file|flag|live)",
+        "  reload=1                 re-read the config file, answered once the new workers accept;",
+        "                           live changes stay unless the file changed the same key",
+        "  token=N                  the secret, first, when the server has one",
         "Commands: help, quit.",
     ]
     return "\n".join(rows)
 
 
-def current_values(conn: ConfigConnection) -> dict[str, int] | None:
+def current_values(conn: ConfigConnection) -> dict[str, tuple[int, str]] | None:
     lines = conn.send("show=1")
     if lines[-1] != "OK":
         return None
-    return {k: int(v) for k, v in (line.split("=", 1) for line in lines[:-1])}
+    values = {}
+    for line in lines[:-1]:
+        name, value, source = parse_show_line(line)
+        values[name] = (value, source)
+    return values
+
+
+class BadConfigFile(Exception):
+    pass
+
+
+def endpoint_from_config(path: str) -> dict[str, object]:
+    """config_address, config_port and config_secret_file from the server's TOML file.
+
+    Only these keys are read and checked: the server checks the rest, so a
+    reload with a mistake elsewhere in the file reaches the server, which
+    refuses it with the line and logs it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise BadConfigFile(f"{path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BadConfigFile(f"{path}: {exc}") from None
+    found: dict[str, object] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name in ("config_address", "config_secret_file"):
+            if not isinstance(value, str):
+                raise BadConfigFile(f"{path}: {name} must be a string")
+            found[name] = value
+        elif name == "config_port":
+            if isinstance(value, bool) or not isinstance(value, int) or check_range(name, value):
+                raise BadConfigFile(f"{path}: config_port must be an integer between 1 and 65535")
+            found[name] = value
+    return found
+
+
+def reachable_address(address: str) -> str:
+    """A server on every address (0.0.0.0, ::) is reached on loopback."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return address
 
 
 def interactive(conn: ConfigConnection, host: str, port: int) -> int:
@@ -101,14 +154,28 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--version", action="version", version=f"prefork-smtpd-config {__version__}")
-    p.add_argument("-i", "--address", default="127.0.0.1", help="config port address (default 127.0.0.1)")
-    p.add_argument("-P", "--port", type=int, default=2526, help="config port (default 2526)")
+    d = Settings(workers=1, hostname="")
+    p.add_argument(
+        "--config", metavar="FILE",
+        help="the server's TOML file: its config_address, config_port and config_secret_file; flags override them",
+    )
+    p.add_argument("-i", "--address", help=f"config port address (default {d.config_address})")
+    p.add_argument("-P", "--port", type=int, help=f"config port (default {d.config_port})")
     p.add_argument("--secret-file", help="file with the server's config token")
     p.add_argument("messages", nargs="*", help="messages to send, e.g. logging=0 workers=8; none: interactive")
     args = p.parse_args(argv)
     try:
-        secret = load_secret(args.secret_file) if args.secret_file else None
-    except (OSError, ValueError) as exc:
+        from_file = endpoint_from_config(args.config) if args.config is not None else {}
+        args.address = reachable_address(
+            args.address if args.address is not None else str(from_file.get("config_address", d.config_address))
+        )
+        if args.port is None:
+            args.port = int(from_file.get("config_port", d.config_port))  # type: ignore[call-overload]
+        if args.secret_file is None:
+            args.secret_file = from_file.get("config_secret_file")
+        # "is not None": a file named "0", or a secret of 0, is a secret all the same.
+        secret = load_secret(args.secret_file) if args.secret_file is not None else None
+    except (BadConfigFile, OSError, ValueError) as exc:
         print(f"prefork-smtpd-config: {exc}", file=sys.stderr)
         return 2
     try:

@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-C", "--config-address", metavar="ADDR", help=f"config port address (default {d.config_address})")
     p.add_argument("-c", "--config-port", type=_int_setting("config_port"), help=f"config port (default {d.config_port})")
     p.add_argument("--config-secret-file", metavar="FILE", help="file holding the config port's token")
+    for name, unit, what in (
+        ("config_max_clients", "N", "config connections held; when full the one idle longest goes"),
+        ("config_login_timeout", "SECONDS", "time to send the config token"),
+        ("config_idle_timeout", "SECONDS", "time a config connection may stay silent"),
+        ("config_max_login_failures", "N", "failed logins per config connection before it closes"),
+        ("config_login_failures_per_minute", "N", "failed config logins per client address and minute"),
+        ("metrics_max_clients", "N", "Prometheus connections held"),
+        ("metrics_timeout", "SECONDS", "time a scraper has to send its request"),
+    ):
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=_int_setting(name), metavar=unit,
+            help=f"{what} (default {getattr(d, name)})",
+        )
     p.add_argument("--metrics-address", metavar="ADDR", help=f"Prometheus address (default {d.metrics_address})")
     p.add_argument("--metrics-port", type=_int_setting("metrics_port"), help="Prometheus port (default: off)")
     p.add_argument(
@@ -94,8 +107,10 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
 
     def build() -> Settings:
         values: dict = load_config_file(config_file) if config_file is not None else {}
+        sources = {name: "file" for name in values}
         values.update(args)  # flags override the file
-        settings = Settings(config_file=config_file, **values)
+        sources.update({name: "flag" for name in args})
+        settings = Settings(config_file=config_file, sources=sources, **values)
         problem = settings_problem(settings)
         if problem:
             raise ConfigFileError(problem)
