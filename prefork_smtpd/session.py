@@ -98,6 +98,13 @@ _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+# Why a message is refused, worst first: a bare CR or LF is a framing error
+# (the message may not even end where the client thinks), the others limits.
+_BARE_IN_DATA = b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n"
+_TEXT_LINE_TOO_LONG = b"500 5.5.6 Error: message line too long\r\n"
+_MESSAGE_TOO_BIG = b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n"
+_DATA_ERROR_RANK = {_BARE_IN_DATA: 3, _TEXT_LINE_TOO_LONG: 2, _MESSAGE_TOO_BIG: 1}
+
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 
@@ -176,7 +183,7 @@ class Session:
         self._chunks: list[bytes] = []
         self._size = 0
         self._data_error: bytes | None = None
-        self._mid_line = False  # the buffer starts inside a line we cut short
+        self._at_line_start = True  # the data consumed so far ends with a real CRLF
 
     # ----------------------------------------------------------------- API
     def greeting(self) -> bytes:
@@ -379,7 +386,7 @@ class Session:
         self._chunks = []
         self._size = 0
         self._data_error = None
-        self._mid_line = False
+        self._at_line_start = True  # the CRLF of "DATA" starts the first line
         return b"354 End data with <CR><LF>.<CR><LF>\r\n"
 
     def _cmd_RSET(self, arg: str) -> bytes:
@@ -426,15 +433,22 @@ class Session:
         self._chunks = []
 
     # --------------------------------------------------------------- DATA
+    # The message ends at the first CR LF "." CR LF of the byte stream, the
+    # CRLF of the DATA command counting as the first CR LF; nothing else ends
+    # it, however the reads are cut. Between reads the session remembers only
+    # whether the bytes it consumed end with a real CRLF (``_at_line_start``):
+    # after a bare LF, or inside a line it cut short, a ".\r\n" opening the
+    # next read is message content, not the end of data.
+
     def _consume_data(self, buf: bytearray, pos: int) -> tuple[int, bytes | None]:
         """Take message lines from buf[pos:]; return (new pos, reply or None).
 
         Works on whole runs of complete lines with bytes methods (C speed),
-        never byte by byte. The buffer always starts at a line start unless
-        an over-long line was cut (``_mid_line``).
+        never byte by byte. A CR LF pair is never split between two runs, so
+        every CR and LF of the stream is judged with its neighbour.
         """
         end = -1
-        if not self._mid_line and buf.startswith(b".\r\n", pos):
+        if self._at_line_start and buf.startswith(b".\r\n", pos):
             seg_end, end = pos, pos + 3
         else:
             i = buf.find(b"\r\n.\r\n", pos)
@@ -443,46 +457,65 @@ class Session:
             else:
                 seg_end = buf.rfind(b"\n", pos) + 1
                 if seg_end == 0:
-                    seg_end = pos
                     if len(buf) - pos > self.limits.max_text_line:
-                        # An endless line: keep only a tail that might hold CRLF.
-                        self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
-                        seg_end = len(buf) - 1
-                        self._mid_line = True
-                        return seg_end, None
+                        return self._drop_endless_line(buf, pos), None
+                    return pos, None  # wait for the end of the line
         if seg_end > pos:
             self._absorb(buf, pos, seg_end)
         if end < 0:
             return seg_end, None
         return end, self._end_of_data()
 
+    def _drop_endless_line(self, buf: bytearray, pos: int) -> int:
+        """A line past the limit with no LF yet: drop its head, keep its last byte.
+
+        The kept byte may be the CR of the line's CRLF. Every CR dropped is
+        bare (the byte after it is here, and is no LF), so it is judged now.
+        """
+        keep = len(buf) - 1
+        if buf.find(b"\r", pos, keep) >= 0:
+            self._reject_data(_BARE_IN_DATA)
+        else:
+            self._reject_data(_TEXT_LINE_TOO_LONG)
+        self._at_line_start = False
+        return keep
+
     def _absorb(self, buf: bytearray, start: int, stop: int) -> None:
+        """Check and keep one run of lines (it ends with LF, or at a dropped head)."""
         seg = bytes(memoryview(buf)[start:stop])  # one copy (a bytearray slice would make two)
-        first_line_continues = self._mid_line
-        self._mid_line = False
-        if self._data_error is not None:
-            self._size += len(seg)
+        self._at_line_start = seg.endswith(b"\r\n")
+        # Every check runs on every run of lines until the worst error is
+        # found, so the reply never depends on how the reads were cut.
+        error = self._data_error
+        if error is _BARE_IN_DATA:
             return
         crlf = seg.count(b"\r\n")
         if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
-            self._reject_data(b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n")
+            self._reject_data(_BARE_IN_DATA)
+            return
+        if error is _TEXT_LINE_TOO_LONG:
             return
         if has_long_line(seg, self.limits.max_text_line):
-            self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
+            self._reject_data(_TEXT_LINE_TOO_LONG)
             return
-        # Undo dot-stuffing: every line that starts with "." loses that dot.
+        if error is not None:
+            return  # over the size limit: nothing more is kept
+        # No error so far: every run so far ended with CRLF, so seg starts
+        # a line. Undo dot-stuffing: every line that starts with "." loses it.
         if b"\r\n." in seg:
             seg = seg.replace(b"\r\n.", b"\r\n")
-        if seg[:1] == b"." and not first_line_continues:
+        if seg[:1] == b".":
             seg = seg[1:]
         self._size += len(seg)
         if self._size > self.limits.max_message_size:
-            self._reject_data(b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n")
+            self._reject_data(_MESSAGE_TOO_BIG)
             return
         self._chunks.append(seg)
 
     def _reject_data(self, reply: bytes) -> None:
-        if self._data_error is None:
+        """Note why the message will be refused; the worst reason wins."""
+        current = self._data_error
+        if current is None or _DATA_ERROR_RANK[reply] > _DATA_ERROR_RANK[current]:
             self._data_error = reply
             self._chunks = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prefork_smtpd.session import Limits, Session, State
@@ -68,8 +68,17 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
 
 
+# Found by hypothesis: a line over the text limit cut by a read before its
+# end, then a bare LF; the reply was 500 5.5.6 or 550 5.6.0 by the split.
+LONG_LINE_THEN_BARE_LF = (
+    b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b>\r\nNOOP " + b"x" * 600 + b"\r\nDATA\r\n"
+    + b"x" * 1200 + b"\r\nbare\nlf\r\n.\r\nEHLO c\r\n"
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(conversations(), st.lists(st.integers(0, 10_000), max_size=12))
+@example(LONG_LINE_THEN_BARE_LF, [1660])
 def test_any_split_gives_the_same_well_formed_replies(data, cuts):
     whole = drive(new_session(), [data])
     pieces = drive(new_session(), split(data, cuts))
