@@ -97,6 +97,7 @@ _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # Why a message is refused, worst first: a bare CR or LF is a framing error
 # (the message may not even end where the client thinks), the others limits.
@@ -327,10 +328,15 @@ class Session:
             if not m:
                 return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n")
             key, value = m.group(1).upper(), m.group(2)
-            if key == "SIZE" and value is not None and value.isdigit() and len(value) <= 20:
+            # A known parameter with a bad value is a syntax error (501);
+            # only a parameter this server does not know gets 555.
+            if key == "SIZE":
+                if value is None or not _SIZE_VALUE.match(value):
+                    return self._error(b"501 5.5.4 Syntax: SIZE=<number of octets, at most 20 digits>\r\n")
                 size = int(value)
-            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
-                pass
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return self._error(b"501 5.5.4 Syntax: BODY=7BIT|8BITMIME\r\n")
             else:
                 return self._error(f"555 5.5.4 Error: unsupported MAIL parameter {key}\r\n".encode())
         if size > self.limits.max_message_size:

@@ -109,6 +109,18 @@ def test_seed_error_scenario_gets_rfc_replies():
         ("MAIL FROM:<a@smtpd.com> SIZE=100 BODY=8BITMIME", "250 2.1.0"),
         ("MAIL FROM:<a@smtpd.com> SIZE=2000", "552 5.3.4"),
         ("MAIL FROM:<a@smtpd.com> FOO=bar", "555 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> FOO", "555 5.5.4"),
+        # A known parameter with a bad value is a syntax error, not an unknown one.
+        ("MAIL FROM:<a@smtpd.com> SIZE=-1", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=abc", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> size=", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=1e3", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=+5", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=\u0661", "501 5.5.4"),  # a non-ASCII digit
+        ("MAIL FROM:<a@smtpd.com> SIZE=" + "1" * 21, "501 5.5.4"),  # RFC 1870: at most 20 digits
+        ("MAIL FROM:<a@smtpd.com> BODY=BINARYMIME", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> BODY", "501 5.5.4"),
         ("MAIL FROM:<a@smtpd.com", "501 5.5.4"),
         ("MAIL TO:<a@smtpd.com>", "501 5.5.4"),
         ("MAIL FROM:<a b@smtpd.com>", "501 5.1.7"),
