@@ -27,6 +27,7 @@ at the moment of use, so a live change applies to the next command.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,6 +98,11 @@ _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+# A HELO name: like _LABEL, but with "_", which real hosts use in their names.
+_HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
+# No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
+_ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # Why a message is refused, worst first: a bare CR or LF is a framing error
@@ -290,7 +296,7 @@ class Session:
     # ----------------------------------------------------------- commands
     def _hello(self, arg: str, verb: str) -> str | None:
         name = arg.split(" ", 1)[0]
-        if not name or not name.isprintable() or not name.isascii():
+        if not valid_helo_name(name):
             return None
         self.helo = name
         self._reset_transaction()
@@ -301,7 +307,7 @@ class Session:
     def _cmd_EHLO(self, arg: str) -> bytes:
         name = self._hello(arg, "EHLO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: EHLO hostname\r\n")
+            return self._error(b"501 5.5.4 Syntax: EHLO hostname (a domain or an address literal)\r\n")
         return (
             f"250-{self.hostname} Hello {name}\r\n"
             "250-PIPELINING\r\n"
@@ -314,7 +320,7 @@ class Session:
     def _cmd_HELO(self, arg: str) -> bytes:
         name = self._hello(arg, "HELO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: HELO hostname\r\n")
+            return self._error(b"501 5.5.4 Syntax: HELO hostname (a domain or an address literal)\r\n")
         return f"250 {self.hostname} Hello {name}\r\n".encode()
 
     def _cmd_MAIL(self, arg: str) -> bytes:
@@ -563,6 +569,33 @@ def has_long_line(seg: bytes, limit: int) -> bool:
     if needle is None:
         needle = _long_run_cache[limit] = b"a" * limit
     return needle in seg.translate(_NOT_LF_TO_A)
+
+
+def valid_helo_name(name: str) -> bool:
+    """A domain or an address literal: all HELO/EHLO may name (RFC 5321 4.1.1.1).
+
+    The name goes into the Received header as it is, so anything else
+    (``mx.google.com(209.85.220.41)``) would forge trace data.
+    """
+    if name.startswith("["):
+        return is_address_literal(name)
+    return len(name) <= MAX_DOMAIN and _HELO_DOMAIN.match(name) is not None
+
+
+def is_address_literal(text: str) -> bool:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
+    m = _ADDRESS_LITERAL.match(text)
+    if m is None:
+        return False
+    tag, address = m.groups()
+    try:
+        if tag is None:
+            ipaddress.IPv4Address(address)
+        else:
+            ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
