@@ -112,6 +112,7 @@ _TEXT_LINE_TOO_LONG = b"500 5.5.6 Error: message line too long\r\n"
 _MESSAGE_TOO_BIG = b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n"
 _DATA_ERROR_RANK = {_BARE_IN_DATA: 3, _TEXT_LINE_TOO_LONG: 2, _MESSAGE_TOO_BIG: 1}
 
+LOG_LINE_MAX = 100  # octets of a refused command shown in the log
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 
@@ -186,6 +187,10 @@ class Session:
         self._envelope: Envelope | None = None
         self._rejected_rcpts = 0  # RCPTs refused in this transaction
         self._skipping_long_line = False
+        # The command being answered, for the log of a refusal (rendered only then).
+        self._line = b""
+        self._line_after_auth = False  # it may be an answer to an AUTH challenge
+        self._after_auth = False  # no known command since the last AUTH
         # DATA phase
         self._chunks: list[bytes] = []
         self._size = 0
@@ -244,18 +249,28 @@ class Session:
             if nl < 0:
                 if len(buf) - pos > self.limits.max_command_line:
                     # Drop the head of an endless line now; answer it once it ends.
-                    self._skipping_long_line = True
+                    if not self._skipping_long_line:
+                        self._skipping_long_line = True
+                        self._note_line(bytes(buf[pos : pos + LOG_LINE_MAX + 1]))
                     pos = len(buf)
                 break
             line = bytes(buf[pos : nl + 1])
             pos = nl + 1
             if self._skipping_long_line or len(line) > self.limits.max_command_line:
+                if not self._skipping_long_line:
+                    self._note_line(line)
                 self._skipping_long_line = False
                 out.append(self._error(b"500 5.5.6 Error: command line too long\r\n"))
                 continue
+            self._note_line(line)
             out.append(self._command(line))
         del buf[:pos]
         return b"".join(out)
+
+    def _note_line(self, line: bytes) -> None:
+        """Remember the line being answered, in case it is refused and logged."""
+        self._line = line
+        self._line_after_auth = self._after_auth
 
     def _command(self, line: bytes) -> bytes:
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
@@ -265,6 +280,12 @@ class Session:
         verb = verb.upper()
         arg = arg.strip()
         allowed = ALLOWED.get(verb)
+        # A SASL exchange goes on until a known command: until then an
+        # unknown line may be credentials (see describe_command).
+        if allowed is not None:
+            self._after_auth = verb == "AUTH"
+        elif is_auth_line(line):  # "AUTH\tPLAIN ...": unknown, yet credentials may follow
+            self._after_auth = True
         if allowed is None:
             if b"\x00" in line:
                 return self._error(b"500 5.5.2 Error: NUL byte in command\r\n")
@@ -277,8 +298,10 @@ class Session:
             return self._error(SEQUENCE_ERRORS[(verb, self.state)])
         return getattr(self, "_cmd_" + verb)(arg)
 
-    def _error(self, reply: bytes) -> bytes:
+    def _error(self, reply: bytes, what: str | None = None) -> bytes:
+        """A refusal that counts toward max_errors; ``what`` names it in the log."""
         self._count(reply)
+        self._log_refusal(reply, what)
         self.errors += 1
         if self.errors >= self.limits.max_errors:
             self.state = State.CLOSED
@@ -286,6 +309,11 @@ class Session:
             self.log.append(f"too many errors ({self.errors}); closing")
             return reply + f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode()
         return reply
+
+    def _log_refusal(self, reply: bytes, what: str | None = None) -> None:
+        if what is None:
+            what = describe_command(self._line, self._line_after_auth)
+        self.log.append(f"refused {what}: {reply[:-2].decode('ascii')}")
 
     def _count(self, reply: bytes) -> None:
         if reply[0] == 0x34:  # "4"
@@ -373,7 +401,9 @@ class Session:
             # clients to retry the rest in another transaction.
             self._rejected_rcpts += 1
             self.replies_4xx += 1
-            return b"452 4.5.3 Error: too many recipients\r\n"
+            reply = b"452 4.5.3 Error: too many recipients\r\n"
+            self._log_refusal(reply)
+            return reply
         local, at, domain = path.rpartition("@")
         if not at:
             local = path  # a bare local part, as the seed allowed
@@ -537,9 +567,11 @@ class Session:
         if self._data_error is not None:
             reply = self._data_error
             self._data_error = None
+            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            what = f"message from <{envelope.sender}> to {folders}"
             self._reset_transaction()
             self.state = State.READY
-            return self._error(reply)
+            return self._error(reply, what)
         envelope.chunks = self._chunks
         envelope.size = self._size
         self._chunks = []
@@ -596,6 +628,30 @@ def is_address_literal(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_auth_line(line: bytes) -> bool:
+    """The first word is AUTH, whatever whitespace surrounds it."""
+    words = line.split(None, 1)
+    return bool(words) and words[0].upper() == b"AUTH"
+
+
+def describe_command(line: bytes, after_auth: bool = False) -> str:
+    """A command line as the log shows it: quoted, escaped, cut, secrets hidden.
+
+    Addresses stay (they say why a mail bounced). AUTH arguments never
+    appear, nor any line that may answer an AUTH challenge (``after_auth``:
+    no known command since the AUTH): either may hold credentials.
+    """
+    body = line[:-2] if line.endswith(b"\r\n") else line
+    words = body.split(None, 1)  # any whitespace: "AUTH\tPLAIN secret" is hidden too
+    if is_auth_line(body):
+        return '"AUTH [arguments hidden]"' if len(words) > 1 else '"AUTH"'
+    if after_auth and (not words or words[0].upper().decode("latin-1") not in ALLOWED):
+        return "[a line after AUTH, hidden]"
+    # repr escapes CR, LF and every control byte: a client cannot forge log lines.
+    shown = repr(body[:LOG_LINE_MAX])[2:-1]
+    return f'"{shown}..."' if len(body) > LOG_LINE_MAX else f'"{shown}"'
 
 
 def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
