@@ -21,7 +21,9 @@ for each verb used too early or too late. Every transition is made by one
 of the ``_cmd_*`` handlers; nothing outside this module changes ``state``.
 
 Every line gets exactly one reply. Limits come from a ``Limits`` object read
-at the moment of use, so a live change applies to the next command.
+at the moment of use, so a live change applies to the next command. Every
+refusal (4xx/5xx) also goes to ``log`` with the command, secrets hidden,
+so the log says why a mail bounced.
 """
 
 from __future__ import annotations
@@ -313,7 +315,7 @@ class Session:
     def _log_refusal(self, reply: bytes, what: str | None = None) -> None:
         if what is None:
             what = describe_command(self._line, self._line_after_auth)
-        self.log.append(f"refused {what}: {reply[:-2].decode('ascii')}")
+        self.log.append(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}")
 
     def _count(self, reply: bytes) -> None:
         if reply[0] == 0x34:  # "4"
