@@ -8,6 +8,7 @@ server really sees the reads cut where the test cuts them.
 from __future__ import annotations
 
 import socket
+import struct
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -17,6 +18,12 @@ from harness import Server, wait_until
 from test_session_framing import HEAD, SMUGGLING_ENDINGS, smuggling_attempt
 
 
+NETLINK_SOCK_DIAG = 4  # linux/netlink.h
+SOCK_DIAG_BY_FAMILY = 20  # linux/sock_diag.h
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+
+
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory):
     server = Server(tmp_path_factory.mktemp("framing"), workers=1)
@@ -24,27 +31,31 @@ def shared_server(tmp_path_factory):
     server.stop()
 
 
-def _queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
-    """(tx_queue, rx_queue) of the IPv4 TCP socket local -> remote, from /proc/net/tcp."""
+def tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(unacknowledged send queue, unread receive queue) of the IPv4 TCP socket local -> remote.
 
-    def encode(addr: tuple[str, int]) -> str:
-        packed = socket.inet_aton(addr[0])
-        return f"{int.from_bytes(packed, 'little'):08X}:{addr[1]:04X}"
-
-    want_local, want_remote = encode(local), encode(remote)
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[1] == want_local and fields[2] == want_remote:
-                tx, rx = fields[4].split(":")
-                return int(tx, 16), int(rx, 16)
-    return None
+    Asked of the kernel by sock_diag (what ss uses): an exact lookup of one
+    socket, however many other sockets the machine has.
+    """
+    sockid = struct.pack(
+        "!HH4s12x4s12x", local[1], remote[1], socket.inet_aton(local[0]), socket.inet_aton(remote[0])
+    ) + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    request = struct.pack("=BBBxI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0xFFFFFFFF) + sockid
+    message = struct.pack("=IHHII", 16 + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 1, 0) + request
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as netlink:
+        netlink.send(message)
+        reply = netlink.recv(65536)
+    if struct.unpack_from("=IH", reply)[1] == NLMSG_ERROR:
+        return None
+    # nlmsghdr (16), then inet_diag_msg: 4 octets, sockid (48), expires, rqueue, wqueue
+    rqueue, wqueue = struct.unpack_from("=II", reply, 16 + 4 + 48 + 4)
+    return wqueue, rqueue
 
 
 def server_has_read_everything(sock: socket.socket) -> bool:
     """Our bytes are acknowledged and the server process has read them all."""
     mine, theirs = sock.getsockname(), sock.getpeername()
-    client_side, server_side = _queues(mine, theirs), _queues(theirs, mine)
+    client_side, server_side = tcp_queues(mine, theirs), tcp_queues(theirs, mine)
     return client_side is not None and server_side is not None and client_side[0] == 0 and server_side[1] == 0
 
 
@@ -53,9 +64,10 @@ def converse(server, chunks: list[bytes]) -> bytes:
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if i:  # the next read starts only once the previous one is done
+                wait_until(lambda: server_has_read_everything(sock), interval=0.002, what="the server to read")
             sock.sendall(chunk)
-            wait_until(lambda: server_has_read_everything(sock), interval=0.002, what="the server to read")
         out = b""
         while data := sock.recv(65536):  # the conversation ends with QUIT: the server closes
             out += data
