@@ -21,12 +21,15 @@ for each verb used too early or too late. Every transition is made by one
 of the ``_cmd_*`` handlers; nothing outside this module changes ``state``.
 
 Every line gets exactly one reply. Limits come from a ``Limits`` object read
-at the moment of use, so a live change applies to the next command.
+at the moment of use, so a live change applies to the next command. Every
+refusal (4xx/5xx) also goes to ``log`` with the command, secrets hidden,
+so the log says why a mail bounced.
 """
 
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,7 +100,21 @@ _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"\Z')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
+# A HELO name: like _LABEL, but with "_", which real hosts use in their names.
+_HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
+# No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
+_ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+# Why a message is refused, worst first: a bare CR or LF is a framing error
+# (the message may not even end where the client thinks), the others limits.
+_BARE_IN_DATA = b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n"
+_TEXT_LINE_TOO_LONG = b"500 5.5.6 Error: message line too long\r\n"
+_MESSAGE_TOO_BIG = b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n"
+_DATA_ERROR_RANK = {_BARE_IN_DATA: 3, _TEXT_LINE_TOO_LONG: 2, _MESSAGE_TOO_BIG: 1}
+
+LOG_LINE_MAX = 100  # octets of a refused command shown in the log
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 
@@ -194,11 +211,15 @@ class Session:
         self._envelope: Envelope | None = None
         self._rejected_rcpts = 0  # RCPTs refused in this transaction
         self._skipping_long_line = False
+        # The command being answered, for the log of a refusal (rendered only then).
+        self._line = b""
+        self._line_after_auth = False  # it may be an answer to an AUTH challenge
+        self._after_auth = False  # no known command since the last AUTH
         # DATA phase
         self._chunks: list[bytes] = []
         self._size = 0
         self._data_error: bytes | None = None
-        self._mid_line = False  # the buffer starts inside a line we cut short
+        self._at_line_start = True  # the data consumed so far ends with a real CRLF
 
     # ----------------------------------------------------------------- API
     def greeting(self) -> bytes:
@@ -252,18 +273,28 @@ class Session:
             if nl < 0:
                 if len(buf) - pos > self.limits.max_command_line:
                     # Drop the head of an endless line now; answer it once it ends.
-                    self._skipping_long_line = True
+                    if not self._skipping_long_line:
+                        self._skipping_long_line = True
+                        self._note_line(bytes(buf[pos : pos + LOG_LINE_MAX + 1]))
                     pos = len(buf)
                 break
             line = bytes(buf[pos : nl + 1])
             pos = nl + 1
             if self._skipping_long_line or len(line) > self.limits.max_command_line:
+                if not self._skipping_long_line:
+                    self._note_line(line)
                 self._skipping_long_line = False
                 out.append(self._error(b"500 5.5.6 Error: command line too long\r\n"))
                 continue
+            self._note_line(line)
             out.append(self._command(line))
         del buf[:pos]
         return b"".join(out)
+
+    def _note_line(self, line: bytes) -> None:
+        """Remember the line being answered, in case it is refused and logged."""
+        self._line = line
+        self._line_after_auth = self._after_auth
 
     def _command(self, line: bytes) -> bytes:
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
@@ -273,6 +304,12 @@ class Session:
         verb = verb.upper()
         arg = arg.strip()
         allowed = ALLOWED.get(verb)
+        # A SASL exchange goes on until a known command: until then an
+        # unknown line may be credentials (see describe_command).
+        if allowed is not None:
+            self._after_auth = verb == "AUTH"
+        elif is_auth_line(line):  # "AUTH\tPLAIN ...": unknown, yet credentials may follow
+            self._after_auth = True
         if allowed is None:
             if b"\x00" in line:
                 return self._error(b"500 5.5.2 Error: NUL byte in command\r\n")
@@ -285,8 +322,10 @@ class Session:
             return self._error(SEQUENCE_ERRORS[(verb, self.state)])
         return getattr(self, "_cmd_" + verb)(arg)
 
-    def _error(self, reply: bytes) -> bytes:
+    def _error(self, reply: bytes, what: str | None = None) -> bytes:
+        """A refusal that counts toward max_errors; ``what`` names it in the log."""
         self._count(reply)
+        self._log_refusal(reply, what)
         self.errors += 1
         if self.errors >= self.limits.max_errors:
             self.state = State.CLOSED
@@ -294,6 +333,11 @@ class Session:
             self.log.append(f"too many errors ({self.errors}); closing")
             return reply + f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode()
         return reply
+
+    def _log_refusal(self, reply: bytes, what: str | None = None) -> None:
+        if what is None:
+            what = describe_command(self._line, self._line_after_auth)
+        self.log.append(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}")
 
     def _count(self, reply: bytes) -> None:
         if reply[0] == 0x34:  # "4"
@@ -304,7 +348,7 @@ class Session:
     # ----------------------------------------------------------- commands
     def _hello(self, arg: str, verb: str) -> str | None:
         name = arg.split(" ", 1)[0]
-        if not name or not name.isprintable() or not name.isascii():
+        if not valid_helo_name(name):
             return None
         self.helo = name
         self._reset_transaction()
@@ -315,7 +359,7 @@ class Session:
     def _cmd_EHLO(self, arg: str) -> bytes:
         name = self._hello(arg, "EHLO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: EHLO hostname\r\n")
+            return self._error(b"501 5.5.4 Syntax: EHLO hostname (a domain or an address literal)\r\n")
         return (
             f"250-{self.hostname} Hello {name}\r\n"
             "250-PIPELINING\r\n"
@@ -328,7 +372,7 @@ class Session:
     def _cmd_HELO(self, arg: str) -> bytes:
         name = self._hello(arg, "HELO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: HELO hostname\r\n")
+            return self._error(b"501 5.5.4 Syntax: HELO hostname (a domain or an address literal)\r\n")
         return f"250 {self.hostname} Hello {name}\r\n".encode()
 
     def _cmd_MAIL(self, arg: str) -> bytes:
@@ -342,10 +386,15 @@ class Session:
             if not m:
                 return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n")
             key, value = m.group(1).upper(), m.group(2)
-            if key == "SIZE" and value is not None and value.isdigit() and len(value) <= 20:
+            # A known parameter with a bad value is a syntax error (501);
+            # only a parameter this server does not know gets 555.
+            if key == "SIZE":
+                if value is None or not _SIZE_VALUE.match(value):
+                    return self._error(b"501 5.5.4 Syntax: SIZE=<number of octets, at most 20 digits>\r\n")
                 size = int(value)
-            elif key == "BODY" and value is not None and value.upper() in ("7BIT", "8BITMIME"):
-                pass
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return self._error(b"501 5.5.4 Syntax: BODY=7BIT|8BITMIME\r\n")
             else:
                 return self._error(f"555 5.5.4 Error: unsupported MAIL parameter {key}\r\n".encode())
         if size > self.limits.max_message_size:
@@ -381,7 +430,9 @@ class Session:
             # clients to retry the rest in another transaction.
             self._rejected_rcpts += 1
             self.replies_4xx += 1
-            return b"452 4.5.3 Error: too many recipients\r\n"
+            reply = b"452 4.5.3 Error: too many recipients\r\n"
+            self._log_refusal(reply)
+            return reply
         local, at, domain = path.rpartition("@")
         if not at:
             local = path  # a bare local part, as the seed allowed
@@ -411,7 +462,7 @@ class Session:
         self._chunks = []
         self._size = 0
         self._data_error = None
-        self._mid_line = False
+        self._at_line_start = True  # the CRLF of "DATA" starts the first line
         return b"354 End data with <CR><LF>.<CR><LF>\r\n"
 
     def _cmd_RSET(self, arg: str) -> bytes:
@@ -458,15 +509,22 @@ class Session:
         self._chunks = []
 
     # --------------------------------------------------------------- DATA
+    # The message ends at the first CR LF "." CR LF of the byte stream, the
+    # CRLF of the DATA command counting as the first CR LF; nothing else ends
+    # it, however the reads are cut. Between reads the session remembers only
+    # whether the bytes it consumed end with a real CRLF (``_at_line_start``):
+    # after a bare LF, or inside a line it cut short, a ".\r\n" opening the
+    # next read is message content, not the end of data.
+
     def _consume_data(self, buf: bytearray, pos: int) -> tuple[int, bytes | None]:
         """Take message lines from buf[pos:]; return (new pos, reply or None).
 
         Works on whole runs of complete lines with bytes methods (C speed),
-        never byte by byte. The buffer always starts at a line start unless
-        an over-long line was cut (``_mid_line``).
+        never byte by byte. A CR LF pair is never split between two runs, so
+        every CR and LF of the stream is judged with its neighbour.
         """
         end = -1
-        if not self._mid_line and buf.startswith(b".\r\n", pos):
+        if self._at_line_start and buf.startswith(b".\r\n", pos):
             seg_end, end = pos, pos + 3
         else:
             i = buf.find(b"\r\n.\r\n", pos)
@@ -475,46 +533,65 @@ class Session:
             else:
                 seg_end = buf.rfind(b"\n", pos) + 1
                 if seg_end == 0:
-                    seg_end = pos
                     if len(buf) - pos > self.limits.max_text_line:
-                        # An endless line: keep only a tail that might hold CRLF.
-                        self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
-                        seg_end = len(buf) - 1
-                        self._mid_line = True
-                        return seg_end, None
+                        return self._drop_endless_line(buf, pos), None
+                    return pos, None  # wait for the end of the line
         if seg_end > pos:
             self._absorb(buf, pos, seg_end)
         if end < 0:
             return seg_end, None
         return end, self._end_of_data()
 
+    def _drop_endless_line(self, buf: bytearray, pos: int) -> int:
+        """A line past the limit with no LF yet: drop its head, keep its last byte.
+
+        The kept byte may be the CR of the line's CRLF. Every CR dropped is
+        bare (the byte after it is here, and is no LF), so it is judged now.
+        """
+        keep = len(buf) - 1
+        if buf.find(b"\r", pos, keep) >= 0:
+            self._reject_data(_BARE_IN_DATA)
+        else:
+            self._reject_data(_TEXT_LINE_TOO_LONG)
+        self._at_line_start = False
+        return keep
+
     def _absorb(self, buf: bytearray, start: int, stop: int) -> None:
+        """Check and keep one run of lines (it ends with LF, or at a dropped head)."""
         seg = bytes(memoryview(buf)[start:stop])  # one copy (a bytearray slice would make two)
-        first_line_continues = self._mid_line
-        self._mid_line = False
-        if self._data_error is not None:
-            self._size += len(seg)
+        self._at_line_start = seg.endswith(b"\r\n")
+        # Every check runs on every run of lines until the worst error is
+        # found, so the reply never depends on how the reads were cut.
+        error = self._data_error
+        if error is _BARE_IN_DATA:
             return
         crlf = seg.count(b"\r\n")
         if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
-            self._reject_data(b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n")
+            self._reject_data(_BARE_IN_DATA)
+            return
+        if error is _TEXT_LINE_TOO_LONG:
             return
         if has_long_line(seg, self.limits.max_text_line):
-            self._reject_data(b"500 5.5.6 Error: message line too long\r\n")
+            self._reject_data(_TEXT_LINE_TOO_LONG)
             return
-        # Undo dot-stuffing: every line that starts with "." loses that dot.
+        if error is not None:
+            return  # over the size limit: nothing more is kept
+        # No error so far: every run so far ended with CRLF, so seg starts
+        # a line. Undo dot-stuffing: every line that starts with "." loses it.
         if b"\r\n." in seg:
             seg = seg.replace(b"\r\n.", b"\r\n")
-        if seg[:1] == b"." and not first_line_continues:
+        if seg[:1] == b".":
             seg = seg[1:]
         self._size += len(seg)
         if self._size > self.limits.max_message_size:
-            self._reject_data(b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n")
+            self._reject_data(_MESSAGE_TOO_BIG)
             return
         self._chunks.append(seg)
 
     def _reject_data(self, reply: bytes) -> None:
-        if self._data_error is None:
+        """Note why the message will be refused; the worst reason wins."""
+        current = self._data_error
+        if current is None or _DATA_ERROR_RANK[reply] > _DATA_ERROR_RANK[current]:
             self._data_error = reply
             self._chunks = []
 
@@ -524,9 +601,11 @@ class Session:
         if self._data_error is not None:
             reply = self._data_error
             self._data_error = None
+            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            what = f"message from <{envelope.sender}> to {folders}"
             self._reset_transaction()
             self.state = State.READY
-            return self._error(reply)
+            return self._error(reply, what)
         envelope.chunks = self._chunks
         envelope.size = self._size
         self._chunks = []
@@ -556,6 +635,57 @@ def has_long_line(seg: bytes, limit: int) -> bool:
     if needle is None:
         needle = _long_run_cache[limit] = b"a" * limit
     return needle in seg.translate(_NOT_LF_TO_A)
+
+
+def valid_helo_name(name: str) -> bool:
+    """A domain or an address literal: all HELO/EHLO may name (RFC 5321 4.1.1.1).
+
+    The name goes into the Received header as it is, so anything else
+    (``mx.google.com(209.85.220.41)``) would forge trace data.
+    """
+    if name.startswith("["):
+        return is_address_literal(name)
+    return len(name) <= MAX_DOMAIN and _HELO_DOMAIN.match(name) is not None
+
+
+def is_address_literal(text: str) -> bool:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
+    m = _ADDRESS_LITERAL.match(text)
+    if m is None:
+        return False
+    tag, address = m.groups()
+    try:
+        if tag is None:
+            ipaddress.IPv4Address(address)
+        else:
+            ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def is_auth_line(line: bytes) -> bool:
+    """The first word is AUTH, whatever whitespace surrounds it."""
+    words = line.split(None, 1)
+    return bool(words) and words[0].upper() == b"AUTH"
+
+
+def describe_command(line: bytes, after_auth: bool = False) -> str:
+    """A command line as the log shows it: quoted, escaped, cut, secrets hidden.
+
+    Addresses stay (they say why a mail bounced). AUTH arguments never
+    appear, nor any line that may answer an AUTH challenge (``after_auth``:
+    no known command since the AUTH): either may hold credentials.
+    """
+    body = line[:-2] if line.endswith(b"\r\n") else line
+    words = body.split(None, 1)  # any whitespace: "AUTH\tPLAIN secret" is hidden too
+    if is_auth_line(body):
+        return '"AUTH [arguments hidden]"' if len(words) > 1 else '"AUTH"'
+    if after_auth and (not words or words[0].upper().decode("latin-1") not in ALLOWED):
+        return "[a line after AUTH, hidden]"
+    # repr escapes CR, LF and every control byte: a client cannot forge log lines.
+    shown = repr(body[:LOG_LINE_MAX])[2:-1]
+    return f'"{shown}..."' if len(body) > LOG_LINE_MAX else f'"{shown}"'
 
 
 def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:

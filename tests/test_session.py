@@ -109,6 +109,18 @@ def test_seed_error_scenario_gets_rfc_replies():
         ("MAIL FROM:<a@smtpd.com> SIZE=100 BODY=8BITMIME", "250 2.1.0"),
         ("MAIL FROM:<a@smtpd.com> SIZE=2000", "552 5.3.4"),
         ("MAIL FROM:<a@smtpd.com> FOO=bar", "555 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> FOO", "555 5.5.4"),
+        # A known parameter with a bad value is a syntax error, not an unknown one.
+        ("MAIL FROM:<a@smtpd.com> SIZE=-1", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=abc", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> size=", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=1e3", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=+5", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> SIZE=\u0661", "501 5.5.4"),  # a non-ASCII digit
+        ("MAIL FROM:<a@smtpd.com> SIZE=" + "1" * 21, "501 5.5.4"),  # RFC 1870: at most 20 digits
+        ("MAIL FROM:<a@smtpd.com> BODY=BINARYMIME", "501 5.5.4"),
+        ("MAIL FROM:<a@smtpd.com> BODY", "501 5.5.4"),
         ("MAIL FROM:<a@smtpd.com", "501 5.5.4"),
         ("MAIL TO:<a@smtpd.com>", "501 5.5.4"),
         ("MAIL FROM:<a b@smtpd.com>", "501 5.1.7"),
@@ -293,3 +305,43 @@ def test_timeout_and_shutdown_replies_close():
     assert s.closing
     s = ready()
     assert s.shutdown_reply().startswith(b"421 4.3.2")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "client.example", "localhost", "MX.Example.COM", "a-b.c", "xn--bcher-kva.example", "mx.example.com.",
+        "host_1.corp.example",  # underscores: real hosts use them
+        "192.0.2.1", "[192.0.2.1]", "[IPv6:2001:db8::1]", "[ipv6:::1]", "[IPv6:::ffff:192.0.2.1]",
+        "a" * 63 + ".example", ".".join(["a" * 63] * 4),
+    ],
+)
+def test_helo_accepts_a_domain_or_an_address_literal(name):
+    for verb in ("EHLO", "HELO"):
+        s = new_session()
+        assert replies(s.feed(f"{verb} {name}\r\n".encode()))[0] == f"250{'-' if verb == 'EHLO' else ' '}mx.test Hello {name}"
+        assert s.helo == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "a)(b;c", "mx.google.com(209.85.220.41)", "mx.example.com;", "a..b", ".a", "-a.example", "a-.example",
+        "a" * 64 + ".example", ".".join(["a" * 63] * 4) + ".b", "\u00e9.example", "a@b", "a/b", "*", '"x"',
+        "[192.0.2.999]", "[192.0.2.1", "192.0.2.1]", "[192.0.2]", "[foo]", "[IPv6:zz::1]", "[IPv6:192.0.2.1]",
+        "[IPv6:fe80::1%eth0]", "[Tag:content]", "[]",
+    ],
+)
+def test_helo_refuses_a_name_that_is_neither(name):
+    """It would go into the Received header as it is: forged trace data."""
+    for verb in ("EHLO", "HELO"):
+        s = new_session()
+        assert replies(s.feed(f"{verb} {name}\r\n".encode()))[0].startswith("501 5.5.4"), verb
+        assert s.state is State.CONNECTED and s.helo == ""
+
+
+def test_refused_helo_keeps_the_session_as_it_was():
+    s = ready()
+    assert talk(s, "MAIL FROM:<a@smtpd.com>", "EHLO a)(b;c", "RCPT TO:<b>", "DATA") == [250, 501, 250, 354]
+    s.feed(b"x\r\n.\r\n")
+    assert s.pending.helo == "client.example"

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prefork_smtpd.session import Limits, Session, State
 
 REPLY_LINE = re.compile(rb"\d{3}[ -][^\r\n]*\r\n")
 
+MAX_SIZE = 3000  # small, so that a few long lines reach it
+COMMAND_LINE, TEXT_LINE = Limits().max_command_line, Limits().max_text_line
+
+# Commands, and lines one octet under, at and over each limit (CRLF included).
 COMMANDS = st.sampled_from([
-    b"EHLO c", b"HELO c", b"EHLO", b"MAIL FROM:<a@smtpd.com>", b"MAIL FROM:<>", b"MAIL FROM:<a@evil.com>",
-    b"MAIL FROM:<a@smtpd.com> SIZE=99999999", b"RCPT TO:<b@smtpd.com>", b"RCPT TO:<b>", b"RCPT TO:<../x>",
+    b"EHLO c", b"HELO c", b"EHLO", b"EHLO a)(b", b"EHLO [127.0.0.1]", b"MAIL FROM:<a@smtpd.com>", b"MAIL FROM:<>",
+    b"MAIL FROM:<a@evil.com>", b"MAIL FROM:<a@smtpd.com> SIZE=99999999", b"MAIL FROM:<a@smtpd.com> SIZE=-1",
+    *[b"MAIL FROM:<a@smtpd.com> SIZE=%d" % (MAX_SIZE + d) for d in (-1, 0, 1)],
+    b"RCPT TO:<b@smtpd.com>", b"RCPT TO:<b>", b"RCPT TO:<../x>", b"RCPT TO:<b@SMTPD.Com>",
     b"RCPT TO:<x@other.org>", b"RSET", b"NOOP", b"HELP", b"VRFY b", b"XSTAT TOTAL", b"XSTAT nope", b"EXPN x",
-    b"BOGUS", b"", b"\x00\xff", b"NOOP " + b"x" * 600, b"mail from:<a@SMTPD.COM>",
+    b"AUTH PLAIN AHVzZXIAcGFzcw==", b"BOGUS", b"", b"\x00\xff", b"NOOP " + b"x" * 600, b"mail from:<a@SMTPD.COM>",
+    *[b"NOOP " + b"x" * (COMMAND_LINE + d - 7) for d in (-1, 0, 1)],
 ])
 BODY_LINES = st.lists(
-    st.sampled_from([b"hello", b".dot", b"..two", b"", b".", b"x" * 1200, b"bare\nlf", b"cr\rhere"]), max_size=6
+    st.sampled_from([
+        b"hello", b".dot", b"..two", b"", b".", b"x" * 1200, b"bare\nlf", b"cr\rhere", b"x\n.", b"\r.\r",
+        *[b"x" * (TEXT_LINE + d - 2) for d in (-1, 0, 1)],
+        *[b"." + b"x" * (TEXT_LINE + d - 3) for d in (-1, 0, 1)],
+    ]),
+    max_size=6,
 )
 
 
 def new_session(**kw) -> Session:
-    return Session("mx.test", frozenset({"smtpd.com"}), Limits(max_recipients=3, max_errors=1000, **kw), lambda k: 1)
+    limits = Limits(max_recipients=3, max_errors=1000, max_message_size=MAX_SIZE, **kw)
+    return Session("mx.test", frozenset({"smtpd.com"}), limits, lambda k: 1)
 
 
 @st.composite
@@ -68,8 +81,17 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
 
 
+# Found by hypothesis: a line over the text limit cut by a read before its
+# end, then a bare LF; the reply was 500 5.5.6 or 550 5.6.0 by the split.
+LONG_LINE_THEN_BARE_LF = (
+    b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b>\r\nNOOP " + b"x" * 600 + b"\r\nDATA\r\n"
+    + b"x" * 1200 + b"\r\nbare\nlf\r\n.\r\nEHLO c\r\n"
+)
+
+
 @settings(max_examples=300, deadline=None)
 @given(conversations(), st.lists(st.integers(0, 10_000), max_size=12))
+@example(LONG_LINE_THEN_BARE_LF, [1660])
 def test_any_split_gives_the_same_well_formed_replies(data, cuts):
     whole = drive(new_session(), [data])
     pieces = drive(new_session(), split(data, cuts))
