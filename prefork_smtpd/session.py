@@ -408,7 +408,7 @@ class Session:
         refusal = self.policy.mail_refusal(size)
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._count(refusal)
-            self.log.append(f"MAIL FROM:<{path}> refused: {refusal.decode().rstrip()}")
+            self._log_refusal(refusal)
             return refusal
         self._envelope = Envelope(helo=self.helo, sender=path)
         self._rejected_rcpts = 0
@@ -449,7 +449,6 @@ class Session:
         refusal = self.policy.recipient_refusal(folder)
         if refusal is not None:
             self._rejected_rcpts += 1
-            self.log.append(f"RCPT TO:<{path}> refused: {refusal.decode().rstrip()}")
             return self._error(refusal)
         envelope.recipients.append(Recipient(address=path, folder=folder))
         self.state = State.RCPT

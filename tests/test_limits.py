@@ -106,7 +106,7 @@ def test_a_reserve_above_the_free_space_refuses_mail_with_452_until_lowered(star
     c.cmd("EHLO x")
     assert c.cmd("MAIL FROM:<a@smtpd.com>") == (452, "4.3.1 Error: insufficient system storage")
     assert c.cmd("MAIL FROM:<>")[0] == 452
-    wait_until(lambda: server.log_count("MAIL FROM:<a@smtpd.com> refused: 452 4.3.1") == 1, what="refusal log")
+    wait_until(lambda: server.log_count('refused "MAIL FROM:<a@smtpd.com>": 452 4.3.1') == 1, what="refusal log")
     assert not stored_files(server)
     cfg = ConfigLine(server.config_port)
     assert cfg.show()["min_free_space"] == reserve
@@ -198,7 +198,7 @@ def test_mailboxes_existing_accepts_only_folders_already_there(start_server):
     assert c.reply()[0] == 250
     assert len(server.stored("alice")) == 1
     assert sorted(p.name for p in server.mail_dir.iterdir()) == ["alias", "alice", "note"]  # no new folder
-    wait_until(lambda: server.log_count("RCPT TO:<bob@smtpd.com> refused: 550 5.1.1") == 1, what="log")
+    wait_until(lambda: server.log_count('refused "RCPT TO:<bob@smtpd.com>": 550 5.1.1') == 1, what="log")
     (server.mail_dir / "bob").mkdir()  # looked up at each RCPT: a new folder counts at once
     assert rcpt_codes(server, ["bob"]) == [250]
 

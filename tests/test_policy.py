@@ -20,7 +20,7 @@ def test_unknown_mailboxes_get_550_count_as_errors_and_are_logged():
     s = session_with(policy)
     out = s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<Alice@smtpd.com>\r\nRCPT TO:<bob>\r\n")
     assert out.split(b"\r\n")[2] + b"\r\n" == UNKNOWN_MAILBOX
-    assert s.log == ["EHLO x", "RCPT TO:<bob> refused: 550 5.1.1 Error: mailbox unavailable"]
+    assert s.log == ["EHLO x", 'refused "RCPT TO:<bob>": 550 5.1.1 Error: mailbox unavailable']
     assert [r.folder for r in s._envelope.recipients] == ["alice"]
     # Guessing names is a bad command like any other: max_errors ends it.
     out = s.feed(b"RCPT TO:<c1>\r\nRCPT TO:<c2>\r\n")
