@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -339,3 +340,70 @@ def test_prompt_refuses_two_different_passwords(users_path):
     assert code == 1, output
     assert "the passwords differ; nothing changed" in output
     assert not users_path.exists()
+
+
+# ------------------------------------------------ Dovecot reads the same file
+DOVECOT = shutil.which("dovecot", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
+DOVEADM = shutil.which("doveadm", path="/usr/bin:/usr/sbin:" + os.environ.get("PATH", ""))
+
+
+def dovecot_auth(config: Path, socket_path: Path, name: str, password: str) -> bool:
+    r = subprocess.run(
+        [DOVEADM, "-c", str(config), "auth", "test", "-a", str(socket_path), name, password],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode in (0, 77), (r.stdout, r.stderr)  # 77: authentication failed
+    return r.returncode == 0 and "auth succeeded" in r.stdout
+
+
+@pytest.mark.skipif(
+    DOVECOT is None or DOVEADM is None, reason="Dovecot not installed (Debian package dovecot-core): not checked"
+)
+@pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's own test instance needs root to drop to 'nobody'")
+def test_dovecot_authenticates_against_a_file_we_wrote():
+    """The point of the format: Dovecot's passwd-file driver reads our file,
+    comments, Dovecot fields, both schemes and lowercased names included,
+    and still can after an edit (the rewrite keeps the group it reads by)."""
+    with tempfile.TemporaryDirectory(prefix="smtpd-dovecot-") as temp:
+        root = Path(temp)
+        os.chmod(root, 0o755)  # Dovecot's auth process runs as nobody
+        users = root / "users"
+        assert add(users, "Alice@smtpd.com", "alpha pw").returncode == 0
+        assert add(users, "bob", "bravo", "--scheme", "BLF-CRYPT").returncode == 0
+        users.write_text("# shared with Dovecot\n" + users.read_text().replace("\nbob:", "\n\nbob:"))
+        users.write_text(users.read_text().rstrip("\n") + ":::::::\n")  # empty Dovecot fields on bob
+        os.chown(users, 0, 65534)  # group nogroup may read it: mode 0640
+        assert run("--file", str(users), "passwd", "alice@smtpd.com", "--stdin", password="new pw\n").returncode == 0
+        assert users.stat().st_gid == 65534
+        config = root / "dovecot.conf"
+        run_dir = root / "run"
+        config.write_text(
+            f"base_dir = {run_dir}\n"
+            f"state_dir = {root / 'state'}\n"
+            f"log_path = {root / 'dovecot.log'}\n"
+            "instance_name = prefork-smtpd-test\n"
+            "protocols =\n"
+            "listen = 127.0.0.1\n"
+            "ssl = no\n"
+            "default_internal_user = nobody\n"
+            "default_internal_group = nogroup\n"
+            "default_login_user = nobody\n"
+            f"passdb {{\n  driver = passwd-file\n  args = {users}\n}}\n"
+            f"userdb {{\n  driver = static\n  args = uid=nobody gid=nogroup home={root}/home/%u\n}}\n"
+        )
+        proc = subprocess.Popen([DOVECOT, "-F", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            socket_path = run_dir / "auth-client"
+            wait_until(lambda: socket_path.exists() or proc.poll() is not None, timeout=60, what="Dovecot's auth socket")
+            assert proc.poll() is None, proc.stdout.read()
+            assert dovecot_auth(config, socket_path, "alice@smtpd.com", "new pw")
+            assert dovecot_auth(config, socket_path, "ALICE@smtpd.com", "new pw")  # Dovecot lowercases too
+            assert not dovecot_auth(config, socket_path, "alice@smtpd.com", "alpha pw")
+            assert dovecot_auth(config, socket_path, "bob", "bravo")
+            assert not dovecot_auth(config, socket_path, "bob", "wrong")
+            assert not dovecot_auth(config, socket_path, "carol", "bravo")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
