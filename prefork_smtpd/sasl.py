@@ -123,7 +123,8 @@ class SaslExchange:
             raise RuntimeError("start() called twice")
         if len(argument) + len(b"AUTH \r\n") > MAX_AUTH_LINE:
             return self._finish(Failure(LINE_TOO_LONG))
-        parts = argument.split(b" ")
+        # Some clients end the line with a space; that is no initial response.
+        parts = argument.rstrip(b" ").split(b" ")
         if len(parts) > 2 or not _MECHANISM_NAME.match(parts[0]):
             return self._finish(Failure(SYNTAX))
         mechanism = parts[0].decode("ascii").upper()

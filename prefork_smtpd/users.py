@@ -211,6 +211,12 @@ def _dummy_entry() -> UserEntry:
     return UserEntry("", scheme, hashed)
 
 
+def warm_up() -> None:
+    """Make the dummy hash now (one slow hash), so that even the first
+    check of an unknown name costs one hash, not two. Call it once at start."""
+    _dummy_entry()
+
+
 class UsersTable:
     """The loaded users, by lowercased name. Immutable: a reload builds a
     new table and swaps it, so checks in flight finish on the old one."""

@@ -87,6 +87,11 @@ def test_plain_utf8_credentials():
     assert step == CheckCredentials("PLAIN", "jörg", "pässwörd ✓")
 
 
+def test_trailing_space_is_no_initial_response():
+    assert SaslExchange().start(b"PLAIN ") == Challenge(b"334 \r\n")
+    assert SaslExchange().start(b"LOGIN  ") == Challenge(b"334 VXNlcm5hbWU6\r\n")
+
+
 def test_plain_empty_initial_response_is_malformed():
     # "=" is an initial response of zero length (RFC 4954), not a request
     # for a challenge; an empty PLAIN message has no user name.
