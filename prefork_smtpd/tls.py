@@ -59,7 +59,7 @@ TLS12_CIPHERS = ":".join(
     ]
 )
 
-_CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.S)
+_CERT_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL)
 _KEY_BLOCK = re.compile(rb"-----BEGIN ((?:RSA |EC |ENCRYPTED )?PRIVATE KEY)-----")
 
 
@@ -127,7 +127,7 @@ def load_server_context(
     except _Encrypted:
         raise TLSConfigError(f"key {keyfile}: encrypted with a passphrase") from None
 
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     warnings = []
     if now > not_after:
         warnings.append(f"certificate {certfile} expired on {not_after:%Y-%m-%d %H:%M:%S} UTC")
@@ -286,4 +286,4 @@ def _der_time(tag: int, value: bytes) -> datetime.datetime:
         parsed = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
     else:
         raise ValueError("not a time")
-    return parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.replace(tzinfo=datetime.UTC)

@@ -49,7 +49,7 @@ BCRYPT_ROUNDS = 12
 BCRYPT_MAX_PASSWORD = 72
 
 _PLAINTEXT_SCHEMES = frozenset({"PLAIN", "CLEAR", "CLEARTEXT", "PLAIN-TRUNC", "PLAIN-MD5", "PLAIN-MD4"})
-_SCHEME = re.compile(r"\{([A-Za-z0-9._-]+)\}(.*)\Z", re.S)
+_SCHEME = re.compile(r"\{([A-Za-z0-9._-]+)\}(.*)\Z", re.DOTALL)
 _BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 _ARGON2 = argon2.PasswordHasher(
     time_cost=ARGON2_TIME_COST,
@@ -141,8 +141,7 @@ def parse_password_field(field: str, where: str, name: str = "") -> tuple[str, s
     scheme, hashed = match.group(1).upper(), match.group(2)
     if scheme in _PLAINTEXT_SCHEMES:
         raise UsersFileError(
-            f"{where}: plaintext password{who} ({{{scheme}}}) refused; store a hash "
-            "(prefork-smtpd-users passwd NAME)"
+            f"{where}: plaintext password{who} ({{{scheme}}}) refused; store a hash (prefork-smtpd-users passwd NAME)"
         )
     if scheme not in SCHEMES:
         raise UsersFileError(f"{where}: unsupported scheme {{{scheme}}}{who}; use ARGON2ID or BLF-CRYPT")

@@ -31,7 +31,7 @@ from prefork_smtpd.tls import (
 )
 
 HOST = "mail.smtpd.com"
-UTC = datetime.timezone.utc
+UTC = datetime.UTC
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +292,10 @@ def test_key_not_matching_certificate(tmp_path, ca):
     [
         (b"", "no PEM certificate"),
         (b"hello\n", "no PEM certificate"),
-        (b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n", "not a valid X.509 certificate"),
+        (
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            "not a valid X.509 certificate",
+        ),
         (b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", "not a valid X.509 certificate"),
     ],
 )
@@ -312,7 +315,7 @@ def test_der_certificate_is_not_pem(tmp_path, pair):
 
 
 def test_key_not_pem_or_certificate_as_key(tmp_path, pair):
-    certfile, keyfile = pair
+    certfile, _ = pair
     bad = tmp_path / "bad.key"
     bad.write_bytes(b"not a key\n")
     with pytest.raises(TLSConfigError, match=rf"^key {bad}: no PEM private key"):

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import wait_until
 
 from prefork_smtpd.cli.users import DEFAULT_FILE, build_parser, users_file
-from prefork_smtpd.users import load_users, parse_users
+from prefork_smtpd.users import load_users
 
 
 def script() -> str:
@@ -103,7 +102,7 @@ def populated(users_path) -> tuple[Path, str, str]:
 
 
 def test_passwd_changes_one_field_and_keeps_everything_else(populated):
-    path, alice, bob = populated
+    path, _, bob = populated
     r = run("--file", str(path), "passwd", "alice", "--stdin", "--scheme", "BLF-CRYPT", password="new one\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"alice: password changed (BLF-CRYPT)\n"
@@ -396,7 +395,9 @@ def test_dovecot_authenticates_against_a_file_we_wrote():
         proc = subprocess.Popen([DOVECOT, "-F", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             socket_path = run_dir / "auth-client"
-            wait_until(lambda: socket_path.exists() or proc.poll() is not None, timeout=60, what="Dovecot's auth socket")
+            wait_until(
+                lambda: socket_path.exists() or proc.poll() is not None, timeout=60, what="Dovecot's auth socket"
+            )
             assert proc.poll() is None, proc.stdout.read()
             assert dovecot_auth(config, socket_path, "alice@smtpd.com", "new pw")
             assert dovecot_auth(config, socket_path, "ALICE@smtpd.com", "new pw")  # Dovecot lowercases too
