@@ -5,7 +5,9 @@ event loop); it waits in a plain ``selectors`` loop on the signal pipe and
 its own service sockets. Signal handlers only queue the signal; the main
 loop acts on the queue, then reaps dead workers and forks missing ones:
 
-    TERM, INT   graceful stop: workers finish their transactions, then exit
+    TERM, INT   graceful stop: the listening sockets close at once (new
+                clients are refused); workers finish their transactions,
+                then exit
     QUIT        fast stop
     HUP         reload: re-read the config file, fork a new generation of
                 workers, and once they accept, retire the old ones (which

@@ -112,9 +112,11 @@ class WorkerPool:
         info = self.workers.pop(pid, None)
         if info is None:
             return None
+        if stopping:
+            return info, STOPPED
         if info.recycling and clean_exit:
             return info, RECYCLED
-        if info.retiring or stopping:
+        if info.retiring:
             return info, STOPPED
         if now - info.started < CRASH_WINDOW:
             self.backoff.crashed(now)

@@ -15,7 +15,6 @@ import psutil
 from harness import Client, free_port, wait_until
 from test_operations import ConfigLine
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def metric(port: int, name: str) -> str:
