@@ -112,14 +112,17 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER_NAME)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     prefix = f"{process}: " if process else ""
-    logger.addHandler(AppendLineHandler(path, prefix, stats, buffered))
+    # The new file first: if it cannot be opened, the old one still takes
+    # the lines that say why (a worker that cannot start logs its crash).
+    fresh = AppendLineHandler(path, prefix, stats, buffered)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.addHandler(fresh)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger

@@ -5,14 +5,23 @@ event loop); it waits in a plain ``selectors`` loop on the signal pipe and
 its own service sockets. Signal handlers only queue the signal; the main
 loop acts on the queue, then reaps dead workers and forks missing ones:
 
-    TERM, INT   graceful stop: workers finish their transactions, then exit
+    TERM, INT   graceful stop: the listening sockets close at once (new
+                clients are refused); workers finish their transactions,
+                then exit
     QUIT        fast stop
     HUP         reload: re-read the config file, fork a new generation of
                 workers, and once they accept, retire the old ones (which
                 finish their sessions); the port never stops accepting
-    TTIN, TTOU  one worker more, one worker less
+    TTIN, TTOU  one worker more, one worker less (within 1..128)
     USR1        reopen log files (workers too)
+    USR2        a worker served its --max-requests quota: fork its
+                replacement, retire it once the replacement accepts
     CHLD        a worker exited: reap it, fold its counters, replace it
+
+Which workers to fork or retire, and when, is decided in pool.py; this
+module carries the decisions out. A step of the main loop that fails is
+logged with its traceback and tried again after a pause: an unexpected
+error never takes the server down.
 
 The master signals its workers the same way: TERM to stop, QUIT to stop
 now, HUP to retire, USR1 to reopen the log.
@@ -24,10 +33,11 @@ import os
 import resource
 import selectors
 import signal
+import errno
 import socket
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Callable
 
 from setproctitle import setproctitle
@@ -35,11 +45,12 @@ from setproctitle import setproctitle
 from .control import PARAMETERS, ConfigSession, TokenGate, load_secret
 from .delivery import remove_temporary_files
 from .log import close_log, open_log
+from .pool import CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, WorkerInfo, WorkerPool, clamp_target
 from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
-from .settings import Settings
-from .stats import CONTROL, FIELD, MAX_WORKERS, SharedStats
+from .settings import RANGES, Settings
+from .stats import CONTROL, FIELD, SharedStats
 from .worker import run_worker
 
 HANDLED_SIGNALS = (
@@ -50,25 +61,24 @@ HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
+    signal.SIGUSR2,
     signal.SIGCHLD,
 )
 FAST_STOP_SECONDS = 5
-MAX_BACKOFF = 10.0  # seconds between respawns of a worker that keeps crashing
-CRASH_WINDOW = 5.0  # a worker dying sooner than this after its start counts as a crash
+__all__ = ["CRASH_WINDOW", "MAX_BACKOFF", "Master", "StartupError", "WorkerInfo"]
 
 
 # Settings a reload cannot change: they need sockets the workers inherit.
 NEEDS_RESTART = ("listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port")
 STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
+# A loop step that keeps failing is retried after a pause that doubles up
+# to the longest: logged, never a hot loop, never the end of the server.
+FIRST_ERROR_PAUSE = 0.1
+LONGEST_ERROR_PAUSE = 5.0
 
 
-@dataclass
-class WorkerInfo:
-    index: int
-    pid: int
-    started: float
-    generation: int
-    retiring: bool = False  # told to leave; not to be replaced
+class StartupError(Exception):
+    """The server cannot start as configured (a port taken, a bad address)."""
 
 
 def bind_smtp_sockets(settings: Settings) -> list[socket.socket]:
@@ -78,18 +88,38 @@ def bind_smtp_sockets(settings: Settings) -> list[socket.socket]:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
             return [_listen(sock, ("::", settings.port), settings.backlog)]
-        except OSError:
-            pass  # no IPv6 on this host
-        return [_listen(socket.socket(socket.AF_INET, socket.SOCK_STREAM), ("0.0.0.0", settings.port), settings.backlog)]
-    sockets = []
-    for family, kind, proto, _, address in socket.getaddrinfo(
-        settings.listen, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
-        sock = socket.socket(family, kind, proto)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sockets.append(_listen(sock, address, settings.backlog))
+        except OSError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise StartupError(f"cannot listen on port {settings.port} (every address): {exc}") from None
+            # no IPv6 on this host: IPv4 only
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            return [_listen(sock, ("0.0.0.0", settings.port), settings.backlog)]
+        except OSError as exc:
+            raise StartupError(f"cannot listen on port {settings.port} (every address): {exc}") from None
+    sockets: list[socket.socket] = []
+    try:
+        found = socket.getaddrinfo(settings.listen, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in found:
+            sock = socket.socket(family, kind, proto)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sockets.append(_listen(sock, address, settings.backlog))
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {settings.listen} port {settings.port}: {exc}") from None
     return sockets
+
+
+def master_title(settings: Settings) -> str:
+    """The master's process title: names its SMTP port, so servers on one host differ."""
+    where = f"{settings.listen} port {settings.port}" if settings.listen else f"port {settings.port}"
+    return f"prefork-smtpd: master [{where}]"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _listen(sock: socket.socket, address: tuple, backlog: int) -> socket.socket:
@@ -120,21 +150,37 @@ def raise_open_file_limit() -> int:
 
 
 class Master:
-    def __init__(self, settings: Settings, reread_settings: Callable[[], Settings] | None = None) -> None:
+    # The main loop's steps, in order; each is guarded on its own, so one
+    # that fails does not keep the others (a stop signal, say) from running.
+    LOOP_STEPS = (
+        "manage_workers",
+        "wait_for_events",
+        "expire_service_clients",
+        "handle_signals",
+        "handle_reload_requests",
+        "reap_workers",
+        "report_readiness",
+        "check_stop",
+    )
+
+    def __init__(
+        self,
+        settings: Settings,
+        reread_settings: Callable[[], Settings] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         # Builds fresh settings for a reload (config file, then the same
         # flags on top); raises ConfigFileError for a bad file.
         self.reread_settings = reread_settings
-        self.target_workers = settings.workers
-        self.workers: dict[int, WorkerInfo] = {}
+        self.clock = clock
+        self.pool = WorkerPool(settings.workers)
         self.signal_queue: list[int] = []
         self.stopping = False
         self.stop_deadline = 0.0
-        self.next_spawn = 0.0
-        self.backoff = 0.0
         self.running = True
-        self.generation = 0
-        self.ready_generation = -1  # the last generation reported READY
+        self.step_failures: dict[str, tuple[int, float, str]] = {}  # step -> (in a row, retry at, last error)
+        self.slots_short = 0  # workers waiting for a slot, as last logged
         self.reload_requests: list[ConfigSession | None] = []  # None: from SIGHUP
         self.reload_waiters: list[ConfigSession] = []
         self.notifier = Notifier()
@@ -144,6 +190,36 @@ class Master:
         self.configured = configured_values(settings)
         self.live: set[str] = set()
 
+    # The pool holds the process table; these names keep the master's
+    # other parts (reload, the config port) reading as they always did.
+    @property
+    def target_workers(self) -> int:
+        return self.pool.target
+
+    @target_workers.setter
+    def target_workers(self, count: int) -> None:
+        self.pool.target = count
+
+    @property
+    def generation(self) -> int:
+        return self.pool.generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self.pool.generation = value
+
+    @property
+    def ready_generation(self) -> int:
+        return self.pool.ready_generation
+
+    @ready_generation.setter
+    def ready_generation(self, value: int) -> None:
+        self.pool.ready_generation = value
+
+    @property
+    def workers(self) -> dict[int, WorkerInfo]:
+        return self.pool.workers
+
     # ---------------------------------------------------------------- run
     def run(self) -> int:
         settings = self.settings
@@ -151,32 +227,79 @@ class Master:
         self.sockets = bind_smtp_sockets(settings)
         self.stats = SharedStats()
         self.apply_settings(settings)
-        self.logger = open_log(settings.log_file, self.stats, "")
-        setproctitle("prefork-smtpd: master")
+        try:
+            self.logger = open_log(settings.log_file, self.stats, "")
+        except OSError as exc:
+            raise StartupError(f"cannot open the log file {settings.log_file}: {exc}") from None
+        setproctitle(master_title(settings))
         self.selector = selectors.DefaultSelector()
         self.install_signals()
-        self.open_services()
+        try:
+            self.open_services()
+        except OSError as exc:
+            # open_services appends each service once it is bound: the
+            # count says which one failed.
+            if not getattr(self, "services", None):
+                where = f"the config port {settings.config_address} port {settings.config_port}"
+            else:
+                where = f"the metrics port {settings.metrics_address} port {settings.metrics_port}"
+            self.close_services()
+            raise StartupError(f"cannot listen on {where}: {exc}") from None
         self.log("Server Initialized")
         self.log(
-            f"listening on port {settings.port} with {self.target_workers} workers,"
+            f"listening on port {settings.port} with {plural(self.target_workers, 'worker')},"
             f" domains {', '.join(settings.domains)}"
         )
         try:
             while self.running:
-                self.manage_workers()
-                for key, mask in self.selector.select(self.wait_time()):
-                    key.data(mask)
-                self.expire_service_clients()
-                self.handle_signals()
-                self.handle_reload_requests()
-                self.reap_workers()
-                self.report_readiness()
-                self.check_stop()
+                self.run_steps()
         finally:
             self.close_services()
             self.notifier.close()
         self.log("Server Shutting Down")
         return 0
+
+    def run_steps(self) -> None:
+        """One pass of the main loop, each step guarded on its own."""
+        for step in self.LOOP_STEPS:
+            failure = self.step_failures.get(step)
+            if failure is not None and self.clock() < failure[1]:
+                if step == "wait_for_events":  # pause here rather than spin
+                    time.sleep(min(failure[1] - self.clock(), LONGEST_ERROR_PAUSE))
+                continue
+            try:
+                getattr(self, step)()
+            except Exception:
+                self.step_failed(step)
+            else:
+                if failure is not None:
+                    del self.step_failures[step]
+                    self.logger.critical(f"master: {step} works again after {plural(failure[0], 'failure')}")
+
+    def step_failed(self, step: str) -> None:
+        """Log a failed loop step (with its traceback) and pause it."""
+        in_a_row, _, last = self.step_failures.get(step, (0, 0.0, ""))
+        in_a_row += 1
+        pause = min(FIRST_ERROR_PAUSE * 2 ** (in_a_row - 1), LONGEST_ERROR_PAUSE)
+        error = traceback.format_exc()
+        self.step_failures[step] = (in_a_row, self.clock() + pause, error)
+        try:
+            if error != last:  # the whole traceback once; then a short line per repeat
+                self.logger.critical(
+                    f"master: unexpected error in {step}; the server keeps running,"
+                    f" next try in {pause:.1f}s: {error.rstrip()}"
+                )
+            else:
+                summary = error.rstrip().rsplit("\n", 1)[-1]
+                self.logger.critical(
+                    f"master: {step} failed again ({in_a_row} in a row), next try in {pause:.1f}s: {summary}"
+                )
+        except Exception:
+            pass  # a broken log must not break the loop either
+
+    def wait_for_events(self) -> None:
+        for key, mask in self.selector.select(self.wait_time()):
+            key.data(mask)
 
     def apply_settings(self, settings: Settings) -> None:
         """Publish the live settings in the shared block for the workers."""
@@ -184,13 +307,13 @@ class Master:
             self.stats.set(name, self.target_workers if name == "workers" else getattr(settings, name))
 
     def wait_time(self) -> float:
-        now = time.monotonic()
+        now = self.clock()
         wait = 1.0
         if self.stopping:
             wait = min(wait, max(self.stop_deadline - now, 0.0))
-        if len(self.active_workers()) < self.target_workers:
-            wait = min(wait, max(self.next_spawn - now, 0.0))
-        if self.ready_generation != self.generation:
+        elif len(self.active_workers()) < self.target_workers and not self.pool.lacks_slots():
+            wait = min(wait, max(self.pool.backoff.next_spawn - now, 0.0))
+        if self.ready_generation != self.generation or self.pool.recycling():
             wait = min(wait, 0.05)  # new workers are starting: look again soon
         watchdog = self.notifier.watchdog_due(now)
         if watchdog is not None:
@@ -231,34 +354,58 @@ class Master:
                 self.reopen_logs()
             elif signum == signal.SIGHUP:
                 self.reload_requests.append(None)
+            # USR2 only wakes the loop: manage_workers reads the requests
 
     # ------------------------------------------------------------ workers
     def active_workers(self) -> list[WorkerInfo]:
-        """Workers of the current generation that are not leaving."""
-        return [w for w in self.workers.values() if not w.retiring and w.generation == self.generation]
+        """Workers of the current generation that are staying."""
+        return self.pool.active()
 
     def set_worker_count(self, count: int) -> None:
-        count = max(1, min(count, MAX_WORKERS - 1))
-        if count != self.target_workers:
-            self.log(f"workers: {self.target_workers} -> {count}")
-        self.target_workers = count
-        self.stats.set("workers", count)
+        allowed = clamp_target(count)
+        if allowed != count:
+            low, high = RANGES["workers"]
+            self.log(f"workers: {count} refused, the pool stays within {low}..{high}; keeping {allowed}")
+        if allowed != self.target_workers:
+            self.log(f"workers: {self.target_workers} -> {allowed}")
+        self.target_workers = allowed
+        self.stats.set("workers", allowed)
+
+    def accepting(self, info: WorkerInfo) -> bool:
+        return bool(self.stats.slot(info.index).get(FIELD["accepting"]))
 
     def manage_workers(self) -> None:
-        """Fork missing workers (with a crash backoff); retire extra ones."""
+        """Fork missing workers (with a crash backoff); retire extra and replaced ones."""
         if self.stopping:
             return
-        active = self.active_workers()
-        if len(active) > self.target_workers:
-            for info in sorted(active, key=lambda w: w.index)[self.target_workers :]:
-                self.retire_worker(info, signal.SIGHUP)  # it finishes its sessions
-            return
-        while len(self.active_workers()) < self.target_workers and time.monotonic() >= self.next_spawn:
-            self.spawn_worker(self.free_index())
+        self.note_recycle_requests()
+        for info in self.pool.to_retire(self.accepting):
+            if info.recycling:
+                self.log(f"worker {info.index} (pid {info.pid}) replaced; retiring it")
+            elif info.generation < self.generation:
+                self.log(f"worker {info.index} (pid {info.pid}) of generation {info.generation} leaves early:"
+                         " its slot is needed")
+            self.retire_worker(info, signal.SIGHUP)  # it finishes its sessions
+        for _ in range(self.pool.spawn_count(self.clock())):
+            index = self.pool.free_index()
+            assert index is not None  # spawn_count counts free slots
+            self.spawn_worker(index)
+        short = self.pool.lacks_slots()
+        if short != self.slots_short:
+            self.slots_short = short
+            if short:
+                self.log(f"no free worker slot for {plural(short, 'more worker')}:"
+                         f" {len(self.workers)} slots in use; waiting for leaving workers to exit")
 
-    def free_index(self) -> int:
-        used = {w.index for w in self.workers.values()}
-        return next(i for i in range(1, MAX_WORKERS) if i not in used)
+    def note_recycle_requests(self) -> None:
+        """Workers that served their --max-requests quota: replace them first."""
+        for info in self.pool.active():
+            if self.stats.slot(info.index).get(FIELD["recycle"]):
+                info.recycling = True
+                self.log(f"worker {info.index} (pid {info.pid}) served its quota; forking its replacement")
+
+    def free_index(self) -> int | None:
+        return self.pool.free_index()
 
     def spawn_worker(self, index: int) -> None:
         slot = self.stats.slot(index)
@@ -277,7 +424,7 @@ class Master:
             finally:
                 os._exit(status)
         slot.set(FIELD["pid"], pid)
-        self.workers[pid] = WorkerInfo(index=index, pid=pid, started=time.monotonic(), generation=self.generation)
+        self.pool.added(index, pid, self.clock())
 
     def become_worker(self) -> None:
         """In the child right after fork: drop everything that is the master's."""
@@ -312,29 +459,27 @@ class Master:
                 return
             if pid == 0:
                 return
-            info = self.workers.pop(pid, None)
-            if info is None:
+            now = self.clock()
+            clean_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            left = self.pool.removed(pid, clean_exit, now, self.stopping)
+            if left is None:
                 continue
+            info, how = left
             self.stats.retire(info.index)
             cause = describe_exit(status)
             for path in remove_temporary_files(self.settings.mail_dir, pid):
                 self.log(f"removed unacknowledged {path} of worker {info.index}")
-            if info.retiring or self.stopping:
+            if how == STOPPED:
                 self.log(f"worker {info.index} (pid {pid}) stopped: {cause}")
-                continue
-            self.stats.slot(info.index).add(FIELD["restarts"])
-            self.log(f"worker {info.index} (pid {pid}) died: {cause}; replacing it")
-            self.schedule_respawn(info)
-
-    def schedule_respawn(self, info: WorkerInfo) -> None:
-        """Replace at once, unless workers keep dying young: then back off."""
-        now = time.monotonic()
-        if now - info.started < CRASH_WINDOW:
-            self.backoff = min(max(self.backoff * 2, 0.1), MAX_BACKOFF)
-            self.next_spawn = now + self.backoff
-            self.log(f"worker died {now - info.started:.1f}s after start; next fork in {self.backoff:.1f}s")
-        else:
-            self.backoff = 0.0
+            elif how == RECYCLED:
+                self.log(f"worker {info.index} (pid {pid}) recycled: {cause}")
+            else:
+                assert how == DIED
+                self.stats.slot(info.index).add(FIELD["restarts"])
+                self.log(f"worker {info.index} (pid {pid}) died: {cause}; replacing it")
+                if now - info.started < CRASH_WINDOW:
+                    self.log(f"worker died {now - info.started:.1f}s after start;"
+                             f" next fork in {self.pool.backoff.delay:.1f}s")
 
     # --------------------------------------------------------- lifecycle
     def stop(self, graceful: bool) -> None:
@@ -345,21 +490,30 @@ class Master:
         self.answer_reload(self.reload_waiters, "server stopping")
         self.reload_waiters = []
         grace = self.settings.graceful_timeout + FAST_STOP_SECONDS if graceful else FAST_STOP_SECONDS
-        self.stop_deadline = time.monotonic() + grace
+        self.stop_deadline = self.clock() + grace
         self.log("stopping" + (" gracefully" if graceful else " now"))
+        self.close_listeners()
         for info in self.workers.values():
             self.retire_worker(info, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def close_listeners(self) -> None:
+        """Stop listening: once the workers close their copies too, new
+        clients are refused at once instead of queueing for a worker that
+        will never greet them."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
     def check_stop(self) -> None:
         if not self.stopping:
             return
         if not self.workers:
             self.running = False
-        elif time.monotonic() >= self.stop_deadline:
+        elif self.clock() >= self.stop_deadline:
             for info in self.workers.values():
                 self.log(f"worker {info.index} (pid {info.pid}) did not stop in time; killing it")
                 self.kill(info.pid, signal.SIGKILL)
-            self.stop_deadline = time.monotonic() + FAST_STOP_SECONDS
+            self.stop_deadline = self.clock() + FAST_STOP_SECONDS
 
     def request_reload(self, requester: ConfigSession) -> None:
         """``reload=1`` on the config port; answered when the reload ends."""
@@ -402,14 +556,11 @@ class Master:
 
     def report_readiness(self) -> None:
         """READY=1 once the current generation accepts; then retire the old one."""
-        now = time.monotonic()
+        now = self.clock()
         if self.ready_generation != self.generation and not self.stopping:
-            active = self.active_workers()
-            accepting = [w for w in active if self.stats.slot(w.index).get(FIELD["accepting"])]
-            if len(active) == self.target_workers and len(accepting) == len(active):
-                for info in self.workers.values():
-                    if info.generation < self.generation and not info.retiring:
-                        self.retire_worker(info, signal.SIGHUP)
+            if self.pool.generation_ready(self.accepting):
+                for info in self.pool.older_generations():
+                    self.retire_worker(info, signal.SIGHUP)
                 if self.generation > 0:
                     self.log(f"reload done: generation {self.generation} accepting")
                 self.ready_generation = self.generation
@@ -430,7 +581,7 @@ class Master:
     def status_text(self) -> str:
         t = self.stats.totals()
         return (
-            f"{len(self.active_workers())} workers, {t.current} connections open,"
+            f"{plural(len(self.active_workers()), 'worker')}, {t.current} connections open,"
             f" {t.total} accepted, {t.mails} mails, {t.bytes} bytes"
         )
 

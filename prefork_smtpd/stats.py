@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass
 
 WORD = 8
-MAX_WORKERS = 256
+MAX_WORKERS = 257  # slots 1..256 (workers are numbered from 1): two generations of 128 for a reload
 
 # Control block: index -> name. The values are integers, like the config
 # protocol's `<param>=<integer>` messages.
@@ -62,6 +62,7 @@ SLOT_FIELDS = (
     "rejected_connections",  # closed at once with 421 (over a connection limit)
     "restarts",  # master-owned: how often this slot's worker was replaced
     "accepting",  # 1 once the worker serves its listening sockets
+    "recycle",  # 1 once the worker served its quota: the master replaces it, then retires it
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16

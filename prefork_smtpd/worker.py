@@ -36,6 +36,7 @@ REPLIES_4XX = FIELD["replies_4xx"]
 REPLIES_5XX = FIELD["replies_5xx"]
 REJECTED = FIELD["rejected_connections"]
 ACCEPTING = FIELD["accepting"]
+RECYCLE = FIELD["recycle"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
@@ -199,6 +200,7 @@ class Worker:
         self._deferred = False  # the last wakeup was passed to the other workers
         self.closing_idle = False  # closing sessions between transactions
         self.sessions_served = 0
+        self.recycle_asked = False
         # Recycle after max_requests sessions, plus up to 10% jitter so that
         # workers started together do not all restart together.
         jitter = random.randint(0, settings.max_requests // 10) if settings.max_requests else 0
@@ -311,8 +313,13 @@ class Worker:
             self.loop.add_reader(listener.fileno(), self.accept_one, listener)
 
     def stop_accepting(self) -> None:
+        """Stop listening: close this process's copies of the listening
+        sockets, so that once every process has, new clients are refused
+        rather than queued for a worker that will never greet them."""
         for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
 
     def admit(self, conn: SMTPConnection, address: tuple[int, int]) -> str | None:
         """Count a new connection's address; why it must be turned away, or None.
@@ -358,9 +365,21 @@ class Worker:
 
     def session_ended(self) -> None:
         self.sessions_served += 1
-        if self.max_sessions and self.sessions_served >= self.max_sessions and not self.stopping:
-            self.log(f"served {self.sessions_served} sessions; recycling")
-            self.retire()
+        if self.max_sessions and self.sessions_served >= self.max_sessions and not self.recycle_asked:
+            self.ask_to_be_recycled()
+
+    def ask_to_be_recycled(self) -> None:
+        """Quota served: the master forks a replacement first and retires us
+        (HUP) once it accepts; meanwhile we keep serving."""
+        self.recycle_asked = True
+        if self.stopping:
+            return
+        if os.getppid() != self.master_pid:
+            self.retire()  # no master to replace us
+            return
+        self.log(f"served {self.sessions_served} sessions; asking to be recycled")
+        self.slot.set(RECYCLE, 1)
+        os.kill(self.master_pid, signal.SIGUSR2)  # wakes the master
 
     # ------------------------------------------------------------ stopping
     # Two ways to leave, both bounded by graceful_timeout, then 421 4.3.2:

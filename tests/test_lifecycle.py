@@ -185,18 +185,48 @@ def test_dead_workers_tmp_files_are_removed(server):
     assert f"removed unacknowledged {leftover}" in server.log_text()
 
 
+def one_mail_session(server, i: int, folder: str = "rec") -> None:
+    c = server.client()
+    c.cmd("EHLO x")
+    assert c.mail("a@smtpd.com", [folder], b"n %d" % i)[0] == 250
+    c.cmd("QUIT")
+    c.closed_by_server()
+    c.close()
+
+
 def test_max_requests_recycles_workers(start_server):
     server = start_server("--max-requests", "3", workers=1)
     first = server.worker_pids()
     for i in range(7):
-        c = server.client()
-        c.cmd("EHLO x")
-        assert c.mail("a@smtpd.com", ["rec"], b"n %d" % i)[0] == 250
-        c.cmd("QUIT")
-        c.closed_by_server()
-    wait_until(lambda: server.log_count("recycling") >= 2, what="two recycles")
+        one_mail_session(server, i)
+        if i in (2, 5):  # the quota (3, no jitter below 10) is served: wait for the swap
+            recycles = (i + 1) // 3
+            wait_until(lambda: server.log_count(") recycled: exit code 0") == recycles, what="a recycle")
     assert not set(first) & set(server.worker_pids())
     assert len(server.stored("rec")) == 7
+
+
+def test_recycling_starts_the_replacement_first_and_is_no_crash(start_server):
+    server = start_server("--max-requests", "2", workers=1)
+    first = server.worker_pids()
+    long_session = server.client()  # open across the recycle: the old worker keeps it
+    long_session.cmd("EHLO long")
+    for i in range(2):
+        one_mail_session(server, i)
+    # The quota is served while a session is still open. The replacement must
+    # take new clients now, not once that session ends.
+    late = server.client()
+    assert late.greeting[0] == 220
+    assert late.cmd("EHLO late")[0] == 250
+    assert late.mail("a@smtpd.com", ["rec"], b"late")[0] == 250
+    late.cmd("QUIT")
+    assert long_session.cmd("NOOP")[0] == 250  # the old worker still serves it
+    long_session.cmd("QUIT")
+    wait_until(lambda: not set(first) & set(server.worker_pids()), what="the recycled worker to exit")
+    wait_until(lambda: server.log_count(") recycled: exit code 0") == 1, what="the recycle in the log")
+    log = server.log_text()
+    assert "died" not in log and "next fork" not in log, log
+    server.wait_ready(workers=1)
 
 
 def test_max_connections_flag_and_per_ip_limit(start_server):

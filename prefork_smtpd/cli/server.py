@@ -155,10 +155,13 @@ def _is_loopback(address: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     settings, reread = settings_from_args(argv)
-    from prefork_smtpd.master import Master
+    from prefork_smtpd.master import Master, StartupError
 
     try:
         return Master(settings, reread).run()
+    except StartupError as exc:  # a usage problem: which socket or file, and why
+        print(f"prefork-smtpd: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"prefork-smtpd: error: {exc}", file=sys.stderr)
         return 1
