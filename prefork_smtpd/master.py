@@ -71,6 +71,7 @@ __all__ = ["CRASH_WINDOW", "MAX_BACKOFF", "Master", "StartupError", "WorkerInfo"
 # Settings a reload cannot change: they need sockets the workers inherit.
 NEEDS_RESTART = ("listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port")
 STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
+HANDOVER_SECONDS = 5.0  # longest wait for old workers to stop accepting after a reload
 # A loop step that keeps failing is retried after a pause that doubles up
 # to the longest: logged, never a hot loop, never the end of the server.
 FIRST_ERROR_PAUSE = 0.1
@@ -185,6 +186,8 @@ class Master:
         self.reload_waiters: list[ConfigSession] = []
         self.notifier = Notifier()
         self.next_status = 0.0
+        self.handover_pending = False  # a new generation is ready; old workers are still leaving
+        self.handover_deadline = 0.0
         # The live-changeable values as the config file and flags last gave
         # them, and the names an operator changed on the config port since.
         self.configured = configured_values(settings)
@@ -313,7 +316,7 @@ class Master:
             wait = min(wait, max(self.stop_deadline - now, 0.0))
         elif len(self.active_workers()) < self.target_workers and not self.pool.lacks_slots():
             wait = min(wait, max(self.pool.backoff.next_spawn - now, 0.0))
-        if self.ready_generation != self.generation or self.pool.recycling():
+        if self.ready_generation != self.generation or self.pool.recycling() or self.handover_pending:
             wait = min(wait, 0.05)  # new workers are starting: look again soon
         watchdog = self.notifier.watchdog_due(now)
         if watchdog is not None:
@@ -561,15 +564,33 @@ class Master:
             if self.pool.generation_ready(self.accepting):
                 for info in self.pool.older_generations():
                     self.retire_worker(info, signal.SIGHUP)
-                if self.generation > 0:
-                    self.log(f"reload done: generation {self.generation} accepting")
                 self.ready_generation = self.generation
-                self.notifier.ready(self.status_text())
-                self.answer_reload(self.reload_waiters, None)
-                self.reload_waiters = []
+                self.handover_deadline = now + HANDOVER_SECONDS
+                self.handover_pending = True
+        if self.handover_pending and not self.stopping:
+            self.finish_handover(now)
         if self.notifier.enabled and now >= self.next_status:
             self.notifier.status(self.status_text())
             self.next_status = now + STATUS_EVERY
+
+    def finish_handover(self, now: float) -> None:
+        """READY=1 and the reload's OK once no older worker accepts any more.
+
+        The old workers stop accepting when they handle their HUP; until
+        then a new client could still land on a worker with the old
+        settings, so "reload done" would not yet be true.
+        """
+        older = [w for w in self.workers.values() if w.generation < self.generation and self.accepting(w)]
+        if older and now < self.handover_deadline:
+            return
+        if older:
+            self.log(f"reload: {plural(len(older), 'old worker')} still accepting after {HANDOVER_SECONDS:g}s")
+        self.handover_pending = False
+        if self.generation > 0:
+            self.log(f"reload done: generation {self.generation} accepting")
+        self.notifier.ready(self.status_text())
+        self.answer_reload(self.reload_waiters, None)
+        self.reload_waiters = []
 
     def answer_reload(self, waiters: list[ConfigSession], error: str | None) -> None:
         for session in waiters:

@@ -320,6 +320,7 @@ class Worker:
             if sock.fileno() >= 0:
                 self.loop.remove_reader(sock.fileno())
                 sock.close()
+        self.slot.set(ACCEPTING, 0)  # the master answers a reload only once this is 0
 
     def admit(self, conn: SMTPConnection, address: tuple[int, int]) -> str | None:
         """Count a new connection's address; why it must be turned away, or None.
