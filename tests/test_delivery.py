@@ -25,6 +25,11 @@ def files(root, folder, sub="new"):
     return sorted(os.listdir(path)) if path.exists() else []
 
 
+def spool(root):
+    """What is left in the spool, where every copy is written before its rename."""
+    return files(root, delivery.SPOOL, "")
+
+
 @pytest.mark.parametrize("size", [1, 2, 10])  # 1-2 files: fsync each; more: syncfs
 def test_batch_stores_every_copy_readable_by_mailbox(tmp_path, size):
     store = MaildirStore(str(tmp_path), "mx.test")
@@ -36,6 +41,7 @@ def test_batch_stores_every_copy_readable_by_mailbox(tmp_path, size):
         assert len(messages) == size
         assert all(m["Delivered-To"] == f"{folder}@smtpd.com" and m.get_payload() == "hello\n" for m in messages)
         assert not files(tmp_path, folder, "tmp")
+    assert not spool(tmp_path)
     # each copy of one message has the message's queue id as its name
     assert files(tmp_path, "u") == files(tmp_path, "v") == sorted(results)
 
@@ -49,7 +55,7 @@ def test_one_failing_message_does_not_fail_the_others(tmp_path):
     assert isinstance(ok1, str) and isinstance(ok2, str)
     assert isinstance(bad, DeliveryError) and not bad.no_space
     assert files(tmp_path, "a") == [ok1] and files(tmp_path, "c") == [ok2]
-    assert not files(tmp_path, "b") and not files(tmp_path, "b", "tmp")  # all or nothing
+    assert not files(tmp_path, "b") and not spool(tmp_path)  # all or nothing
 
 
 def test_a_failed_sync_fails_the_whole_batch_and_leaves_nothing(tmp_path):
@@ -57,24 +63,32 @@ def test_a_failed_sync_fails_the_whole_batch_and_leaves_nothing(tmp_path):
     with mock.patch.object(delivery, "syncfs", side_effect=OSError(5, "Input/output error")):
         results = store.deliver_batch([(envelope("u"), "[::1]") for _ in range(5)])
     assert all(isinstance(r, DeliveryError) for r in results)
-    assert not files(tmp_path, "u") and not files(tmp_path, "u", "tmp")
+    assert not files(tmp_path, "u") and not spool(tmp_path)
 
 
 def test_a_failed_directory_sync_takes_back_the_renames(tmp_path):
     store = MaildirStore(str(tmp_path), "mx.test")
-    with mock.patch.object(delivery, "_fsync_dir", side_effect=OSError(5, "Input/output error")):
+    store.deliver(envelope("u"), "[::1]")  # the folder exists: only new/ is fsynced as a directory
+    real_fsync = os.fsync
+
+    def fsync_failing_on_directories(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    with mock.patch.object(delivery, "fsync", fsync_failing_on_directories):
         with pytest.raises(DeliveryError):
             store.deliver(envelope("u"), "[::1]")
-    assert not files(tmp_path, "u") and not files(tmp_path, "u", "tmp")
+    assert len(files(tmp_path, "u")) == 1 and not spool(tmp_path)
 
 
 def test_no_space_is_reported_as_such(tmp_path):
     store = MaildirStore(str(tmp_path), "mx.test")
-    with mock.patch.object(delivery.os, "writev", side_effect=OSError(28, "No space left on device")):
+    with mock.patch.object(delivery, "writev", side_effect=OSError(28, "No space left on device")):
         with pytest.raises(DeliveryError) as err:
             store.deliver(envelope("u"), "[::1]")
     assert err.value.no_space
-    assert not files(tmp_path, "u", "tmp")
+    assert not spool(tmp_path)
 
 
 def test_trace_headers_and_lf_line_ends(tmp_path):
@@ -92,10 +106,12 @@ def test_unique_names_and_cleanup_of_a_dead_writer(tmp_path):
     store = MaildirStore(str(tmp_path), "mx.test")
     names = {store.unique_name() for _ in range(10000)}
     assert len(names) == 10000 and all(f"P{os.getpid()}Q" in n and "/" not in n and ":" not in n for n in names)
-    (tmp_path / "u" / "tmp").mkdir(parents=True)
-    mine = tmp_path / "u" / "tmp" / "1.M1P4242Q1.h"
-    other = tmp_path / "u" / "tmp" / "1.M1P42424Q1.h"
-    mine.write_bytes(b"x")
-    other.write_bytes(b"x")
+    assert {delivery.writer_pid(n) for n in names} == {os.getpid()}
+    (tmp_path / delivery.SPOOL).mkdir()
+    mine = tmp_path / delivery.SPOOL / "1.M1P4242Q1.h.0"
+    other = tmp_path / delivery.SPOOL / "1.M1P42424Q1.h.0"
+    lookalike = tmp_path / delivery.SPOOL / "1.M1P1Q1.P4242Q.0"  # the pid in the host part is not the writer's
+    for path in (mine, other, lookalike):
+        path.write_bytes(b"x")
     assert remove_temporary_files(str(tmp_path), 4242) == [str(mine)]
-    assert other.exists()
+    assert other.exists() and lookalike.exists()

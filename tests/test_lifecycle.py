@@ -171,12 +171,11 @@ def test_dead_workers_tmp_files_are_removed(server):
     c = server.client()
     c.cmd("EHLO x")
     assert c.mail("a@smtpd.com", ["u"], b"acknowledged")[0] == 250
-    (server.mail_dir / "v" / "tmp").mkdir(parents=True)
     victim = server.worker_pids()[0]
-    # What a worker killed mid-delivery leaves: a tmp file named with its pid.
-    leftover = server.mail_dir / "v" / "tmp" / f"1700000000.M1P{victim}Q7.host"
+    # What a worker killed mid-delivery leaves: a spool file named with its pid.
+    leftover = server.mail_dir / ".tmp" / f"1700000000.M1P{victim}Q7.host.0"
     leftover.write_bytes(b"half a message")
-    other = server.mail_dir / "v" / "tmp" / "1700000000.M1P1Q7.host"
+    other = server.mail_dir / ".tmp" / "1700000000.M1P1Q7.host.0"
     other.write_bytes(b"not this worker's")
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not leftover.exists(), what="cleanup")

@@ -139,7 +139,11 @@ def settings_problem(settings: Settings) -> str | None:
             load_secret(settings.config_secret_file)
         except (OSError, ValueError) as exc:
             return f"config secret: {exc}"
-    return None
+    from prefork_smtpd.delivery import check_mail_dir
+
+    # Here rather than at the first mail: a server that cannot store answers
+    # 451 to everyone, so it must not start (or reload into that state).
+    return check_mail_dir(settings.mail_dir)
 
 
 def _is_loopback(address: str) -> bool:
