@@ -120,23 +120,33 @@ class Server:
         env: dict[str, str] | None = None, wait: bool = True,
     ) -> None:
         self.root = root
-        self.port = free_port()
-        self.config_port = free_port()
         self.mail_dir = root / "mail_dir"
         self.log_file = root / "logs" / "log.txt"
         self.workers = workers
-        cmd = [sys.executable, "-m", "prefork_smtpd", "--workers", str(workers), "-P", str(self.port)]
-        cmd += ["-c", str(self.config_port), "--mail-dir", str(self.mail_dir), "--log-file", str(self.log_file)]
-        cmd += ["--hostname", "mx.test"]
-        if listen:
-            cmd += ["-l", listen]
-        cmd += list(args)
-        self.stderr = open(root / "stderr.txt", "wb")
-        self.proc = subprocess.Popen(
-            cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-        )
-        if wait:
-            self.wait_ready()
+        # A port found free can be taken by another program before the
+        # server binds it (test suites run side by side): then try others.
+        for attempt in range(5):
+            self.port = free_port()
+            self.config_port = free_port()
+            cmd = [sys.executable, "-m", "prefork_smtpd", "--workers", str(workers), "-P", str(self.port)]
+            cmd += ["-c", str(self.config_port), "--mail-dir", str(self.mail_dir), "--log-file", str(self.log_file)]
+            cmd += ["--hostname", "mx.test"]
+            if listen:
+                cmd += ["-l", listen]
+            cmd += list(args)
+            self.stderr = open(root / "stderr.txt", "wb")
+            self.proc = subprocess.Popen(
+                cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+            if not wait:
+                return
+            try:
+                self.wait_ready()
+                return
+            except AssertionError:
+                if attempt == 4 or self.proc.poll() is None or "Address already in use" not in self.output():
+                    raise
+                self.stderr.close()
 
     def wait_ready(self, workers: int | None = None) -> None:
         """Wait until ``workers`` workers accept: their titles show a count then."""
