@@ -1,9 +1,274 @@
-"""What a client can make a worker hold stays bounded."""
+"""What a client can make a worker hold stays bounded.
+
+Each test drives a real server with a single worker (so its memory can be
+watched with psutil) through raw sockets that behave badly: never reading,
+flooding, holding messages open, pipelining behind a message that cannot be
+stored yet.
+"""
 
 from __future__ import annotations
 
-from harness import DOMAIN
+import contextlib
+import fcntl
+import socket
+import struct
+import subprocess
+import termios
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from harness import DOMAIN, Client, wait_until
 from prefork_smtpd.session import Limits, Session, State
+
+MB = 1000 * 1000
+MiB = 1024 * 1024
+TCP_ESTABLISHED = 1  # tcpi_state in struct tcp_info (linux/tcp.h)
+
+
+def worker_rss(server) -> int:
+    (pid,) = server.worker_pids()
+    return psutil.Process(pid).memory_info().rss
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of our end: ESTABLISHED until the peer closes or resets."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def raw_client(port: int) -> socket.socket:
+    """A client with the smallest receive buffer: our replies pile up on the server."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: sets the window
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes still in our send queue: not yet taken by the server's kernel."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def unread_bytes_at(port: int) -> int:
+    """Bytes waiting in the receive queues of the server's sockets on ``port``."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+            total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+class Flood(threading.Thread):
+    """Send ``total`` bytes made of ``unit`` on ``sock``, never reading.
+
+    Gives up once the server has taken nothing for ``stall`` seconds (it has
+    stopped reading: ``stalled`` is set), when ``stop`` is set, or when the
+    server drops the connection (``error``).
+    """
+
+    def __init__(self, sock: socket.socket, unit: bytes, total: int, stall: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.chunk = unit * (65536 // len(unit))
+        self.total = total
+        self.stall = stall
+        self.sent = 0
+        self.stalled = False
+        self.error: OSError | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        self.sock.settimeout(0.2)
+        last_progress = time.monotonic()
+        while self.sent < self.total and not self.stop.is_set():
+            try:
+                self.sent += self.sock.send(self.chunk)
+                last_progress = time.monotonic()
+            except socket.timeout:
+                if time.monotonic() - last_progress > self.stall:
+                    self.stalled = True
+                    return
+            except OSError as exc:
+                self.error = exc
+                return
+
+
+def flood_and_watch(server, flood: Flood, bound: int) -> int:
+    """Run ``flood``; return the worker's RSS growth, cutting the flood short past ``bound``."""
+    before = worker_rss(server)
+    peak = 0
+
+    def over_or_done() -> bool:
+        nonlocal peak
+        peak = max(peak, worker_rss(server) - before)
+        return peak > bound or not flood.is_alive()
+
+    flood.start()
+    try:
+        wait_until(over_or_done, timeout=120, interval=0.05, what="the flood to end")
+    finally:
+        flood.stop.set()
+        flood.join(10)
+    return max(peak, worker_rss(server) - before)
+
+
+# ---------------------------------------------------------------- backpressure
+def test_client_that_never_reads_cannot_grow_the_worker(start_server):
+    """30 MB of pipelined HELP, replies never read: the worker stops reading.
+
+    Each HELP earns a 330-byte reply; before backpressure the worker took
+    all 30 MB and queued 1.6 GB of replies. Now the replies fill a small
+    buffer, the worker stops reading, and the rest stays in the kernel
+    until the sender blocks.
+    """
+    server = start_server(workers=1)
+    bound = 30 * MB
+    sock = raw_client(server.port)
+    flood = Flood(sock, b"HELP\r\n", total=30 * MB)
+    growth = flood_and_watch(server, flood, bound)
+    print(f"worker RSS growth: {growth / MB:.1f} MB after {flood.sent / MB:.1f} MB of HELP sent")
+    assert growth < bound, f"worker grew by {growth / MB:.0f} MB"
+    assert flood.stalled and flood.sent < flood.total, "the server kept reading from a client that never reads"
+    # The worker still serves others meanwhile.
+    other = server.client()
+    assert other.cmd("NOOP")[0] == 250
+    sock.close()
+
+
+def test_many_clients_that_never_read_cost_little_each(start_server):
+    """24 clients flood HELP at once: each costs the worker under half a MB.
+
+    Stopping to read is not enough on its own: a single read of pipelined
+    HELPs (64 KiB or more) answered in one go makes 3.5 MB of replies. The
+    worker feeds commands to the session in small slices and looks at its
+    output buffer between them.
+    """
+    server = start_server(workers=1)
+    clients = 24
+    bound = clients * MB // 2
+    socks = [raw_client(server.port) for _ in range(clients)]
+    floods = [Flood(sock, b"HELP\r\n", total=20 * MB) for sock in socks]
+    before = worker_rss(server)
+    peak = 0
+
+    def over_or_done() -> bool:
+        nonlocal peak
+        peak = max(peak, worker_rss(server) - before)
+        return peak > bound or not any(f.is_alive() for f in floods)
+
+    for flood in floods:
+        flood.start()
+    try:
+        wait_until(over_or_done, timeout=180, interval=0.05, what="the floods to end")
+    finally:
+        for flood in floods:
+            flood.stop.set()
+        for flood in floods:
+            flood.join(10)
+    print(f"worker RSS growth: {peak / MB:.1f} MB for {clients} clients that never read")
+    assert peak < bound, f"worker grew by {peak / MB:.0f} MB"
+    assert all(f.stalled for f in floods)
+    for sock in socks:
+        sock.close()
+
+
+def test_client_that_never_reads_is_cut_by_the_timeout(start_server):
+    """Replies the client never reads do not keep it alive.
+
+    With its replies unread the worker stops reading, so the client
+    completes no more commands and its --timeout runs out. A close would
+    wait for the unread replies forever: the worker aborts the connection.
+    """
+    server = start_server("--timeout", "2", workers=1)
+    sock = raw_client(server.port)
+    flood = Flood(sock, b"HELP\r\n", total=4 * MB, stall=60)
+    flood.start()
+    wait_until(lambda: tcp_state(sock) != TCP_ESTABLISHED, timeout=60, interval=0.1,
+               what="the server to drop the client")
+    flood.stop.set()
+    flood.join(10)
+    wait_until(lambda: "; not reading, dropped" in server.log_text(), what="the timeout in the log")
+    c = server.client()
+    assert c.xstat("CURRENT") == 1
+    sock.close()
+
+
+# ------------------------------------------------- pipelining behind a message
+@contextlib.contextmanager
+def stallable_disk(path: Path):
+    """A small ext4 file system on a loop device, that ``freeze`` stalls (needs root).
+
+    While frozen, every write to it (creating a file, writing one) blocks
+    in the kernel until it is thawed: a disk that does not answer.
+    """
+    image = path.with_suffix(".img")
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    path.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+    disk = StallableDisk(path)
+    try:
+        yield disk
+    finally:
+        disk.thaw()  # a frozen file system would leave the server unkillable
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+class StallableDisk:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.frozen = False
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "-f", str(self.path)], check=True)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            subprocess.run(["fsfreeze", "-u", str(self.path)], check=True)
+            self.frozen = False
+
+
+def test_bytes_pipelined_behind_a_message_wait_in_the_kernel(start_server, tmp_path):
+    """While a message is stored, the worker reads nothing more from its client.
+
+    The mail folder is on a file system we freeze, so storing the message
+    blocks for as long as the test likes. The client sends the message and,
+    behind its final dot, 40 MB of NOOPs. A worker that kept reading would
+    hold all of them; this one stops reading at the dot, so the bytes stay
+    in the kernel's socket buffers (a few MB), the sender blocks, and the
+    worker's memory does not grow. Thawed, the mail is stored and answered.
+    """
+    with stallable_disk(tmp_path / "disk") as disk:
+        # 64 MiB: below the default free-space reserve, which is not under test here.
+        server = start_server("--mail-dir", str(disk.path), "--min-free-space", "0", workers=1)
+        c = server.client()
+        c.cmd("EHLO x")
+        assert c.mail(f"a@{DOMAIN}", ["r"], b"first")[0] == 250  # folder made while the disk answers
+        assert c.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
+        assert c.cmd("RCPT TO:<r>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        disk.freeze()
+        c.send(b"second\r\n.\r\n")
+        bound = 20 * MB
+        flood = Flood(c.sock, b"NOOP\r\n", total=40 * MB)
+        growth = flood_and_watch(server, flood, bound)
+        print(f"worker RSS growth: {growth / MB:.1f} MB after {flood.sent / MB:.1f} MB sent behind the dot")
+        assert growth < bound, f"worker grew by {growth / MB:.0f} MB while storing"
+        assert flood.stalled and flood.sent < flood.total, "the worker kept reading while it stored"
+        assert unread_bytes_at(server.port) > 0  # what the client sent waits in the kernel
+        stored = lambda: list((disk.path / "r" / "new").iterdir())  # noqa: E731
+        assert len(stored()) == 1
+        disk.thaw()
+        c.sock.settimeout(60)
+        code, text = c.reply()
+        assert code == 250 and text.startswith("2.0.0 Ok: queued as"), text
+        assert len(stored()) == 2
+        c.reset()
+        server.stop()
 
 
 # ------------------------------------------ the session's hooks, without a network
