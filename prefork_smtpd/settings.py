@@ -37,6 +37,7 @@ class Settings:
     log_file: str = "logs/log.txt"
     logging: int = 1
     max_message_size: int = 10 * MiB
+    max_data_memory: int = 256 * MiB  # message bytes a worker holds in memory (at least one max-size message)
     max_recipients: int = 100
     max_command_line: int = 512
     max_text_line: int = 1000
@@ -78,6 +79,7 @@ RANGES: dict[str, tuple[int, int]] = {
     "metrics_timeout": (1, 3600),
     "logging": (-(2**63), 2**63 - 1),  # 0 off, anything else on
     "max_message_size": (1024, 2**40),
+    "max_data_memory": (1024, 2**40),
     "max_recipients": (1, 100_000),
     "max_command_line": (512, 65536),  # RFC 5321 forbids less than 512
     "max_text_line": (1000, 1 << 20),  # RFC 5321 forbids less than 1000

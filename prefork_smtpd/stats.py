@@ -46,6 +46,7 @@ CONTROL = (
     "workers",
     "max_connections_per_ip",
     "min_free_space",
+    "max_data_memory",
 )
 CONTROL_INDEX = {name: i for i, name in enumerate(CONTROL)}
 CONTROL_WORDS = 32

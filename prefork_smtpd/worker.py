@@ -64,12 +64,14 @@ class SMTPConnection(asyncio.Protocol):
       between two looks at the buffer;
     * input while the connection waits (replies unsent, or a message being
       stored): reading is paused, and the rest of the last read is ``held``
-      here, to be fed when the wait is over.
+      here, to be fed when the wait is over;
+    * message data: every byte a session holds in DATA, or hands to the
+      store, counts against the worker's ``max_data_memory``.
     """
 
     __slots__ = (
         "worker", "transport", "session", "peer", "deadline", "closed", "address",
-        "write_paused", "storing", "reading_paused", "held",
+        "write_paused", "storing", "reading_paused", "held", "data_held",
     )
 
     def __init__(self, worker: "Worker") -> None:
@@ -85,6 +87,7 @@ class SMTPConnection(asyncio.Protocol):
         self.storing = False  # a message is on its way to disk
         self.reading_paused = False
         self.held = bytearray()  # input received but not yet fed to the session
+        self.data_held = 0  # message bytes this connection counts in worker.data_memory
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,6 +113,7 @@ class SMTPConnection(asyncio.Protocol):
             transport.close()
             return
         self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy)
+        self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
         worker.log(f"{self.peer} connected")
@@ -118,6 +122,9 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         self.closed = True
         self.held = bytearray()
+        if not self.storing:  # else the message stays in memory until the store is done with it
+            worker.data_memory -= self.data_held
+            self.data_held = 0
         worker.slot.add(CURRENT, -1)
         if self.address is not None:
             worker.stats.addresses.close(worker.index, self.address)
@@ -164,6 +171,7 @@ class SMTPConnection(asyncio.Protocol):
                 # is progress. Our own writes never push the deadline: while
                 # they wait unread, nothing more is fed.
                 self._renew_deadline()
+            self._account_data_memory()
             self._send(out)
 
     def _renew_deadline(self) -> None:
@@ -228,6 +236,29 @@ class SMTPConnection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
+    # ------------------------------------------------------- message data
+    def _account_data_memory(self) -> None:
+        """Keep the worker's count of message bytes in memory; enforce its limit."""
+        session = self.session
+        held = session.held_bytes
+        if session.pending is not None:
+            held += session.pending.size
+        change = held - self.data_held
+        if not change:
+            return
+        self.data_held = held
+        worker = self.worker
+        worker.data_memory += change
+        if change > 0 and session.held_bytes and worker.data_memory > worker.data_memory_limit():
+            # This message pushed the worker over: refuse it, drop what it holds.
+            worker.log(
+                f"{self.peer} message refused: the worker holds {worker.data_memory} bytes "
+                f"of message data (limit {worker.data_memory_limit()})"
+            )
+            session.refuse_message(INSUFFICIENT_STORAGE)
+            worker.data_memory -= held
+            self.data_held = 0
+
     # ---------------------------------------------------------- delivery
     def _deliver(self) -> None:
         """Store the pending message off the loop; reply when it is on disk."""
@@ -264,6 +295,8 @@ class SMTPConnection(asyncio.Protocol):
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
             )
             out = session.message_stored(queue_id)
+        worker.data_memory -= self.data_held  # the store is done with the message
+        self.data_held = 0
         if self.closed:
             return  # the client left while we stored; nothing to answer
         self._renew_deadline()  # the client gets its full time for the next command
@@ -300,6 +333,7 @@ class Worker:
             mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
         )
         self.connections: set[SMTPConnection] = set()
+        self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
         self.stopping = False  # no longer accepting
         self._deferred = False  # the last wakeup was passed to the other workers
         self.closing_idle = False  # closing sessions between transactions
@@ -467,6 +501,17 @@ class Worker:
         future = self.committer.submit(envelope, peer_address)
         future.add_done_callback(lambda _: self.space.release(needed))
         return future
+
+    def data_memory_limit(self) -> int:
+        """max_data_memory, but never less than one message of the maximum size."""
+        live = self.live
+        return max(live.max_data_memory, live.max_message_size)
+
+    def message_admission(self) -> bytes | None:
+        """Asked at DATA: refuse a new message unless one of the maximum size still fits."""
+        if self.data_memory + self.live.max_message_size > self.data_memory_limit():
+            return INSUFFICIENT_STORAGE
+        return None
 
     def session_ended(self) -> None:
         self.sessions_served += 1

@@ -196,6 +196,82 @@ def test_client_that_never_reads_is_cut_by_the_timeout(start_server):
     sock.close()
 
 
+# ------------------------------------------------------- message data in memory
+def open_message(server) -> Client:
+    c = server.client()
+    assert c.cmd("EHLO x")[0] == 250
+    assert c.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
+    assert c.cmd("RCPT TO:<r>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    return c
+
+
+def test_message_data_a_worker_holds_is_bounded(start_server):
+    """Many unfinished large messages: the worker keeps at most --max-data-memory.
+
+    24 clients are admitted (the worker holds nothing yet), then each sends
+    3.5 MB without the final dot: 84 MB in all against a 16 MiB budget.
+    The messages that would pass the budget are refused (their data read
+    and thrown away, 452 at the dot); a new DATA is refused at once while
+    no message of the maximum size would fit; once the load is gone, the
+    refused clients send their mail on the same connection.
+    """
+    budget = 16 * MiB
+    server = start_server("--max-message-size", str(4 * MiB), "--max-data-memory", str(budget), workers=1)
+    clients = [open_message(server) for _ in range(24)]
+    before = worker_rss(server)
+    body = (b"x" * 998 + b"\r\n") * 3500  # 3.5 MB
+    for c in clients:
+        c.send(body)
+    wait_until(
+        lambda: not any(unsent_bytes(c.sock) for c in clients) and not unread_bytes_at(server.port),
+        timeout=120, what="the worker to read every body",
+    )
+    growth = worker_rss(server) - before
+    print(f"worker RSS growth: {growth / MB:.1f} MB with 84 MB of unfinished messages, budget {budget / MB:.1f} MB")
+    assert growth < budget + 20 * MB, f"worker grew by {growth / MB:.0f} MB"
+
+    late = server.client()
+    late.cmd("EHLO x"); late.cmd(f"MAIL FROM:<a@{DOMAIN}>"); late.cmd("RCPT TO:<r>")
+    code, text = late.cmd("DATA")
+    assert (code, text) == (452, "4.3.1 Error: insufficient system storage")
+
+    replies = []
+    for c in clients:
+        c.send(b".\r\n")
+        replies.append(c.reply())
+    stored = [r for r in replies if r[0] == 250]
+    refused = [r for r in replies if r[0] != 250]
+    assert 1 <= len(stored) <= budget // len(body)
+    assert refused and all(r == (452, "4.3.1 Error: insufficient system storage") for r in refused)
+
+    # The load is gone: the refused sessions go on, and so does the late one.
+    for c, reply in zip(clients, replies):
+        if reply[0] != 250:
+            assert c.mail(f"a@{DOMAIN}", ["r"], b"retry")[0] == 250
+    assert late.cmd("DATA")[0] == 354
+    late.send(b"late\r\n.\r\n")
+    assert late.reply()[0] == 250
+    assert len(server.stored("r")) == len(clients) + 1
+    wait_until(lambda: "message refused: the worker holds" in server.log_text(), what="refusals in the log")
+
+
+def test_max_data_memory_is_live_on_the_config_port(start_server):
+    server = start_server("--max-message-size", str(1 * MiB), workers=1)
+    c = open_message(server)
+    c.send((b"y" * 998 + b"\r\n") * 600)  # 600 KB held
+    with socket.create_connection(("127.0.0.1", server.config_port), timeout=20) as cfg:
+        cfg.sendall(b"max_data_memory=1048576\r\n")
+        assert cfg.recv(100) == b"OK\r\n"
+    # Another max-size message no longer fits next to the 600 KB held.
+    other = server.client()
+    other.cmd("EHLO x"); other.cmd(f"MAIL FROM:<a@{DOMAIN}>"); other.cmd("RCPT TO:<r>")
+    assert other.cmd("DATA")[0] == 452
+    c.send(b".\r\n")
+    assert c.reply()[0] == 250
+    assert other.cmd("DATA")[0] == 354
+
+
 # ------------------------------------------------- pipelining behind a message
 @contextlib.contextmanager
 def stallable_disk(path: Path):

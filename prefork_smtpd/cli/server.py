@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logging", type=_int_setting("logging"), help="0: logging off at start (default 1)")
     for name, unit, what in (
         ("max_message_size", "BYTES", "message size"),
+        ("max_data_memory", "BYTES", "message data a worker holds in memory, at least one max-size message"),
         ("max_recipients", "N", "recipients per message"),
         ("max_command_line", "BYTES", "command line length, CRLF included"),
         ("max_text_line", "BYTES", "message line length, CRLF included"),
