@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import psutil
-
 from harness import DOMAIN, Client, wait_until
+
 from prefork_smtpd.session import Limits, Session, State
 
 MB = 1000 * 1000
@@ -87,7 +87,7 @@ class Flood(threading.Thread):
             try:
                 self.sent += self.sock.send(self.chunk)
                 last_progress = time.monotonic()
-            except socket.timeout:
+            except TimeoutError:
                 if time.monotonic() - last_progress > self.stall:
                     self.stalled = True
                     return
@@ -186,8 +186,9 @@ def test_client_that_never_reads_is_cut_by_the_timeout(start_server):
     sock = raw_client(server.port)
     flood = Flood(sock, b"HELP\r\n", total=4 * MB, stall=60)
     flood.start()
-    wait_until(lambda: tcp_state(sock) != TCP_ESTABLISHED, timeout=60, interval=0.1,
-               what="the server to drop the client")
+    wait_until(
+        lambda: tcp_state(sock) != TCP_ESTABLISHED, timeout=60, interval=0.1, what="the server to drop the client"
+    )
     flood.stop.set()
     flood.join(10)
     wait_until(lambda: "; not reading, dropped" in server.log_text(), what="the timeout in the log")
@@ -197,11 +198,16 @@ def test_client_that_never_reads_is_cut_by_the_timeout(start_server):
 
 
 # ------------------------------------------------------- message data in memory
-def open_message(server) -> Client:
+def before_data(server) -> Client:
     c = server.client()
     assert c.cmd("EHLO x")[0] == 250
     assert c.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
     assert c.cmd("RCPT TO:<r>")[0] == 250
+    return c
+
+
+def open_message(server) -> Client:
+    c = before_data(server)
     assert c.cmd("DATA")[0] == 354
     return c
 
@@ -225,14 +231,14 @@ def test_message_data_a_worker_holds_is_bounded(start_server):
         c.send(body)
     wait_until(
         lambda: not any(unsent_bytes(c.sock) for c in clients) and not unread_bytes_at(server.port),
-        timeout=120, what="the worker to read every body",
+        timeout=120,
+        what="the worker to read every body",
     )
     growth = worker_rss(server) - before
     print(f"worker RSS growth: {growth / MB:.1f} MB with 84 MB of unfinished messages, budget {budget / MB:.1f} MB")
     assert growth < budget + 20 * MB, f"worker grew by {growth / MB:.0f} MB"
 
-    late = server.client()
-    late.cmd("EHLO x"); late.cmd(f"MAIL FROM:<a@{DOMAIN}>"); late.cmd("RCPT TO:<r>")
+    late = before_data(server)
     code, text = late.cmd("DATA")
     assert (code, text) == (452, "4.3.1 Error: insufficient system storage")
 
@@ -264,8 +270,7 @@ def test_max_data_memory_is_live_on_the_config_port(start_server):
         cfg.sendall(b"max_data_memory=1048576\r\n")
         assert cfg.recv(100) == b"OK\r\n"
     # Another max-size message no longer fits next to the 600 KB held.
-    other = server.client()
-    other.cmd("EHLO x"); other.cmd(f"MAIL FROM:<a@{DOMAIN}>"); other.cmd("RCPT TO:<r>")
+    other = before_data(server)
     assert other.cmd("DATA")[0] == 452
     c.send(b".\r\n")
     assert c.reply()[0] == 250
@@ -336,7 +341,10 @@ def test_bytes_pipelined_behind_a_message_wait_in_the_kernel(start_server, tmp_p
         assert growth < bound, f"worker grew by {growth / MB:.0f} MB while storing"
         assert flood.stalled and flood.sent < flood.total, "the worker kept reading while it stored"
         assert unread_bytes_at(server.port) > 0  # what the client sent waits in the kernel
-        stored = lambda: list((disk.path / "r" / "new").iterdir())  # noqa: E731
+
+        def stored() -> list[Path]:
+            return list((disk.path / "r" / "new").iterdir())
+
         assert len(stored()) == 1
         disk.thaw()
         c.sock.settimeout(60)
