@@ -10,6 +10,12 @@ import pytest
 from harness import Server
 
 
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("root")
+    if marker and os.geteuid() != 0:
+        pytest.skip(f"needs root: {marker.args[0] if marker.args else 'root only'}")
+
+
 @pytest.fixture
 def start_server(tmp_path):
     """Factory: start_server(*flags, workers=2) -> a running Server; stopped after."""

@@ -253,6 +253,7 @@ def test_max_connections_flag_and_per_ip_limit(start_server):
     wait_until(lambda: a.xstat("CURRENT") == 4, what="the refused connection to be closed")
 
 
+@pytest.mark.slow
 def test_2000_slowloris_clients_do_not_stop_a_real_one(start_server):
     import smtplib
 
@@ -274,6 +275,7 @@ def test_2000_slowloris_clients_do_not_stop_a_real_one(start_server):
         s.close()
 
 
+@pytest.mark.root("mounts a tmpfs")
 def test_read_only_mail_dir_gives_451_and_recovers(start_server, tmp_path):
     with tmpfs(tmp_path / "ro", "4m") as mnt:
         server = start_server("--mail-dir", str(mnt), "--min-free-space", "0")  # 4 MiB: below the default reserve
@@ -308,6 +310,7 @@ def hostile_session(port: int, i: int) -> None:
     c.close()
 
 
+@pytest.mark.slow
 def test_memory_stays_bounded_over_10000_hostile_sessions(start_server):
     from concurrent.futures import ThreadPoolExecutor
 

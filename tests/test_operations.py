@@ -109,6 +109,7 @@ def test_max_connections_live(server):
     assert held[0].xstat("CURRENT") == 3
 
 
+@pytest.mark.slow
 def test_workers_grow_and_shrink_gracefully(server):
     cfg = ConfigLine(server.config_port)
     assert cfg.send("workers=3") == ["OK"]

@@ -169,6 +169,7 @@ def test_msmtp(server):
     assert msg["Subject"] == "from msmtp"
 
 
+@pytest.mark.slow
 def test_smtp_source_2000_mails(start_server):
     server = start_server(workers=2)
     run([
@@ -293,6 +294,7 @@ def drip_until_closed(client, limit: float) -> tuple[float, bytes]:
     raise AssertionError("server never cut the slow client")
 
 
+@pytest.mark.slow
 def test_idle_timeout_and_slowloris(start_server):
     server = start_server("--timeout", "1")
     idle = server.client()
@@ -304,6 +306,7 @@ def test_idle_timeout_and_slowloris(start_server):
     assert idle.closed_by_server()
 
 
+@pytest.mark.slow
 def test_data_timeout(start_server):
     server = start_server("--timeout", "30", "--data-timeout", "1")
     c = server.client()
@@ -339,6 +342,7 @@ def test_unwritable_folder_gives_451_and_server_goes_on(server):
     assert c.xstat("MAILS") == 1
 
 
+@pytest.mark.root("mounts a tmpfs")
 def test_disk_full_gives_452_and_recovers(start_server, tmp_path):
     with tmpfs(tmp_path / "small", "256k") as full:
         server = start_server("--mail-dir", str(full), "--min-free-space", "0")  # the store's own ENOSPC path
@@ -456,6 +460,7 @@ def test_logging_flag_off_logs_no_session_events(start_server):
     assert "quiet" not in server.log_text() and "connected" not in server.log_text()
 
 
+@pytest.mark.slow
 def test_crashing_workers_are_replaced_with_backoff(start_server):
     server = start_server(workers=1)
     for _ in range(3):

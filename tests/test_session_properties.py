@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -89,6 +90,7 @@ LONG_LINE_THEN_BARE_LF = (
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(conversations(), st.lists(st.integers(0, 10_000), max_size=12))
 @example(LONG_LINE_THEN_BARE_LF, [1660])
