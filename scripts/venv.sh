@@ -39,7 +39,7 @@ ensure_venv() {
         fi
     fi
     if [ ! -e "$venv" ]; then
-        if ! "$python" -m venv "$venv" 2>/dev/null; then
+        if ! "$python" -m venv "$venv" >/dev/null 2>&1; then
             # Debian and Ubuntu ship venv's pip bootstrap (ensurepip) apart.
             rm -rf "$venv"
             local version
