@@ -10,6 +10,13 @@ import pytest
 from harness import Server
 
 
+def pytest_configure(config):
+    # A suite started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and so would every program a test starts; the tests that
+    # stop a program with SIGINT need it back to the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_runtest_setup(item):
     marker = item.get_closest_marker("root")
     if marker and os.geteuid() != 0:
