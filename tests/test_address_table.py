@@ -6,6 +6,7 @@ import collections
 import ipaddress
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,6 +59,7 @@ def test_thousands_of_addresses_each_counted_exactly_across_workers():
     assert table.connections(address_key(absent)) == 0
 
 
+@pytest.mark.slow
 def test_collisions_in_the_probe_start_never_merge_counts():
     stats = SharedStats()
     table = stats.addresses

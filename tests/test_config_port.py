@@ -50,6 +50,7 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.slow
 def test_a_flood_that_never_reads_keeps_the_master_small(server):
     before = rss(server.proc.pid)
     sent = flood_without_reading(server.config_port, 20 * MiB)
@@ -70,6 +71,7 @@ def secret_file(tmp_path: Path, value: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_secret", [False, True])
 def test_idle_junk_connections_never_lock_out_the_operator(start_server, tmp_path, with_secret):
     from harness import free_port, raise_fd_limit
@@ -130,6 +132,7 @@ def test_failed_logins_spend_the_address_budget(start_server, tmp_path):
     assert server.log_count("config: failed login") == 3
 
 
+@pytest.mark.slow
 def test_login_and_idle_timeouts(start_server, tmp_path):
     from harness import free_port
 
@@ -155,6 +158,7 @@ def test_login_and_idle_timeouts(start_server, tmp_path):
     wait_until(lambda: "metrics: 1 connection sent no request within 1 s" in server.log_text(), what="logged")
 
 
+@pytest.mark.slow
 def test_a_client_waiting_for_its_reload_buffers_nothing(server):
     """Lines sent while a reload runs stay in the socket, not in the master."""
     cfg = ConfigLine(server.config_port)

@@ -89,6 +89,7 @@ def _at_fake_ending(ending: bytes) -> int:
     return len(HEAD) + len(b"Subject: t\r\n\r\nhello") + ending.index(b".")
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(SMUGGLING_ENDINGS), st.lists(st.integers(0, 10_000), max_size=6))
 @example(b"\n.\r\n", [_at_fake_ending(b"\n.\r\n")])  # the attack as first found

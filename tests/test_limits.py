@@ -13,7 +13,7 @@ from harness import Server, tmpfs, wait_until
 from test_operations import ConfigLine
 
 MiB = 1024 * 1024
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs, which needs root")
+needs_root = pytest.mark.root("mounts a small tmpfs")
 
 
 def connect_from(source: str, port: int) -> socket.socket:

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 from harness import Client, free_port, wait_until
 from test_operations import ConfigLine
@@ -23,6 +24,7 @@ def metric(port: int, name: str) -> str:
 
 
 # ------------------------------------------------------------ worker slots
+@pytest.mark.slow
 def test_largest_pool_survives_ttin_and_a_reload(start_server):
     server = start_server(workers=128)
     server.proc.send_signal(signal.SIGTTIN)  # past the documented 1..128
@@ -106,6 +108,7 @@ def test_an_error_in_the_master_loop_is_logged_and_survived(tmp_path):
 
 
 # ------------------------------------------------------------- readiness
+@pytest.mark.slow
 def test_reload_is_answered_only_once_the_new_workers_accept(start_server):
     server = start_server(workers=2)
     old = set(server.worker_pids())
@@ -162,6 +165,7 @@ def test_a_killed_worker_leaves_no_per_address_count_and_keeps_its_restarts(star
 
 
 # ------------------------------------------------------------------ stopping
+@pytest.mark.slow
 def test_graceful_stop_refuses_new_clients_at_once(start_server):
     server = start_server("--graceful-timeout", "120")
     busy = server.client()

@@ -99,6 +99,7 @@ def test_broken_hash_verifies_false_without_raising():
 
 
 # ------------------------------------------------------------------ parsing
+@pytest.mark.slow
 def test_parse_file_with_comments_blank_lines_and_dovecot_fields():
     a = hashed("alpha")
     b = hashed("bravo", "BLF-CRYPT")
@@ -257,6 +258,7 @@ def test_name_problem(name, ok):
     assert (name_problem(name) is None) == ok
 
 
+@pytest.mark.slow
 @settings(max_examples=300)
 @given(st.text(max_size=300))
 def test_random_lines_parse_or_refuse_cleanly(line):

@@ -44,6 +44,7 @@ def users_path(tmp_path) -> Path:
     return folder / "users"
 
 
+@pytest.mark.slow
 def test_add_creates_the_file_with_mode_0640(users_path):
     r = add(users_path, "Alice@SMTPD.com", "s3cret")
     assert r.returncode == 0, r.stderr
@@ -101,6 +102,7 @@ def populated(users_path) -> tuple[Path, str, str]:
     return users_path, alice, bob
 
 
+@pytest.mark.slow
 def test_passwd_changes_one_field_and_keeps_everything_else(populated):
     path, _, bob = populated
     r = run("--file", str(path), "passwd", "alice", "--stdin", "--scheme", "BLF-CRYPT", password="new one\n")
@@ -212,9 +214,8 @@ def test_unknown_scheme_option_is_a_usage_error(users_path):
     assert b"invalid choice" in r.stderr
 
 
+@pytest.mark.root("changes a file's owner")
 def test_rewrite_keeps_owner_and_group_and_sets_0640(populated):
-    if os.geteuid() != 0:
-        pytest.skip("changing a file's owner needs root")
     path, _, _ = populated
     os.chown(path, 1, 1)
     os.chmod(path, 0o644)
@@ -357,10 +358,11 @@ def dovecot_auth(config: Path, socket_path: Path, name: str, password: str) -> b
     return r.returncode == 0 and "auth succeeded" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     DOVECOT is None or DOVEADM is None, reason="Dovecot not installed (Debian package dovecot-core): not checked"
 )
-@pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot's own test instance needs root to drop to 'nobody'")
+@pytest.mark.root("Dovecot's own test instance drops to 'nobody'")
 def test_dovecot_authenticates_against_a_file_we_wrote():
     """The point of the format: Dovecot's passwd-file driver reads our file,
     comments, Dovecot fields, both schemes and lowercased names included,
