@@ -113,6 +113,7 @@ def start_with_mail_dir(tmp_path, mail_dir) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.root("mounts a tmpfs")
 @pytest.mark.parametrize("case", ["under /proc", "a file", "under a file", "read-only", "spool is a link"])
 def test_an_unusable_mail_dir_stops_the_start_with_exit_2_and_one_line(tmp_path, case):
     # Tests run as root: every case fails for root too (no permission bits).
