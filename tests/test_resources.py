@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from harness import DOMAIN, Client, wait_until
 
 from prefork_smtpd.session import Limits, Session, State
@@ -116,6 +117,7 @@ def flood_and_watch(server, flood: Flood, bound: int) -> int:
 
 
 # ---------------------------------------------------------------- backpressure
+@pytest.mark.slow
 def test_client_that_never_reads_cannot_grow_the_worker(start_server):
     """30 MB of pipelined HELP, replies never read: the worker stops reading.
 
@@ -138,6 +140,7 @@ def test_client_that_never_reads_cannot_grow_the_worker(start_server):
     sock.close()
 
 
+@pytest.mark.slow
 def test_many_clients_that_never_read_cost_little_each(start_server):
     """24 clients flood HELP at once: each costs the worker under half a MB.
 
@@ -175,6 +178,7 @@ def test_many_clients_that_never_read_cost_little_each(start_server):
         sock.close()
 
 
+@pytest.mark.slow
 def test_client_that_never_reads_is_cut_by_the_timeout(start_server):
     """Replies the client never reads do not keep it alive.
 
@@ -313,6 +317,7 @@ class StallableDisk:
             self.frozen = False
 
 
+@pytest.mark.slow
 def test_bytes_pipelined_behind_a_message_wait_in_the_kernel(start_server, tmp_path):
     """While a message is stored, the worker reads nothing more from its client.
 

@@ -165,6 +165,7 @@ def make_folders(mail_dir, count):
         os.makedirs(mail_dir / f"f{i}" / "tmp")
 
 
+@pytest.mark.slow
 def test_dead_writer_clean_up_lists_only_the_spool(tmp_path, monkeypatch):
     make_folders(tmp_path, 20_000)
     (tmp_path / SPOOL).mkdir()
@@ -179,6 +180,7 @@ def test_dead_writer_clean_up_lists_only_the_spool(tmp_path, monkeypatch):
     assert removed == [str(leftover)]
 
 
+@pytest.mark.slow
 def test_a_killed_workers_spool_files_go_and_the_master_stays_responsive(start_server):
     server = start_server()
     make_folders(server.mail_dir, 20_000)
