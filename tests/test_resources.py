@@ -318,6 +318,7 @@ class StallableDisk:
 
 
 @pytest.mark.slow
+@pytest.mark.root("mounts a loop device and freezes it")
 def test_bytes_pipelined_behind_a_message_wait_in_the_kernel(start_server, tmp_path):
     """While a message is stored, the worker reads nothing more from its client.
 
