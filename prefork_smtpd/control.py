@@ -28,36 +28,16 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .settings import RANGES
+from .settings import PARAMETERS as _PARAMETERS
+from .settings import PORT_ALIASES, PORT_HELP, RANGES
 
 MAX_LINE = 256
 
-# The parameters the port accepts, in ``show`` order, with their ranges.
-PARAMETERS = (
-    "logging",
-    "workers",
-    "max_connections",
-    "max_connections_per_ip",
-    "min_free_space",
-    "max_message_size",
-    "max_recipients",
-    "timeout",
-    "data_timeout",
-    "max_errors",
-)
-ALIASES = {"logger": "logging"}  # the seed report's name for it
-HELP = {
-    "logging": "0 turns logging off, any other integer on",
-    "workers": "worker processes; leaving workers finish their sessions",
-    "max_connections": "open SMTP connections; past it new clients get 421",
-    "max_connections_per_ip": "open connections from one address (0: no limit)",
-    "min_free_space": "bytes kept free on the mail store; below it mail gets 452 (0: no check)",
-    "max_message_size": "bytes per message (SIZE)",
-    "max_recipients": "recipients per message",
-    "timeout": "seconds a client may take to send one command",
-    "data_timeout": "seconds a client may take to send one message",
-    "max_errors": "bad commands before a session is closed",
-}
+# The parameters the port accepts (settings.REGISTRY's live ones), in
+# ``show`` order, their help and their other names.
+PARAMETERS = _PARAMETERS
+HELP = PORT_HELP
+ALIASES = PORT_ALIASES
 SOURCES = ("default", "file", "flag", "live")
 _MESSAGE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*(\S*)\s*\Z")
 # Any length: a value past a range is answered with the range (the line

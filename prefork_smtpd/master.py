@@ -49,7 +49,7 @@ from .pool import CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, WorkerInfo
 from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
-from .settings import RANGES, Settings
+from .settings import NEEDS_RESTART, RANGES, Settings  # NEEDS_RESTART: they need sockets the workers inherit
 from .stats import CONTROL, FIELD, SharedStats
 from .worker import run_worker
 
@@ -68,8 +68,6 @@ FAST_STOP_SECONDS = 5
 __all__ = ["CRASH_WINDOW", "MAX_BACKOFF", "Master", "StartupError", "WorkerInfo"]
 
 
-# Settings a reload cannot change: they need sockets the workers inherit.
-NEEDS_RESTART = ("listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port")
 STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
 HANDOVER_SECONDS = 5.0  # longest wait for old workers to stop accepting after a reload
 # A loop step that keeps failing is retried after a pause that doubles up
