@@ -128,7 +128,7 @@ _PROBE = textwrap.dedent('''
     sys.modules["prefork_smtpd.settings"] = module
     exec(compile(source, sys.argv[1], "exec"), module.__dict__)
 
-    from prefork_smtpd import control, stats
+    from prefork_smtpd import control, controlplane, stats
     from prefork_smtpd.cli.server import build_parser
     from prefork_smtpd.config_file import load_config_file
 
@@ -140,8 +140,13 @@ _PROBE = textwrap.dedent('''
     assert "max_widgets" in stats.CONTROL and stats.LiveSettings.max_widgets
     assert "max_widgets" in module.markdown_table()
 
-    session = control.ConfigSession(lambda n, v: None, lambda: {})
+    block = stats.SharedStats()
+    plane = controlplane.ControlPlane(module.Settings(workers=1, hostname="h"), log=lambda m: None)
+    plane.attach(block)
+    session = control.ConfigSession(plane.apply, plane.live_values)
     assert session.feed(b"max_widgets=100\\r\\n") == b"ERR max_widgets must be between 1 and 99\\r\\n"
+    assert session.feed(b"max_widgets=5\\r\\n") == b"OK\\r\\n" and block.get("max_widgets") == 5
+    assert b"max_widgets=5 (live)" in session.feed(b"show=1\\r\\n")
     print("one place")
 ''')
 
