@@ -151,6 +151,11 @@ REGISTRY: tuple[Setting, ...] = (
         help="message size (default {default})", change=LIVE, shared=True, port_help="bytes per message (SIZE)",
     ),
     Setting(
+        "max_data_memory", int, 256 * MiB, metavar="BYTES", range=(1024, 2**40),  # at least one max-size message
+        help="message data a worker holds in memory, at least one max-size message (default {default})",
+        change=LIVE, shared=True, port_help="message bytes a worker holds in memory; past it mails get 452",
+    ),
+    Setting(
         "max_recipients", int, 100, metavar="N", range=(1, 100_000),
         help="recipients per message (default {default})", change=LIVE, shared=True,
         port_help="recipients per message",

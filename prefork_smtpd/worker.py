@@ -40,13 +40,39 @@ RECYCLE = FIELD["recycle"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
+# Unsent replies per connection: past WRITE_HIGH the connection stops reading
+# until the client has taken all but WRITE_LOW.
+WRITE_HIGH = 64 * 1024
+WRITE_LOW = 16 * 1024
+# Input fed to the session at once outside DATA: the replies to 1 KiB of
+# pipelined commands stay under 60 KB (HELP, the worst, is 55 times its command).
+COMMAND_SLICE = 1024
+INSUFFICIENT_STORAGE = b"452 4.3.1 Error: insufficient system storage\r\n"
 DEFER_ACCEPT = 0.002  # seconds a worker over its fair share waits before accepting
 
 
 class SMTPConnection(asyncio.Protocol):
-    """One client connection: bytes to the session, replies to the socket."""
+    """One client connection: bytes to the session, replies to the socket.
 
-    __slots__ = ("worker", "transport", "session", "peer", "deadline", "closed", "address")
+    Everything a client can make the worker hold is bounded here:
+
+    * unsent replies: the transport calls ``pause_writing`` once more than
+      WRITE_HIGH bytes wait for a client that does not read; the connection
+      then stops reading (and so stops answering) until ``resume_writing``.
+      A read is fed to the session COMMAND_SLICE bytes at a time, so one
+      read of pipelined commands cannot turn into megabytes of replies
+      between two looks at the buffer;
+    * input while the connection waits (replies unsent, or a message being
+      stored): reading is paused, and the rest of the last read is ``held``
+      here, to be fed when the wait is over;
+    * message data: every byte a session holds in DATA, or hands to the
+      store, counts against the worker's ``max_data_memory``.
+    """
+
+    __slots__ = (
+        "worker", "transport", "session", "peer", "deadline", "closed", "address",
+        "write_paused", "storing", "reading_paused", "held", "data_held",
+    )
 
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
@@ -56,11 +82,18 @@ class SMTPConnection(asyncio.Protocol):
         self.deadline = math.inf
         self.closed = False
         self.address: tuple[int, int] | None = None  # counted in the shared address table
+        # Reading is paused while either reason holds; it resumes when neither does.
+        self.write_paused = False  # our replies wait for the client to read
+        self.storing = False  # a message is on its way to disk
+        self.reading_paused = False
+        self.held = bytearray()  # input received but not yet fed to the session
+        self.data_held = 0  # message bytes this connection counts in worker.data_memory
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         worker = self.worker
         self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
         slot = worker.slot
         slot.add(TOTAL)
         slot.add(CURRENT)
@@ -80,6 +113,7 @@ class SMTPConnection(asyncio.Protocol):
             transport.close()
             return
         self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy)
+        self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
         worker.log(f"{self.peer} connected")
@@ -87,6 +121,10 @@ class SMTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
         self.closed = True
+        self.held = bytearray()
+        if not self.storing:  # else the message stays in memory until the store is done with it
+            worker.data_memory -= self.data_held
+            self.data_held = 0
         worker.slot.add(CURRENT, -1)
         if self.address is not None:
             worker.stats.addresses.close(worker.index, self.address)
@@ -98,13 +136,50 @@ class SMTPConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------- input
     def data_received(self, data: bytes) -> None:
-        session = self.session
-        if session is None:
+        if self.session is None:
             return
-        self._send(session.feed(data))
+        if self.held:  # a read that was under way when we paused: keep the order
+            self.held += data
+            return
+        self._feed(data)
 
     def eof_received(self) -> bool:
         return False  # close our side too
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Feed the session until the data ends or the connection must wait.
+
+        Commands go in slices (a reply can be 50 times the size of its
+        command); message data goes whole, which keeps the hot path fast.
+        """
+        session = self.session
+        assert session is not None
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self.write_paused or self.storing:
+                self.held += view[pos:]
+                return
+            if session.state is State.CLOSED:
+                return  # closing: the rest is never answered
+            step = end - pos if session.state is State.DATA else COMMAND_SLICE
+            piece = view[pos : pos + step]
+            pos += len(piece)
+            out = session.feed(piece)
+            if out:
+                # Every reply answers a command the client completed: that
+                # is progress. Our own writes never push the deadline: while
+                # they wait unread, nothing more is fed.
+                self._renew_deadline()
+            self._account_data_memory()
+            self._send(out)
+
+    def _renew_deadline(self) -> None:
+        worker = self.worker
+        if self.session.state is State.DATA:
+            self.deadline = worker.now + worker.live.data_timeout
+        else:
+            self.deadline = worker.now + worker.live.timeout
 
     def _send(self, out: bytes) -> None:
         """Write replies, then act on what the session asks for."""
@@ -113,10 +188,6 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         if out:
             self.transport.write(out)
-            if session.state is State.DATA:
-                self.deadline = worker.now + worker.live.data_timeout
-            else:
-                self.deadline = worker.now + worker.live.timeout
         if session.replies_4xx or session.replies_5xx:
             self._count_error_replies()
         if session.log:
@@ -139,11 +210,64 @@ class SMTPConnection(asyncio.Protocol):
         slot.add(REPLIES_5XX, session.replies_5xx)
         session.replies_4xx = session.replies_5xx = 0
 
+    # ------------------------------------------------------ backpressure
+    def pause_writing(self) -> None:
+        """The client has more than WRITE_HIGH bytes of replies unread."""
+        self.write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._go_on()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _go_on(self) -> None:
+        """Feed what was held, then read again, unless a reason to wait remains."""
+        if self.closed or self.session is None:
+            return
+        if self.held and not (self.write_paused or self.storing):
+            held, self.held = self.held, bytearray()
+            self._feed(held)
+        if self.reading_paused and not (self.write_paused or self.storing or self.held or self.closed):
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------- message data
+    def _account_data_memory(self) -> None:
+        """Keep the worker's count of message bytes in memory; enforce its limit."""
+        session = self.session
+        held = session.held_bytes
+        if session.pending is not None:
+            held += session.pending.size
+        change = held - self.data_held
+        if not change:
+            return
+        self.data_held = held
+        worker = self.worker
+        worker.data_memory += change
+        if change > 0 and session.held_bytes and worker.data_memory > worker.data_memory_limit():
+            # This message pushed the worker over: refuse it, drop what it holds.
+            worker.log(
+                f"{self.peer} message refused: the worker holds {worker.data_memory} bytes "
+                f"of message data (limit {worker.data_memory_limit()})"
+            )
+            session.refuse_message(INSUFFICIENT_STORAGE)
+            worker.data_memory -= held
+            self.data_held = 0
+
     # ---------------------------------------------------------- delivery
     def _deliver(self) -> None:
         """Store the pending message off the loop; reply when it is on disk."""
         assert self.transport is not None and self.session is not None
-        self.transport.pause_reading()  # the client waits for our verdict anyway
+        # The client waits for our verdict anyway; what it pipelined behind
+        # the message waits in the kernel, and the rest of this read here.
+        self.storing = True
+        self._pause_reading()
+        self.held += self.session.take_unread()
         self.deadline = math.inf
         future = self.worker.store_when_room(self.session.pending, self.peer.rpartition(":")[0])
         future.add_done_callback(self._delivered)
@@ -153,12 +277,13 @@ class SMTPConnection(asyncio.Protocol):
         session = self.session
         assert session is not None and session.pending is not None
         envelope = session.pending
+        self.storing = False
         try:
             queue_id = future.result()
         except DeliveryError as exc:
             worker.log(f"{self.peer} delivery failed: {exc}")
             if exc.no_space:
-                reply = b"452 4.3.1 Error: insufficient system storage\r\n"
+                reply = INSUFFICIENT_STORAGE
             else:
                 reply = b"451 4.3.0 Error: local error in processing\r\n"
             out = session.message_failed(reply)
@@ -170,16 +295,28 @@ class SMTPConnection(asyncio.Protocol):
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
             )
             out = session.message_stored(queue_id)
+        worker.data_memory -= self.data_held  # the store is done with the message
+        self.data_held = 0
         if self.closed:
             return  # the client left while we stored; nothing to answer
-        self.transport.resume_reading()
+        self._renew_deadline()  # the client gets its full time for the next command
         self._send(out)
+        self._go_on()
 
     def timed_out(self) -> None:
         assert self.transport is not None and self.session is not None
+        if self.write_paused or self.transport.is_closing():
+            # Its replies sit unread: a close would wait for them forever.
+            self.worker.log(f"{self.peer} timeout in state {self.session.state.value}; not reading, dropped")
+            self.deadline = math.inf
+            self.transport.abort()
+            return
         self.worker.log(f"{self.peer} timeout in state {self.session.state.value}")
         self.transport.write(self.session.timeout_reply())
         self.transport.close()
+        # The close waits until the 421 is sent; a client that never reads
+        # gets a last timeout to take it, then is dropped.
+        self.deadline = self.worker.now + self.worker.live.timeout
 
 
 class Worker:
@@ -196,6 +333,7 @@ class Worker:
             mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
         )
         self.connections: set[SMTPConnection] = set()
+        self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
         self.stopping = False  # no longer accepting
         self._deferred = False  # the last wakeup was passed to the other workers
         self.closing_idle = False  # closing sessions between transactions
@@ -363,6 +501,17 @@ class Worker:
         future = self.committer.submit(envelope, peer_address)
         future.add_done_callback(lambda _: self.space.release(needed))
         return future
+
+    def data_memory_limit(self) -> int:
+        """max_data_memory, but never less than one message of the maximum size."""
+        live = self.live
+        return max(live.max_data_memory, live.max_message_size)
+
+    def message_admission(self) -> bytes | None:
+        """Asked at DATA: refuse a new message unless one of the maximum size still fits."""
+        if self.data_memory + self.live.max_message_size > self.data_memory_limit():
+            return INSUFFICIENT_STORAGE
+        return None
 
     def session_ended(self) -> None:
         self.sessions_served += 1

@@ -500,3 +500,18 @@ def test_8bitmime_body_is_stored_byte_for_byte(server):
     # the trace headers end at the first blank line of ours; the rest is the message, LF-ended
     expected = sorted(m.replace(b"\r\n", b"\n").split(b"\n\n", 1)[1] for m in (body, latin1))
     assert stored == expected
+
+
+def test_python_m_runs_from_the_source_folder():
+    """``python -m prefork_smtpd`` from a checkout's root imports the source
+    folder first (the current directory leads sys.path): its front ends must
+    be inside the package there too, not only in an installed wheel."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-m", "prefork_smtpd", "--version"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0 and run.stdout.startswith("prefork-smtpd "), run.stderr

@@ -88,7 +88,7 @@ def test_the_control_block_holds_the_shared_settings_and_every_live_one():
 def test_config_port_parameters_keep_their_names_and_show_order():
     assert S.PARAMETERS == (
         "logging", "workers", "max_connections", "max_connections_per_ip", "min_free_space",
-        "max_message_size", "max_recipients", "timeout", "data_timeout", "max_errors",
+        "max_message_size", "max_data_memory", "max_recipients", "timeout", "data_timeout", "max_errors",
     )
     assert S.PORT_ALIASES == {"logger": "logging"}
     assert set(S.PORT_HELP) == set(S.PARAMETERS) and all(S.PORT_HELP.values())
