@@ -1,7 +1,8 @@
 """The TOML config file: every command-line flag has a key of the same name.
 
 Keys may be written with ``_`` or ``-`` (``max-recipients`` or
-``max_recipients``). A bad file is refused whole, with the file, the line
+``max_recipients``); the keys and their checks come from
+``settings.REGISTRY``. A bad file is refused whole, with the file, the line
 and the reason, so a reload with a broken file keeps the old settings.
 """
 
@@ -9,12 +10,8 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import fields
 
-from .settings import RANGES, Settings, check_range
-
-_KINDS = {f.name: f.type for f in fields(Settings)}
-_NOT_IN_FILE = {"config_file", "mailbox_list", "sources"}
+from .settings import BY_NAME, TOML_KEYS
 
 
 class ConfigFileError(Exception):
@@ -37,33 +34,14 @@ def load_config_file(path: str) -> dict:
     text = raw.decode("utf-8")
     values = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
         where = f"{path}:{_line_of(text, key)}"
-        if name == "domain":
-            name = "domains"
-        if name not in _KINDS or name in _NOT_IN_FILE:
+        name = TOML_KEYS.get(key.replace("-", "_"))
+        if name is None:
             raise ConfigFileError(f"{where}: unknown setting {key!r}")
-        values[name] = _check(name, value, where)
-    return values
-
-
-def _check(name: str, value: object, where: str) -> object:
-    if name in RANGES:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigFileError(f"{where}: {name} must be an integer")
-        reason = check_range(name, value)
+        values[name], reason = BY_NAME[name].check_file_value(value)
         if reason:
             raise ConfigFileError(f"{where}: {reason}")
-        return value
-    if name == "domains":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ConfigFileError(f"{where}: domains must be a list of domain names")
-        return value
-    if not isinstance(value, str):
-        raise ConfigFileError(f"{where}: {name} must be a string")
-    return value
+    return values
 
 
 def _line_of(text: str, key: str) -> int:

@@ -16,8 +16,9 @@ connection closes) and the client address's budget (then even the right
 token is refused, unchecked, until the budget refills), so guessing the
 token is slow from one address and from one connection alike.
 
-The session only parses and checks; applying a value is the job of the
-``apply`` callable the master gives it.
+The session only parses; checking and applying a value is the job of the
+``apply`` callable it is given (``controlplane.ControlPlane.apply``), which
+answers the reason for a refusal, or None.
 """
 
 from __future__ import annotations
@@ -28,38 +29,10 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .settings import RANGES
+from .settings import PORT_ALIASES
 
 MAX_LINE = 256
 
-# The parameters the port accepts, in ``show`` order, with their ranges.
-PARAMETERS = (
-    "logging",
-    "workers",
-    "max_connections",
-    "max_connections_per_ip",
-    "min_free_space",
-    "max_message_size",
-    "max_data_memory",
-    "max_recipients",
-    "timeout",
-    "data_timeout",
-    "max_errors",
-)
-ALIASES = {"logger": "logging"}  # the seed report's name for it
-HELP = {
-    "logging": "0 turns logging off, any other integer on",
-    "workers": "worker processes; leaving workers finish their sessions",
-    "max_connections": "open SMTP connections; past it new clients get 421",
-    "max_connections_per_ip": "open connections from one address (0: no limit)",
-    "min_free_space": "bytes kept free on the mail store; below it mail gets 452 (0: no check)",
-    "max_message_size": "bytes per message (SIZE)",
-    "max_data_memory": "message bytes a worker holds in memory; past it mails get 452",
-    "max_recipients": "recipients per message",
-    "timeout": "seconds a client may take to send one command",
-    "data_timeout": "seconds a client may take to send one message",
-    "max_errors": "bad commands before a session is closed",
-}
 SOURCES = ("default", "file", "flag", "live")
 _MESSAGE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*(\S*)\s*\Z")
 # Any length: a value past a range is answered with the range (the line
@@ -156,7 +129,7 @@ class TokenGate:
 class ConfigSession:
     def __init__(
         self,
-        apply: Callable[[str, int], None],
+        apply: Callable[[str, int], str | None],
         current: Callable[[], dict[str, tuple[int, str]]],
         gate: TokenGate | None = None,
         reload: Callable[["ConfigSession"], None] | None = None,
@@ -252,7 +225,7 @@ class ConfigSession:
         if not m:
             return self._refuse("expected <param>=<integer>")
         name, value_text = m.group(1).lower(), m.group(2)
-        name = ALIASES.get(name, name)
+        name = PORT_ALIASES.get(name, name)
         if not _INTEGER.match(value_text):
             return self._refuse(f"{name}: value must be an integer")
         value = int(value_text)
@@ -267,15 +240,10 @@ class ConfigSession:
             self.reload(self)
             return b""
         if name == "show":
-            values = self.current()
-            return "".join(f"{p}={values[p][0]} ({values[p][1]})\r\n" for p in PARAMETERS).encode() + b"OK\r\n"
-        if name not in PARAMETERS:
-            return self._err(f"unknown parameter {name}")
-        low, high = RANGES[name]
-        if not low <= value <= high:
-            return self._err(f"{name} must be between {low} and {high}")
-        self.apply(name, value)
-        return b"OK\r\n"
+            values = self.current()  # in show order
+            return "".join(f"{p}={v} ({source})\r\n" for p, (v, source) in values.items()).encode() + b"OK\r\n"
+        reason = self.apply(name, value)
+        return self._err(reason) if reason else b"OK\r\n"
 
     def _login(self, name: str, value: int) -> bytes:
         assert self.gate is not None

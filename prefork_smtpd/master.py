@@ -37,12 +37,12 @@ import errno
 import socket
 import time
 import traceback
-from dataclasses import replace
 from typing import Callable
 
 from setproctitle import setproctitle
 
-from .control import PARAMETERS, ConfigSession, TokenGate, load_secret
+from .control import ConfigSession, TokenGate, load_secret
+from .controlplane import ControlPlane
 from .delivery import remove_temporary_files
 from .log import close_log, open_log
 from .pool import CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, WorkerInfo, WorkerPool, clamp_target
@@ -50,7 +50,7 @@ from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
 from .settings import RANGES, Settings
-from .stats import CONTROL, FIELD, SharedStats
+from .stats import FIELD, SharedStats
 from .worker import run_worker
 
 HANDLED_SIGNALS = (
@@ -68,8 +68,6 @@ FAST_STOP_SECONDS = 5
 __all__ = ["CRASH_WINDOW", "MAX_BACKOFF", "Master", "StartupError", "WorkerInfo"]
 
 
-# Settings a reload cannot change: they need sockets the workers inherit.
-NEEDS_RESTART = ("listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port")
 STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
 HANDOVER_SECONDS = 5.0  # longest wait for old workers to stop accepting after a reload
 # A loop step that keeps failing is retried after a pause that doubles up
@@ -170,10 +168,12 @@ class Master:
         reread_settings: Callable[[], Settings] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
-        # Builds fresh settings for a reload (config file, then the same
-        # flags on top); raises ConfigFileError for a bad file.
-        self.reread_settings = reread_settings
+        # The settings in force, where they came from, how they change (live,
+        # reload); reread_settings builds fresh ones for a reload (config
+        # file, then the same flags on top), raising for a bad file.
+        self.control = ControlPlane(
+            settings, reread_settings, lambda message: self.log(message), {"workers": self.set_worker_count},
+        )
         self.clock = clock
         self.pool = WorkerPool(settings.workers)
         self.signal_queue: list[int] = []
@@ -188,10 +188,10 @@ class Master:
         self.next_status = 0.0
         self.handover_pending = False  # a new generation is ready; old workers are still leaving
         self.handover_deadline = 0.0
-        # The live-changeable values as the config file and flags last gave
-        # them, and the names an operator changed on the config port since.
-        self.configured = configured_values(settings)
-        self.live: set[str] = set()
+
+    @property
+    def settings(self) -> Settings:
+        return self.control.settings
 
     # The pool holds the process table; these names keep the master's
     # other parts (reload, the config port) reading as they always did.
@@ -229,7 +229,7 @@ class Master:
         raise_open_file_limit()
         self.sockets = bind_smtp_sockets(settings)
         self.stats = SharedStats()
-        self.apply_settings(settings)
+        self.control.attach(self.stats)
         try:
             self.logger = open_log(settings.log_file, self.stats, "")
         except OSError as exc:
@@ -303,11 +303,6 @@ class Master:
     def wait_for_events(self) -> None:
         for key, mask in self.selector.select(self.wait_time()):
             key.data(mask)
-
-    def apply_settings(self, settings: Settings) -> None:
-        """Publish the live settings in the shared block for the workers."""
-        for name in CONTROL:
-            self.stats.set(name, self.target_workers if name == "workers" else getattr(settings, name))
 
     def wait_time(self) -> float:
         now = self.clock()
@@ -538,22 +533,16 @@ class Master:
         self.notifier.reloading()
         self.log("reloading")
         try:
-            fresh = self.reread_settings() if self.reread_settings else replace(self.settings, **self.configured)
+            fresh = self.control.reread()
             secret = load_secret(fresh.config_secret_file) if fresh.config_secret_file is not None else None
         except Exception as exc:  # a bad file: keep every old setting
             self.log(f"reload refused, old settings kept: {exc}")
             self.notifier.ready(self.status_text())
             return str(exc)
-        for name in NEEDS_RESTART:
-            if getattr(fresh, name) != getattr(self.settings, name):
-                self.log(f"reload: {name} changes only on restart; kept {getattr(self.settings, name)!r}")
-                setattr(fresh, name, getattr(self.settings, name))
-        self.keep_live_values(fresh)
+        self.control.adopt(fresh)  # restart-only values and live changes stay
         self.gate.secret = secret
         self.gate.failures_per_minute = fresh.config_login_failures_per_minute
-        self.settings = fresh
         self.target_workers = fresh.workers
-        self.apply_settings(fresh)
         self.generation += 1  # manage_workers forks the new generation
         return None
 
@@ -642,7 +631,7 @@ class Master:
 
     def new_config_session(self, peer: str) -> ConfigSession:
         return ConfigSession(
-            self.apply_live, self.live_values, self.gate, self.request_reload, peer, self.log,
+            self.control.apply, self.control.live_values, self.gate, self.request_reload, peer, self.log,
             self.settings.config_max_login_failures,
         )
 
@@ -655,61 +644,12 @@ class Master:
             service.close()
         self.services = []
 
-    def apply_live(self, name: str, value: int) -> None:
-        """A config-port message that passed its checks: apply it now."""
-        if name == "workers":
-            self.set_worker_count(value)
-        else:
-            self.stats.set(name, value)
-        setattr(self.settings, name, value)
-        self.live.add(name)
-        self.log(f"config: {name}={value}")
-
-    def current_values(self) -> dict[str, int]:
-        values = {name: self.stats.get(name) for name in PARAMETERS if name != "workers"}
-        values["workers"] = self.target_workers
-        return values
-
-    def live_values(self) -> dict[str, tuple[int, str]]:
-        """Each parameter's value now, and where it comes from (for ``show``)."""
-        return {name: (value, self.source_of(name, value)) for name, value in self.current_values().items()}
-
-    def source_of(self, name: str, value: int) -> str:
-        # Changed on the port, or by a signal (TTIN/TTOU change workers): live.
-        if name in self.live or value != self.configured[name]:
-            return "live"
-        return self.settings.sources.get(name, "default")
-
-    def keep_live_values(self, fresh: Settings) -> None:
-        """On reload: a live value stays unless the file (or a flag) changed that key.
-
-        The new configured value is compared with the one last read, not with
-        the live one: a key the operator did not touch in the file leaves the
-        live change in force; a key they did change there wins.
-        """
-        current = self.current_values()
-        configured = configured_values(fresh)
-        for name in PARAMETERS:
-            if self.source_of(name, current[name]) != "live":
-                continue
-            if configured[name] != self.configured[name]:
-                self.live.discard(name)
-                self.log(f"reload: {name}={configured[name]} from the config replaces the live {current[name]}")
-            else:
-                setattr(fresh, name, current[name])
-                self.live.add(name)
-        self.configured = configured
-
     def live_worker_indices(self) -> list[int]:
         return sorted(w.index for w in self.workers.values())
 
     def log(self, message: str) -> None:
         if self.stats.get("logging"):
             self.logger.info(message)
-
-
-def configured_values(settings: Settings) -> dict[str, int]:
-    return {name: getattr(settings, name) for name in PARAMETERS}
 
 
 def describe_exit(status: int) -> str:

@@ -1,103 +1,374 @@
-"""Every setting of the server, its default and its valid range, in one place.
+"""Every setting of the server, in one table: ``REGISTRY``.
 
-The command line (``cli/server.py``), the TOML config file and the config
-port all check values against ``RANGES``, so a limit means the same
-wherever it is set.
+Each ``Setting`` says its name, type, default, valid range, when a change
+takes effect, its command-line flags and help. Everything else is derived
+from the table, so a setting means the same wherever it is set:
+
+* the ``Settings`` dataclass (one field per setting, plus the bookkeeping
+  fields in ``_BOOKKEEPING``);
+* the command line (``cli/server.py``: flag, short alias, metavar, help,
+  range check);
+* the TOML keys and their type checks (``config_file.py``): the setting's
+  name and each long flag's name, with ``_`` or ``-``;
+* the config port (``control.py``, ``controlplane.py``): the ``LIVE``
+  settings, in table order (the order of ``show=1``), their help and range;
+* the shared-memory control block (``stats.CONTROL``): the ``shared``
+  settings, which every worker reads at each use;
+* what a reload may change: ``RESTART`` settings keep their old value;
+* the README, which ``tests/test_settings.py`` checks names every setting.
+
+How to add a setting
+--------------------
+1. Add one ``Setting(...)`` to ``REGISTRY`` below. Put a ``LIVE`` setting
+   among the other live ones, where it should appear in ``show=1``; give it
+   ``port_help``. A setting the workers must read live but the config port
+   must not change gets ``shared=True``.
+2. Read it where it is used: ``settings.<name>`` (fixed for a worker's
+   life), or ``worker.live.<name>`` for a shared or live one (each read
+   looks at shared memory, so a change applies at once).
+3. Mention its flag (and, if live, its config-port row) in README.md; the
+   tests say what is missing.
+Nothing else: flags, TOML key, config port, control block and their checks
+follow from the table.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Callable
 
 MiB = 1024 * 1024
 
+# When a new value takes effect.
+LIVE = "live"  # at once, on the config port too (implies shared)
+RELOAD = "reload"  # on reload (SIGHUP, reload=1): the next generation of workers
+RESTART = "restart"  # only on restart: the workers inherit its sockets
 
-@dataclass
-class Settings:
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    listen: str | None = None  # None: every address, IPv6 and IPv4
-    port: int = 2525
-    config_address: str = "127.0.0.1"
-    config_port: int = 2526
-    config_secret_file: str | None = None
-    config_max_clients: int = 64  # held connections; when full the least useful one goes
-    config_login_timeout: int = 10  # seconds to send the token
-    config_idle_timeout: int = 300  # seconds a config connection may stay silent
-    config_max_login_failures: int = 3  # per connection, then it is closed
-    config_login_failures_per_minute: int = 10  # per client address (IPv6: per /64)
-    metrics_address: str = "127.0.0.1"
-    metrics_port: int | None = None  # Prometheus endpoint; off unless set
-    metrics_max_clients: int = 64
-    metrics_timeout: int = 10  # seconds a scraper has to send its request
-    domains: list[str] = field(default_factory=lambda: ["smtpd.com"])
-    hostname: str = field(default_factory=socket.gethostname)
-    mail_dir: str = "mail_dir"
-    log_file: str = "logs/log.txt"
-    logging: int = 1
-    max_message_size: int = 10 * MiB
-    max_data_memory: int = 256 * MiB  # message bytes a worker holds in memory (at least one max-size message)
-    max_recipients: int = 100
-    max_command_line: int = 512
-    max_text_line: int = 1000
-    max_errors: int = 20
-    timeout: int = 300  # seconds a client may take to send one command
-    data_timeout: int = 600  # seconds a client may take to send one message
-    max_connections: int = 50_000
-    max_connections_per_ip: int = 0  # 0: no per-address limit
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the Settings field and the TOML key; the config port parameter if LIVE
+    type: type  # int, str or list (a list of strings)
+    default: Any = None  # None: unset (off, every address, ...)
+    default_factory: Callable[[], Any] | None = None  # instead of default, computed at start
+    help: str = ""  # the flag's help; "{default}" is replaced by the default
+    flags: tuple[str, ...] = ()  # short aliases (-P), or long flags replacing --<name>
+    metavar: str | None = None  # None: argparse's own (the name in capitals)
+    range: tuple[int, int] | None = None  # (lowest, highest): every int setting has one
+    change: str = RELOAD
+    shared: bool = False  # in the shared control block (every LIVE setting is)
+    port_help: str = ""  # the config port's help line (LIVE settings)
+    port_aliases: tuple[str, ...] = ()  # other names the config port accepts
+    default_doc: str | None = None  # the default in the docs, where the value itself would mislead
+
+    def __post_init__(self) -> None:
+        assert self.change in (LIVE, RELOAD, RESTART), self.name
+        assert (self.range is not None) == (self.type is int), f"{self.name}: an int setting needs a range"
+        assert self.change != LIVE or (self.shared and self.port_help), f"{self.name}: live means shared, with port_help"
+        assert not self.shared or self.type is int, f"{self.name}: the control block holds integers"
+
+    @property
+    def long_flags(self) -> tuple[str, ...]:
+        """``--max-recipients``, or the long flags given instead (``--domain``)."""
+        given = tuple(f for f in self.flags if f.startswith("--"))
+        return given or ("--" + self.name.replace("_", "-"),)
+
+    @property
+    def cli_flags(self) -> tuple[str, ...]:
+        return tuple(f for f in self.flags if not f.startswith("--")) + self.long_flags
+
+    @property
+    def toml_keys(self) -> tuple[str, ...]:
+        """The keys (``_`` form) a config file may give it by."""
+        keys = [self.name] + [f[2:].replace("-", "_") for f in self.long_flags]
+        return tuple(dict.fromkeys(keys))
+
+    def default_value(self) -> Any:
+        return self.default_factory() if self.default_factory is not None else self.default
+
+    def check_range(self, value: int) -> str | None:
+        """None if ``value`` is allowed, else the reason."""
+        assert self.range is not None
+        low, high = self.range
+        if not low <= value <= high:
+            return f"{self.name} must be between {low} and {high}"
+        return None
+
+    def check_file_value(self, value: object) -> tuple[object, str | None]:
+        """A config file's value, checked: (the value to use, None) or (None, the reason)."""
+        if self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return None, f"{self.name} must be an integer"
+            return value, self.check_range(value)
+        if self.type is list:
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                return None, f"{self.name} must be a list of domain names"
+            return value, None
+        if not isinstance(value, str):
+            return None, f"{self.name} must be a string"
+        return value, None
+
+
+REGISTRY: tuple[Setting, ...] = (
+    # -------------------------------------------- live: the config port changes them
+    # (in this order in show=1; every worker reads them from shared memory)
+    Setting(
+        "logging", int, 1, help="0: logging off at start (default {default})", range=(-(2**63), 2**63 - 1),
+        change=LIVE, shared=True, port_help="0 turns logging off, any other integer on", port_aliases=("logger",),
+    ),
+    Setting(
+        "workers", int, default_factory=lambda: os.cpu_count() or 1, default_doc="CPU count",
+        help="worker processes (default: CPU count, {default})", range=(1, 128),
+        change=LIVE, shared=True, port_help="worker processes; leaving workers finish their sessions",
+    ),
+    Setting(
+        "max_connections", int, 50_000, metavar="N", range=(1, 1_000_000),
+        help="open SMTP connections, all workers together (default {default})",
+        change=LIVE, shared=True, port_help="open SMTP connections; past it new clients get 421",
+    ),
+    Setting(
+        "max_connections_per_ip", int, 0, metavar="N", range=(0, 1_000_000),  # 0: no per-address limit
+        help="open connections from one address (IPv6: one /64), 0 for no limit (default {default})",
+        change=LIVE, shared=True, port_help="open connections from one address (0: no limit)",
+    ),
     # Bytes kept free on mail_dir's file system (0: no check): ten default-size
     # messages, room for the log and the system; Postfix needs 1.5 x the
     # message size limit, which this covers up to a 64 MiB limit.
-    min_free_space: int = 100 * MiB
-    mailboxes: str = "auto"  # auto | existing | FILE (see policy.py)
-    mailbox_list: frozenset[str] | None = None  # the local parts a mailboxes FILE names, once read
-    graceful_timeout: int = 30
-    max_requests: int = 0  # recycle a worker after this many sessions; 0: never
-    backlog: int = 4096
-    delivery_threads: int = 1  # one: while it flushes, the next batch fills (measured ~10% faster than 2)
-    config_file: str | None = None  # where these settings came from, for reload
-    # name -> "file" or "flag" for each value not left at its default
-    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    Setting(
+        "min_free_space", int, 100 * MiB, metavar="BYTES", range=(0, 2**60),
+        help="free space kept on mail_dir's file system, 0 for no check (default {default})",
+        change=LIVE, shared=True, port_help="bytes kept free on the mail store; below it mail gets 452 (0: no check)",
+    ),
+    Setting(
+        "max_message_size", int, 10 * MiB, metavar="BYTES", range=(1024, 2**40),
+        help="message size (default {default})", change=LIVE, shared=True, port_help="bytes per message (SIZE)",
+    ),
+    Setting(
+        "max_data_memory", int, 256 * MiB, metavar="BYTES", range=(1024, 2**40),  # at least one max-size message
+        help="message data a worker holds in memory, at least one max-size message (default {default})",
+        change=LIVE, shared=True, port_help="message bytes a worker holds in memory; past it mails get 452",
+    ),
+    Setting(
+        "max_recipients", int, 100, metavar="N", range=(1, 100_000),
+        help="recipients per message (default {default})", change=LIVE, shared=True,
+        port_help="recipients per message",
+    ),
+    Setting(
+        "timeout", int, 300, metavar="SECONDS", range=(1, 86_400),
+        help="time to send one command (default {default})", change=LIVE, shared=True,
+        port_help="seconds a client may take to send one command",
+    ),
+    Setting(
+        "data_timeout", int, 600, metavar="SECONDS", range=(1, 86_400),
+        help="time to send one message after 354 (default {default})", change=LIVE, shared=True,
+        port_help="seconds a client may take to send one message",
+    ),
+    Setting(
+        "max_errors", int, 20, metavar="N", range=(1, 100_000),
+        help="bad commands before the session is closed (default {default})", change=LIVE, shared=True,
+        port_help="bad commands before a session is closed",
+    ),
+    # ------------------------------- shared, changed by reload: sessions read them live
+    Setting(
+        "max_command_line", int, 512, metavar="BYTES", range=(512, 65536),  # RFC 5321 forbids less than 512
+        help="command line length, CRLF included (default {default})", shared=True,
+    ),
+    Setting(
+        "max_text_line", int, 1000, metavar="BYTES", range=(1000, 1 << 20),  # RFC 5321 forbids less than 1000
+        help="message line length, CRLF included (default {default})", shared=True,
+    ),
+    # ------------------------------------------ sockets: changed only by a restart
+    Setting(
+        "listen", str, None, flags=("-l",), metavar="ADDR", change=RESTART, default_doc="every address",  # None: every address, IPv6 and IPv4
+        help="SMTP address (default: every IPv6 and IPv4 address)",
+    ),
+    Setting("port", int, 2525, flags=("-P",), range=(1, 65535), change=RESTART, help="SMTP port (default {default})"),
+    Setting("backlog", int, 4096, metavar="N", range=(1, 65535), change=RESTART, help="listen backlog (default {default})"),
+    Setting(
+        "config_address", str, "127.0.0.1", flags=("-C",), metavar="ADDR", change=RESTART,
+        help="config port address (default {default})",
+    ),
+    Setting(
+        "config_port", int, 2526, flags=("-c",), range=(1, 65535), change=RESTART,
+        help="config port (default {default})",
+    ),
+    Setting(
+        "metrics_address", str, "127.0.0.1", metavar="ADDR", change=RESTART,
+        help="Prometheus address (default {default})",
+    ),
+    Setting(
+        "metrics_port", int, None, range=(1, 65535), change=RESTART, default_doc="off",  # the Prometheus endpoint; off unless set
+        help="Prometheus port (default: off)",
+    ),
+    # -------------------------------------------- the rest: changed by a reload
+    Setting(
+        "config_secret_file", str, None, metavar="FILE", default_doc="none (loopback only)",
+        help="file holding the config port's token",
+    ),
+    Setting(
+        "config_max_clients", int, 64, metavar="N", range=(1, 4096),  # when full the least useful one goes
+        help="config connections held; when full the one idle longest goes (default {default})",
+    ),
+    Setting(
+        "config_login_timeout", int, 10, metavar="SECONDS", range=(1, 3600),
+        help="time to send the config token (default {default})",
+    ),
+    Setting(
+        "config_idle_timeout", int, 300, metavar="SECONDS", range=(1, 86_400),
+        help="time a config connection may stay silent (default {default})",
+    ),
+    Setting(
+        "config_max_login_failures", int, 3, metavar="N", range=(1, 1000),  # per connection, then it is closed
+        help="failed logins per config connection before it closes (default {default})",
+    ),
+    Setting(
+        "config_login_failures_per_minute", int, 10, metavar="N", range=(1, 1_000_000),  # IPv6: per /64
+        help="failed config logins per client address and minute (default {default})",
+    ),
+    Setting(
+        "metrics_max_clients", int, 64, metavar="N", range=(1, 4096),
+        help="Prometheus connections held (default {default})",
+    ),
+    Setting(
+        "metrics_timeout", int, 10, metavar="SECONDS", range=(1, 3600),
+        help="time a scraper has to send its request (default {default})",
+    ),
+    Setting(
+        "domains", list, default_factory=lambda: ["smtpd.com"], flags=("--domain",), metavar="D",
+        help="a served domain; repeat for more (default smtpd.com)",
+    ),
+    Setting(
+        "hostname", str, default_factory=socket.gethostname, default_doc="host name",
+        help="name in the greeting and Received headers (default: host name)",
+    ),
+    Setting("mail_dir", str, "mail_dir", metavar="DIR", help="Maildir root (default {default})"),
+    Setting(
+        "mailboxes", str, "auto", metavar="auto|existing|FILE",  # see policy.py
+        help="which recipients get a folder: any valid local part (auto, the default), only folders"
+        " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
+    ),
+    Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
+    Setting(
+        "graceful_timeout", int, 30, metavar="SECONDS", range=(0, 86_400),
+        help="time sessions get to finish on stop (default {default})",
+    ),
+    Setting(
+        "max_requests", int, 0, metavar="N", range=(0, 2**31),  # recycle a worker after this many sessions
+        help="sessions before a worker is recycled, 0 for never (default {default})",
+    ),
+    Setting(
+        # One: while it flushes, the next batch fills (measured ~10% faster than 2).
+        "delivery_threads", int, 1, metavar="N", range=(1, 256),
+        help="disk-writing threads per worker (default {default})",
+    ),
+)
 
-    def __post_init__(self) -> None:
-        self.domains = [d.lower() for d in self.domains]
-
+BY_NAME: dict[str, Setting] = {s.name: s for s in REGISTRY}
+assert len(BY_NAME) == len(REGISTRY), "two settings share a name"
 
 # name -> (lowest, highest) for every integer setting.
-RANGES: dict[str, tuple[int, int]] = {
-    "workers": (1, 128),
-    "port": (1, 65535),
-    "config_port": (1, 65535),
-    "metrics_port": (1, 65535),
-    "config_max_clients": (1, 4096),
-    "config_login_timeout": (1, 3600),
-    "config_idle_timeout": (1, 86_400),
-    "config_max_login_failures": (1, 1000),
-    "config_login_failures_per_minute": (1, 1_000_000),
-    "metrics_max_clients": (1, 4096),
-    "metrics_timeout": (1, 3600),
-    "logging": (-(2**63), 2**63 - 1),  # 0 off, anything else on
-    "max_message_size": (1024, 2**40),
-    "max_data_memory": (1024, 2**40),
-    "max_recipients": (1, 100_000),
-    "max_command_line": (512, 65536),  # RFC 5321 forbids less than 512
-    "max_text_line": (1000, 1 << 20),  # RFC 5321 forbids less than 1000
-    "max_errors": (1, 100_000),
-    "timeout": (1, 86_400),
-    "data_timeout": (1, 86_400),
-    "max_connections": (1, 1_000_000),
-    "max_connections_per_ip": (0, 1_000_000),
-    "min_free_space": (0, 2**60),
-    "graceful_timeout": (0, 86_400),
-    "max_requests": (0, 2**31),
-    "backlog": (1, 65535),
-    "delivery_threads": (1, 256),
-}
+RANGES: dict[str, tuple[int, int]] = {s.name: s.range for s in REGISTRY if s.range is not None}
+# The config port's parameters, in show=1 order, their help, and other names.
+PARAMETERS: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.change == LIVE)
+PORT_HELP: dict[str, str] = {s.name: s.port_help for s in REGISTRY if s.change == LIVE}
+PORT_ALIASES: dict[str, str] = {alias: s.name for s in REGISTRY for alias in s.port_aliases}
+# The shared control block's settings, in layout order.
+SHARED: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.shared)
+NEEDS_RESTART: tuple[str, ...] = tuple(s.name for s in REGISTRY if s.change == RESTART)
+# A config file's key (``_`` form) -> the setting it gives.
+TOML_KEYS: dict[str, str] = {key: s.name for s in REGISTRY for key in s.toml_keys}
+
 
 def check_range(name: str, value: int) -> str | None:
     """None if ``value`` is allowed for ``name``, else the reason."""
-    low, high = RANGES[name]
-    if not low <= value <= high:
-        return f"{name} must be between {low} and {high}"
-    return None
+    return BY_NAME[name].check_range(value)
+
+
+def _field(setting: Setting) -> tuple[str, Any, Any]:
+    kind = setting.type.__name__ + ("[str]" if setting.type is list else "")
+    if setting.default is None and setting.default_factory is None:
+        kind += " | None"
+    if setting.default_factory is not None:
+        return setting.name, kind, field(default_factory=setting.default_factory)
+    return setting.name, kind, field(default=setting.default)
+
+
+# Fields of Settings that are no setting: not flags, keys or parameters.
+_BOOKKEEPING = (
+    ("config_file", "str | None", field(default=None)),  # where these settings came from, for reload
+    ("mailbox_list", "frozenset[str] | None", field(default=None)),  # local parts a mailboxes FILE names, once read
+    # name -> "file" or "flag" for each value not left at its default
+    ("sources", "dict[str, str]", field(default_factory=dict, repr=False, compare=False)),
+)
+
+
+def _post_init(self: Any) -> None:
+    self.domains = [d.lower() for d in self.domains]
+
+
+Settings = make_dataclass(
+    "Settings",
+    [_field(s) for s in REGISTRY] + list(_BOOKKEEPING),
+    namespace={
+        "__post_init__": _post_init,
+        "__doc__": "The server's settings: one field per REGISTRY entry, plus bookkeeping.",
+        "__module__": __name__,
+    },
+)
+
+
+# ------------------------------------------------------------------ docs
+_WHEN = {LIVE: "live (config port)", RELOAD: "reload", RESTART: "restart"}
+
+
+def _number(n: int) -> str:
+    if n >= 2**20 and n & (n - 1) == 0:
+        return f"2^{n.bit_length() - 1}"
+    return f"{n:,}" if abs(n) >= 10_000 else str(n)
+
+
+def _doc_default(setting: Setting) -> str:
+    if setting.default_doc is not None:
+        return setting.default_doc
+    value = setting.default_value()
+    if isinstance(value, list):
+        return ", ".join(value)
+    if isinstance(value, int) and value >= MiB and value % MiB == 0:
+        return f"{value // MiB} MiB"
+    if isinstance(value, int):
+        return _number(value)
+    return f"`{value}`"
+
+
+def _doc_range(setting: Setting) -> str:
+    if setting.range is None:
+        return ""
+    low, high = setting.range
+    if (low, high) == (-(2**63), 2**63 - 1):
+        return "any integer"
+    return f"{_number(low)}..{_number(high)}"
+
+
+def markdown_table() -> str:
+    """README.md's table of every setting (``python -m prefork_smtpd.settings`` prints it)."""
+    rows = [
+        "| flag | TOML key | default | range | changes on | what |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in REGISTRY:
+        flags = "/".join(f"`{f}`" for f in s.cli_flags)
+        what = re.sub(r"\s*\(default[^)]*\)$", "", s.help).replace("|", "\\|")
+        keys = ", ".join(f"`{k}`" for k in s.toml_keys)
+        rows.append(f"| {flags} | {keys} | {_doc_default(s)} | {_doc_range(s)} | {_WHEN[s.change]} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

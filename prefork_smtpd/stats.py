@@ -28,28 +28,19 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .settings import SHARED
+
 WORD = 8
 MAX_WORKERS = 257  # slots 1..256 (workers are numbered from 1): two generations of 128 for a reload
 
-# Control block: index -> name. The values are integers, like the config
-# protocol's `<param>=<integer>` messages.
-CONTROL = (
-    "logging",
-    "max_connections",
-    "max_message_size",
-    "max_recipients",
-    "timeout",
-    "data_timeout",
-    "max_errors",
-    "max_command_line",
-    "max_text_line",
-    "workers",
-    "max_connections_per_ip",
-    "min_free_space",
-    "max_data_memory",
-)
+# Control block: index -> name: the shared settings of settings.REGISTRY.
+# The values are integers, like the config protocol's `<param>=<integer>`
+# messages. The layout is fixed when the master starts and the same in every
+# worker it forks (a reload keeps the master, so the layout too).
+CONTROL = SHARED
 CONTROL_INDEX = {name: i for i, name in enumerate(CONTROL)}
 CONTROL_WORDS = 32
+assert len(CONTROL) <= CONTROL_WORDS, "the control block is full: make CONTROL_WORDS larger"
 
 # A worker slot: index -> name.
 SLOT_FIELDS = (

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
-from prefork_smtpd.control import PARAMETERS, ConfigSession, TokenGate, address_key, parse_show_line
+from prefork_smtpd.control import ConfigSession, TokenGate, address_key, parse_show_line
+from prefork_smtpd.controlplane import ControlPlane
+from prefork_smtpd.settings import PARAMETERS, Settings
+
+
+class Block(dict):
+    """A control block without shared memory: records what is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.written = []
+
+    def set(self, name, value):
+        self[name] = value
+        self.written.append((name, value))
 
 
 def new(secret=None):
-    applied = []
-    values = {p: (1, "default") for p in PARAMETERS}
+    block = Block()
+    plane = ControlPlane(Settings(workers=1, hostname="h"))
+    plane.attach(block)
+    block.written.clear()
     reloads = []
     gate = TokenGate(secret, 10) if secret is not None else None
-    session = ConfigSession(lambda n, v: applied.append((n, v)), lambda: values, gate, reloads.append, "192.0.2.1:5")
-    return session, applied, reloads
+    session = ConfigSession(plane.apply, plane.live_values, gate, reloads.append, "192.0.2.1:5")
+    return session, block.written, reloads
 
 
 def test_messages_are_case_insensitive_and_accept_lf_or_crlf():

@@ -15,8 +15,8 @@ import sys
 import tomllib
 
 from prefork_smtpd import __version__
-from prefork_smtpd.control import HELP, PARAMETERS, load_secret, parse_show_line
-from prefork_smtpd.settings import RANGES, Settings, check_range
+from prefork_smtpd.control import load_secret, parse_show_line
+from prefork_smtpd.settings import PARAMETERS, PORT_ALIASES, PORT_HELP, RANGES, Settings, check_range
 
 
 class Unreachable(Exception):
@@ -56,9 +56,9 @@ def help_text(values: dict[str, tuple[int, str]] | None) -> str:
     for name in PARAMETERS:
         low, high = RANGES[name]
         now = f", now {values[name][0]} ({values[name][1]})" if values and name in values else ""
-        rows.append(f"  {name:<24} {low}..{high}{now}: {HELP[name]}")
+        rows.append(f"  {name:<24} {low}..{high}{now}: {PORT_HELP[name]}")
+    rows += [f"  {alias:<24} the same as {name}" for alias, name in PORT_ALIASES.items()]
     rows += [
-        "  logger                   the same as logging",
         "  show=1                   list the current values: param=value (default|file|flag|live)",
         "  reload=1                 re-read the config file, answered once the new workers accept;",
         "                           live changes stay unless the file changed the same key",

@@ -9,7 +9,7 @@ from typing import Callable
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
 from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list
-from prefork_smtpd.settings import Settings, check_range
+from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, check_range
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +33,16 @@ def _int_setting(name: str):
     return parse
 
 
+# The --help sections, by when a change takes effect.
+_GROUPS = (
+    (LIVE, "live settings (the config port changes them too)"),
+    (RELOAD, "settings a reload changes"),
+    (RESTART, "settings that change only on restart"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag of settings.REGISTRY, with --config and --version."""
     d = Settings()
     p = _Parser(
         prog="prefork-smtpd",
@@ -42,61 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--version", action="version", version=f"prefork-smtpd {__version__}")
     p.add_argument("--config", metavar="FILE", help="TOML file with settings; flags override it")
-    p.add_argument("--workers", type=_int_setting("workers"), help=f"worker processes (default: CPU count, {d.workers})")
-    p.add_argument("-l", "--listen", metavar="ADDR", help="SMTP address (default: every IPv6 and IPv4 address)")
-    p.add_argument("-P", "--port", type=_int_setting("port"), help=f"SMTP port (default {d.port})")
-    p.add_argument("-C", "--config-address", metavar="ADDR", help=f"config port address (default {d.config_address})")
-    p.add_argument("-c", "--config-port", type=_int_setting("config_port"), help=f"config port (default {d.config_port})")
-    p.add_argument("--config-secret-file", metavar="FILE", help="file holding the config port's token")
-    for name, unit, what in (
-        ("config_max_clients", "N", "config connections held; when full the one idle longest goes"),
-        ("config_login_timeout", "SECONDS", "time to send the config token"),
-        ("config_idle_timeout", "SECONDS", "time a config connection may stay silent"),
-        ("config_max_login_failures", "N", "failed logins per config connection before it closes"),
-        ("config_login_failures_per_minute", "N", "failed config logins per client address and minute"),
-        ("metrics_max_clients", "N", "Prometheus connections held"),
-        ("metrics_timeout", "SECONDS", "time a scraper has to send its request"),
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"), type=_int_setting(name), metavar=unit,
-            help=f"{what} (default {getattr(d, name)})",
-        )
-    p.add_argument("--metrics-address", metavar="ADDR", help=f"Prometheus address (default {d.metrics_address})")
-    p.add_argument("--metrics-port", type=_int_setting("metrics_port"), help="Prometheus port (default: off)")
-    p.add_argument(
-        "--domain", dest="domains", action="append", metavar="D",
-        help=f"a served domain; repeat for more (default {d.domains[0]})",
-    )
-    p.add_argument("--hostname", help="name in the greeting and Received headers (default: host name)")
-    p.add_argument("--mail-dir", metavar="DIR", help=f"Maildir root (default {d.mail_dir})")
-    p.add_argument(
-        "--mailboxes", metavar="auto|existing|FILE",
-        help="which recipients get a folder: any valid local part (auto, the default), only folders"
-        " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
-    )
-    p.add_argument("--log-file", metavar="FILE", help=f"log file (default {d.log_file})")
-    p.add_argument("--logging", type=_int_setting("logging"), help="0: logging off at start (default 1)")
-    for name, unit, what in (
-        ("max_message_size", "BYTES", "message size"),
-        ("max_data_memory", "BYTES", "message data a worker holds in memory, at least one max-size message"),
-        ("max_recipients", "N", "recipients per message"),
-        ("max_command_line", "BYTES", "command line length, CRLF included"),
-        ("max_text_line", "BYTES", "message line length, CRLF included"),
-        ("max_errors", "N", "bad commands before the session is closed"),
-        ("timeout", "SECONDS", "time to send one command"),
-        ("data_timeout", "SECONDS", "time to send one message after 354"),
-        ("max_connections", "N", "open SMTP connections, all workers together"),
-        ("max_connections_per_ip", "N", "open connections from one address (IPv6: one /64), 0 for no limit"),
-        ("min_free_space", "BYTES", "free space kept on mail_dir's file system, 0 for no check"),
-        ("graceful_timeout", "SECONDS", "time sessions get to finish on stop"),
-        ("max_requests", "N", "sessions before a worker is recycled, 0 for never"),
-        ("backlog", "N", "listen backlog"),
-        ("delivery_threads", "N", "disk-writing threads per worker"),
-    ):
-        p.add_argument(
-            "--" + name.replace("_", "-"), type=_int_setting(name), metavar=unit,
-            help=f"{what} (default {getattr(d, name)})",
-        )
+    groups = {change: p.add_argument_group(title) for change, title in _GROUPS}
+    for setting in REGISTRY:
+        options: dict = {"dest": setting.name, "help": setting.help.format(default=getattr(d, setting.name))}
+        if setting.metavar is not None:
+            options["metavar"] = setting.metavar
+        if setting.type is int:
+            options["type"] = _int_setting(setting.name)
+        elif setting.type is list:
+            options["action"] = "append"
+        groups[setting.change].add_argument(*setting.cli_flags, **options)
     return p
 
 

@@ -1,0 +1,163 @@
+"""The parameter registry and what is derived from it (no server needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from prefork_smtpd import settings as S
+from prefork_smtpd import stats
+from prefork_smtpd.cli.server import build_parser
+from prefork_smtpd.config_file import ConfigFileError, load_config_file
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_settings_has_one_field_per_setting_with_its_default():
+    d = S.Settings()
+    for setting in S.REGISTRY:
+        if setting.default_factory is None:
+            assert getattr(d, setting.name) == setting.default, setting.name
+    assert d.workers == (os.cpu_count() or 1) and d.domains == ["smtpd.com"]
+    assert S.Settings(domains=["A.Example"]).domains == ["a.example"]  # lowercased, as always
+
+
+def test_every_setting_has_its_flags_and_each_flag_sets_it():
+    parser = build_parser()
+    by_dest = {a.dest: a for a in parser._actions}
+    for setting in S.REGISTRY:
+        action = by_dest[setting.name]
+        assert tuple(action.option_strings) == setting.cli_flags
+        value = {int: str((setting.range or (0, 0))[0]), str: "x", list: "x.example"}[setting.type]
+        args = vars(parser.parse_args([setting.cli_flags[-1], value]))
+        assert args == {setting.name: [value] if setting.type is list else type(args[setting.name])(value)}
+
+
+def test_short_aliases_and_old_flag_spellings_still_work():
+    args = vars(build_parser().parse_args(["-P", "25", "-l", "::1", "-c", "99", "-C", "0.0.0.0", "--domain", "a.org"]))
+    assert args == {"port": 25, "listen": "::1", "config_port": 99, "config_address": "0.0.0.0", "domains": ["a.org"]}
+
+
+def test_an_int_flag_out_of_range_names_the_range(capsys):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["--max-recipients", "0"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "prefork-smtpd: error: argument --max-recipients: max_recipients must be between 1 and 100000\n"
+    )
+
+
+@pytest.mark.parametrize("setting", S.REGISTRY, ids=lambda s: s.name)
+def test_every_setting_has_toml_keys_checked_by_its_type(setting, tmp_path):
+    good = {int: (setting.range or (0, 0))[1], str: "x", list: ["x.example"]}[setting.type]
+    for key in setting.toml_keys:
+        for spelling in (key, key.replace("_", "-")):
+            conf = tmp_path / "s.toml"
+            conf.write_text(f'"{spelling}" = {good!r}\n'.replace("'", '"'))
+            assert load_config_file(str(conf)) == {setting.name: good}
+    conf.write_text(f"{setting.name} = true\n")
+    with pytest.raises(ConfigFileError, match=rf"s\.toml:1: {setting.name} must be "):
+        load_config_file(str(conf))
+
+
+def test_the_example_config_file_is_accepted():
+    example = README.parent / "systemd" / "prefork-smtpd.toml"
+    assert load_config_file(str(example))["workers"] == 4
+
+
+@pytest.mark.parametrize("key", ["config_file", "mailbox_list", "sources", "colour"])
+def test_bookkeeping_fields_are_no_keys(key, tmp_path):
+    conf = tmp_path / "s.toml"
+    conf.write_text(f'{key} = "x"\n')
+    with pytest.raises(ConfigFileError, match=f"unknown setting '{key}'"):
+        load_config_file(str(conf))
+
+
+def test_the_control_block_holds_the_shared_settings_and_every_live_one():
+    assert stats.CONTROL == S.SHARED and len(stats.CONTROL) <= stats.CONTROL_WORDS
+    assert set(S.PARAMETERS) <= set(stats.CONTROL)
+    assert {"max_command_line", "max_text_line"} <= set(stats.CONTROL) - set(S.PARAMETERS)
+
+
+def test_config_port_parameters_keep_their_names_and_show_order():
+    assert S.PARAMETERS == (
+        "logging", "workers", "max_connections", "max_connections_per_ip", "min_free_space",
+        "max_message_size", "max_data_memory", "max_recipients", "timeout", "data_timeout", "max_errors",
+    )
+    assert S.PORT_ALIASES == {"logger": "logging"}
+    assert set(S.PORT_HELP) == set(S.PARAMETERS) and all(S.PORT_HELP.values())
+
+
+def test_restart_only_settings_are_the_sockets():
+    assert set(S.NEEDS_RESTART) == {
+        "listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
+    }
+
+
+def test_the_readme_table_is_the_generated_one():
+    text = README.read_text()
+    match = re.search(r"<!-- settings table:[^\n]*-->\n(.*?)<!-- end of settings table -->", text, re.DOTALL)
+    assert match, "README.md lost its settings table markers"
+    assert match.group(1) == S.markdown_table(), "run: python -m prefork_smtpd.settings, and paste the table"
+
+
+def test_the_readme_names_every_setting_and_every_config_port_parameter():
+    text = README.read_text()
+    prose = re.sub(r"<!-- settings table:.*?<!-- end of settings table -->", "", text, flags=re.DOTALL)
+    port_rows = re.findall(r"^\| `([a-z_]+)`", prose, re.MULTILINE)
+    assert [r for r in port_rows if r not in ("show", "reload", "token")] == list(S.PARAMETERS)
+    for setting in S.REGISTRY:
+        assert setting.long_flags[0] in text, setting.name
+
+
+# A setting added to the table, and nothing else, as a new limit would be.
+_NEW_SETTING = '''
+    Setting(
+        "max_widgets", int, 7, metavar="N", range=(1, 99), help="widgets (default {default})",
+        change=LIVE, shared=True, port_help="widgets per session",
+    ),
+'''
+_PROBE = textwrap.dedent('''
+    import sys, types, tempfile
+    source = open(sys.argv[1]).read()
+    at = source.index("    # ---") + 0  # before the first section of REGISTRY
+    source = source[:at] + sys.argv[2] + source[at:]
+    module = types.ModuleType("prefork_smtpd.settings")
+    module.__file__ = sys.argv[1]
+    sys.modules["prefork_smtpd.settings"] = module
+    exec(compile(source, sys.argv[1], "exec"), module.__dict__)
+
+    from prefork_smtpd import control, controlplane, stats
+    from prefork_smtpd.cli.server import build_parser
+    from prefork_smtpd.config_file import load_config_file
+
+    assert vars(build_parser().parse_args(["--max-widgets", "9"])) == {"max_widgets": 9}
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write("max-widgets = 8\\n"); f.flush()
+        assert load_config_file(f.name) == {"max_widgets": 8}
+    assert module.Settings().max_widgets == 7
+    assert "max_widgets" in stats.CONTROL and stats.LiveSettings.max_widgets
+    assert "max_widgets" in module.markdown_table()
+
+    block = stats.SharedStats()
+    plane = controlplane.ControlPlane(module.Settings(workers=1, hostname="h"), log=lambda m: None)
+    plane.attach(block)
+    session = control.ConfigSession(plane.apply, plane.live_values)
+    assert session.feed(b"max_widgets=100\\r\\n") == b"ERR max_widgets must be between 1 and 99\\r\\n"
+    assert session.feed(b"max_widgets=5\\r\\n") == b"OK\\r\\n" and block.get("max_widgets") == 5
+    assert b"max_widgets=5 (live)" in session.feed(b"show=1\\r\\n")
+    print("one place")
+''')
+
+
+def test_a_setting_added_to_the_registry_alone_reaches_flags_file_port_and_shared_memory():
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE, S.__file__, _NEW_SETTING], capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert probe.stdout.strip() == "one place", probe.stderr
