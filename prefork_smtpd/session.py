@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .listeners import SMTP_CONTEXT, ConnectionContext
+
 
 class State(enum.Enum):
     CONNECTED = "connected"  # greeted; waiting for HELO/EHLO
@@ -195,8 +197,10 @@ class Session:
         limits: Limits,
         read_stat: Callable[[str], int],
         policy: Policy = ALLOW_ALL,
+        context: ConnectionContext = SMTP_CONTEXT,
     ) -> None:
         self.hostname = hostname
+        self.context = context  # the listener the client came in on (read-only)
         self.domains = domains  # lowercase
         self.limits = limits
         self.read_stat = read_stat
