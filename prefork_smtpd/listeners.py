@@ -10,6 +10,9 @@ listener and makes each connection through the listener's kind (see
 Kinds (``KINDS``):
 
     smtp        the SMTP port (-P): mail from anyone to the served domains
+    submission  the submission port (RFC 6409, --submission-port): like
+                smtp, but MAIL needs AUTH (RFC 4954). AUTH is not available
+                yet, so until then every MAIL there gets 530 5.7.0.
 
 How to add a kind (smtps, say):
 
@@ -18,7 +21,7 @@ How to add a kind (smtps, say):
 3. ``worker.PROTOCOLS``: the factory that makes a connection on it (for
    smtps: the TLS handshake before the greeting).
 4. The session reads the ``ConnectionContext`` for what differs in the
-   protocol itself (a port that needs AUTH refuses MAIL before it, say).
+   protocol itself (the submission port's MAIL check, say).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from .settings import Settings
 
 SMTP = "smtp"
+SUBMISSION = "submission"
 
 # TLS modes (none is wired yet): none, STARTTLS offered after EHLO, or
 # implicit (smtps: the connection is TLS from its first byte, RFC 8314).
@@ -59,6 +63,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     SMTP: Kind(SMTP, TLS_NONE, require_auth=False),
+    SUBMISSION: Kind(SUBMISSION, TLS_NONE, require_auth=True),
 }
 
 # The plain SMTP port's context: a session made without one is on it.
@@ -78,7 +83,7 @@ class Listener:
     else one per address the name resolves to).
     """
 
-    name: str  # unique among the listeners: "smtp"
+    name: str  # unique among the listeners: "smtp", "submission"
     kind: str  # a key of KINDS: which protocol factory makes its connections
     address: str | None  # None: every address (IPv6 and IPv4 on one socket)
     port: int
@@ -129,7 +134,10 @@ class Listener:
 
 def configured(settings: Settings) -> list[Listener]:
     """The listeners the settings ask for, not yet bound: SMTP first."""
-    return [Listener.of_kind(SMTP, settings.listen, settings.port)]
+    listeners = [Listener.of_kind(SMTP, settings.listen, settings.port)]
+    if settings.submission_port is not None:
+        listeners.append(Listener.of_kind(SUBMISSION, settings.listen, settings.submission_port))
+    return listeners
 
 
 def bind_all(listeners: list[Listener], backlog: int) -> list[Listener]:

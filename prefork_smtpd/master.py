@@ -69,7 +69,7 @@ __all__ = ["CRASH_WINDOW", "MAX_BACKOFF", "Master", "StartupError", "WorkerInfo"
 
 # Settings a reload cannot change: they need sockets the workers inherit.
 NEEDS_RESTART = (
-    "listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
+    "listen", "port", "submission_port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
 )
 STATUS_EVERY = 2.0  # seconds between systemd STATUS= updates
 HANDOVER_SECONDS = 5.0  # longest wait for old workers to stop accepting after a reload

@@ -409,6 +409,11 @@ class Session:
         return f"250 {self.hostname} Hello {name}\r\n".encode()
 
     def _cmd_MAIL(self, arg: str) -> bytes:
+        if self.context.require_auth:
+            # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
+            # is not available yet, so nobody is authenticated here; once it
+            # is, this also asks whether the client has authenticated.
+            return self._error(b"530 5.7.0 Authentication required\r\n")
         parsed = _split_path(arg, "FROM:")
         if parsed is None:
             return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain>\r\n")

@@ -19,6 +19,7 @@ class Settings:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     listen: str | None = None  # None: every address, IPv6 and IPv4
     port: int = 2525
+    submission_port: int | None = None  # RFC 6409 submission (MAIL needs AUTH); off unless set
     config_address: str = "127.0.0.1"
     config_port: int = 2526
     config_secret_file: str | None = None
@@ -68,6 +69,7 @@ class Settings:
 RANGES: dict[str, tuple[int, int]] = {
     "workers": (1, 128),
     "port": (1, 65535),
+    "submission_port": (1, 65535),
     "config_port": (1, 65535),
     "metrics_port": (1, 65535),
     "config_max_clients": (1, 4096),

@@ -1,7 +1,7 @@
 """A worker process: one uvloop event loop serving SMTP sessions.
 
 The worker accepts clients on the listeners it shares with the other
-workers (listeners.py), makes each
+workers (listeners.py: the SMTP port, the submission port), makes each
 connection with its listener's protocol (``PROTOCOLS``), glues their
 transports to sans-IO sessions, enforces the timeouts and connection
 limits, and hands complete messages to the batch
@@ -25,7 +25,7 @@ from setproctitle import setproctitle
 
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
-from .listeners import SMTP, ConnectionContext, Listener
+from .listeners import SMTP, SUBMISSION, ConnectionContext, Listener
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .session import Envelope, Session, State
@@ -334,6 +334,7 @@ class SMTPConnection(asyncio.Protocol):
 # the listener's context, it makes the connection's asyncio protocol.
 PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext], asyncio.Protocol]] = {
     SMTP: SMTPConnection,
+    SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
 }
 
 

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int_setting("workers"), help=f"worker processes (default: CPU count, {d.workers})")
     p.add_argument("-l", "--listen", metavar="ADDR", help="SMTP address (default: every IPv6 and IPv4 address)")
     p.add_argument("-P", "--port", type=_int_setting("port"), help=f"SMTP port (default {d.port})")
+    p.add_argument(
+        "--submission-port", type=_int_setting("submission_port"), metavar="PORT",
+        help="submission port (RFC 6409), on -l's addresses: MAIL needs AUTH, which is not available yet,"
+        " so MAIL gets 530 there (default: off)",
+    )
     p.add_argument("-C", "--config-address", metavar="ADDR", help=f"config port address (default {d.config_address})")
     p.add_argument("-c", "--config-port", type=_int_setting("config_port"), help=f"config port (default {d.config_port})")
     p.add_argument("--config-secret-file", metavar="FILE", help="file holding the config port's token")
@@ -131,6 +136,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
 
 def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
+    if settings.submission_port is not None and settings.submission_port == settings.port:
+        return "--submission-port must differ from --port"
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
         return "--config-secret-file is required when the config port is not on loopback"
     if settings.config_secret_file is not None:
