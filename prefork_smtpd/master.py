@@ -33,8 +33,6 @@ import os
 import resource
 import selectors
 import signal
-import errno
-import socket
 import time
 import traceback
 from typing import Callable
@@ -44,6 +42,7 @@ from setproctitle import setproctitle
 from .control import ConfigSession, TokenGate, load_secret
 from .controlplane import ControlPlane
 from .delivery import remove_temporary_files
+from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
 from .log import close_log, open_log
 from .pool import CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, WorkerInfo, WorkerPool, clamp_target
 from .prometheus import make_renderer
@@ -80,57 +79,29 @@ class StartupError(Exception):
     """The server cannot start as configured (a port taken, a bad address)."""
 
 
-def bind_smtp_sockets(settings: Settings) -> list[socket.socket]:
-    """Listening sockets for the SMTP port: every address, or the one asked for."""
-    if settings.listen is None:
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
-            return [_listen(sock, ("::", settings.port), settings.backlog)]
-        except OSError as exc:
-            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
-                raise StartupError(f"cannot listen on port {settings.port} (every address): {exc}") from None
-            # no IPv6 on this host: IPv4 only
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            return [_listen(sock, ("0.0.0.0", settings.port), settings.backlog)]
-        except OSError as exc:
-            raise StartupError(f"cannot listen on port {settings.port} (every address): {exc}") from None
-    sockets: list[socket.socket] = []
+def bind_listeners(settings: Settings) -> list[Listener]:
+    """Every listener the settings ask for, bound; StartupError names the one that failed."""
     try:
-        found = socket.getaddrinfo(settings.listen, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in found:
-            sock = socket.socket(family, kind, proto)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sockets.append(_listen(sock, address, settings.backlog))
-    except OSError as exc:
-        for sock in sockets:
-            sock.close()
-        raise StartupError(f"cannot listen on {settings.listen} port {settings.port}: {exc}") from None
-    return sockets
+        return bind_all(configured(settings), settings.backlog)
+    except ListenError as exc:
+        raise StartupError(str(exc)) from None
 
 
-def master_title(settings: Settings) -> str:
-    """The master's process title: names its SMTP port, so servers on one host differ."""
-    where = f"{settings.listen} port {settings.port}" if settings.listen else f"port {settings.port}"
-    return f"prefork-smtpd: master [{where}]"
+def master_title(listeners: list[Listener]) -> str:
+    """The master's process title: names its ports, so servers on one host differ."""
+    return f"prefork-smtpd: master [{', '.join(listener.title() for listener in listeners)}]"
+
+
+def listening_on(listeners: list[Listener]) -> str:
+    """``port 2525 and submission port 2587``, for the start-up log line."""
+    return " and ".join(
+        f"port {listener.port}" if listener.kind == SMTP else f"{listener.name} port {listener.port}"
+        for listener in listeners
+    )
 
 
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def _listen(sock: socket.socket, address: tuple, backlog: int) -> socket.socket:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def raise_open_file_limit() -> int:
@@ -227,14 +198,14 @@ class Master:
     def run(self) -> int:
         settings = self.settings
         raise_open_file_limit()
-        self.sockets = bind_smtp_sockets(settings)
+        self.listeners = bind_listeners(settings)
         self.stats = SharedStats()
         self.control.attach(self.stats)
         try:
             self.logger = open_log(settings.log_file, self.stats, "")
         except OSError as exc:
             raise StartupError(f"cannot open the log file {settings.log_file}: {exc}") from None
-        setproctitle(master_title(settings))
+        setproctitle(master_title(self.listeners))
         self.selector = selectors.DefaultSelector()
         self.install_signals()
         try:
@@ -250,7 +221,7 @@ class Master:
             raise StartupError(f"cannot listen on {where}: {exc}") from None
         self.log("Server Initialized")
         self.log(
-            f"listening on port {settings.port} with {plural(self.target_workers, 'worker')},"
+            f"listening on {listening_on(self.listeners)} with {plural(self.target_workers, 'worker')},"
             f" domains {', '.join(settings.domains)}"
         )
         try:
@@ -412,7 +383,7 @@ class Master:
             status = 1
             try:
                 self.become_worker()
-                status = run_worker(index, self.sockets, self.settings, self.stats)
+                status = run_worker(index, self.listeners, self.settings, self.stats)
             except BaseException:
                 try:
                     self.logger.critical(f"worker {index} crashed: {traceback.format_exc()}")
@@ -498,9 +469,8 @@ class Master:
         """Stop listening: once the workers close their copies too, new
         clients are refused at once instead of queueing for a worker that
         will never greet them."""
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
+        close_all(self.listeners)
+        self.listeners = []
 
     def check_stop(self) -> None:
         if not self.stopping:

@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .listeners import SMTP_CONTEXT, ConnectionContext
+
 
 class State(enum.Enum):
     CONNECTED = "connected"  # greeted; waiting for HELO/EHLO
@@ -195,8 +197,10 @@ class Session:
         limits: Limits,
         read_stat: Callable[[str], int],
         policy: Policy = ALLOW_ALL,
+        context: ConnectionContext = SMTP_CONTEXT,
     ) -> None:
         self.hostname = hostname
+        self.context = context  # the listener the client came in on (read-only)
         self.domains = domains  # lowercase
         self.limits = limits
         self.read_stat = read_stat
@@ -405,6 +409,11 @@ class Session:
         return f"250 {self.hostname} Hello {name}\r\n".encode()
 
     def _cmd_MAIL(self, arg: str) -> bytes:
+        if self.context.require_auth:
+            # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
+            # is not available yet, so nobody is authenticated here; once it
+            # is, this also asks whether the client has authenticated.
+            return self._error(b"530 5.7.0 Authentication required\r\n")
         parsed = _split_path(arg, "FROM:")
         if parsed is None:
             return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain>\r\n")

@@ -190,6 +190,11 @@ REGISTRY: tuple[Setting, ...] = (
         help="SMTP address (default: every IPv6 and IPv4 address)",
     ),
     Setting("port", int, 2525, flags=("-P",), range=(1, 65535), change=RESTART, help="SMTP port (default {default})"),
+    Setting(
+        "submission_port", int, None, metavar="PORT", range=(1, 65535), change=RESTART, default_doc="off",
+        help="submission port (RFC 6409), on -l's addresses: MAIL needs AUTH, which is not available yet,"
+        " so MAIL gets 530 there (default: off)",
+    ),
     Setting("backlog", int, 4096, metavar="N", range=(1, 65535), change=RESTART, help="listen backlog (default {default})"),
     Setting(
         "config_address", str, "127.0.0.1", flags=("-C",), metavar="ADDR", change=RESTART,

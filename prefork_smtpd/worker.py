@@ -1,8 +1,10 @@
 """A worker process: one uvloop event loop serving SMTP sessions.
 
-The worker accepts clients from the listening socket it shares with the
-other workers, glues their transports to sans-IO sessions, enforces the
-timeouts and connection limits, and hands complete messages to the batch
+The worker accepts clients on the listeners it shares with the other
+workers (listeners.py: the SMTP port, the submission port), makes each
+connection with its listener's protocol (``PROTOCOLS``), glues their
+transports to sans-IO sessions, enforces the timeouts and connection
+limits, and hands complete messages to the batch
 committer's threads so that disk work never stalls the loop. Of the other
 workers it knows only the shared counters.
 """
@@ -16,12 +18,14 @@ import os
 import random
 import signal
 import socket
+from collections.abc import Callable
 
 import uvloop
 from setproctitle import setproctitle
 
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
+from .listeners import SMTP, SUBMISSION, ConnectionContext, Listener
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .session import Envelope, Session, State
@@ -70,12 +74,13 @@ class SMTPConnection(asyncio.Protocol):
     """
 
     __slots__ = (
-        "worker", "transport", "session", "peer", "deadline", "closed", "address",
+        "worker", "context", "transport", "session", "peer", "deadline", "closed", "address",
         "write_paused", "storing", "reading_paused", "held", "data_held",
     )
 
-    def __init__(self, worker: "Worker") -> None:
+    def __init__(self, worker: "Worker", context: ConnectionContext) -> None:
         self.worker = worker
+        self.context = context  # the listener it came in on
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "unknown"
@@ -112,11 +117,17 @@ class SMTPConnection(asyncio.Protocol):
             transport.write(f"421 4.7.0 {worker.settings.hostname} Error: {refusal}, try again later\r\n".encode())
             transport.close()
             return
-        self.session = Session(worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy)
+        context = self.context
+        self.session = Session(
+            worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy, context=context
+        )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
-        worker.log(f"{self.peer} connected")
+        if context.kind == SMTP:
+            worker.log(f"{self.peer} connected")
+        else:
+            worker.log(f"{self.peer} connected to the {context.listener} port")
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
@@ -319,10 +330,18 @@ class SMTPConnection(asyncio.Protocol):
         self.deadline = self.worker.now + self.worker.live.timeout
 
 
+# The protocol that serves each kind of listener: called with the worker and
+# the listener's context, it makes the connection's asyncio protocol.
+PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext], asyncio.Protocol]] = {
+    SMTP: SMTPConnection,
+    SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
+}
+
+
 class Worker:
-    def __init__(self, index: int, sockets: list[socket.socket], settings: Settings, stats: SharedStats) -> None:
+    def __init__(self, index: int, listeners: list[Listener], settings: Settings, stats: SharedStats) -> None:
         self.index = index
-        self.sockets = sockets
+        self.listeners = listeners
         self.settings = settings
         self.stats = stats
         self.slot = stats.slot(index)
@@ -371,8 +390,10 @@ class Worker:
         loop = self.loop
         self.now = loop.time()
         self.finished = loop.create_future()
-        for sock in self.sockets:
-            loop.add_reader(sock.fileno(), self.accept_one, sock)
+        for listener in self.listeners:
+            new_connection = self.connection_factory(listener)
+            for sock in listener.sockets:
+                loop.add_reader(sock.fileno(), self.accept_one, sock, new_connection)
         loop.add_signal_handler(signal.SIGTERM, self.begin_shutdown)
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGHUP, self.retire)
@@ -407,7 +428,7 @@ class Worker:
             flush_log(self._logger)
 
     # ------------------------------------------------------------ accepting
-    # Every worker watches the one listening socket the master bound. Each
+    # Every worker watches the listening sockets the master bound. Each
     # wakeup accepts a single connection, then the loop serves its sessions
     # before it looks again, so a busy worker takes new clients more slowly
     # than an idle one. On top of that, a worker holding more than its fair
@@ -416,25 +437,33 @@ class Worker:
     # wakeup accepts regardless, so a stuck neighbour never strands a queued
     # client. (Letting the event loop accept everything queued per wakeup
     # put 34 of 50 burst connections on one of two workers; see bench S6.)
-    def accept_one(self, listener: socket.socket) -> None:
+    # The deferral is the worker's, not the socket's: a wakeup passed on one
+    # listener lets the next wakeup on any of them accept.
+    def accept_one(self, listening: socket.socket, new_connection: Callable[[], asyncio.Protocol]) -> None:
         if not self._deferred and self.over_fair_share():
             self._deferred = True
-            self.loop.remove_reader(listener.fileno())
-            self.loop.call_later(DEFER_ACCEPT, self._resume_accepting, listener)
+            self.loop.remove_reader(listening.fileno())
+            self.loop.call_later(DEFER_ACCEPT, self._resume_accepting, listening, new_connection)
             return
         self._deferred = False
         try:
-            sock, _ = listener.accept()
+            sock, _ = listening.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another worker took it
         except OSError as exc:  # out of file descriptors, most likely
             self.log(f"accept failed: {exc}; pausing accepts for 0.1 s")
-            self.loop.remove_reader(listener.fileno())
-            self.loop.call_later(0.1, self._resume_accepting, listener)
+            self.loop.remove_reader(listening.fileno())
+            self.loop.call_later(0.1, self._resume_accepting, listening, new_connection)
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.create_task(self.loop.connect_accepted_socket(lambda: SMTPConnection(self), sock))
+        self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
+
+    def connection_factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
+        """What makes a connection on ``listener``: its kind's protocol, given its context."""
+        protocol = PROTOCOLS[listener.kind]
+        context = listener.context
+        return lambda: protocol(self, context)
 
     def over_fair_share(self) -> bool:
         """More open connections than the server-wide average, plus one.
@@ -446,18 +475,19 @@ class Worker:
         fair = self.stats.xstat("CURRENT") / workers
         return len(self.connections) > fair + 1
 
-    def _resume_accepting(self, listener: socket.socket) -> None:
+    def _resume_accepting(self, listening: socket.socket, new_connection: Callable[[], asyncio.Protocol]) -> None:
         if not self.stopping:
-            self.loop.add_reader(listener.fileno(), self.accept_one, listener)
+            self.loop.add_reader(listening.fileno(), self.accept_one, listening, new_connection)
 
     def stop_accepting(self) -> None:
         """Stop listening: close this process's copies of the listening
         sockets, so that once every process has, new clients are refused
         rather than queued for a worker that will never greet them."""
-        for sock in self.sockets:
-            if sock.fileno() >= 0:
-                self.loop.remove_reader(sock.fileno())
-                sock.close()
+        for listener in self.listeners:
+            for sock in listener.sockets:
+                if sock.fileno() >= 0:
+                    self.loop.remove_reader(sock.fileno())
+                    sock.close()
         self.slot.set(ACCEPTING, 0)  # the master answers a reload only once this is 0
 
     def admit(self, conn: SMTPConnection, address: tuple[int, int]) -> str | None:
@@ -589,6 +619,6 @@ class Worker:
             self._log_lines.add_line(message)
 
 
-def run_worker(index: int, sockets: list[socket.socket], settings: Settings, stats: SharedStats) -> int:
-    return Worker(index, sockets, settings, stats).run()
+def run_worker(index: int, listeners: list[Listener], settings: Settings, stats: SharedStats) -> int:
+    return Worker(index, listeners, settings, stats).run()
 

@@ -166,21 +166,26 @@ def test_a_killed_worker_leaves_no_per_address_count_and_keeps_its_restarts(star
 
 # ------------------------------------------------------------------ stopping
 @pytest.mark.slow
-def test_graceful_stop_refuses_new_clients_at_once(start_server):
-    server = start_server("--graceful-timeout", "120")
+def test_graceful_stop_refuses_new_clients_at_once_on_every_port(start_server):
+    submission_port = free_port()
+    server = start_server("--graceful-timeout", "120", "--submission-port", str(submission_port))
     busy = server.client()
     busy.cmd("EHLO x"); busy.cmd("MAIL FROM:<a@smtpd.com>"); busy.cmd("RCPT TO:<r>"); busy.cmd("DATA")
+    idle = Client(submission_port)
+    idle.cmd("EHLO y")
     server.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: server.log_count("stopping: no new connections") == 2, what="workers to stop accepting")
 
-    def refused() -> bool:
+    def refused(port: int) -> bool:
         try:
-            socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
         except ConnectionRefusedError:
             return True
         return False
 
-    wait_until(refused, what="new connections to be refused")
+    for port in (server.port, submission_port):
+        wait_until(lambda port=port: refused(port), what=f"new connections to port {port} to be refused")
+    assert idle.reply() == (421, "4.3.2 mx.test Service shutting down")  # between transactions: closed now
     busy.send(b"the last mail\r\n.\r\n")
     assert busy.reply()[0] == 250
     assert server.proc.wait(timeout=60) == 0

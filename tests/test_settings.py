@@ -96,7 +96,7 @@ def test_config_port_parameters_keep_their_names_and_show_order():
 
 def test_restart_only_settings_are_the_sockets():
     assert set(S.NEEDS_RESTART) == {
-        "listen", "port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
+        "listen", "port", "submission_port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
     }
 
 

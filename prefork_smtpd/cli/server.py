@@ -95,6 +95,8 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
 
 def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
+    if settings.submission_port is not None and settings.submission_port == settings.port:
+        return "--submission-port must differ from --port"
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
         return "--config-secret-file is required when the config port is not on loopback"
     if settings.config_secret_file is not None:
