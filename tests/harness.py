@@ -85,12 +85,17 @@ def as_user(name: str, cmd: list[str], scratch: Path) -> list[str]:
         stand_in.mkdir(exist_ok=True)
         stand_in.chmod(0o711)
         for entry_name in sorted(entries):
-            (stand_in / entry_name).mkdir(exist_ok=True)
-            steps.append(f"mount --bind {shlex.quote(str(closed / entry_name))} {shlex.quote(str(stand_in / entry_name))}")
+            source, mount_point = closed / entry_name, stand_in / entry_name
+            if source.is_dir():
+                mount_point.mkdir(exist_ok=True)
+            else:
+                mount_point.touch()
+            steps.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(mount_point))}")
         # --rbind: the stand-in brings its own bind mounts along.
         steps.append(f"mount --rbind {shlex.quote(str(stand_in))} {shlex.quote(str(closed))}")
     steps.append('exec "$@"')
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", " && ".join(steps), "sh", *setpriv, *cmd]
+    script = " && ".join(steps)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *setpriv, *cmd]
 
 
 class Client:
