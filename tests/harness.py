@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import pwd
 import resource
+import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -51,6 +55,47 @@ def tmpfs(path: Path, size: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def as_user(name: str, cmd: list[str], scratch: Path) -> list[str]:
+    """``cmd`` wrapped to run as user ``name`` with that user's groups only, as
+    a service manager's User= does (needs root, util-linux's unshare and
+    setpriv; each execs the next, so the pid is the command's own).
+
+    The test's interpreter or package may sit in a folder closed to that user
+    (a Python installed under /root): the command then runs in a private
+    mount namespace where each such folder is covered by a stand-in (made in
+    ``scratch``) holding only the entries it needs, bind-mounted. The host's
+    mounts and modes stay as they are."""
+    entry = pwd.getpwnam(name)
+    setpriv = ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups", "--"]
+    package = importlib.util.find_spec("prefork_smtpd").origin
+    openings: dict[Path, set[str]] = {}  # closed folder -> entries the command needs in it
+    for needed in {os.path.realpath(sys.executable), sys.base_prefix, sys.prefix, package}:
+        path = Path(needed).resolve()
+        for folder in reversed(path.parents):
+            if not folder.stat().st_mode & stat.S_IXOTH:
+                openings.setdefault(folder, set()).add(path.relative_to(folder).parts[0])
+                break
+    if not openings:
+        return setpriv + cmd
+    steps = []
+    for number, (closed, entries) in enumerate(sorted(openings.items())):
+        stand_in = scratch / f".stand-in-{number}"
+        stand_in.mkdir(exist_ok=True)
+        stand_in.chmod(0o711)
+        for entry_name in sorted(entries):
+            source, mount_point = closed / entry_name, stand_in / entry_name
+            if source.is_dir():
+                mount_point.mkdir(exist_ok=True)
+            else:
+                mount_point.touch()
+            steps.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(mount_point))}")
+        # --rbind: the stand-in brings its own bind mounts along.
+        steps.append(f"mount --rbind {shlex.quote(str(stand_in))} {shlex.quote(str(closed))}")
+    steps.append('exec "$@"')
+    script = " && ".join(steps)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *setpriv, *cmd]
 
 
 class Client:
@@ -113,11 +158,13 @@ class Client:
 
 
 class Server:
-    """A real prefork-smtpd master with its workers, in a temporary folder."""
+    """A real prefork-smtpd master with its workers, in a temporary folder;
+    ``user``: run it as that user (the tests must run as root), as its
+    systemd unit does."""
 
     def __init__(
         self, root: Path, *args: str, workers: int = 2, listen: str | None = "127.0.0.1",
-        env: dict[str, str] | None = None, wait: bool = True,
+        env: dict[str, str] | None = None, wait: bool = True, user: str | None = None,
     ) -> None:
         self.root = root
         self.mail_dir = root / "mail_dir"
@@ -134,9 +181,11 @@ class Server:
             if listen:
                 cmd += ["-l", listen]
             cmd += list(args)
+            if user is not None:
+                cmd = as_user(user, cmd, root)
             self.stderr = open(root / "stderr.txt", "wb")
             self.proc = subprocess.Popen(
-                cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                cmd, cwd=root, stdout=self.stderr, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             )
             if not wait:
                 return
