@@ -21,10 +21,10 @@ import stat
 from typing import Callable
 
 from .diskspace import SpaceGuard
+from .events import Reply
+from .replies import INSUFFICIENT_STORAGE, UNKNOWN_MAILBOX
 from .session import Policy, folder_for
 
-NO_STORAGE = b"452 4.3.1 Error: insufficient system storage\r\n"
-UNKNOWN_MAILBOX = b"550 5.1.1 Error: mailbox unavailable\r\n"
 MODES = ("auto", "existing")  # anything else names a file
 
 
@@ -81,10 +81,10 @@ class ServerPolicy(Policy):
         self.mailbox_exists = mailbox_exists
         self.space = space
 
-    def mail_refusal(self, size: int) -> bytes | None:
-        return NO_STORAGE if self.space.shortage(size) is not None else None
+    def mail_refusal(self, size: int) -> Reply | None:
+        return INSUFFICIENT_STORAGE if self.space.shortage(size) is not None else None
 
-    def recipient_refusal(self, folder: str) -> bytes | None:
+    def recipient_refusal(self, folder: str) -> Reply | None:
         if self.mailbox_exists is not None and not self.mailbox_exists(folder):
             return UNKNOWN_MAILBOX
         return None

@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import replies
+from .events import Reply
 from .listeners import SMTP_CONTEXT, ConnectionContext
 
 
@@ -76,17 +78,15 @@ ALLOWED: dict[str, frozenset[State]] = {
 NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS"})
 
 # The 503 reply for a verb used in a state that does not allow it.
-_NEED_HELO = b"503 5.5.1 Error: send HELO/EHLO first\r\n"
-_NEED_MAIL = b"503 5.5.1 Error: need MAIL command\r\n"
 SEQUENCE_ERRORS: dict[tuple[str, State], bytes] = {
-    ("MAIL", State.CONNECTED): _NEED_HELO,
-    ("MAIL", State.MAIL): b"503 5.5.1 Error: nested MAIL command\r\n",
-    ("MAIL", State.RCPT): b"503 5.5.1 Error: nested MAIL command\r\n",
-    ("RCPT", State.CONNECTED): _NEED_HELO,
-    ("RCPT", State.READY): _NEED_MAIL,
-    ("DATA", State.CONNECTED): _NEED_HELO,
-    ("DATA", State.READY): _NEED_MAIL,
-    ("DATA", State.MAIL): b"503 5.5.1 Error: need RCPT command\r\n",
+    ("MAIL", State.CONNECTED): replies.NEED_HELO,
+    ("MAIL", State.MAIL): replies.NESTED_MAIL,
+    ("MAIL", State.RCPT): replies.NESTED_MAIL,
+    ("RCPT", State.CONNECTED): replies.NEED_HELO,
+    ("RCPT", State.READY): replies.NEED_MAIL,
+    ("DATA", State.CONNECTED): replies.NEED_HELO,
+    ("DATA", State.READY): replies.NEED_MAIL,
+    ("DATA", State.MAIL): replies.NEED_RCPT,
 }
 
 XSTAT_TEXT = {
@@ -110,13 +110,22 @@ _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+_HELP = replies.multiline(
+    214,
+    "2.0.0",
+    [
+        "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT",
+        "MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]",
+        "RCPT TO:<user@domain> or RCPT TO:<user>",
+        "VRFY always answers 252: mailboxes are not disclosed",
+        "XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters",
+        "End of HELP",
+    ],
+)
 # Why a message is refused, worst first: a bare CR or LF is a framing error
 # (the message may not even end where the client thinks), the others limits.
-_BARE_IN_DATA = b"550 5.6.0 Error: bare CR or LF in message data; lines must end with CRLF\r\n"
-_TEXT_LINE_TOO_LONG = b"500 5.5.6 Error: message line too long\r\n"
-_MESSAGE_TOO_BIG = b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n"
 # Any other reason (the worker's refuse_message: its own shortage) ranks 0.
-_DATA_ERROR_RANK = {_BARE_IN_DATA: 3, _TEXT_LINE_TOO_LONG: 2, _MESSAGE_TOO_BIG: 1}
+_DATA_ERROR_RANK = {replies.BARE_LINE_END_IN_DATA: 3, replies.TEXT_LINE_TOO_LONG: 2, replies.MESSAGE_TOO_BIG: 1}
 
 LOG_LINE_MAX = 100  # octets of a refused command shown in the log
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
@@ -166,11 +175,11 @@ class Policy:
     with. Answers must be quick: they run on the worker's event loop.
     """
 
-    def mail_refusal(self, size: int) -> bytes | None:
+    def mail_refusal(self, size: int) -> Reply | None:
         """At MAIL, with the ``SIZE=`` the client announced (0 if none)."""
         return None
 
-    def recipient_refusal(self, folder: str) -> bytes | None:
+    def recipient_refusal(self, folder: str) -> Reply | None:
         """At RCPT, for a recipient whose address passed every syntax check."""
         return None
 
@@ -232,7 +241,7 @@ class Session:
 
     # ----------------------------------------------------------------- API
     def greeting(self) -> bytes:
-        return f"220 {self.hostname} ESMTP prefork-smtpd\r\n".encode()
+        return replies.greeting(self.hostname)
 
     def feed(self, data: bytes) -> bytes:
         """Take bytes from the client; return the replies to send."""
@@ -245,7 +254,7 @@ class Session:
 
     def message_stored(self, queue_id: str) -> bytes:
         """The pending message is on disk for good: acknowledge it."""
-        reply = f"250 2.0.0 Ok: queued as {queue_id}\r\n".encode()
+        reply = replies.queued(queue_id)
         return self._after_delivery(reply)
 
     def message_failed(self, reply: bytes) -> bytes:
@@ -280,12 +289,12 @@ class Session:
     def timeout_reply(self) -> bytes:
         self.state = State.CLOSED
         self.closing = True
-        return f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode()
+        return replies.timeout(self.hostname)
 
     def shutdown_reply(self) -> bytes:
         self.state = State.CLOSED
         self.closing = True
-        return f"421 4.3.2 {self.hostname} Service shutting down\r\n".encode()
+        return replies.shutting_down(self.hostname)
 
     # ------------------------------------------------------------ framing
     def _run(self) -> bytes:
@@ -317,7 +326,7 @@ class Session:
                 if not self._skipping_long_line:
                     self._note_line(line)
                 self._skipping_long_line = False
-                out.append(self._error(b"500 5.5.6 Error: command line too long\r\n"))
+                out.append(self._error(replies.COMMAND_TOO_LONG))
                 continue
             self._note_line(line)
             out.append(self._command(line))
@@ -331,7 +340,7 @@ class Session:
 
     def _command(self, line: bytes) -> bytes:
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            return self._error(b"500 5.5.2 Error: bare CR or LF in command; lines must end with CRLF\r\n")
+            return self._error(replies.BARE_LINE_END_IN_COMMAND)
         text = line[:-2].decode("latin-1")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
@@ -345,13 +354,13 @@ class Session:
             self._after_auth = True
         if allowed is None:
             if b"\x00" in line:
-                return self._error(b"500 5.5.2 Error: NUL byte in command\r\n")
-            return self._error(b"500 5.5.2 Error: command not recognized\r\n")
+                return self._error(replies.NUL_IN_COMMAND)
+            return self._error(replies.UNKNOWN_COMMAND)
         if verb in NOT_IMPLEMENTED:
-            return self._error(b"502 5.5.1 Error: command not implemented\r\n")
+            return self._error(replies.NOT_IMPLEMENTED)
         if self.state not in allowed:
             if verb == "DATA" and self.state is State.MAIL and self._envelope and self._rejected_rcpts:
-                return self._error(b"554 5.5.1 Error: no valid recipients\r\n")
+                return self._error(replies.NO_VALID_RECIPIENTS)
             return self._error(SEQUENCE_ERRORS[(verb, self.state)])
         return getattr(self, "_cmd_" + verb)(arg)
 
@@ -364,7 +373,7 @@ class Session:
             self.state = State.CLOSED
             self.closing = True
             self.log.append(f"too many errors ({self.errors}); closing")
-            return reply + f"421 4.7.0 {self.hostname} Error: too many errors\r\n".encode()
+            return reply + replies.too_many_errors(self.hostname)
         return reply
 
     def _log_refusal(self, reply: bytes, what: str | None = None) -> None:
@@ -392,57 +401,51 @@ class Session:
     def _cmd_EHLO(self, arg: str) -> bytes:
         name = self._hello(arg, "EHLO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: EHLO hostname (a domain or an address literal)\r\n")
-        return (
-            f"250-{self.hostname} Hello {name}\r\n"
-            "250-PIPELINING\r\n"
-            f"250-SIZE {self.limits.max_message_size}\r\n"
-            "250-8BITMIME\r\n"
-            "250-ENHANCEDSTATUSCODES\r\n"
-            "250 HELP\r\n"
-        ).encode()
+            return self._error(replies.syntax_error("EHLO hostname (a domain or an address literal)"))
+        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES", "HELP"]
+        return replies.multiline(250, None, [f"{self.hostname} Hello {name}", *keywords])
 
     def _cmd_HELO(self, arg: str) -> bytes:
         name = self._hello(arg, "HELO")
         if name is None:
-            return self._error(b"501 5.5.4 Syntax: HELO hostname (a domain or an address literal)\r\n")
-        return f"250 {self.hostname} Hello {name}\r\n".encode()
+            return self._error(replies.syntax_error("HELO hostname (a domain or an address literal)"))
+        return replies.hello(self.hostname, name)
 
     def _cmd_MAIL(self, arg: str) -> bytes:
         if self.context.require_auth:
             # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
             # is not available yet, so nobody is authenticated here; once it
             # is, this also asks whether the client has authenticated.
-            return self._error(b"530 5.7.0 Authentication required\r\n")
+            return self._error(replies.AUTH_REQUIRED)
         parsed = _split_path(arg, "FROM:")
         if parsed is None:
-            return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain>\r\n")
+            return self._error(replies.syntax_error("MAIL FROM:<user@domain>"))
         path, params = parsed
         size = 0
         for param in params:
             m = _PARAM.match(param)
             if not m:
-                return self._error(b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n")
+                return self._error(replies.syntax_error("MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]"))
             key, value = m.group(1).upper(), m.group(2)
             # A known parameter with a bad value is a syntax error (501);
             # only a parameter this server does not know gets 555.
             if key == "SIZE":
                 if value is None or not _SIZE_VALUE.match(value):
-                    return self._error(b"501 5.5.4 Syntax: SIZE=<number of octets, at most 20 digits>\r\n")
+                    return self._error(replies.SIZE_SYNTAX)
                 size = int(value)
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return self._error(b"501 5.5.4 Syntax: BODY=7BIT|8BITMIME\r\n")
+                    return self._error(replies.BODY_SYNTAX)
             else:
-                return self._error(f"555 5.5.4 Error: unsupported MAIL parameter {key}\r\n".encode())
+                return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
-            return self._error(b"552 5.3.4 Error: message size exceeds fixed maximum message size\r\n")
+            return self._error(replies.MESSAGE_TOO_BIG)
         if path != "":
             address = _parse_mailbox(path)
             if address is None:
-                return self._error(b"501 5.1.7 Syntax: MAIL FROM:<user@domain>\r\n")
+                return self._error(replies.syntax_error("MAIL FROM:<user@domain>", "5.1.7"))
             if address[1].lower() not in self.domains:
-                return self._error(b"550 5.7.1 Error: sender domain not served here\r\n")
+                return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
         refusal = self.policy.mail_refusal(size)
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._count(refusal)
@@ -451,16 +454,16 @@ class Session:
         self._envelope = Envelope(helo=self.helo, sender=path)
         self._rejected_rcpts = 0
         self.state = State.MAIL
-        return b"250 2.1.0 Ok\r\n"
+        return replies.SENDER_OK
 
     def _cmd_RCPT(self, arg: str) -> bytes:
         parsed = _split_path(arg, "TO:")
         if parsed is None or parsed[0] == "":
-            return self._error(b"501 5.5.4 Syntax: RCPT TO:<user@domain>\r\n")
+            return self._error(replies.syntax_error("RCPT TO:<user@domain>"))
         path, params = parsed
         if params:
             self._rejected_rcpts += 1
-            return self._error(b"555 5.5.4 Error: RCPT parameters are not supported\r\n")
+            return self._error(replies.RCPT_PARAMETERS)
         envelope = self._envelope
         assert envelope is not None
         if len(envelope.recipients) >= self.limits.max_recipients:
@@ -468,7 +471,7 @@ class Session:
             # clients to retry the rest in another transaction.
             self._rejected_rcpts += 1
             self.replies_4xx += 1
-            reply = b"452 4.5.3 Error: too many recipients\r\n"
+            reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
         local, at, domain = path.rpartition("@")
@@ -476,25 +479,25 @@ class Session:
             local = path  # a bare local part, as the seed allowed
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
-            return self._error(b"501 5.1.3 Syntax: RCPT TO:<user@domain>\r\n")
+            return self._error(replies.syntax_error("RCPT TO:<user@domain>", "5.1.3"))
         elif domain.lower() not in self.domains:
             self._rejected_rcpts += 1
-            return self._error(b"550 5.7.1 Error: relay access denied; recipient domain not served here\r\n")
+            return self._error(replies.RELAY_DENIED)
         folder = folder_for(local)
         if folder is None:
             self._rejected_rcpts += 1
-            return self._error(b"553 5.1.3 Error: mailbox name not allowed\r\n")
+            return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
         refusal = self.policy.recipient_refusal(folder)
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
         envelope.recipients.append(Recipient(address=path, folder=folder))
         self.state = State.RCPT
-        return b"250 2.1.5 Ok\r\n"
+        return replies.RECIPIENT_OK
 
     def _cmd_DATA(self, arg: str) -> bytes:
         if arg:
-            return self._error(b"501 5.5.4 Syntax: DATA\r\n")
+            return self._error(replies.syntax_error("DATA"))
         refusal = self.admit_message()
         if refusal is not None:  # the server's shortage, not the client's error
             self._count(refusal)
@@ -505,45 +508,38 @@ class Session:
         self._size = 0
         self._data_error = None
         self._at_line_start = True  # the CRLF of "DATA" starts the first line
-        return b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        return replies.START_DATA
 
     def _cmd_RSET(self, arg: str) -> bytes:
         if arg:
-            return self._error(b"501 5.5.4 Syntax: RSET\r\n")
+            return self._error(replies.syntax_error("RSET"))
         self._reset_transaction()
         if self.state is not State.CONNECTED:
             self.state = State.READY
-        return b"250 2.0.0 Ok\r\n"
+        return replies.OK
 
     def _cmd_NOOP(self, arg: str) -> bytes:
-        return b"250 2.0.0 Ok\r\n"
+        return replies.OK
 
     def _cmd_QUIT(self, arg: str) -> bytes:
         self.state = State.CLOSED
         self.closing = True
-        return f"221 2.0.0 {self.hostname} Bye\r\n".encode()
+        return replies.bye(self.hostname)
 
     def _cmd_HELP(self, arg: str) -> bytes:
-        return (
-            b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT\r\n"
-            b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
-            b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
-            b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
-            b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters\r\n"
-            b"214 2.0.0 End of HELP\r\n"
-        )
+        return _HELP
 
     def _cmd_VRFY(self, arg: str) -> bytes:
         if not arg:
-            return self._error(b"501 5.5.4 Syntax: VRFY address\r\n")
-        return b"252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery\r\n"
+            return self._error(replies.syntax_error("VRFY address"))
+        return replies.CANNOT_VRFY
 
     def _cmd_XSTAT(self, arg: str) -> bytes:
         key = arg.upper()
         text = XSTAT_TEXT.get(key)
         if text is None:
-            return self._error(b"501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS\r\n")
-        return f"250 2.0.0 {text}: {self.read_stat(key)}\r\n".encode()
+            return self._error(replies.syntax_error("XSTAT TOTAL|CURRENT|BYTES|MAILS"))
+        return replies.statistic(text, self.read_stat(key))
 
     def _reset_transaction(self) -> None:
         self._envelope = None
@@ -592,9 +588,9 @@ class Session:
         """
         keep = len(buf) - 1
         if buf.find(b"\r", pos, keep) >= 0:
-            self._reject_data(_BARE_IN_DATA)
+            self._reject_data(replies.BARE_LINE_END_IN_DATA)
         else:
-            self._reject_data(_TEXT_LINE_TOO_LONG)
+            self._reject_data(replies.TEXT_LINE_TOO_LONG)
         self._at_line_start = False
         return keep
 
@@ -605,16 +601,16 @@ class Session:
         # Every check runs on every run of lines until the worst error is
         # found, so the reply never depends on how the reads were cut.
         error = self._data_error
-        if error is _BARE_IN_DATA:
+        if error is replies.BARE_LINE_END_IN_DATA:
             return
         crlf = seg.count(b"\r\n")
         if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
-            self._reject_data(_BARE_IN_DATA)
+            self._reject_data(replies.BARE_LINE_END_IN_DATA)
             return
-        if error is _TEXT_LINE_TOO_LONG:
+        if error is replies.TEXT_LINE_TOO_LONG:
             return
         if has_long_line(seg, self.limits.max_text_line):
-            self._reject_data(_TEXT_LINE_TOO_LONG)
+            self._reject_data(replies.TEXT_LINE_TOO_LONG)
             return
         if error is not None:
             return  # over the size limit: nothing more is kept
@@ -626,7 +622,7 @@ class Session:
             seg = seg[1:]
         self._size += len(seg)
         if self._size > self.limits.max_message_size:
-            self._reject_data(_MESSAGE_TOO_BIG)
+            self._reject_data(replies.MESSAGE_TOO_BIG)
             return
         self._chunks.append(seg)
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import uvloop
 from setproctitle import setproctitle
 
+from . import replies
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
 from .listeners import SMTP, SUBMISSION, ConnectionContext, Listener
@@ -51,7 +52,6 @@ WRITE_LOW = 16 * 1024
 # Input fed to the session at once outside DATA: the replies to 1 KiB of
 # pipelined commands stay under 60 KB (HELP, the worst, is 55 times its command).
 COMMAND_SLICE = 1024
-INSUFFICIENT_STORAGE = b"452 4.3.1 Error: insufficient system storage\r\n"
 DEFER_ACCEPT = 0.002  # seconds a worker over its fair share waits before accepting
 
 
@@ -114,7 +114,7 @@ class SMTPConnection(asyncio.Protocol):
         if refusal is not None:
             slot.add(REJECTED)
             worker.log(f"{self.peer} refused: {refusal}")
-            transport.write(f"421 4.7.0 {worker.settings.hostname} Error: {refusal}, try again later\r\n".encode())
+            transport.write(replies.connection_refused(worker.settings.hostname, refusal))
             transport.close()
             return
         context = self.context
@@ -266,7 +266,7 @@ class SMTPConnection(asyncio.Protocol):
                 f"{self.peer} message refused: the worker holds {worker.data_memory} bytes "
                 f"of message data (limit {worker.data_memory_limit()})"
             )
-            session.refuse_message(INSUFFICIENT_STORAGE)
+            session.refuse_message(replies.INSUFFICIENT_STORAGE)
             worker.data_memory -= held
             self.data_held = 0
 
@@ -294,9 +294,9 @@ class SMTPConnection(asyncio.Protocol):
         except DeliveryError as exc:
             worker.log(f"{self.peer} delivery failed: {exc}")
             if exc.no_space:
-                reply = INSUFFICIENT_STORAGE
+                reply = replies.INSUFFICIENT_STORAGE
             else:
-                reply = b"451 4.3.0 Error: local error in processing\r\n"
+                reply = replies.LOCAL_ERROR
             out = session.message_failed(reply)
         else:
             worker.slot.add(MAILS)
@@ -540,7 +540,7 @@ class Worker:
     def message_admission(self) -> bytes | None:
         """Asked at DATA: refuse a new message unless one of the maximum size still fits."""
         if self.data_memory + self.live.max_message_size > self.data_memory_limit():
-            return INSUFFICIENT_STORAGE
+            return replies.INSUFFICIENT_STORAGE
         return None
 
     def session_ended(self) -> None:

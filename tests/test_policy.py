@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from prefork_smtpd.diskspace import HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
-from prefork_smtpd.policy import NO_STORAGE, UNKNOWN_MAILBOX, ServerPolicy
+from prefork_smtpd.policy import ServerPolicy
+from prefork_smtpd.replies import INSUFFICIENT_STORAGE as NO_STORAGE
+from prefork_smtpd.replies import UNKNOWN_MAILBOX
 from prefork_smtpd.session import Envelope, Limits, Recipient, Session
 
 MiB = 1024 * 1024
