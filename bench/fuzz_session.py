@@ -16,6 +16,8 @@ import re
 import sys
 import time
 
+from prefork_smtpd.events import Close, Deliver, LogEvent, Reply, Wait
+from prefork_smtpd.replies import LOCAL_ERROR
 from prefork_smtpd.session import Limits, Session, State
 
 REPLY_LINE = re.compile(rb"\d{3}[ -][^\r\n]*\r\n")
@@ -39,17 +41,32 @@ def one_input(rng: random.Random) -> bytes:
 
 def run_one(data: bytes, rng: random.Random) -> None:
     s = Session("mx.test", frozenset({"smtpd.com"}), Limits(max_recipients=5, max_message_size=4096), lambda k: 0)
-    out = b""
+    out = []
     pos = 0
     while pos < len(data):
         step = rng.randint(1, 200)
-        out += s.feed(data[pos : pos + step])
+        events = s.feed(data[pos : pos + step])
         pos += step
-        while s.pending is not None:
-            out += s.message_stored("Q") if rng.random() < 0.8 else s.message_failed(b"451 4.3.0 x\r\n")
-        assert (s.pending is not None) == (s.state is State.DELIVERING)
+        while events:
+            check_order(events)
+            out += events
+            last = events[-1]
+            if not isinstance(last, Deliver):
+                break
+            assert s.state is State.WAITING and s.awaiting is last
+            events = s.message_stored("Q") if rng.random() < 0.8 else s.message_failed(LOCAL_ERROR)
+        assert s.state is not State.WAITING
         assert len(s._buf) <= 4096 or s.state is State.CLOSED
-    assert REPLY_LINE.sub(b"", out) == b"", out[:200]
+    wire = b"".join(e if isinstance(e, Reply) else e.reply for e in out if isinstance(e, (Reply, Close)))
+    assert REPLY_LINE.sub(b"", wire) == b"", wire[:200]
+
+
+def check_order(events: list) -> None:
+    """Only known events; a Close or a Wait comes last, if at all."""
+    for i, event in enumerate(events):
+        assert isinstance(event, (Reply, LogEvent, Close, Deliver)), event
+        if isinstance(event, (Close, Wait)):
+            assert i == len(events) - 1, events
 
 
 def main() -> int:

@@ -1,6 +1,39 @@
-"""What the SMTP session hands its worker."""
+"""What the SMTP session asks of its worker, and the verdicts it waits for.
+
+The session (session.py) does no I/O. ``feed(data)`` and ``resume(verdict)``
+return a list of the events below, in the order they happened; the worker
+carries them out one by one. As in h11, each event is a small immutable
+value and the caller dispatches on its type.
+
+Outputs (session -> worker)
+---------------------------
+``Reply``     one complete reply to write. Replies to pipelined commands
+              follow one another: the worker gathers them into one write.
+``LogEvent``  a line for the log (a refusal and why, a HELO name...).
+``Close``     write its last words (``reply``), then close. Nothing follows.
+``Wait``      the base of the events that suspend the session until the
+              worker brings a verdict. Nothing follows one; the session
+              reads no command until ``resume(verdict)``, keeping what the
+              client pipelined meanwhile. Each names the verdicts it takes:
+``Deliver``   store ``envelope``; resume with ``Stored`` or ``StoreFailed``.
+
+Verdicts (worker -> session, through ``Session.resume``)
+--------------------------------------------------------
+``Stored``, ``StoreFailed``.
+
+A new outside step (a TLS handshake for STARTTLS, a password check for
+AUTH) is a new ``Wait`` subclass naming its verdict types, the verdict
+classes, and one branch in the worker's event loop: the session's waiting
+state and its ``resume`` serve every kind.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from .session import Envelope
 
 
 class Reply(bytes):
@@ -18,3 +51,60 @@ class Reply(bytes):
 
     def __repr__(self) -> str:
         return f"Reply({bytes(self)!r})"
+
+
+class Event:
+    """Anything but a Reply that the session asks for."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent(Event):
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close(Event):
+    """Write ``reply`` (QUIT's 221, a 421 notice), then close the connection.
+
+    The last words are a notice, not the refusal of a command: the worker
+    does not count them among the 4xx/5xx replies.
+    """
+
+    reply: bytes = b""
+
+
+class Verdict:
+    """The outcome of an outside step, handed to ``Session.resume``."""
+
+    __slots__ = ()
+
+
+class Wait(Event):
+    """The session waits for one of ``verdicts`` before it reads on."""
+
+    __slots__ = ()
+    verdicts: ClassVar[tuple[type[Verdict], ...]] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Stored(Verdict):
+    """The message is on disk for good."""
+
+    queue_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFailed(Verdict):
+    """The message could not be stored: the reply says why (a 4xx)."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver(Wait):
+    """A complete message: store it, then resume with Stored or StoreFailed."""
+
+    envelope: Envelope
+    verdicts: ClassVar[tuple[type[Verdict], ...]] = (Stored, StoreFailed)

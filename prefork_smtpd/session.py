@@ -4,17 +4,19 @@ Theory of operation
 -------------------
 A worker owns one ``Session`` per TCP connection. It writes ``greeting()``
 when the client connects, then hands every chunk that arrives to
-``feed(data)`` and writes back the bytes it returns: zero or more complete
-replies, in the order of the commands (PIPELINING falls out of this: any
-number of commands may arrive in one read).
+``feed(data)`` and carries out the events it returns, in order (events.py):
+``Reply`` bytes to write, one per command (PIPELINING falls out of this:
+any number of commands may arrive in one read, and the worker writes
+their replies at once), ``LogEvent`` lines, a last ``Close``.
 
-When a message is complete the session stops reading commands and exposes
-it as ``pending`` (an ``Envelope``). The worker stores it and answers with
-``message_stored(queue_id)`` or ``message_failed(reply)``; only then does the
-session reply to the DATA and go on with whatever the client pipelined
-behind it, which it kept buffered meanwhile (or handed back to the worker
-with ``take_unread()``). ``closing`` tells the worker to
-close the connection once the returned bytes are written.
+When the session needs something only the outside world can do (store a
+message; later a TLS handshake or a password check) it emits a ``Wait``
+event (``Deliver(envelope)``) and enters the one waiting state,
+``State.WAITING``; ``awaiting`` says what for. It reads no command until
+the worker brings the verdict to ``resume(verdict)`` (for the store:
+``message_stored(queue_id)``, ``message_failed(reply)``). Only then does it
+answer and go on with whatever the client pipelined behind, which it kept
+buffered meanwhile (or handed back to the worker with ``take_unread()``).
 
 Which command is allowed in which state is data, not code: ``ALLOWED``
 lists the states each verb may run in, and ``SEQUENCE_ERRORS`` the 503 reply
@@ -23,8 +25,8 @@ of the ``_cmd_*`` handlers; nothing outside this module changes ``state``.
 
 Every line gets exactly one reply. Limits come from a ``Limits`` object read
 at the moment of use, so a live change applies to the next command. Every
-refusal (4xx/5xx) also goes to ``log`` with the command, secrets hidden,
-so the log says why a mail bounced.
+refusal (4xx/5xx) also comes with a ``LogEvent`` naming the command,
+secrets hidden, so the log says why a mail bounced.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import replies
-from .events import Reply
+from .events import Close, Deliver, Event, LogEvent, Reply, Stored, StoreFailed, Verdict, Wait
 from .listeners import SMTP_CONTEXT, ConnectionContext
 
 
@@ -46,7 +48,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted; waiting for RCPT
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # reading message content
-    DELIVERING = "delivering"  # message complete; waiting for the store
+    WAITING = "waiting"  # an outside verdict is awaited (Session.awaiting)
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
 
 
@@ -78,7 +80,7 @@ ALLOWED: dict[str, frozenset[State]] = {
 NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS"})
 
 # The 503 reply for a verb used in a state that does not allow it.
-SEQUENCE_ERRORS: dict[tuple[str, State], bytes] = {
+SEQUENCE_ERRORS: dict[tuple[str, State], Reply] = {
     ("MAIL", State.CONNECTED): replies.NEED_HELO,
     ("MAIL", State.MAIL): replies.NESTED_MAIL,
     ("MAIL", State.RCPT): replies.NESTED_MAIL,
@@ -216,16 +218,15 @@ class Session:
         self.policy = policy
         self.state = State.CONNECTED
         self.helo = ""
-        self.pending: Envelope | None = None
-        self.closing = False
         self.errors = 0  # bad commands so far, for max_errors
-        self.replies_4xx = 0
-        self.replies_5xx = 0
-        self.log: list[str] = []  # notable events; the worker drains and logs them
         # Asked at DATA: None admits a message, a 4xx reply refuses it (the
         # worker's memory for message data is full).
-        self.admit_message: Callable[[], bytes | None] = _admit_every_message
+        self.admit_message: Callable[[], Reply | None] = _admit_every_message
+        self._out: list[Reply | Event] = []  # what the current feed or resume returns
         self._buf = bytearray()
+        # In State.WAITING: the event whose verdict is awaited, and what to do with it.
+        self._awaiting: Wait | None = None
+        self._on_verdict: Callable[[Verdict], Reply | None] | None = None
         self._envelope: Envelope | None = None
         self._rejected_rcpts = 0  # RCPTs refused in this transaction
         self._skipping_long_line = False
@@ -236,31 +237,56 @@ class Session:
         # DATA phase
         self._chunks: list[bytes] = []
         self._size = 0
-        self._data_error: bytes | None = None
+        self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
 
     # ----------------------------------------------------------------- API
-    def greeting(self) -> bytes:
+    def greeting(self) -> Reply:
         return replies.greeting(self.hostname)
 
-    def feed(self, data: bytes) -> bytes:
-        """Take bytes from the client; return the replies to send."""
+    def feed(self, data: bytes) -> list[Reply | Event]:
+        """Take bytes from the client; return what the worker must do, in order."""
         if self.state is State.CLOSED:
-            return b""
+            return []
         self._buf += data
-        if self.state is State.DELIVERING:
-            return b""
-        return self._run()
+        if self.state is State.WAITING:
+            return []  # kept until the verdict
+        out = self._out = []
+        self._run()
+        return out
 
-    def message_stored(self, queue_id: str) -> bytes:
-        """The pending message is on disk for good: acknowledge it."""
-        reply = replies.queued(queue_id)
-        return self._after_delivery(reply)
+    @property
+    def awaiting(self) -> Wait | None:
+        """The event whose verdict the session waits for (in State.WAITING)."""
+        return self._awaiting
 
-    def message_failed(self, reply: bytes) -> bytes:
-        """The pending message could not be stored: say so (4xx)."""
-        self._count(reply)
-        return self._after_delivery(reply)
+    def resume(self, verdict: Verdict) -> list[Reply | Event]:
+        """The verdict on the awaited event: answer it, then read on.
+
+        Whatever the client pipelined meanwhile is read now, unless the
+        worker took it back (``take_unread``) to feed it at its own pace.
+        """
+        awaited = self._awaiting
+        if awaited is None or not isinstance(verdict, awaited.verdicts):
+            raise ValueError(f"{verdict!r} answers nothing the session waits for ({awaited!r})")
+        on_verdict = self._on_verdict
+        assert on_verdict is not None
+        self._awaiting = self._on_verdict = None
+        out = self._out = []
+        reply = on_verdict(verdict)
+        if reply is not None:
+            out.append(reply)
+        if self._buf:
+            self._run()
+        return out
+
+    def message_stored(self, queue_id: str) -> list[Reply | Event]:
+        """The message of the Deliver event is on disk for good."""
+        return self.resume(Stored(queue_id))
+
+    def message_failed(self, reply: Reply) -> list[Reply | Event]:
+        """The message of the Deliver event could not be stored; ``reply`` says why (4xx)."""
+        return self.resume(StoreFailed(reply))
 
     @property
     def held_bytes(self) -> int:
@@ -269,7 +295,7 @@ class Session:
             return self._size
         return 0
 
-    def refuse_message(self, reply: bytes) -> None:
+    def refuse_message(self, reply: Reply) -> None:
         """Drop the message being read; discard the rest, answer ``reply`` at its end.
 
         For the server's own shortage (a 4xx): not counted as a client error,
@@ -278,7 +304,7 @@ class Session:
         self._reject_data(reply)
 
     def take_unread(self) -> bytes:
-        """Hand back what the client pipelined behind a message being stored.
+        """Hand back what the client pipelined behind an awaited verdict.
 
         The worker feeds it again, at its own pace, once the verdict is out.
         """
@@ -286,19 +312,20 @@ class Session:
         self._buf.clear()
         return unread
 
-    def timeout_reply(self) -> bytes:
+    def timeout_reply(self) -> Reply:
+        """The worker's timer ran out: the 421 to write before it closes."""
         self.state = State.CLOSED
-        self.closing = True
         return replies.timeout(self.hostname)
 
-    def shutdown_reply(self) -> bytes:
+    def shutdown_reply(self) -> Reply:
+        """The worker stops: the 421 to write before it closes."""
         self.state = State.CLOSED
-        self.closing = True
         return replies.shutting_down(self.hostname)
 
     # ------------------------------------------------------------ framing
-    def _run(self) -> bytes:
-        out: list[bytes] = []
+    def _run(self) -> None:
+        """Answer every complete command in the buffer, into ``self._out``."""
+        out = self._out
         buf = self._buf
         pos = 0
         while True:
@@ -306,10 +333,10 @@ class Session:
             if state is State.DATA:
                 pos, reply = self._consume_data(buf, pos)
                 if reply is None:
-                    break
+                    break  # the rest of the message is yet to come, or it is complete
                 out.append(reply)
                 continue
-            if state is State.DELIVERING or state is State.CLOSED:
+            if state is State.WAITING or state is State.CLOSED:
                 break
             nl = buf.find(b"\n", pos)
             if nl < 0:
@@ -326,19 +353,20 @@ class Session:
                 if not self._skipping_long_line:
                     self._note_line(line)
                 self._skipping_long_line = False
-                out.append(self._error(replies.COMMAND_TOO_LONG))
-                continue
-            self._note_line(line)
-            out.append(self._command(line))
+                reply = self._error(replies.COMMAND_TOO_LONG)
+            else:
+                self._note_line(line)
+                reply = self._command(line)
+            if reply is not None:
+                out.append(reply)
         del buf[:pos]
-        return b"".join(out)
 
     def _note_line(self, line: bytes) -> None:
         """Remember the line being answered, in case it is refused and logged."""
         self._line = line
         self._line_after_auth = self._after_auth
 
-    def _command(self, line: bytes) -> bytes:
+    def _command(self, line: bytes) -> Reply | None:
         if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
             return self._error(replies.BARE_LINE_END_IN_COMMAND)
         text = line[:-2].decode("latin-1")
@@ -364,28 +392,34 @@ class Session:
             return self._error(SEQUENCE_ERRORS[(verb, self.state)])
         return getattr(self, "_cmd_" + verb)(arg)
 
-    def _error(self, reply: bytes, what: str | None = None) -> bytes:
-        """A refusal that counts toward max_errors; ``what`` names it in the log."""
-        self._count(reply)
+    def _error(self, reply: Reply, what: str | None = None) -> Reply | None:
+        """A refusal that counts toward max_errors; ``what`` names it in the log.
+
+        Returns the reply, or None once the errors reach max_errors: then the
+        reply, the 421 and the Close are out already.
+        """
         self._log_refusal(reply, what)
         self.errors += 1
-        if self.errors >= self.limits.max_errors:
-            self.state = State.CLOSED
-            self.closing = True
-            self.log.append(f"too many errors ({self.errors}); closing")
-            return reply + replies.too_many_errors(self.hostname)
-        return reply
+        if self.errors < self.limits.max_errors:
+            return reply
+        self.state = State.CLOSED
+        out = self._out
+        out.append(reply)
+        out.append(LogEvent(f"too many errors ({self.errors}); closing"))
+        out.append(Close(replies.too_many_errors(self.hostname)))
+        return None
 
-    def _log_refusal(self, reply: bytes, what: str | None = None) -> None:
+    def _log_refusal(self, reply: Reply, what: str | None = None) -> None:
         if what is None:
             what = describe_command(self._line, self._line_after_auth)
-        self.log.append(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}")
+        self._out.append(LogEvent(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}"))
 
-    def _count(self, reply: bytes) -> None:
-        if reply[0] == 0x34:  # "4"
-            self.replies_4xx += 1
-        elif reply[0] == 0x35:  # "5"
-            self.replies_5xx += 1
+    def _wait(self, event: Wait, on_verdict: Callable[[Verdict], Reply | None]) -> None:
+        """Stop reading commands until ``resume`` brings a verdict on ``event``."""
+        self.state = State.WAITING
+        self._awaiting = event
+        self._on_verdict = on_verdict
+        self._out.append(event)
 
     # ----------------------------------------------------------- commands
     def _hello(self, arg: str, verb: str) -> str | None:
@@ -395,23 +429,23 @@ class Session:
         self.helo = name
         self._reset_transaction()
         self.state = State.READY
-        self.log.append(f"{verb} {name}")
+        self._out.append(LogEvent(f"{verb} {name}"))
         return name
 
-    def _cmd_EHLO(self, arg: str) -> bytes:
+    def _cmd_EHLO(self, arg: str) -> Reply | None:
         name = self._hello(arg, "EHLO")
         if name is None:
             return self._error(replies.syntax_error("EHLO hostname (a domain or an address literal)"))
         keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES", "HELP"]
         return replies.multiline(250, None, [f"{self.hostname} Hello {name}", *keywords])
 
-    def _cmd_HELO(self, arg: str) -> bytes:
+    def _cmd_HELO(self, arg: str) -> Reply | None:
         name = self._hello(arg, "HELO")
         if name is None:
             return self._error(replies.syntax_error("HELO hostname (a domain or an address literal)"))
         return replies.hello(self.hostname, name)
 
-    def _cmd_MAIL(self, arg: str) -> bytes:
+    def _cmd_MAIL(self, arg: str) -> Reply | None:
         if self.context.require_auth:
             # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
             # is not available yet, so nobody is authenticated here; once it
@@ -448,7 +482,6 @@ class Session:
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
         refusal = self.policy.mail_refusal(size)
         if refusal is not None:  # the server's state, not the client's fault: no error counted
-            self._count(refusal)
             self._log_refusal(refusal)
             return refusal
         self._envelope = Envelope(helo=self.helo, sender=path)
@@ -456,7 +489,7 @@ class Session:
         self.state = State.MAIL
         return replies.SENDER_OK
 
-    def _cmd_RCPT(self, arg: str) -> bytes:
+    def _cmd_RCPT(self, arg: str) -> Reply | None:
         parsed = _split_path(arg, "TO:")
         if parsed is None or parsed[0] == "":
             return self._error(replies.syntax_error("RCPT TO:<user@domain>"))
@@ -470,7 +503,6 @@ class Session:
             # Not counted as a client error: RFC 5321 4.5.3.1.10 expects
             # clients to retry the rest in another transaction.
             self._rejected_rcpts += 1
-            self.replies_4xx += 1
             reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
@@ -495,12 +527,11 @@ class Session:
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 
-    def _cmd_DATA(self, arg: str) -> bytes:
+    def _cmd_DATA(self, arg: str) -> Reply | None:
         if arg:
             return self._error(replies.syntax_error("DATA"))
         refusal = self.admit_message()
         if refusal is not None:  # the server's shortage, not the client's error
-            self._count(refusal)
             self._log_refusal(refusal)
             return refusal
         self.state = State.DATA
@@ -510,7 +541,7 @@ class Session:
         self._at_line_start = True  # the CRLF of "DATA" starts the first line
         return replies.START_DATA
 
-    def _cmd_RSET(self, arg: str) -> bytes:
+    def _cmd_RSET(self, arg: str) -> Reply | None:
         if arg:
             return self._error(replies.syntax_error("RSET"))
         self._reset_transaction()
@@ -518,23 +549,22 @@ class Session:
             self.state = State.READY
         return replies.OK
 
-    def _cmd_NOOP(self, arg: str) -> bytes:
+    def _cmd_NOOP(self, arg: str) -> Reply | None:
         return replies.OK
 
-    def _cmd_QUIT(self, arg: str) -> bytes:
+    def _cmd_QUIT(self, arg: str) -> None:
         self.state = State.CLOSED
-        self.closing = True
-        return replies.bye(self.hostname)
+        self._out.append(Close(replies.bye(self.hostname)))
 
-    def _cmd_HELP(self, arg: str) -> bytes:
+    def _cmd_HELP(self, arg: str) -> Reply | None:
         return _HELP
 
-    def _cmd_VRFY(self, arg: str) -> bytes:
+    def _cmd_VRFY(self, arg: str) -> Reply | None:
         if not arg:
             return self._error(replies.syntax_error("VRFY address"))
         return replies.CANNOT_VRFY
 
-    def _cmd_XSTAT(self, arg: str) -> bytes:
+    def _cmd_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()
         text = XSTAT_TEXT.get(key)
         if text is None:
@@ -554,7 +584,7 @@ class Session:
     # after a bare LF, or inside a line it cut short, a ".\r\n" opening the
     # next read is message content, not the end of data.
 
-    def _consume_data(self, buf: bytearray, pos: int) -> tuple[int, bytes | None]:
+    def _consume_data(self, buf: bytearray, pos: int) -> tuple[int, Reply | None]:
         """Take message lines from buf[pos:]; return (new pos, reply or None).
 
         Works on whole runs of complete lines with bytes methods (C speed),
@@ -626,14 +656,14 @@ class Session:
             return
         self._chunks.append(seg)
 
-    def _reject_data(self, reply: bytes) -> None:
+    def _reject_data(self, reply: Reply) -> None:
         """Note why the message will be refused; the worst reason wins."""
         current = self._data_error
         if current is None or _DATA_ERROR_RANK.get(reply, 0) > _DATA_ERROR_RANK.get(current, 0):
             self._data_error = reply
             self._chunks = []
 
-    def _end_of_data(self) -> bytes | None:
+    def _end_of_data(self) -> Reply | None:
         envelope = self._envelope
         assert envelope is not None
         if self._data_error is not None:
@@ -644,22 +674,23 @@ class Session:
             self._reset_transaction()
             self.state = State.READY
             if reply[0] == 0x34:  # "4": the server's shortage, not the client's error
-                self._count(reply)
                 self._log_refusal(reply, what)
                 return reply
             return self._error(reply, what)
         envelope.chunks = self._chunks
         envelope.size = self._size
         self._chunks = []
-        self.pending = envelope
-        self.state = State.DELIVERING
+        self._wait(Deliver(envelope), self._delivered)
         return None
 
-    def _after_delivery(self, reply: bytes) -> bytes:
-        self.pending = None
+    def _delivered(self, verdict: Verdict) -> Reply:
+        """The store's verdict on the message: the reply to its DATA."""
         self._reset_transaction()
         self.state = State.READY
-        return reply + self._run() if self._buf else reply
+        if isinstance(verdict, Stored):
+            return replies.queued(verdict.queue_id)
+        assert isinstance(verdict, StoreFailed)
+        return verdict.reply
 
 
 # Every byte but LF becomes "a": a line of more than ``limit`` octets (LF
@@ -669,7 +700,7 @@ _NOT_LF_TO_A = bytes(0x0A if i == 0x0A else 0x61 for i in range(256))
 _long_run_cache: dict[int, bytes] = {}
 
 
-def _admit_every_message() -> bytes | None:
+def _admit_every_message() -> Reply | None:
     return None
 
 

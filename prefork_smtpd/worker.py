@@ -26,6 +26,7 @@ from setproctitle import setproctitle
 from . import replies
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
+from .events import Close, Deliver, Event, LogEvent, Reply
 from .listeners import SMTP, SUBMISSION, ConnectionContext, Listener
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
@@ -89,7 +90,7 @@ class SMTPConnection(asyncio.Protocol):
         self.address: tuple[int, int] | None = None  # counted in the shared address table
         # Reading is paused while either reason holds; it resumes when neither does.
         self.write_paused = False  # our replies wait for the client to read
-        self.storing = False  # a message is on its way to disk
+        self.storing: Envelope | None = None  # a message on its way to disk
         self.reading_paused = False
         self.held = bytearray()  # input received but not yet fed to the session
         self.data_held = 0  # message bytes this connection counts in worker.data_memory
@@ -133,7 +134,7 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         self.closed = True
         self.held = bytearray()
-        if not self.storing:  # else the message stays in memory until the store is done with it
+        if self.storing is None:  # else the message stays in memory until the store is done with it
             worker.data_memory -= self.data_held
             self.data_held = 0
         worker.slot.add(CURRENT, -1)
@@ -168,7 +169,7 @@ class SMTPConnection(asyncio.Protocol):
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
-            if self.write_paused or self.storing:
+            if self.write_paused or self.storing is not None:
                 self.held += view[pos:]
                 return
             if session.state is State.CLOSED:
@@ -176,14 +177,14 @@ class SMTPConnection(asyncio.Protocol):
             step = end - pos if session.state is State.DATA else COMMAND_SLICE
             piece = view[pos : pos + step]
             pos += len(piece)
-            out = session.feed(piece)
-            if out:
+            events = session.feed(piece)
+            if events:
                 # Every reply answers a command the client completed: that
                 # is progress. Our own writes never push the deadline: while
                 # they wait unread, nothing more is fed.
                 self._renew_deadline()
+            self._act(events)
             self._account_data_memory()
-            self._send(out)
 
     def _renew_deadline(self) -> None:
         worker = self.worker
@@ -192,34 +193,48 @@ class SMTPConnection(asyncio.Protocol):
         else:
             self.deadline = worker.now + worker.live.timeout
 
-    def _send(self, out: bytes) -> None:
-        """Write replies, then act on what the session asks for."""
-        session = self.session
-        assert session is not None and self.transport is not None
-        worker = self.worker
-        if out:
-            self.transport.write(out)
-        if session.replies_4xx or session.replies_5xx:
-            self._count_error_replies()
-        if session.log:
-            for event in session.log:
-                worker.log(f"{self.peer} {event}")
-            session.log.clear()
-        if session.pending is not None:
-            self._deliver()
-        elif session.closing:
-            self.transport.close()
-        elif worker.closing_idle and session.state in _IDLE_STATES:
-            self.transport.write(session.shutdown_reply())
-            self.transport.close()
+    def _act(self, events: list[Reply | Event]) -> None:
+        """Carry out what the session asks for, in order.
 
-    def _count_error_replies(self) -> None:
-        """Move the session's error-reply counts into the shared slot."""
+        Replies are gathered and written at once: the replies to a run of
+        pipelined commands leave in one write. Each 4xx/5xx reply counts
+        as a refusal (a Close's last words do not: they refuse nothing).
+        """
         session = self.session
-        slot = self.worker.slot
-        slot.add(REPLIES_4XX, session.replies_4xx)
-        slot.add(REPLIES_5XX, session.replies_5xx)
-        session.replies_4xx = session.replies_5xx = 0
+        transport = self.transport
+        assert session is not None and transport is not None
+        worker = self.worker
+        unsent: list[bytes] = []
+        refused_4xx = refused_5xx = 0
+        for event in events:
+            kind = type(event)
+            if kind is Reply:
+                unsent.append(event)
+                code = event[0]
+                if code >= 0x34:  # "4" or "5"
+                    if code == 0x34:
+                        refused_4xx += 1
+                    else:
+                        refused_5xx += 1
+            elif kind is LogEvent:
+                worker.log(f"{self.peer} {event.text}")
+            elif kind is Close:
+                unsent.append(event.reply)
+                transport.write(b"".join(unsent))
+                unsent = []
+                transport.close()
+            elif kind is Deliver:
+                self._deliver(event.envelope)
+            else:
+                raise TypeError(f"no worker action for {event!r}")
+        if unsent:
+            transport.write(b"".join(unsent))
+        if refused_4xx or refused_5xx:
+            worker.slot.add(REPLIES_4XX, refused_4xx)
+            worker.slot.add(REPLIES_5XX, refused_5xx)
+        if worker.closing_idle and session.state in _IDLE_STATES:
+            transport.write(session.shutdown_reply())
+            transport.close()
 
     # ------------------------------------------------------ backpressure
     def pause_writing(self) -> None:
@@ -240,10 +255,11 @@ class SMTPConnection(asyncio.Protocol):
         """Feed what was held, then read again, unless a reason to wait remains."""
         if self.closed or self.session is None:
             return
-        if self.held and not (self.write_paused or self.storing):
+        if self.held and not self.write_paused and self.storing is None:
             held, self.held = self.held, bytearray()
             self._feed(held)
-        if self.reading_paused and not (self.write_paused or self.storing or self.held or self.closed):
+        waiting = self.write_paused or self.storing is not None or self.held or self.closed
+        if self.reading_paused and not waiting:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -252,8 +268,8 @@ class SMTPConnection(asyncio.Protocol):
         """Keep the worker's count of message bytes in memory; enforce its limit."""
         session = self.session
         held = session.held_bytes
-        if session.pending is not None:
-            held += session.pending.size
+        if self.storing is not None:
+            held += self.storing.size
         change = held - self.data_held
         if not change:
             return
@@ -271,24 +287,24 @@ class SMTPConnection(asyncio.Protocol):
             self.data_held = 0
 
     # ---------------------------------------------------------- delivery
-    def _deliver(self) -> None:
-        """Store the pending message off the loop; reply when it is on disk."""
+    def _deliver(self, envelope: Envelope) -> None:
+        """Store the message off the loop; the session answers once it is on disk."""
         assert self.transport is not None and self.session is not None
         # The client waits for our verdict anyway; what it pipelined behind
         # the message waits in the kernel, and the rest of this read here.
-        self.storing = True
+        self.storing = envelope
         self._pause_reading()
         self.held += self.session.take_unread()
         self.deadline = math.inf
-        future = self.worker.store_when_room(self.session.pending, self.peer.rpartition(":")[0])
+        future = self.worker.store_when_room(envelope, self.peer.rpartition(":")[0])
         future.add_done_callback(self._delivered)
 
     def _delivered(self, future: asyncio.Future) -> None:
         worker = self.worker
         session = self.session
-        assert session is not None and session.pending is not None
-        envelope = session.pending
-        self.storing = False
+        envelope = self.storing
+        assert session is not None and envelope is not None
+        self.storing = None
         try:
             queue_id = future.result()
         except DeliveryError as exc:
@@ -297,7 +313,7 @@ class SMTPConnection(asyncio.Protocol):
                 reply = replies.INSUFFICIENT_STORAGE
             else:
                 reply = replies.LOCAL_ERROR
-            out = session.message_failed(reply)
+            events = session.message_failed(reply)
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
@@ -305,13 +321,13 @@ class SMTPConnection(asyncio.Protocol):
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
             )
-            out = session.message_stored(queue_id)
+            events = session.message_stored(queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
             return  # the client left while we stored; nothing to answer
         self._renew_deadline()  # the client gets its full time for the next command
-        self._send(out)
+        self._act(events)
         self._go_on()
 
     def timed_out(self) -> None:
@@ -596,7 +612,7 @@ class Worker:
     def stop_now(self) -> None:
         for conn in list(self.connections):
             if conn.transport is not None:
-                if conn.session is not None and not conn.session.closing:
+                if conn.session is not None and conn.session.state is not State.CLOSED:
                     conn.transport.write(conn.session.shutdown_reply())
                 conn.transport.close()
         if not self.finished.done():

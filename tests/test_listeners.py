@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 from harness import Client, free_port, wait_until
+from sansio import Wired
 
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
 from prefork_smtpd.listeners import (
@@ -107,8 +108,10 @@ def test_submission_port_is_a_config_file_key_with_a_range(tmp_path):
 
 
 # --------------------------------------------------------------- the session
-def session_on(context: ConnectionContext) -> Session:
-    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), {"TOTAL": 1}.__getitem__, context=context)
+def session_on(context: ConnectionContext) -> Wired:
+    s = Wired(
+        Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), {"TOTAL": 1}.__getitem__, context=context)
+    )
     assert s.feed(b"EHLO client.example\r\n").startswith(b"250-")
     return s
 

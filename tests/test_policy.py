@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sansio import Wired
+
 from prefork_smtpd.diskspace import HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
 from prefork_smtpd.policy import ServerPolicy
 from prefork_smtpd.replies import INSUFFICIENT_STORAGE as NO_STORAGE
@@ -11,8 +13,8 @@ from prefork_smtpd.session import Envelope, Limits, Recipient, Session
 MiB = 1024 * 1024
 
 
-def session_with(policy) -> Session:
-    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), {}.__getitem__, policy)
+def session_with(policy) -> Wired:
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), {}.__getitem__, policy))
     assert s.feed(b"EHLO x\r\n").startswith(b"250")
     return s
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import psutil
 import pytest
 from harness import DOMAIN, Client, wait_until
+from sansio import Wired
 
+from prefork_smtpd import replies
 from prefork_smtpd.session import Limits, Session, State
 
 MB = 1000 * 1000
@@ -362,11 +364,11 @@ def test_bytes_pipelined_behind_a_message_wait_in_the_kernel(start_server, tmp_p
 
 
 # ------------------------------------------ the session's hooks, without a network
-FULL = b"452 4.3.1 Error: insufficient system storage\r\n"
+FULL = replies.INSUFFICIENT_STORAGE  # 452 4.3.1
 
 
-def in_rcpt() -> Session:
-    s = Session("mx.test", frozenset({DOMAIN}), Limits(max_errors=2), lambda key: 0)
+def in_rcpt() -> Wired:
+    s = Wired(Session("mx.test", frozenset({DOMAIN}), Limits(max_errors=2), lambda key: 0))
     s.feed(b"EHLO x\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<r>\r\n")
     assert s.state is State.RCPT
     return s
@@ -402,7 +404,7 @@ def test_session_refused_message_discards_the_rest_and_answers_at_the_dot():
 def test_session_hands_back_what_was_pipelined_behind_a_message():
     s = in_rcpt()
     assert s.feed(b"DATA\r\nhello\r\n.\r\nNOOP\r\nNOO") == b"354 End data with <CR><LF>.<CR><LF>\r\n"
-    assert s.state is State.DELIVERING and s.held_bytes == 0 and s.pending.size == 7
+    assert s.state is State.WAITING and s.held_bytes == 0 and s.pending.size == 7
     assert s.take_unread() == b"NOOP\r\nNOO"
     assert s.message_stored("Q1") == b"250 2.0.0 Ok: queued as Q1\r\n"  # nothing else answered
     assert s.feed(b"NOOP\r\nNOOP\r\n") == b"250 2.0.0 Ok\r\n" * 2

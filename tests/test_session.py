@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from sansio import Wired
 
+from prefork_smtpd.events import Reply
 from prefork_smtpd.session import Limits, Session, State, folder_for
 
 STATS = {"TOTAL": 7, "CURRENT": 3, "BYTES": 1234, "MAILS": 5}
 
 
-def new_session(**limits) -> Session:
-    return Session("mx.test", frozenset({"smtpd.com", "example.org"}), Limits(**limits), STATS.__getitem__)
+def new_session(**limits) -> Wired:
+    return Wired(Session("mx.test", frozenset({"smtpd.com", "example.org"}), Limits(**limits), STATS.__getitem__))
 
 
 def replies(out: bytes) -> list[str]:
@@ -53,7 +55,7 @@ def test_full_transaction_hands_envelope_to_worker():
         250, 250, 250, 354
     ]
     assert s.feed(b"Subject: x\r\n\r\n..leading dot\r\n.\r\n") == b""
-    assert s.state is State.DELIVERING
+    assert s.state is State.WAITING
     env = s.pending
     assert env.sender == "Alice@SMTPD.com" and env.helo == "client.example"
     assert [(r.address, r.folder) for r in env.recipients] == [("Bob@smtpd.com", "bob"), ("carol", "carol")]
@@ -294,7 +296,7 @@ def test_nul_and_non_utf8_get_a_reply():
 
 def test_delivery_failure_reply_and_counts():
     s = send_message(ready(), b"hello")
-    out = s.message_failed(b"451 4.3.0 Error: local error in processing\r\n")
+    out = s.message_failed(Reply(b"451 4.3.0 Error: local error in processing\r\n"))
     assert codes(out) == [451]
     assert s.replies_4xx == 1 and s.state is State.READY
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from sansio import Wired
 
 from prefork_smtpd.session import Limits, Session, State
 
@@ -26,8 +27,8 @@ def smuggling_attempt(ending: bytes) -> bytes:
     return HEAD + b"Subject: t\r\n\r\nhello" + ending + SMUGGLED
 
 
-def new_session(**limits) -> Session:
-    return Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0)
+def new_session(**limits) -> Wired:
+    return Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0))
 
 
 def drive(chunks) -> tuple[bytes, list]:

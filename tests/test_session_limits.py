@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sansio import Wired
 
 from prefork_smtpd.session import Limits, Session
 
 MAX = 2048
 
 
-def session(**limits) -> Session:
-    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0)
+def session(**limits) -> Wired:
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0))
     s.feed(b"EHLO client.example\r\n")
     return s
 
@@ -26,7 +27,7 @@ def every_split(data: bytes):
         yield [data[:cut], data[cut:]]
 
 
-def feed_all(s: Session, chunks: list[bytes]) -> bytes:
+def feed_all(s: Wired, chunks: list[bytes]) -> bytes:
     return b"".join(s.feed(chunk) for chunk in chunks)
 
 
@@ -58,7 +59,7 @@ def test_size_parameter_equal_to_the_maximum_passes_and_one_more_does_not():
     assert s.feed(f"MAIL FROM:<a@smtpd.com> SIZE={MAX + 1}\r\n".encode())[:9] == b"552 5.3.4"
 
 
-def transaction(s: Session, body: bytes, chunks_of=None) -> bytes:
+def transaction(s: Wired, body: bytes, chunks_of=None) -> bytes:
     out = s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
     assert out.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
     data = body + b".\r\n"

@@ -7,6 +7,7 @@ import re
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from sansio import Wired
 
 from prefork_smtpd.session import Limits, Session, State
 
@@ -35,9 +36,9 @@ BODY_LINES = st.lists(
 )
 
 
-def new_session(**kw) -> Session:
+def new_session(**kw) -> Wired:
     limits = Limits(max_recipients=3, max_errors=1000, max_message_size=MAX_SIZE, **kw)
-    return Session("mx.test", frozenset({"smtpd.com"}), limits, lambda k: 1)
+    return Wired(Session("mx.test", frozenset({"smtpd.com"}), limits, lambda k: 1))
 
 
 @st.composite
@@ -53,7 +54,7 @@ def conversations(draw):
     return b"".join(parts)
 
 
-def drive(session: Session, chunks: list[bytes]) -> bytes:
+def drive(session: Wired, chunks: list[bytes]) -> bytes:
     """Feed chunks, storing each complete message at once, as a worker would."""
     out = b""
     for chunk in chunks:
@@ -65,16 +66,16 @@ def drive(session: Session, chunks: list[bytes]) -> bytes:
     return out
 
 
-def check_invariants(s: Session) -> None:
-    assert (s.pending is not None) == (s.state is State.DELIVERING)
-    if s.state in (State.MAIL, State.RCPT, State.DATA, State.DELIVERING):
+def check_invariants(s: Wired) -> None:
+    assert (s.pending is not None) == (s.state is State.WAITING)
+    if s.state in (State.MAIL, State.RCPT, State.DATA, State.WAITING):
         assert s._envelope is not None
-    if s.state in (State.RCPT, State.DATA, State.DELIVERING):
+    if s.state in (State.RCPT, State.DATA, State.WAITING):
         assert 1 <= len(s._envelope.recipients) <= 3
     if s.closing:
         assert s.state is State.CLOSED
     # Nothing grows without bound: at most a line under the limits is kept.
-    assert len(s._buf) <= 2000 or s.state in (State.DELIVERING, State.CLOSED)
+    assert len(s._buf) <= 2000 or s.state in (State.WAITING, State.CLOSED)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

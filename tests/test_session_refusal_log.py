@@ -7,20 +7,21 @@ challenge are hidden.
 from __future__ import annotations
 
 import pytest
+from sansio import Wired
 
 from prefork_smtpd.session import Limits, Session
 
 SECRET = "AHVzZXIAaHVudGVyMg=="  # base64 of "\0user\0hunter2"
 
 
-def session(**limits) -> Session:
-    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0)
+def session(**limits) -> Wired:
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(**limits), lambda key: 0))
     s.feed(b"EHLO client.example\r\n")
     s.log.clear()
     return s
 
 
-def refusals(s: Session, data: bytes) -> list[str]:
+def refusals(s: Wired, data: bytes) -> list[str]:
     s.feed(data)
     assert not any(secret in line for line in s.log for secret in (SECRET, "dXNlcg", "aHVudGVyMg"))
     lines = [line for line in s.log if line.startswith("refused")]

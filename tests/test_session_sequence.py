@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from sansio import Wired
 
 from prefork_smtpd.session import ALLOWED, NOT_IMPLEMENTED, SEQUENCE_ERRORS, Limits, Session, State
 
@@ -44,8 +45,8 @@ ON_THE_WAY_TO = {
 }
 
 
-def session_in(state: State) -> Session:
-    s = Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0)
+def session_in(state: State) -> Wired:
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0))
     s.feed(ON_THE_WAY_TO[state])
     assert s.state is state
     return s
@@ -113,7 +114,7 @@ def test_no_command_is_read_in_data_delivering_or_closed():
     assert s.feed(b"QUIT\r\nMAIL FROM:<x@smtpd.com>\r\n") == b""  # message content, not commands
     assert s.state is State.DATA
     s.feed(b".\r\n")
-    assert s.state is State.DELIVERING
+    assert s.state is State.WAITING
     assert s.feed(b"NOOP\r\n") == b""  # held until the message is stored
     assert s.message_stored("Q") == b"250 2.0.0 Ok: queued as Q\r\n250 2.0.0 Ok\r\n"
     assert s.pending is None
