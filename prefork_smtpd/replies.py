@@ -97,6 +97,7 @@ NEED_HELO = reply(503, "5.5.1", "Error: send HELO/EHLO first")
 NEED_MAIL = reply(503, "5.5.1", "Error: need MAIL command")
 NESTED_MAIL = reply(503, "5.5.1", "Error: nested MAIL command")
 NEED_RCPT = reply(503, "5.5.1", "Error: need RCPT command")
+BAD_SEQUENCE = reply(503, "5.5.1", "Error: bad sequence of commands")  # no more precise 503 known
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "Error: no valid recipients")
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")  # RFC 4954 6: MAIL before AUTH
 

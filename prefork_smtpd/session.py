@@ -18,10 +18,12 @@ the worker brings the verdict to ``resume(verdict)`` (for the store:
 answer and go on with whatever the client pipelined behind, which it kept
 buffered meanwhile (or handed back to the worker with ``take_unread()``).
 
-Which command is allowed in which state is data, not code: ``ALLOWED``
-lists the states each verb may run in, and ``SEQUENCE_ERRORS`` the 503 reply
-for each verb used too early or too late. Every transition is made by one
-of the ``_cmd_*`` handlers; nothing outside this module changes ``state``.
+Which command is allowed in which state is data, not code: each handler's
+entry in ``COMMANDS`` (commands.py) lists the states it may run in, with its
+syntax, its EHLO keyword and when it is enabled; ``SEQUENCE_ERRORS`` gives
+the 503 reply for each verb used too early or too late. Every transition is
+made by one of the ``smtp_*`` handlers (or by a verdict); nothing outside
+this module changes ``state``.
 
 Every line gets exactly one reply. Limits come from a ``Limits`` object read
 at the moment of use, so a live change applies to the next command. Every
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import replies
+from .commands import CommandTable
 from .events import Close, Deliver, Event, LogEvent, Reply, Stored, StoreFailed, Verdict, Wait
 from .listeners import SMTP_CONTEXT, ConnectionContext
 
@@ -52,34 +55,24 @@ class State(enum.Enum):
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
 
 
-# The states each verb may run in. Verbs not listed here are unknown (500).
-_ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
-ALLOWED: dict[str, frozenset[State]] = {
-    "EHLO": _ANY,
-    "HELO": _ANY,
-    "MAIL": frozenset({State.READY}),
-    "RCPT": frozenset({State.MAIL, State.RCPT}),
-    "DATA": frozenset({State.RCPT}),
-    "RSET": _ANY,
-    "NOOP": _ANY,
-    "QUIT": _ANY,
-    "HELP": _ANY,
-    "VRFY": _ANY,
-    "XSTAT": _ANY,
-    # Known verbs this server does not implement: 502, in any state.
-    "EXPN": _ANY,
-    "TURN": _ANY,
-    "ETRN": _ANY,
-    "SEND": _ANY,
-    "SOML": _ANY,
-    "SAML": _ANY,
-    "BDAT": _ANY,
-    "AUTH": _ANY,
-    "STARTTLS": _ANY,
-}
-NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS"})
+# Every verb, with its handler, the states it may run in, its syntax and
+# its EHLO keyword: one table (commands.py). The handlers register below, in
+# Session; a verb the table does not know is unknown (500).
+COMMAND_STATES = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
+COMMANDS = CommandTable()
+# Known verbs this server does not implement: 502, in any state.
+COMMANDS.not_implemented(
+    "EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS", states=COMMAND_STATES
+)
+# EHLO keywords that come with no verb of their own; a verb's follow, in the
+# order the verbs register.
+COMMANDS.extension("PIPELINING")
+COMMANDS.extension(lambda session: f"SIZE {session.limits.max_message_size}")  # MAIL's SIZE=
+COMMANDS.extension("8BITMIME")  # MAIL's BODY=
+COMMANDS.extension("ENHANCEDSTATUSCODES")
 
-# The 503 reply for a verb used in a state that does not allow it.
+# The 503 reply for a verb used in a state that does not allow it (any pair
+# missing here gets BAD_SEQUENCE).
 SEQUENCE_ERRORS: dict[tuple[str, State], Reply] = {
     ("MAIL", State.CONNECTED): replies.NEED_HELO,
     ("MAIL", State.MAIL): replies.NESTED_MAIL,
@@ -112,18 +105,6 @@ _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
-_HELP = replies.multiline(
-    214,
-    "2.0.0",
-    [
-        "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT",
-        "MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]",
-        "RCPT TO:<user@domain> or RCPT TO:<user>",
-        "VRFY always answers 252: mailboxes are not disclosed",
-        "XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters",
-        "End of HELP",
-    ],
-)
 # Why a message is refused, worst first: a bare CR or LF is a framing error
 # (the message may not even end where the client thinks), the others limits.
 # Any other reason (the worker's refuse_message: its own shortage) ranks 0.
@@ -201,6 +182,10 @@ def folder_for(local_part: str) -> str | None:
 
 
 class Session:
+    # The verbs this session answers. A subclass that adds verbs registers
+    # them on a copy: ``commands = COMMANDS.copy()``, then ``@commands.verb``.
+    commands = COMMANDS
+
     def __init__(
         self,
         hostname: str,
@@ -373,24 +358,29 @@ class Session:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         arg = arg.strip()
-        allowed = ALLOWED.get(verb)
+        command = self.commands.get(verb)
         # A SASL exchange goes on until a known command: until then an
         # unknown line may be credentials (see describe_command).
-        if allowed is not None:
+        if command is not None:
             self._after_auth = verb == "AUTH"
         elif is_auth_line(line):  # "AUTH\tPLAIN ...": unknown, yet credentials may follow
             self._after_auth = True
-        if allowed is None:
+        if command is None:
             if b"\x00" in line:
                 return self._error(replies.NUL_IN_COMMAND)
             return self._error(replies.UNKNOWN_COMMAND)
-        if verb in NOT_IMPLEMENTED:
+        handler = command.handler
+        if handler is None or (command.enabled is not None and not command.enabled(self)):
             return self._error(replies.NOT_IMPLEMENTED)
-        if self.state not in allowed:
+        if self.state not in command.states:
             if verb == "DATA" and self.state is State.MAIL and self._envelope and self._rejected_rcpts:
                 return self._error(replies.NO_VALID_RECIPIENTS)
-            return self._error(SEQUENCE_ERRORS[(verb, self.state)])
-        return getattr(self, "_cmd_" + verb)(arg)
+            return self._error(SEQUENCE_ERRORS.get((verb, self.state), replies.BAD_SEQUENCE))
+        return handler(self, arg)
+
+    def _syntax_error(self, verb: str, status: str = "5.5.4", params: bool = False) -> Reply | None:
+        """501 with the verb's syntax as the registry gives it."""
+        return self._error(self.commands[verb].usage(status, params))
 
     def _error(self, reply: Reply, what: str | None = None) -> Reply | None:
         """A refusal that counts toward max_errors; ``what`` names it in the log.
@@ -432,20 +422,28 @@ class Session:
         self._out.append(LogEvent(f"{verb} {name}"))
         return name
 
-    def _cmd_EHLO(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="EHLO hostname (a domain or an address literal)")
+    def smtp_EHLO(self, arg: str) -> Reply | None:
         name = self._hello(arg, "EHLO")
         if name is None:
-            return self._error(replies.syntax_error("EHLO hostname (a domain or an address literal)"))
-        keywords = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES", "HELP"]
+            return self._syntax_error("EHLO")
+        keywords = self.commands.ehlo_keywords(self)
         return replies.multiline(250, None, [f"{self.hostname} Hello {name}", *keywords])
 
-    def _cmd_HELO(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="HELO hostname (a domain or an address literal)")
+    def smtp_HELO(self, arg: str) -> Reply | None:
         name = self._hello(arg, "HELO")
         if name is None:
-            return self._error(replies.syntax_error("HELO hostname (a domain or an address literal)"))
+            return self._syntax_error("HELO")
         return replies.hello(self.hostname, name)
 
-    def _cmd_MAIL(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(
+        states={State.READY},
+        syntax="MAIL FROM:<user@domain>",
+        params="[SIZE=n] [BODY=7BIT|8BITMIME]",
+        help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]",
+    )
+    def smtp_MAIL(self, arg: str) -> Reply | None:
         if self.context.require_auth:
             # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
             # is not available yet, so nobody is authenticated here; once it
@@ -453,13 +451,13 @@ class Session:
             return self._error(replies.AUTH_REQUIRED)
         parsed = _split_path(arg, "FROM:")
         if parsed is None:
-            return self._error(replies.syntax_error("MAIL FROM:<user@domain>"))
+            return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
         for param in params:
             m = _PARAM.match(param)
             if not m:
-                return self._error(replies.syntax_error("MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]"))
+                return self._syntax_error("MAIL", params=True)
             key, value = m.group(1).upper(), m.group(2)
             # A known parameter with a bad value is a syntax error (501);
             # only a parameter this server does not know gets 555.
@@ -477,7 +475,7 @@ class Session:
         if path != "":
             address = _parse_mailbox(path)
             if address is None:
-                return self._error(replies.syntax_error("MAIL FROM:<user@domain>", "5.1.7"))
+                return self._syntax_error("MAIL", "5.1.7")
             if address[1].lower() not in self.domains:
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
         refusal = self.policy.mail_refusal(size)
@@ -489,10 +487,15 @@ class Session:
         self.state = State.MAIL
         return replies.SENDER_OK
 
-    def _cmd_RCPT(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(
+        states={State.MAIL, State.RCPT},
+        syntax="RCPT TO:<user@domain>",
+        help="RCPT TO:<user@domain> or RCPT TO:<user>",
+    )
+    def smtp_RCPT(self, arg: str) -> Reply | None:
         parsed = _split_path(arg, "TO:")
         if parsed is None or parsed[0] == "":
-            return self._error(replies.syntax_error("RCPT TO:<user@domain>"))
+            return self._syntax_error("RCPT")
         path, params = parsed
         if params:
             self._rejected_rcpts += 1
@@ -511,7 +514,7 @@ class Session:
             local = path  # a bare local part, as the seed allowed
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
-            return self._error(replies.syntax_error("RCPT TO:<user@domain>", "5.1.3"))
+            return self._syntax_error("RCPT", "5.1.3")
         elif domain.lower() not in self.domains:
             self._rejected_rcpts += 1
             return self._error(replies.RELAY_DENIED)
@@ -527,9 +530,10 @@ class Session:
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 
-    def _cmd_DATA(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(states={State.RCPT}, syntax="DATA")
+    def smtp_DATA(self, arg: str) -> Reply | None:
         if arg:
-            return self._error(replies.syntax_error("DATA"))
+            return self._syntax_error("DATA")
         refusal = self.admit_message()
         if refusal is not None:  # the server's shortage, not the client's error
             self._log_refusal(refusal)
@@ -541,34 +545,48 @@ class Session:
         self._at_line_start = True  # the CRLF of "DATA" starts the first line
         return replies.START_DATA
 
-    def _cmd_RSET(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="RSET")
+    def smtp_RSET(self, arg: str) -> Reply | None:
         if arg:
-            return self._error(replies.syntax_error("RSET"))
+            return self._syntax_error("RSET")
         self._reset_transaction()
         if self.state is not State.CONNECTED:
             self.state = State.READY
         return replies.OK
 
-    def _cmd_NOOP(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="NOOP [string]")
+    def smtp_NOOP(self, arg: str) -> Reply | None:
         return replies.OK
 
-    def _cmd_QUIT(self, arg: str) -> None:
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="QUIT")
+    def smtp_QUIT(self, arg: str) -> None:
         self.state = State.CLOSED
         self._out.append(Close(replies.bye(self.hostname)))
 
-    def _cmd_HELP(self, arg: str) -> Reply | None:
-        return _HELP
+    @COMMANDS.verb(states=COMMAND_STATES, syntax="HELP", ehlo="HELP")
+    def smtp_HELP(self, arg: str) -> Reply | None:
+        return self.commands.help_reply(self)
 
-    def _cmd_VRFY(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(
+        states=COMMAND_STATES,
+        syntax="VRFY address",
+        help="VRFY always answers 252: mailboxes are not disclosed",
+    )
+    def smtp_VRFY(self, arg: str) -> Reply | None:
         if not arg:
-            return self._error(replies.syntax_error("VRFY address"))
+            return self._syntax_error("VRFY")
         return replies.CANNOT_VRFY
 
-    def _cmd_XSTAT(self, arg: str) -> Reply | None:
+    @COMMANDS.verb(
+        states=COMMAND_STATES,
+        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS",
+        help="XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters",
+    )
+    def smtp_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()
         text = XSTAT_TEXT.get(key)
         if text is None:
-            return self._error(replies.syntax_error("XSTAT TOTAL|CURRENT|BYTES|MAILS"))
+            return self._syntax_error("XSTAT")
         return replies.statistic(text, self.read_stat(key))
 
     def _reset_transaction(self) -> None:
@@ -758,7 +776,7 @@ def describe_command(line: bytes, after_auth: bool = False) -> str:
     words = body.split(None, 1)  # any whitespace: "AUTH\tPLAIN secret" is hidden too
     if is_auth_line(body):
         return '"AUTH [arguments hidden]"' if len(words) > 1 else '"AUTH"'
-    if after_auth and (not words or words[0].upper().decode("latin-1") not in ALLOWED):
+    if after_auth and (not words or words[0].upper().decode("latin-1") not in COMMANDS):
         return "[a line after AUTH, hidden]"
     # repr escapes CR, LF and every control byte: a client cannot forge log lines.
     shown = repr(body[:LOG_LINE_MAX])[2:-1]

@@ -13,9 +13,12 @@ import itertools
 import pytest
 from sansio import Wired
 
-from prefork_smtpd.session import ALLOWED, NOT_IMPLEMENTED, SEQUENCE_ERRORS, Limits, Session, State
+from prefork_smtpd.session import COMMANDS, SEQUENCE_ERRORS, Limits, Session, State
 
 COMMAND_STATES = [State.CONNECTED, State.READY, State.MAIL, State.RCPT]
+# The session's verb/state table, as its command registry holds it.
+ALLOWED = {verb: command.states for verb, command in COMMANDS.items()}
+NOT_IMPLEMENTED = {verb for verb, command in COMMANDS.items() if command.handler is None}
 
 # Every verb is allowed in every command state but these, which get 503 5.5.1.
 EXPECTED_503 = {
