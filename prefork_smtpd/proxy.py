@@ -375,10 +375,10 @@ def _check_partial_line(line: bytes) -> ProxyError | None:
 def _check_fields(fields: list[bytes], complete: int) -> ProxyError | None:
     """Check the v1 fields; the first ``complete`` are whole, any later one
     is a prefix that more bytes may extend."""
-    if len(fields) > _V1_FIELDS:
-        return ProxyError(Reason.V1_FIELD_COUNT, f"more than {_V1_FIELDS} fields after PROXY")
     family = fields[0]
-    for index, value in enumerate(fields):
+    # Field by field, then the count: the first fault in the line is the
+    # one reported, as it would be had the bytes come one at a time.
+    for index, value in enumerate(fields[:_V1_FIELDS]):
         whole = index < complete
         if whole and not value:
             return ProxyError(Reason.V1_BAD_SPACING, "fields must be separated by exactly one space")
@@ -390,6 +390,8 @@ def _check_fields(fields: list[bytes], complete: int) -> ProxyError | None:
             error = _check_port(value, whole)
         if error:
             return error
+    if len(fields) > _V1_FIELDS:
+        return ProxyError(Reason.V1_FIELD_COUNT, f"more than {_V1_FIELDS} fields after PROXY")
     return None
 
 
