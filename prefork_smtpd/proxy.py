@@ -27,10 +27,9 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Union
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Version 1: "PROXY TCP4|TCP6|UNKNOWN ...\r\n". The spec's worst case is
 # "PROXY UNKNOWN <39-char IPv6> <39-char IPv6> 65535 65535\r\n": 107 bytes.
@@ -215,7 +214,9 @@ def _decode_v2(header: bytes) -> ProxyHeader | ProxyError:
     block = header[V2_FIXED:]
     size = _ADDRESS_BLOCK[family]
     if len(block) < size:
-        return ProxyError(Reason.ADDRESS_LENGTH_MISMATCH, f"{_FAMILY_NAME[family]} needs {size} bytes, got {len(block)}")
+        return ProxyError(
+            Reason.ADDRESS_LENGTH_MISMATCH, f"{_FAMILY_NAME[family]} needs {size} bytes, got {len(block)}"
+        )
     source, destination = _v2_addresses(family, block[:size])
     tlvs = _decode_tlvs(header, V2_FIXED + size)
     if isinstance(tlvs, ProxyError):
@@ -251,7 +252,9 @@ def _decode_tlvs(header: bytes, start: int) -> dict[int, bytes] | ProxyError:
         kind, length = header[at], int.from_bytes(header[at + 1 : at + 3], "big")
         value_at = at + 3
         if value_at + length > len(header):
-            return ProxyError(Reason.TRUNCATED_TLV, f"type {kind:#x} says {length} bytes, {len(header) - value_at} left")
+            return ProxyError(
+                Reason.TRUNCATED_TLV, f"type {kind:#x} says {length} bytes, {len(header) - value_at} left"
+            )
         at = value_at + length
         if kind == PP2_TYPE_NOOP:
             continue  # padding, may repeat

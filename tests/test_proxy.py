@@ -8,6 +8,7 @@ checked at the exact byte that makes it (one byte earlier: still waiting).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 
 import pytest
@@ -194,7 +195,7 @@ def test_any_chunking_gives_the_header_and_every_later_byte(header_and_expected,
     whole = data + tail
     bounds = sorted({0, len(whole), *(c for c in cuts if c < len(whole))})
     parser = ProxyParser()
-    for index, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
         outcome = parser.feed(whole[start:stop])
         if outcome is not None:
             later = whole[stop:]
@@ -354,7 +355,11 @@ def test_v1_a_line_one_byte_over_the_limit_is_refused():
 
 
 def test_v1_unknown_ignores_what_follows_it_on_the_line():
-    for line in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n", b"PROXY UNKNOWN \xff garbage 01 +\r\n"):
+    for line in (
+        b"PROXY UNKNOWN\r\n",
+        b"PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n",
+        b"PROXY UNKNOWN \xff garbage 01 +\r\n",
+    ):
         assert parse(line + b"x") == ProxyResult(ProxyHeader(1, "PROXY", "UNKNOWN"), b"x")
 
 
@@ -426,9 +431,7 @@ def test_v2_unix_stream_paths():
     assert parse(v2(0x21, 0x31, full + full)).header.source == (full.decode(), None)
 
 
-@pytest.mark.parametrize(
-    ("fam", "size"), [(0x11, 11), (0x11, 0), (0x21, 12), (0x21, 35), (0x31, 215), (0x31, 36)]
-)
+@pytest.mark.parametrize(("fam", "size"), [(0x11, 11), (0x11, 0), (0x21, 12), (0x21, 35), (0x31, 215), (0x31, 36)])
 def test_v2_address_block_shorter_than_the_family_needs(fam, size):
     outcome = parse(v2(0x21, fam, bytes(size)))
     assert outcome.reason is Reason.ADDRESS_LENGTH_MISMATCH
@@ -562,7 +565,9 @@ def test_parse_networks_reads_cidrs_and_bare_addresses():
     assert parse_networks("") == () and parse_networks("  ") == ()
 
 
-@pytest.mark.parametrize("text", ["10.0.0.1/8", "10.0.0.0/33", "10.0.0.0/8,,::1", "10.0.0.0/8,", "example.org", "1.2.3"])
+@pytest.mark.parametrize(
+    "text", ["10.0.0.1/8", "10.0.0.0/33", "10.0.0.0/8,,::1", "10.0.0.0/8,", "example.org", "1.2.3"]
+)
 def test_parse_networks_refuses_what_is_not_a_network(text):
     with pytest.raises(ValueError):
         parse_networks(text)
