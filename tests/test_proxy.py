@@ -459,20 +459,20 @@ def test_v2_registered_tlvs_are_returned_and_noop_is_skipped():
 
 
 @pytest.mark.parametrize(
-    ("tlvs", "reason"),
+    ("tlvs", "reason", "detail"),
     [
-        (b"\x02", Reason.TRUNCATED_TLV),
-        (b"\x02\x00", Reason.TRUNCATED_TLV),
-        (b"\x02\x00\x05abcd", Reason.TRUNCATED_TLV),
-        (tlv(PP2_TYPE_AUTHORITY, b"a") + b"\x02\x00\x02a", Reason.TRUNCATED_TLV),
-        (tlv(PP2_TYPE_AUTHORITY, b"a.example") + tlv(PP2_TYPE_AUTHORITY, b"b.example"), Reason.DUPLICATE_TLV),
-        (tlv(PP2_TYPE_CRC32C, b"\0\0\0"), Reason.BAD_CHECKSUM),
-        (tlv(PP2_TYPE_CRC32C, b"\0\0\0\0\0"), Reason.BAD_CHECKSUM),
-        (tlv(PP2_TYPE_CRC32C, b"\0\0\0\0"), Reason.BAD_CHECKSUM),
+        (b"\x02", Reason.TRUNCATED_TLV, "1 bytes left for a 3-byte TLV head"),
+        (b"\x02\x00", Reason.TRUNCATED_TLV, "2 bytes left for a 3-byte TLV head"),
+        (b"\x02\x00\x05abcd", Reason.TRUNCATED_TLV, "type 0x2 says 5 bytes, 4 left"),
+        (tlv(PP2_TYPE_AUTHORITY, b"a") + b"\x02\x00\x02a", Reason.TRUNCATED_TLV, "type 0x2 says 2 bytes, 1 left"),
+        (tlv(PP2_TYPE_AUTHORITY, b"a.example") + tlv(PP2_TYPE_AUTHORITY, b"b"), Reason.DUPLICATE_TLV, "type 0x2 twice"),
+        (tlv(PP2_TYPE_CRC32C, b"\0\0\0"), Reason.BAD_CHECKSUM, "CRC32C value of 3 bytes, 4 expected"),
+        (tlv(PP2_TYPE_CRC32C, b"\0\0\0\0\0"), Reason.BAD_CHECKSUM, "CRC32C value of 5 bytes, 4 expected"),
+        (tlv(PP2_TYPE_CRC32C, b"\0\0\0\0"), Reason.BAD_CHECKSUM, "CRC32C does not match the header"),
     ],
 )
-def test_v2_malformed_tlvs(tlvs, reason):
-    assert parse(v2(0x21, 0x11, bytes(12) + tlvs)).reason is reason
+def test_v2_malformed_tlvs(tlvs, reason, detail):
+    assert parse(v2(0x21, 0x11, bytes(12) + tlvs)) == ProxyError(reason, detail)
 
 
 def test_crc32c_known_answer():
