@@ -145,6 +145,8 @@ class ProxyParser:
 
     def eof(self) -> ProxyError:
         """The connection ended before the header did."""
+        if self._done:
+            raise RuntimeError("the PROXY header was already decided")
         self._done = True
         return ProxyError(Reason.TRUNCATED, f"connection closed after {len(self._buffer)} bytes of header")
 
@@ -192,6 +194,8 @@ def _check_version_command(byte: int) -> ProxyError | None:
 
 
 def _check_family_protocol(byte: int) -> ProxyError | None:
+    # Checked for LOCAL too, whose family is otherwise ignored: the spec has
+    # receivers reject unassigned values, and senders put 0x00 there.
     if byte >> 4 not in (_AF_UNSPEC, _AF_INET, _AF_INET6, _AF_UNIX):
         return ProxyError(Reason.BAD_FAMILY, f"address family {byte >> 4:#x}")
     if byte & 0xF not in (_UNSPEC, _STREAM, _DGRAM):

@@ -521,6 +521,8 @@ def test_nothing_fed_means_waiting_and_a_decided_parser_takes_no_more():
     assert failed.feed(b"EHLO").reason is Reason.BAD_SIGNATURE
     with pytest.raises(RuntimeError):
         failed.feed(b"x")
+    with pytest.raises(RuntimeError):
+        failed.eof()
 
 
 def test_a_header_inside_the_rest_is_not_parsed_again():
