@@ -23,9 +23,12 @@ from harness import free_port, wait_until
 from prefork_smtpd.proxy import PP2_TYPE_CRC32C, PP2_TYPE_UNIQUE_ID, ProxyHeader, ProxyParser, ProxyResult
 
 HAPROXY = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None)
-pytestmark = pytest.mark.skipif(
-    HAPROXY is None, reason="needs HAProxy: install the Debian package 'haproxy' (apt-get install haproxy)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        HAPROXY is None, reason="needs HAProxy: install the Debian package 'haproxy' (apt-get install haproxy)"
+    ),
+    pytest.mark.slow,  # starts a haproxy per test
+]
 
 
 def loopback_v6() -> bool:
