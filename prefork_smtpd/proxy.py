@@ -558,7 +558,10 @@ def _encode_v2_addresses(family: str, source, destination) -> bytes:
     if family == "UNSPEC":
         return b""
     if family == "UNIX":
-        return b"".join(os.fsencode(path).ljust(108, b"\0")[:108] for path, _ in (source, destination))
+        paths = [os.fsencode(path) for path, _ in (source, destination)]
+        if any(len(path) > 108 for path in paths):
+            raise ValueError("a UNIX socket path has at most 108 bytes")
+        return b"".join(path.ljust(108, b"\0") for path in paths)
     width = 4 if family == "TCP4" else 16
     ips = [ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])]
     if any(len(ip.packed) != width for ip in ips):

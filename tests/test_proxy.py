@@ -495,6 +495,17 @@ def test_v2_checksum_is_verified_over_the_whole_header():
             assert outcome.reason is Reason.BAD_CHECKSUM, (at, outcome)
 
 
+def test_v2_checksum_may_come_before_other_tlvs():
+    # HAProxy puts the checksum first; the TLVs after it must not move the
+    # place that is zeroed for the check.
+    block = bytes(12) + tlv(PP2_TYPE_CRC32C, bytes(4)) + tlv(PP2_TYPE_ALPN, b"smtp") + tlv(0x00, b"")
+    header = bytearray(v2(0x21, 0x11, block))
+    header[31:35] = crc32c(bytes(header)).to_bytes(4, "big")
+    outcome = parse(bytes(header))
+    assert isinstance(outcome, ProxyResult), outcome
+    assert outcome.header.tlvs == {PP2_TYPE_CRC32C: bytes(header[31:35]), PP2_TYPE_ALPN: b"smtp", 0x00: b""}
+
+
 def test_v2_header_cap_is_inclusive_and_adjustable():
     body = bytes(12) + tlv(0xE0, bytes(MAX_V2_HEADER - 16 - 12 - 3))
     data = v2(0x21, 0x11, body)
@@ -504,7 +515,7 @@ def test_v2_header_cap_is_inclusive_and_adjustable():
     small = ProxyParser(max_v2_header=300)
     assert small.feed(data[:16]).reason is Reason.HEADER_TOO_LONG
     assert ProxyParser(max_v2_header=232).feed(encode_v2(("/a", None), ("/b", None), family="UNIX")) is not None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"\(232 bytes\)"):
         ProxyParser(max_v2_header=231)  # could not hold an AF_UNIX header
 
 
@@ -545,6 +556,8 @@ def test_encoders_refuse_mixed_families_and_unknown_commands():
         encode_v2(("1.2.3.4", 1), ("::1", 2))
     with pytest.raises(ValueError):
         encode_v2(command="HEALTH")
+    with pytest.raises(ValueError):
+        encode_v2(("/" + "p" * 108, None), ("/b", None), family="UNIX")
 
 
 def test_encoders_write_the_spec_bytes():
