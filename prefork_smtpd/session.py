@@ -290,6 +290,8 @@ class Session:
         """Take bytes from the client; return what the worker must do, in order."""
         if self.state is State.CLOSED:
             return []
+        if type(self._awaiting) is StartTLS:
+            return []  # sent in the clear behind STARTTLS: dropped, never read (RFC 3207 5)
         self._buf += data
         if self.state is State.WAITING:
             return []  # kept until the verdict
