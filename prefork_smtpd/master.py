@@ -156,6 +156,7 @@ class Master:
         self.slots_short = 0  # workers waiting for a slot, as last logged
         self.reload_requests: list[ConfigSession | None] = []  # None: from SIGHUP
         self.reload_waiters: list[ConfigSession] = []
+        self.credentials = Credentials()  # the certificate and users, read in run()
         self.notifier = Notifier()
         self.next_status = 0.0
         self.handover_pending = False  # a new generation is ready; old workers are still leaving
