@@ -275,11 +275,14 @@ class MaildirStore:
             self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
             self._date_second = second
         date = self._date
+        # RFC 3848: ESMTPS over TLS, ESMTPA after AUTH; the TLS parameters
+        # in a comment, as Postfix writes them. The login stays in the log.
+        tls = f"\t({envelope.tls.received_comment()})\n" if envelope.tls is not None else ""
         return (
             f"Return-Path: <{envelope.sender}>\n"
             f"Delivered-To: {address}\n"
-            f"Received: from {envelope.helo} ({peer_address})\n"
-            f"\tby {self.hostname} (prefork-smtpd) with ESMTP id {queue_id}\n"
+            f"Received: from {envelope.helo} ({peer_address})\n{tls}"
+            f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}\n"
             f"\tfor <{address}>; {date}\n"
         ).encode("utf-8", "surrogateescape")
 

@@ -16,15 +16,23 @@ Outputs (session -> worker)
               reads no command until ``resume(verdict)``, keeping what the
               client pipelined meanwhile. Each names the verdicts it takes:
 ``Deliver``   store ``envelope``; resume with ``Stored`` or ``StoreFailed``.
+``StartTLS``  the 220 to STARTTLS is out: run the TLS handshake on this
+              connection, then resume with ``TLSStarted``. Whatever the
+              client sent behind STARTTLS in plaintext is dropped (the
+              session has dropped its part already). A failed handshake
+              ends the connection: there is no verdict for it.
+``CheckCredentials``  check ``username`` and ``password`` (slowly, off the
+              event loop); resume with ``Authenticated``, ``AuthFailed``
+              (after the worker's delay) or ``AuthUnavailable``.
 
 Verdicts (worker -> session, through ``Session.resume``)
 --------------------------------------------------------
-``Stored``, ``StoreFailed``.
+``Stored``, ``StoreFailed``, ``TLSStarted``, ``Authenticated``,
+``AuthFailed``, ``AuthUnavailable``.
 
-A new outside step (a TLS handshake for STARTTLS, a password check for
-AUTH) is a new ``Wait`` subclass naming its verdict types, the verdict
-classes, and one branch in the worker's event loop: the session's waiting
-state and its ``resume`` serve every kind.
+A new outside step is a new ``Wait`` subclass naming its verdict types,
+the verdict classes, and one branch in the worker's event loop: the
+session's waiting state and its ``resume`` serve every kind.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .session import Envelope
+    from .tls import TLSSessionInfo
 
 
 class Reply(bytes):
@@ -108,3 +117,47 @@ class Deliver(Wait):
 
     envelope: Envelope
     verdicts: ClassVar[tuple[type[Verdict], ...]] = (Stored, StoreFailed)
+
+
+@dataclass(frozen=True, slots=True)
+class TLSStarted(Verdict):
+    """The handshake succeeded: ``info`` says what it negotiated."""
+
+    info: TLSSessionInfo
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS(Wait):
+    """Run the TLS handshake (RFC 3207), then resume with TLSStarted."""
+
+    verdicts: ClassVar[tuple[type[Verdict], ...]] = (TLSStarted,)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(Verdict):
+    """The password matches: the session is ``username``'s."""
+
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed(Verdict):
+    """No such user, or a wrong password (the worker delayed this verdict)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthUnavailable(Verdict):
+    """The check could not run now (too many in progress): a 454, try later."""
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class CheckCredentials(Wait):
+    """Check a password (RFC 4954): resume with Authenticated, AuthFailed or AuthUnavailable."""
+
+    mechanism: str
+    username: str
+    password: str
+    verdicts: ClassVar[tuple[type[Verdict], ...]] = (Authenticated, AuthFailed, AuthUnavailable)
+
+    def __repr__(self) -> str:  # a password never reaches a log or a traceback
+        return f"CheckCredentials(mechanism={self.mechanism!r}, username={self.username!r}, password=<hidden>)"

@@ -11,8 +11,12 @@ Kinds (``KINDS``):
 
     smtp        the SMTP port (-P): mail from anyone to the served domains
     submission  the submission port (RFC 6409, --submission-port): like
-                smtp, but MAIL needs AUTH (RFC 4954). AUTH is not available
-                yet, so until then every MAIL there gets 530 5.7.0.
+                smtp, but MAIL needs AUTH (RFC 4954), and STARTTLS first
+                when TLS is configured
+    smtps       implicit TLS (RFC 8314, --smtps-port): the TLS handshake
+                comes before the greeting; for submission, so MAIL needs AUTH
+
+With --tls-cert, the smtp and submission ports offer STARTTLS (RFC 3207).
 
 How to add a kind (smtps, say):
 
@@ -34,9 +38,10 @@ from .settings import Settings
 
 SMTP = "smtp"
 SUBMISSION = "submission"
+SMTPS = "smtps"
 
-# TLS modes (none is wired yet): none, STARTTLS offered after EHLO, or
-# implicit (smtps: the connection is TLS from its first byte, RFC 8314).
+# TLS modes: none, STARTTLS offered after EHLO, or implicit (smtps: the
+# connection is TLS from its first byte, RFC 8314).
 TLS_NONE = "none"
 TLS_STARTTLS = "starttls"
 TLS_IMPLICIT = "implicit"
@@ -50,6 +55,7 @@ class ConnectionContext:
     kind: str = SMTP
     tls: str = TLS_NONE
     require_auth: bool = False  # MAIL is refused until the client has authenticated
+    require_tls: bool = False  # MAIL is refused until the client has started TLS
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     SMTP: Kind(SMTP, TLS_NONE, require_auth=False),
     SUBMISSION: Kind(SUBMISSION, TLS_NONE, require_auth=True),
+    SMTPS: Kind(SMTPS, TLS_IMPLICIT, require_auth=True),
 }
 
 # The plain SMTP port's context: a session made without one is on it.
@@ -89,20 +96,29 @@ class Listener:
     port: int
     tls: str = TLS_NONE
     require_auth: bool = False
+    require_tls: bool = False
     sockets: tuple[socket.socket, ...] = field(default=(), compare=False)
     context: ConnectionContext = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
         # Built once per listener: every connection on it shares this record.
-        context = ConnectionContext(listener=self.name, kind=self.kind, tls=self.tls, require_auth=self.require_auth)
+        context = ConnectionContext(
+            listener=self.name, kind=self.kind, tls=self.tls, require_auth=self.require_auth,
+            require_tls=self.require_tls,
+        )
         object.__setattr__(self, "context", context)
 
     @classmethod
-    def of_kind(cls, kind: str, address: str | None, port: int) -> Listener:
-        """A listener named after its kind, with the kind's TLS mode and AUTH rule."""
+    def of_kind(
+        cls, kind: str, address: str | None, port: int, *, tls: str | None = None, require_tls: bool = False
+    ) -> Listener:
+        """A listener named after its kind, with the kind's TLS mode (or ``tls``) and AUTH rule."""
         defaults = KINDS[kind]
-        return cls(kind, kind, address, port, tls=defaults.tls, require_auth=defaults.require_auth)
+        return cls(
+            kind, kind, address, port, tls=tls or defaults.tls, require_auth=defaults.require_auth,
+            require_tls=require_tls,
+        )
 
     @property
     def where(self) -> str:
@@ -133,10 +149,23 @@ class Listener:
 
 
 def configured(settings: Settings) -> list[Listener]:
-    """The listeners the settings ask for, not yet bound: SMTP first."""
-    listeners = [Listener.of_kind(SMTP, settings.listen, settings.port)]
+    """The listeners the settings ask for, not yet bound: SMTP first.
+
+    With a certificate, the smtp and submission ports offer STARTTLS; the
+    submission port then requires it (a password never crosses in the
+    clear), the smtp port only with --require-tls.
+    """
+    tls = settings.tls_cert is not None
+    starttls = TLS_STARTTLS if tls else TLS_NONE
+    listeners = [
+        Listener.of_kind(SMTP, settings.listen, settings.port, tls=starttls, require_tls=tls and settings.require_tls)
+    ]
     if settings.submission_port is not None:
-        listeners.append(Listener.of_kind(SUBMISSION, settings.listen, settings.submission_port))
+        listeners.append(
+            Listener.of_kind(SUBMISSION, settings.listen, settings.submission_port, tls=starttls, require_tls=tls)
+        )
+    if settings.smtps_port is not None:
+        listeners.append(Listener.of_kind(SMTPS, settings.listen, settings.smtps_port))
     return listeners
 
 

@@ -41,6 +41,7 @@ from setproctitle import setproctitle
 
 from .control import ConfigSession, TokenGate, load_secret
 from .controlplane import ControlPlane
+from .credentials import Credentials, CredentialsError
 from .delivery import remove_temporary_files
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
 from .log import close_log, open_log
@@ -155,6 +156,7 @@ class Master:
         self.slots_short = 0  # workers waiting for a slot, as last logged
         self.reload_requests: list[ConfigSession | None] = []  # None: from SIGHUP
         self.reload_waiters: list[ConfigSession] = []
+        self.credentials = Credentials()  # the certificate and users, read in run()
         self.notifier = Notifier()
         self.next_status = 0.0
         self.handover_pending = False  # a new generation is ready; old workers are still leaving
@@ -198,6 +200,10 @@ class Master:
     def run(self) -> int:
         settings = self.settings
         raise_open_file_limit()
+        try:
+            self.credentials, credential_notes = Credentials.load(settings)
+        except CredentialsError as exc:
+            raise StartupError(str(exc)) from None
         self.listeners = bind_listeners(settings)
         self.stats = SharedStats()
         self.control.attach(self.stats)
@@ -220,6 +226,8 @@ class Master:
             self.close_services()
             raise StartupError(f"cannot listen on {where}: {exc}") from None
         self.log("Server Initialized")
+        for note in credential_notes:
+            self.log(note)
         self.log(
             f"listening on {listening_on(self.listeners)} with {plural(self.target_workers, 'worker')},"
             f" domains {', '.join(settings.domains)}"
@@ -383,7 +391,7 @@ class Master:
             status = 1
             try:
                 self.become_worker()
-                status = run_worker(index, self.listeners, self.settings, self.stats)
+                status = run_worker(index, self.listeners, self.settings, self.stats, self.credentials)
             except BaseException:
                 try:
                     self.logger.critical(f"worker {index} crashed: {traceback.format_exc()}")
@@ -510,6 +518,8 @@ class Master:
             self.notifier.ready(self.status_text())
             return str(exc)
         self.control.adopt(fresh)  # restart-only values and live changes stay
+        for note in self.credentials.reload(self.settings):  # a bad new file keeps the old one
+            self.log(note)
         self.gate.secret = secret
         self.gate.failures_per_minute = fresh.config_login_failures_per_minute
         self.target_workers = fresh.workers

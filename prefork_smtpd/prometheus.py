@@ -30,6 +30,10 @@ class SharedStatsCollector:
             "smtpd_connections_refused", "Connections closed at once with 421 (over a limit)",
             value=t.rejected_connections,
         )
+        yield CounterMetricFamily(
+            "smtpd_tls_handshake_failures", "TLS handshakes that failed or timed out", value=t.tls_handshake_failures,
+        )
+        yield CounterMetricFamily("smtpd_auth_failures", "AUTH attempts refused with 535", value=t.auth_failures)
         rejected = CounterMetricFamily("smtpd_rejected_replies", "Error replies sent, by class", labels=["class"])
         rejected.add_metric(["4xx"], t.replies_4xx)
         rejected.add_metric(["5xx"], t.replies_5xx)

@@ -58,6 +58,10 @@ def too_many_errors(hostname: str) -> Reply:
     return reply(421, "4.7.0", f"{hostname} Error: too many errors")
 
 
+def too_many_auth_failures(hostname: str) -> Reply:
+    return reply(421, "4.7.0", f"{hostname} Error: too many failed authentication attempts")
+
+
 def connection_refused(hostname: str, reason: str) -> Reply:
     """A client turned away at connect (a limit); ``reason`` says which."""
     return reply(421, "4.7.0", f"{hostname} Error: {reason}, try again later")
@@ -68,6 +72,7 @@ OK = reply(250, "2.0.0", "Ok")
 SENDER_OK = reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = reply(250, "2.1.5", "Ok")
 START_DATA = reply(354, None, "End data with <CR><LF>.<CR><LF>")
+READY_FOR_TLS = reply(220, "2.0.0", "Ready to start TLS")  # RFC 3207 4
 CANNOT_VRFY = reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 
 
@@ -100,6 +105,9 @@ NEED_RCPT = reply(503, "5.5.1", "Error: need RCPT command")
 BAD_SEQUENCE = reply(503, "5.5.1", "Error: bad sequence of commands")  # no more precise 503 known
 NO_VALID_RECIPIENTS = reply(554, "5.5.1", "Error: no valid recipients")
 AUTH_REQUIRED = reply(530, "5.7.0", "Authentication required")  # RFC 4954 6: MAIL before AUTH
+MUST_STARTTLS = reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 4
+TLS_ALREADY_ACTIVE = reply(503, "5.5.1", "Error: TLS already active")
+IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")  # STARTTLS, AUTH inside one
 
 # -------------------------------------------------- refusals: the transaction
 SIZE_SYNTAX = syntax_error("SIZE=<number of octets, at most 20 digits>")
@@ -113,6 +121,11 @@ TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
 BARE_LINE_END_IN_DATA = reply(550, "5.6.0", "Error: bare CR or LF in message data; lines must end with CRLF")
 TEXT_LINE_TOO_LONG = reply(500, "5.5.6", "Error: message line too long")
+
+
+AUTH_PARAMETER_SYNTAX = syntax_error("AUTH=<mailbox>|<>")
+SENDER_NOT_OWNED = reply(553, "5.7.1", "Error: sender address not owned by the authenticated user")
+AUTH_TEMPORARY_FAILURE = reply(454, "4.7.0", "Temporary authentication failure, try again later")  # RFC 4954 6
 
 
 def unsupported_mail_parameter(key: str) -> Reply:

@@ -39,10 +39,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import replies
+from . import replies, sasl
 from .commands import CommandTable
-from .events import Close, Deliver, Event, LogEvent, Reply, Stored, StoreFailed, Verdict, Wait
-from .listeners import SMTP_CONTEXT, ConnectionContext
+from .events import (
+    Authenticated,
+    AuthFailed,
+    AuthUnavailable,
+    CheckCredentials,
+    Close,
+    Deliver,
+    Event,
+    LogEvent,
+    Reply,
+    StartTLS,
+    Stored,
+    StoreFailed,
+    TLSStarted,
+    Verdict,
+    Wait,
+)
+from .listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
+from .tls import TLSSessionInfo
 
 
 class State(enum.Enum):
@@ -51,6 +68,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted; waiting for RCPT
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # reading message content
+    AUTH = "auth"  # an AUTH exchange waits for the client's next line (a 334 is out)
     WAITING = "waiting"  # an outside verdict is awaited (Session.awaiting)
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
 
@@ -61,15 +79,19 @@ class State(enum.Enum):
 COMMAND_STATES = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
 COMMANDS = CommandTable()
 # Known verbs this server does not implement: 502, in any state.
-COMMANDS.not_implemented(
-    "EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", "AUTH", "STARTTLS", states=COMMAND_STATES
-)
+COMMANDS.not_implemented("EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", states=COMMAND_STATES)
 # EHLO keywords that come with no verb of their own; a verb's follow, in the
 # order the verbs register.
 COMMANDS.extension("PIPELINING")
 COMMANDS.extension(lambda session: f"SIZE {session.limits.max_message_size}")  # MAIL's SIZE=
 COMMANDS.extension("8BITMIME")  # MAIL's BODY=
 COMMANDS.extension("ENHANCEDSTATUSCODES")
+# STARTTLS is advertised only while it would start TLS; the verb itself runs
+# wherever TLS is configured, so a second STARTTLS gets 503, not 502.
+COMMANDS.extension("STARTTLS", lambda session: session.starttls_offered and session.tls is None)
+# AUTH likewise: advertised only where a password may be sent (over TLS, or
+# from loopback); elsewhere the verb answers 538.
+COMMANDS.extension(lambda session: sasl.ehlo_keyword(), lambda session: session.auth_offered and session._auth_allowed_now())
 
 # The 503 reply for a verb used in a state that does not allow it (any pair
 # missing here gets BAD_SEQUENCE).
@@ -82,7 +104,19 @@ SEQUENCE_ERRORS: dict[tuple[str, State], Reply] = {
     ("DATA", State.CONNECTED): replies.NEED_HELO,
     ("DATA", State.READY): replies.NEED_MAIL,
     ("DATA", State.MAIL): replies.NEED_RCPT,
+    ("STARTTLS", State.CONNECTED): replies.NEED_HELO,
+    ("STARTTLS", State.MAIL): replies.IN_TRANSACTION,
+    ("STARTTLS", State.RCPT): replies.IN_TRANSACTION,
+    ("AUTH", State.CONNECTED): replies.NEED_HELO,
+    ("AUTH", State.MAIL): Reply(sasl.AUTH_NOT_IN_MAIL),
+    ("AUTH", State.RCPT): Reply(sasl.AUTH_NOT_IN_MAIL),
 }
+
+# SASL's replies (sasl.py), as the session sends them.
+AUTH_SUCCEEDED = Reply(sasl.AUTH_SUCCEEDED)
+AUTH_FAILED = Reply(sasl.AUTH_FAILED)
+AUTH_NEEDS_TLS = Reply(sasl.AUTH_NEEDS_TLS)
+ALREADY_AUTHENTICATED = Reply(sasl.ALREADY_AUTHENTICATED)
 
 XSTAT_TEXT = {
     "TOTAL": "total connections",
@@ -124,6 +158,7 @@ class Limits:
     max_command_line: int = 512  # octets, CRLF included (RFC 5321 4.5.3.1.4)
     max_text_line: int = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
     max_errors: int = 20  # bad commands before 421 (Postfix's hard limit)
+    max_auth_failures: int = 3  # failed AUTH attempts before 421
 
 
 @dataclass
@@ -143,6 +178,13 @@ class Envelope:
     # enough to stall the event loop on a 50 MiB message.
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    tls: TLSSessionInfo | None = None  # the session was encrypted (Received: ESMTPS)
+    login: str = ""  # the user who authenticated (Received: ESMTPA)
+
+    @property
+    def protocol(self) -> str:
+        """The ``with`` of the Received header (RFC 3848): ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
+        return "ESMTP" + ("S" if self.tls is not None else "") + ("A" if self.login else "")
 
     @property
     def content(self) -> bytes:
@@ -194,9 +236,24 @@ class Session:
         read_stat: Callable[[str], int],
         policy: Policy = ALLOW_ALL,
         context: ConnectionContext = SMTP_CONTEXT,
+        tls: TLSSessionInfo | None = None,
+        auth: bool = False,
+        auth_without_tls: bool = False,
     ) -> None:
         self.hostname = hostname
         self.context = context  # the listener the client came in on (read-only)
+        # STARTTLS: offered on a listener with TLS configured; ``tls`` says
+        # what the handshake negotiated (given at once on an implicit-TLS port).
+        self.starttls_offered = context.tls == TLS_STARTTLS
+        self.tls = tls
+        # AUTH: offered when there are users; before TLS only if the
+        # client may send a password in the clear (a loopback client).
+        self.auth_offered = auth
+        self.auth_without_tls = auth_without_tls
+        self.login = ""  # the user who authenticated
+        self.auth_failures = 0
+        self._sasl: sasl.SaslExchange | None = None  # in State.AUTH
+        self._checking = ""  # the AUTH being checked, for the log
         self.domains = domains  # lowercase
         self.limits = limits
         self.read_stat = read_stat
@@ -233,6 +290,8 @@ class Session:
         """Take bytes from the client; return what the worker must do, in order."""
         if self.state is State.CLOSED:
             return []
+        if type(self._awaiting) is StartTLS:
+            return []  # sent in the clear behind STARTTLS: dropped, never read (RFC 3207 5)
         self._buf += data
         if self.state is State.WAITING:
             return []  # kept until the verdict
@@ -325,7 +384,7 @@ class Session:
                 break
             nl = buf.find(b"\n", pos)
             if nl < 0:
-                if len(buf) - pos > self.limits.max_command_line:
+                if len(buf) - pos > self.limits.max_command_line and len(buf) - pos > self._line_limit(buf, pos):
                     # Drop the head of an endless line now; answer it once it ends.
                     if not self._skipping_long_line:
                         self._skipping_long_line = True
@@ -334,17 +393,35 @@ class Session:
                 break
             line = bytes(buf[pos : nl + 1])
             pos = nl + 1
-            if self._skipping_long_line or len(line) > self.limits.max_command_line:
+            if self._skipping_long_line or (
+                len(line) > self.limits.max_command_line and len(line) > self._line_limit(line, 0)
+            ):
                 if not self._skipping_long_line:
                     self._note_line(line)
                 self._skipping_long_line = False
                 reply = self._error(replies.COMMAND_TOO_LONG)
+            elif state is State.AUTH:
+                self._note_line(line)
+                reply = self._auth_line(line)
             else:
                 self._note_line(line)
                 reply = self._command(line)
             if reply is not None:
                 out.append(reply)
+            if type(self._awaiting) is StartTLS:
+                # RFC 3207 5 (CVE-2011-0411): what the client sent behind
+                # STARTTLS was sent in the clear; it must never be read as
+                # if it came over TLS.
+                pos = len(buf)
+                break
         del buf[:pos]
+
+    def _line_limit(self, buf: bytes | bytearray, pos: int) -> int:
+        """The longest command line allowed at ``pos``: an AUTH line and its
+        answers may be 12288 octets (RFC 4954 4), any other the limit."""
+        if self.state is State.AUTH or buf[pos : pos + 5].upper() in (b"AUTH ", b"AUTH\r"):
+            return max(sasl.MAX_AUTH_LINE, self.limits.max_command_line)
+        return self.limits.max_command_line
 
     def _note_line(self, line: bytes) -> None:
         """Remember the line being answered, in case it is refused and logged."""
@@ -444,10 +521,10 @@ class Session:
         help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]",
     )
     def smtp_MAIL(self, arg: str) -> Reply | None:
-        if self.context.require_auth:
-            # RFC 4954 6: a port that needs AUTH refuses MAIL before it. AUTH
-            # is not available yet, so nobody is authenticated here; once it
-            # is, this also asks whether the client has authenticated.
+        if self.context.require_tls and self.tls is None:
+            return self._error(replies.MUST_STARTTLS)
+        if self.context.require_auth and not self.login:
+            # RFC 4954 6: a port that needs AUTH refuses MAIL before it.
             return self._error(replies.AUTH_REQUIRED)
         parsed = _split_path(arg, "FROM:")
         if parsed is None:
@@ -468,6 +545,11 @@ class Session:
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     return self._error(replies.BODY_SYNTAX)
+            elif key == "AUTH":
+                # RFC 4954 5: who the message is from, as a relay saw it.
+                # Accepted and not used: nothing here relays on its word.
+                if value is None:
+                    return self._error(replies.AUTH_PARAMETER_SYNTAX)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
@@ -478,11 +560,13 @@ class Session:
                 return self._syntax_error("MAIL", "5.1.7")
             if address[1].lower() not in self.domains:
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
+            if self.login and not self._owns(path):
+                return self._error(replies.SENDER_NOT_OWNED)
         refusal = self.policy.mail_refusal(size)
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._log_refusal(refusal)
             return refusal
-        self._envelope = Envelope(helo=self.helo, sender=path)
+        self._envelope = Envelope(helo=self.helo, sender=path, tls=self.tls, login=self.login)
         self._rejected_rcpts = 0
         self.state = State.MAIL
         return replies.SENDER_OK
@@ -588,6 +672,99 @@ class Session:
         if text is None:
             return self._syntax_error("XSTAT")
         return replies.statistic(text, self.read_stat(key))
+
+    # ----------------------------------------------------- STARTTLS, AUTH
+    @COMMANDS.verb(
+        states={State.READY},
+        syntax="STARTTLS",
+        help="STARTTLS: encrypt the session (RFC 3207)",
+        enabled=lambda session: session.starttls_offered,
+    )
+    def smtp_STARTTLS(self, arg: str) -> Reply | None:
+        if arg:
+            return self._syntax_error("STARTTLS")
+        if self.tls is not None:
+            return self._error(replies.TLS_ALREADY_ACTIVE)
+        self._out.append(replies.READY_FOR_TLS)
+        self._wait(StartTLS(), self._tls_started)
+        return None
+
+    def _tls_started(self, verdict: Verdict) -> Reply | None:
+        """RFC 3207 4.2: everything learnt before TLS is forgotten; EHLO again."""
+        assert isinstance(verdict, TLSStarted)
+        self.tls = verdict.info
+        self.helo = ""
+        self._reset_transaction()
+        self.state = State.CONNECTED
+        return None
+
+    @COMMANDS.verb(
+        states={State.READY},
+        syntax="AUTH mechanism [initial-response]",
+        help="AUTH PLAIN|LOGIN [initial-response]: log in (RFC 4954)",
+        enabled=lambda session: session.auth_offered,
+    )
+    def smtp_AUTH(self, arg: str) -> Reply | None:
+        if self.login:
+            return self._error(ALREADY_AUTHENTICATED)
+        if not self._auth_allowed_now():
+            return self._error(AUTH_NEEDS_TLS)
+        exchange = self._sasl = sasl.SaslExchange()
+        return self._sasl_step(exchange.start(arg.encode("latin-1")))
+
+    def _auth_allowed_now(self) -> bool:
+        """A password may cross only an encrypted connection (or a loopback one)."""
+        return self.tls is not None or self.auth_without_tls
+
+    def _auth_line(self, line: bytes) -> Reply | None:
+        """The client's answer to a 334 challenge."""
+        exchange = self._sasl
+        assert exchange is not None
+        body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\r\n")
+        return self._sasl_step(exchange.feed(body))
+
+    def _sasl_step(self, step: sasl.Step) -> Reply | None:
+        if isinstance(step, sasl.Challenge):
+            self.state = State.AUTH
+            return Reply(step.reply)
+        self._sasl = None
+        self.state = State.READY
+        if isinstance(step, sasl.Failure):
+            return self._error(Reply(step.reply))
+        self._checking = f"{step.mechanism} as {step.username!r}"  # for the log; never the password
+        self._wait(CheckCredentials(step.mechanism, step.username, step.password), self._checked)
+        return None
+
+    def _checked(self, verdict: Verdict) -> Reply | None:
+        """The verdict on a password: 235, 535 (and 421 past the limit) or 454."""
+        self.state = State.READY
+        awaited = self._checking
+        if isinstance(verdict, Authenticated):
+            self.login = verdict.username
+            self._out.append(LogEvent(f"authenticated as {verdict.username!r} ({awaited})"))
+            return AUTH_SUCCEEDED
+        if isinstance(verdict, AuthUnavailable):
+            self._log_refusal(replies.AUTH_TEMPORARY_FAILURE, f"AUTH {awaited}")
+            return replies.AUTH_TEMPORARY_FAILURE
+        assert isinstance(verdict, AuthFailed)
+        self.auth_failures += 1
+        self._log_refusal(AUTH_FAILED, f"AUTH {awaited}")
+        if self.auth_failures < self.limits.max_auth_failures:
+            return AUTH_FAILED
+        self.state = State.CLOSED
+        self._out.append(AUTH_FAILED)
+        self._out.append(LogEvent(f"too many failed authentication attempts ({self.auth_failures}); closing"))
+        self._out.append(Close(replies.too_many_auth_failures(self.hostname)))
+        return None
+
+    def _owns(self, sender: str) -> bool:
+        """An authenticated user sends as user@a-served-domain, or as its login if that is an address."""
+        login = self.login.lower()
+        sender = sender.lower()
+        if "@" in login:
+            return sender == login
+        local, _, domain = sender.rpartition("@")
+        return local == login and domain in self.domains
 
     def _reset_transaction(self) -> None:
         self._envelope = None

@@ -53,7 +53,7 @@ _MISSING: Any = object()
 @dataclass(frozen=True)
 class Setting:
     name: str  # the Settings field and the TOML key; the config port parameter if LIVE
-    type: type  # int, str or list (a list of strings)
+    type: type  # int, str, bool (a switch: --x / --no-x) or list (a list of strings)
     default: Any = None  # None: unset (off, every address, ...)
     default_factory: Callable[[], Any] | None = None  # instead of default, computed at start
     help: str = ""  # the flag's help; "{default}" is replaced by the default
@@ -105,6 +105,10 @@ class Setting:
             if isinstance(value, bool) or not isinstance(value, int):
                 return None, f"{self.name} must be an integer"
             return value, self.check_range(value)
+        if self.type is bool:
+            if not isinstance(value, bool):
+                return None, f"{self.name} must be true or false"
+            return value, None
         if self.type is list:
             if isinstance(value, str):
                 value = [value]
@@ -192,8 +196,13 @@ REGISTRY: tuple[Setting, ...] = (
     Setting("port", int, 2525, flags=("-P",), range=(1, 65535), change=RESTART, help="SMTP port (default {default})"),
     Setting(
         "submission_port", int, None, metavar="PORT", range=(1, 65535), change=RESTART, default_doc="off",
-        help="submission port (RFC 6409), on -l's addresses: MAIL needs AUTH, which is not available yet,"
-        " so MAIL gets 530 there (default: off)",
+        help="submission port (RFC 6409, usually 587), on -l's addresses: MAIL needs AUTH (--users),"
+        " and STARTTLS first when --tls-cert is given (default: off)",
+    ),
+    Setting(
+        "smtps_port", int, None, metavar="PORT", range=(1, 65535), change=RESTART, default_doc="off",
+        help="implicit-TLS submission port (RFC 8314, usually 465), on -l's addresses: TLS from the first byte,"
+        " MAIL needs AUTH; needs --tls-cert (default: off)",
     ),
     Setting("backlog", int, 4096, metavar="N", range=(1, 65535), change=RESTART, help="listen backlog (default {default})"),
     Setting(
@@ -260,6 +269,52 @@ REGISTRY: tuple[Setting, ...] = (
         " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
     ),
     Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
+    # -------------------------------------------------- TLS and AUTH (reload re-reads the files)
+    Setting(
+        "tls_cert", str, None, metavar="FILE", default_doc="none (no TLS)",
+        help="TLS certificate chain, PEM (the server's certificate first): turns on STARTTLS;"
+        " read again on reload, the old one kept if the new one is bad",
+    ),
+    Setting(
+        "tls_key", str, None, metavar="FILE", default_doc="in --tls-cert",
+        help="private key of --tls-cert, PEM, unencrypted (default: in the --tls-cert file)",
+    ),
+    Setting(
+        "tls_handshake_timeout", int, 30, metavar="SECONDS", range=(1, 3600),
+        help="time a client has to finish the TLS handshake (default {default})",
+    ),
+    Setting(
+        "require_tls", bool, False,
+        help="the SMTP port refuses MAIL before STARTTLS (530 5.7.0); needs --tls-cert (default: off;"
+        " the submission port always requires it when TLS is configured)",
+    ),
+    Setting(
+        "users", str, None, metavar="FILE", default_doc="none (no AUTH)",
+        help="users who may log in (AUTH PLAIN/LOGIN), a Dovecot passwd-file (prefork-smtpd-users);"
+        " read again on reload, the old one kept if the new one is bad",
+    ),
+    Setting(
+        "loopback_auth_without_tls", bool, True,
+        help="AUTH allowed without TLS from loopback clients (a webmail on this host); elsewhere it"
+        " needs TLS (538 5.7.11) (default: on)",
+    ),
+    Setting(
+        # Each argon2id check takes 64 MiB and ~0.1 s of one core: few at once.
+        "auth_threads", int, 2, metavar="N", range=(1, 64),
+        help="password-checking threads per worker (default {default})",
+    ),
+    Setting(
+        "max_auth_checks", int, 8, metavar="N", range=(1, 10_000),
+        help="password checks a worker runs or queues at once; more get 454 4.7.0 (default {default})",
+    ),
+    Setting(
+        "auth_failure_delay", int, 1, metavar="SECONDS", range=(0, 60),
+        help="wait before answering a wrong password with 535 (default {default})",
+    ),
+    Setting(
+        "max_auth_failures", int, 3, metavar="N", range=(1, 1000), shared=True,
+        help="failed logins per session before 421 and close (default {default})",
+    ),
     Setting(
         "graceful_timeout", int, 30, metavar="SECONDS", range=(0, 86_400),
         help="time sessions get to finish on stop (default {default})",
@@ -343,6 +398,8 @@ def _doc_default(setting: Setting) -> str:
     if setting.default_doc is not None:
         return setting.default_doc
     value = setting.default_value()
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, list):
         return ", ".join(value)
     if isinstance(value, int) and value >= MiB and value % MiB == 0:

@@ -55,6 +55,8 @@ SLOT_FIELDS = (
     "restarts",  # master-owned: how often this slot's worker was replaced
     "accepting",  # 1 once the worker serves its listening sockets
     "recycle",  # 1 once the worker served its quota: the master replaces it, then retires it
+    "tls_handshake_failures",  # STARTTLS or implicit-TLS handshakes that failed or timed out
+    "auth_failures",  # AUTH attempts with a wrong name or password
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16
@@ -62,7 +64,10 @@ RETIRED = MAX_WORKERS  # slot number of the retired totals
 
 # The counters summed for XSTAT, by XSTAT argument.
 XSTAT_FIELDS = {"TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"]}
-_SUMMED = ("total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections")
+_SUMMED = (
+    "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
+    "tls_handshake_failures", "auth_failures",
+)
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Totals:
     replies_4xx: int = 0
     replies_5xx: int = 0
     rejected_connections: int = 0
+    tls_handshake_failures: int = 0
+    auth_failures: int = 0
 
 
 class SharedStats:

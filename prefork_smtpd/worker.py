@@ -12,13 +12,16 @@ workers it knows only the shared counters.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import os
 import random
 import signal
 import socket
+import ssl
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
 from setproctitle import setproctitle
@@ -26,13 +29,27 @@ from setproctitle import setproctitle
 from . import replies
 from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
-from .events import Close, Deliver, Event, LogEvent, Reply
-from .listeners import SMTP, SUBMISSION, ConnectionContext, Listener
+from .credentials import Credentials
+from .events import (
+    Authenticated,
+    AuthFailed,
+    AuthUnavailable,
+    CheckCredentials,
+    Close,
+    Deliver,
+    Event,
+    LogEvent,
+    Reply,
+    StartTLS,
+    TLSStarted,
+)
+from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .session import Envelope, Session, State
 from .settings import Settings
 from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
+from .tls import describe_tls
 
 TOTAL = FIELD["total"]
 CURRENT = FIELD["current"]
@@ -43,6 +60,8 @@ REPLIES_5XX = FIELD["replies_5xx"]
 REJECTED = FIELD["rejected_connections"]
 ACCEPTING = FIELD["accepting"]
 RECYCLE = FIELD["recycle"]
+TLS_FAILURES = FIELD["tls_handshake_failures"]
+AUTH_FAILURES = FIELD["auth_failures"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
@@ -67,16 +86,18 @@ class SMTPConnection(asyncio.Protocol):
       A read is fed to the session COMMAND_SLICE bytes at a time, so one
       read of pipelined commands cannot turn into megabytes of replies
       between two looks at the buffer;
-    * input while the connection waits (replies unsent, or a message being
-      stored): reading is paused, and the rest of the last read is ``held``
-      here, to be fed when the wait is over;
+    * input while the connection waits (replies unsent, or a verdict the
+      session waits for: a message being stored, a password being checked):
+      reading is paused, and the rest of the last read is ``held`` here, to
+      be fed when the wait is over; during a STARTTLS handshake nothing is
+      held: what the client sent in the clear behind STARTTLS is dropped;
     * message data: every byte a session holds in DATA, or hands to the
       store, counts against the worker's ``max_data_memory``.
     """
 
     __slots__ = (
         "worker", "context", "transport", "session", "peer", "deadline", "closed", "address",
-        "write_paused", "storing", "reading_paused", "held", "data_held",
+        "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading",
     )
 
     def __init__(self, worker: "Worker", context: ConnectionContext) -> None:
@@ -94,6 +115,7 @@ class SMTPConnection(asyncio.Protocol):
         self.reading_paused = False
         self.held = bytearray()  # input received but not yet fed to the session
         self.data_held = 0  # message bytes this connection counts in worker.data_memory
+        self.upgrading = False  # a STARTTLS handshake is under way
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,7 +142,10 @@ class SMTPConnection(asyncio.Protocol):
             return
         context = self.context
         self.session = Session(
-            worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy, context=context
+            worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy, context=context,
+            tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
+            auth=worker.users is not None,
+            auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host),
         )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
@@ -129,6 +154,8 @@ class SMTPConnection(asyncio.Protocol):
             worker.log(f"{self.peer} connected")
         else:
             worker.log(f"{self.peer} connected to the {context.listener} port")
+        if self.session.tls is not None:
+            worker.log(f"{self.peer} TLS {self.session.tls.log_fields()}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
@@ -150,6 +177,11 @@ class SMTPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.session is None:
             return
+        if self.upgrading:
+            # Plaintext behind STARTTLS, read before the handshake took the
+            # transport over: never a command (RFC 3207 5, CVE-2011-0411).
+            self.worker.log(f"{self.peer} dropped {len(data)} bytes sent in the clear after STARTTLS")
+            return
         if self.held:  # a read that was under way when we paused: keep the order
             self.held += data
             return
@@ -169,7 +201,11 @@ class SMTPConnection(asyncio.Protocol):
         view = memoryview(data)
         pos, end = 0, len(view)
         while pos < end:
-            if self.write_paused or self.storing is not None:
+            if self.upgrading:
+                if pos < end:
+                    self.worker.log(f"{self.peer} dropped {end - pos} bytes sent in the clear after STARTTLS")
+                return  # the rest was sent in the clear behind STARTTLS
+            if self.write_paused or session.state is State.WAITING:
                 self.held += view[pos:]
                 return
             if session.state is State.CLOSED:
@@ -225,6 +261,13 @@ class SMTPConnection(asyncio.Protocol):
                 transport.close()
             elif kind is Deliver:
                 self._deliver(event.envelope)
+            elif kind is StartTLS:
+                if unsent:  # the 220 leaves in the clear, before the handshake
+                    transport.write(b"".join(unsent))
+                    unsent = []
+                self._start_tls()
+            elif kind is CheckCredentials:
+                self._check_credentials(event)
             else:
                 raise TypeError(f"no worker action for {event!r}")
         if unsent:
@@ -255,10 +298,11 @@ class SMTPConnection(asyncio.Protocol):
         """Feed what was held, then read again, unless a reason to wait remains."""
         if self.closed or self.session is None:
             return
-        if self.held and not self.write_paused and self.storing is None:
+        waiting_verdict = self.session.state is State.WAITING or self.upgrading
+        if self.held and not self.write_paused and not waiting_verdict:
             held, self.held = self.held, bytearray()
             self._feed(held)
-        waiting = self.write_paused or self.storing is not None or self.held or self.closed
+        waiting = self.write_paused or self.session.state is State.WAITING or self.upgrading or self.held or self.closed
         if self.reading_paused and not waiting:
             self.reading_paused = False
             self.transport.resume_reading()
@@ -320,6 +364,8 @@ class SMTPConnection(asyncio.Protocol):
             folders = ",".join(sorted({r.folder for r in envelope.recipients}))
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
+                + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
+                + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
@@ -327,6 +373,85 @@ class SMTPConnection(asyncio.Protocol):
         if self.closed:
             return  # the client left while we stored; nothing to answer
         self._renew_deadline()  # the client gets its full time for the next command
+        self._act(events)
+        self._go_on()
+
+    # ---------------------------------------------------------- STARTTLS
+    def _start_tls(self) -> None:
+        """Hand the transport to TLS; the session resumes once the handshake is done."""
+        assert self.transport is not None and self.session is not None
+        self.upgrading = True
+        self.held = bytearray()  # sent in the clear behind STARTTLS: dropped
+        self.session.take_unread()  # (the session dropped its part already)
+        self.deadline = math.inf  # the handshake has its own timeout
+        self.worker.loop.create_task(self._upgrade())
+
+    async def _upgrade(self) -> None:
+        worker = self.worker
+        session = self.session
+        assert session is not None and worker.tls_context is not None
+        try:
+            transport = await worker.loop.start_tls(
+                self.transport, self, worker.tls_context, server_side=True,
+                ssl_handshake_timeout=worker.settings.tls_handshake_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001: whatever the client did, the connection is over
+            worker.tls_failed(self.peer, exc)
+            if not self.closed and self.transport is not None:
+                self.transport.abort()
+            return
+        if self.closed or transport is None:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
+        self.upgrading = False
+        self.reading_paused = False  # the TLS transport reads
+        info = describe_tls(transport.get_extra_info("ssl_object"))
+        assert info is not None
+        worker.log(f"{self.peer} STARTTLS {info.log_fields()}")
+        events = session.resume(TLSStarted(info))
+        self._renew_deadline()
+        self._act(events)
+        self._go_on()
+
+    # -------------------------------------------------------------- AUTH
+    def _check_credentials(self, event: CheckCredentials) -> None:
+        """Check the password in the worker's thread pool; a wrong one is answered late."""
+        assert self.session is not None
+        self._pause_reading()
+        self.held += self.session.take_unread()
+        self.deadline = math.inf
+        worker = self.worker
+        if worker.auth_checks >= worker.settings.max_auth_checks:
+            worker.log(f"{self.peer} AUTH refused for now: {worker.auth_checks} password checks in progress")
+            worker.loop.call_soon(self._auth_verdict, AuthUnavailable())
+            return
+        worker.auth_checks += 1
+        users = worker.users
+        assert users is not None
+        future = worker.loop.run_in_executor(worker.auth_pool, users.verify, event.username, event.password)
+        future.add_done_callback(lambda f: self._checked(f, event.username))
+
+    def _checked(self, future: asyncio.Future, username: str) -> None:
+        worker = self.worker
+        worker.auth_checks -= 1
+        try:
+            matches = future.result()
+        except Exception as exc:  # noqa: BLE001: a broken hash is a failed login, logged
+            worker.log(f"{self.peer} password check failed: {exc!r}")
+            matches = False
+        if matches:
+            self._auth_verdict(Authenticated(username))
+            return
+        worker.slot.add(AUTH_FAILURES)
+        # Slow down guessing: the 535 leaves only after the delay.
+        worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthFailed())
+
+    def _auth_verdict(self, verdict: Authenticated | AuthFailed | AuthUnavailable) -> None:
+        if self.closed or self.session is None or self.session.state is State.CLOSED:
+            return
+        events = self.session.resume(verdict)
+        self._renew_deadline()
         self._act(events)
         self._go_on()
 
@@ -351,12 +476,29 @@ class SMTPConnection(asyncio.Protocol):
 PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext], asyncio.Protocol]] = {
     SMTP: SMTPConnection,
     SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
+    SMTPS: SMTPConnection,  # the worker runs the handshake before the connection is made (context.tls)
 }
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Worker:
-    def __init__(self, index: int, listeners: list[Listener], settings: Settings, stats: SharedStats) -> None:
+    def __init__(
+        self, index: int, listeners: list[Listener], settings: Settings, stats: SharedStats,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.index = index
+        credentials = credentials or Credentials()
+        # What the master read at start or at the last reload, inherited in memory.
+        self.tls_context: ssl.SSLContext | None = credentials.tls_context
+        self.users = credentials.users
+        self.auth_pool: ThreadPoolExecutor | None = None  # made after fork, when there are users
+        self.auth_checks = 0  # password checks running or queued
         self.listeners = listeners
         self.settings = settings
         self.stats = stats
@@ -394,9 +536,14 @@ class Worker:
         asyncio.set_event_loop(self.loop)
         store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
+        if self.users is not None:
+            # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.
+            self.auth_pool = ThreadPoolExecutor(self.settings.auth_threads, thread_name_prefix="auth")
         try:
             self.loop.run_until_complete(self.serve())
         finally:
+            if self.auth_pool is not None:
+                self.auth_pool.shutdown(wait=False, cancel_futures=True)
             self.committer.close()
             self.loop.close()
             close_log(self._logger)
@@ -473,13 +620,44 @@ class Worker:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
+        if getattr(new_connection, "implicit_tls", False):
+            self.loop.create_task(self._accept_tls(new_connection, sock))
+        else:
+            self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
+
+    async def _accept_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
+        """Implicit TLS (RFC 8314): the handshake first; the connection is made
+        (counted, greeted) once it succeeds."""
+        try:
+            peer = sock.getpeername()
+            peer_text = f"[{peer[0].removeprefix('::ffff:')}]:{peer[1]}"
+        except OSError:
+            peer_text = "unknown"
+        try:
+            await self.loop.connect_accepted_socket(
+                new_connection, sock, ssl=self.tls_context,
+                ssl_handshake_timeout=self.settings.tls_handshake_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001: whatever the client did, the connection is over
+            self.tls_failed(peer_text, exc)
+            sock.close()
+
+    def tls_failed(self, peer: str, exc: BaseException) -> None:
+        """A handshake that failed: logged with the peer, counted."""
+        self.slot.add(TLS_FAILURES)
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        self.log(f"{peer} TLS handshake failed: {reason}")
 
     def connection_factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         """What makes a connection on ``listener``: its kind's protocol, given its context."""
         protocol = PROTOCOLS[listener.kind]
         context = listener.context
-        return lambda: protocol(self, context)
+
+        def new_connection() -> asyncio.Protocol:
+            return protocol(self, context)
+
+        new_connection.implicit_tls = context.tls == TLS_IMPLICIT  # type: ignore[attr-defined]
+        return new_connection
 
     def over_fair_share(self) -> bool:
         """More open connections than the server-wide average, plus one.
@@ -635,6 +813,9 @@ class Worker:
             self._log_lines.add_line(message)
 
 
-def run_worker(index: int, listeners: list[Listener], settings: Settings, stats: SharedStats) -> int:
-    return Worker(index, listeners, settings, stats).run()
+def run_worker(
+    index: int, listeners: list[Listener], settings: Settings, stats: SharedStats,
+    credentials: Credentials | None = None,
+) -> int:
+    return Worker(index, listeners, settings, stats, credentials).run()
 

@@ -4,7 +4,8 @@
 for the events that came back: the replies in order, a Close's last
 words. It keeps what else the worker keeps: the log lines (``log``), the
 4xx/5xx replies counted as refusals, the envelope of a Deliver as
-``pending`` until its verdict. Everything else (``state``, ``errors``,
+``pending`` until its verdict, and any other Wait (StartTLS,
+CheckCredentials) as ``waiting_for`` until ``resume``. Everything else (``state``, ``errors``,
 ``refuse_message``...) is the session's own.
 
 It also checks the rules of the events on every call: only Reply and
@@ -14,10 +15,10 @@ session closes, a Deliver exactly when it waits for the store.
 
 from __future__ import annotations
 
-from prefork_smtpd.events import Close, Deliver, Event, LogEvent, Reply
+from prefork_smtpd.events import Close, Deliver, Event, LogEvent, Reply, Wait
 from prefork_smtpd.session import Session, State
 
-_OWN = frozenset({"session", "log", "pending", "replies_4xx", "replies_5xx"})
+_OWN = frozenset({"session", "log", "pending", "waiting_for", "replies_4xx", "replies_5xx"})
 
 
 class Wired:
@@ -25,6 +26,7 @@ class Wired:
         self.session = session
         self.log: list[str] = []
         self.pending = None
+        self.waiting_for = None
         self.replies_4xx = 0
         self.replies_5xx = 0
 
@@ -52,6 +54,10 @@ class Wired:
         self.pending = None
         return self._carry_out(lambda: self.session.message_failed(reply))
 
+    def resume(self, verdict) -> bytes:
+        self.waiting_for = None
+        return self._carry_out(lambda: self.session.resume(verdict))
+
     def _carry_out(self, call) -> bytes:
         was_open = self.session.state is not State.CLOSED
         events = call()
@@ -59,7 +65,7 @@ class Wired:
         closed = False
         for event in events:
             assert isinstance(event, (Reply, Event)), event
-            assert not closed and self.pending is None, f"{event!r} follows a Close or a Wait"
+            assert not closed and self.pending is None and self.waiting_for is None, f"{event!r} follows a Close or a Wait"
             if type(event) is Reply:
                 out.append(event)
                 if event.code // 100 == 4:
@@ -73,11 +79,15 @@ class Wired:
                 closed = True
             elif type(event) is Deliver:
                 self.pending = event.envelope
+            elif isinstance(event, Wait):
+                self.waiting_for = event
             else:
                 raise AssertionError(f"unknown event {event!r}")
         assert closed == (was_open and self.session.state is State.CLOSED), (events, self.session.state)
         if self.pending is not None:
             assert self.session.state is State.WAITING and self.session.awaiting.envelope is self.pending
+        elif self.waiting_for is not None:
+            assert self.session.state is State.WAITING and self.session.awaiting is self.waiting_for
         else:
             assert self.session.state is not State.WAITING
         return b"".join(out)

@@ -1,6 +1,6 @@
 """The command registry: one entry per verb drives dispatch, 501, HELP and EHLO.
 
-The last tests add a STARTTLS-like verb the way a real one will be added
+The last tests add a verb that waits for an outside step (as STARTTLS does) the way a real one will be added
 (a Session subclass here, so the server's own table stays as it is): its
 handler, its states, its EHLO keyword and a condition for when it is
 offered, and a Wait event of its own resumed by its own verdict.
@@ -80,7 +80,7 @@ def test_a_handler_is_named_after_its_verb_and_registered_once():
     assert list(table) == ["PING", "PONG"]
 
 
-# --------------------------------------- a new verb, added as STARTTLS will be
+# --------------------------------------- a new verb that waits, added as STARTTLS was
 @dataclass(frozen=True, slots=True)
 class HandshakeDone(Verdict):
     ok: bool
@@ -100,14 +100,14 @@ class TLSSession(Session):
 
     @commands.verb(
         states=COMMAND_STATES,
-        syntax="STARTTLS",
-        help="STARTTLS: encrypt the session",
-        ehlo="STARTTLS",
+        syntax="XWAIT",
+        help="XWAIT: encrypt the session",
+        ehlo="XWAIT",
         enabled=lambda s: s.tls_configured and not s.tls_active,
     )
-    def smtp_STARTTLS(self, arg: str) -> Reply | None:
+    def smtp_XWAIT(self, arg: str) -> Reply | None:
         if arg:
-            return self._syntax_error("STARTTLS")
+            return self._syntax_error("XWAIT")
         self._out.append(Reply(b"220 2.0.0 Ready to start TLS\r\n"))
         self._wait(Handshake(), self._handshake_done)
         return None
@@ -121,38 +121,38 @@ class TLSSession(Session):
 
 def test_a_verb_not_enabled_is_not_implemented_not_advertised_not_in_help():
     s = new(TLSSession)
-    assert b"STARTTLS" not in replies_to(s, b"EHLO c\r\n")
+    assert b"XWAIT" not in replies_to(s, b"EHLO c\r\n")
     assert replies_to(s, b"HELP\r\n") == HELP
-    assert replies_to(s, b"STARTTLS\r\n") == replies.NOT_IMPLEMENTED
+    assert replies_to(s, b"XWAIT\r\n") == replies.NOT_IMPLEMENTED
 
 
 def test_an_enabled_verb_is_advertised_listed_and_answered_and_can_wait():
     s = new(TLSSession)
     s.tls_configured = True
-    assert replies_to(s, b"EHLO c\r\n").endswith(b"250-HELP\r\n250 STARTTLS\r\n")
+    assert replies_to(s, b"EHLO c\r\n").endswith(b"250-HELP\r\n250 XWAIT\r\n")
     assert replies_to(s, b"HELP\r\n") == (
-        b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT STARTTLS\r\n"
+        b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT XWAIT\r\n"
         b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
         b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
         b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
         b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters\r\n"
-        b"214-2.0.0 STARTTLS: encrypt the session\r\n"
+        b"214-2.0.0 XWAIT: encrypt the session\r\n"
         b"214 2.0.0 End of HELP\r\n"
     )
-    assert s.feed(b"STARTTLS now\r\n") == [
-        LogEvent('refused "STARTTLS now": 501 5.5.4 Syntax: STARTTLS'),
-        Reply(b"501 5.5.4 Syntax: STARTTLS\r\n"),
+    assert s.feed(b"XWAIT now\r\n") == [
+        LogEvent('refused "XWAIT now": 501 5.5.4 Syntax: XWAIT'),
+        Reply(b"501 5.5.4 Syntax: XWAIT\r\n"),
     ]
-    events = s.feed(b"STARTTLS\r\n")
+    events = s.feed(b"XWAIT\r\n")
     assert events == [Reply(b"220 2.0.0 Ready to start TLS\r\n"), Handshake()]
     assert s.state is State.WAITING and s.awaiting is events[1]
     assert s.resume(HandshakeDone(True)) == []
     assert s.state is State.CONNECTED and s.tls_active
-    assert b"STARTTLS" not in replies_to(s, b"EHLO c\r\n")  # offered no more once active
-    assert replies_to(s, b"STARTTLS\r\n") == replies.NOT_IMPLEMENTED
+    assert b"XWAIT" not in replies_to(s, b"EHLO c\r\n")  # offered no more once active
+    assert replies_to(s, b"XWAIT\r\n") == replies.NOT_IMPLEMENTED
 
 
 def test_a_subclass_table_leaves_the_servers_own_as_it_was():
-    assert COMMANDS["STARTTLS"].handler is None
-    assert TLSSession.commands["STARTTLS"].handler is TLSSession.smtp_STARTTLS
-    assert replies_to(new(), b"STARTTLS\r\n") == replies.NOT_IMPLEMENTED
+    assert "XWAIT" not in COMMANDS
+    assert TLSSession.commands["XWAIT"].handler is TLSSession.smtp_XWAIT
+    assert replies_to(new(), b"XWAIT\r\n") == replies.UNKNOWN_COMMAND

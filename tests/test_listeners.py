@@ -225,3 +225,18 @@ def test_the_submission_port_must_differ_from_the_smtp_port(tmp_path):
     r = run_server(tmp_path, "-l", "127.0.0.1", "-P", port, "--submission-port", port)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == "prefork-smtpd: error: --submission-port must differ from --port"
+
+
+def test_with_a_certificate_the_ports_offer_starttls_submission_requires_it_and_smtps_is_implicit():
+    from prefork_smtpd.listeners import SMTPS, TLS_IMPLICIT, TLS_STARTTLS
+
+    plain = configured(Settings(port=25, submission_port=587))
+    assert [(lis.tls, lis.require_tls) for lis in plain] == [(TLS_NONE, False), (TLS_NONE, False)]
+    tls = configured(Settings(port=25, submission_port=587, smtps_port=465, tls_cert="c.pem"))
+    assert [(lis.kind, lis.tls, lis.require_auth, lis.require_tls) for lis in tls] == [
+        (SMTP, TLS_STARTTLS, False, False),
+        (SUBMISSION, TLS_STARTTLS, True, True),
+        (SMTPS, TLS_IMPLICIT, True, False),
+    ]
+    required = configured(Settings(port=25, tls_cert="c.pem", require_tls=True))
+    assert required[0].context.require_tls

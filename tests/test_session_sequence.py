@@ -13,6 +13,7 @@ import itertools
 import pytest
 from sansio import Wired
 
+from prefork_smtpd.listeners import TLS_STARTTLS, ConnectionContext
 from prefork_smtpd.session import COMMANDS, SEQUENCE_ERRORS, Limits, Session, State
 
 COMMAND_STATES = [State.CONNECTED, State.READY, State.MAIL, State.RCPT]
@@ -30,6 +31,13 @@ EXPECTED_503 = {
     ("DATA", State.CONNECTED): "send HELO/EHLO first",
     ("DATA", State.READY): "need MAIL command",
     ("DATA", State.MAIL): "need RCPT command",
+    # RFC 3207 4 and RFC 4954 4: after EHLO, never inside a transaction.
+    ("STARTTLS", State.CONNECTED): "send HELO/EHLO first",
+    ("STARTTLS", State.MAIL): "MAIL transaction in progress",
+    ("STARTTLS", State.RCPT): "MAIL transaction in progress",
+    ("AUTH", State.CONNECTED): "send HELO/EHLO first",
+    ("AUTH", State.MAIL): "AUTH not allowed during a mail transaction",
+    ("AUTH", State.RCPT): "AUTH not allowed during a mail transaction",
 }
 KNOWN_VERBS = {
     "EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "XSTAT",
@@ -38,7 +46,7 @@ KNOWN_VERBS = {
 # An argument that is right for each verb, so that only the state decides.
 GOOD_ARGUMENT = {
     "EHLO": " client.example", "HELO": " client.example", "MAIL": " FROM:<a@smtpd.com>", "RCPT": " TO:<b@smtpd.com>",
-    "VRFY": " b", "XSTAT": " TOTAL",
+    "VRFY": " b", "XSTAT": " TOTAL", "AUTH": " PLAIN",
 }
 ON_THE_WAY_TO = {
     State.CONNECTED: b"",
@@ -49,7 +57,11 @@ ON_THE_WAY_TO = {
 
 
 def session_in(state: State) -> Wired:
-    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0))
+    # With TLS and AUTH offered, so that every verb the server has runs.
+    s = Wired(Session(
+        "mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0,
+        context=ConnectionContext(tls=TLS_STARTTLS), auth=True, auth_without_tls=True,
+    ))
     s.feed(ON_THE_WAY_TO[state])
     assert s.state is state
     return s

@@ -33,7 +33,13 @@ def test_every_setting_has_its_flags_and_each_flag_sets_it():
     by_dest = {a.dest: a for a in parser._actions}
     for setting in S.REGISTRY:
         action = by_dest[setting.name]
-        assert tuple(action.option_strings) == setting.cli_flags
+        negated = tuple("--no-" + f[2:] for f in setting.long_flags) if setting.type is bool else ()
+        assert tuple(action.option_strings) == setting.cli_flags + negated
+        if setting.type is bool:  # a switch: --x turns it on, --no-x off
+            assert vars(parser.parse_args([setting.cli_flags[-1]])) == {setting.name: True}
+            off = "--no-" + setting.cli_flags[-1][2:]
+            assert vars(parser.parse_args([off])) == {setting.name: False}
+            continue
         value = {int: str((setting.range or (0, 0))[0]), str: "x", list: "x.example"}[setting.type]
         args = vars(parser.parse_args([setting.cli_flags[-1], value]))
         assert args == {setting.name: [value] if setting.type is list else type(args[setting.name])(value)}
@@ -55,13 +61,13 @@ def test_an_int_flag_out_of_range_names_the_range(capsys):
 
 @pytest.mark.parametrize("setting", S.REGISTRY, ids=lambda s: s.name)
 def test_every_setting_has_toml_keys_checked_by_its_type(setting, tmp_path):
-    good = {int: (setting.range or (0, 0))[1], str: "x", list: ["x.example"]}[setting.type]
+    good = {int: (setting.range or (0, 0))[1], str: "x", list: ["x.example"], bool: True}[setting.type]
     for key in setting.toml_keys:
         for spelling in (key, key.replace("_", "-")):
             conf = tmp_path / "s.toml"
-            conf.write_text(f'"{spelling}" = {good!r}\n'.replace("'", '"'))
+            conf.write_text(f'"{spelling}" = {good!r}\n'.replace("'", '"').replace("True", "true"))
             assert load_config_file(str(conf)) == {setting.name: good}
-    conf.write_text(f"{setting.name} = true\n")
+    conf.write_text(f"{setting.name} = {'1' if setting.type is bool else 'true'}\n")
     with pytest.raises(ConfigFileError, match=rf"s\.toml:1: {setting.name} must be "):
         load_config_file(str(conf))
 
@@ -96,7 +102,7 @@ def test_config_port_parameters_keep_their_names_and_show_order():
 
 def test_restart_only_settings_are_the_sockets():
     assert set(S.NEEDS_RESTART) == {
-        "listen", "port", "submission_port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
+        "listen", "port", "submission_port", "smtps_port", "backlog", "config_address", "config_port", "metrics_address", "metrics_port",
     }
 
 

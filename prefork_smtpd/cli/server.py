@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
             options["type"] = _int_setting(setting.name)
         elif setting.type is list:
             options["action"] = "append"
+        elif setting.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
         groups[setting.change].add_argument(*setting.cli_flags, **options)
     return p
 
@@ -97,6 +99,9 @@ def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
+    tls_problem = _tls_problem(settings)
+    if tls_problem:
+        return tls_problem
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
         return "--config-secret-file is required when the config port is not on loopback"
     if settings.config_secret_file is not None:
@@ -111,6 +116,21 @@ def settings_problem(settings: Settings) -> str | None:
     # Here rather than at the first mail: a server that cannot store answers
     # 451 to everyone, so it must not start (or reload into that state).
     return check_mail_dir(settings.mail_dir)
+
+
+def _tls_problem(settings: Settings) -> str | None:
+    """What the TLS and AUTH settings lack or clash on (the files are read by the master)."""
+    ports = [p for p in (settings.port, settings.submission_port, settings.smtps_port) if p is not None]
+    if len(set(ports)) != len(ports):
+        return "--port, --submission-port and --smtps-port must differ"
+    if settings.tls_cert is None:
+        if settings.smtps_port is not None:
+            return "--smtps-port needs --tls-cert (and --tls-key)"
+        if settings.require_tls:
+            return "--require-tls needs --tls-cert (and --tls-key)"
+        if settings.tls_key is not None:
+            return "--tls-key needs --tls-cert"
+    return None
 
 
 def _is_loopback(address: str) -> bool:
