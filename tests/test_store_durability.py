@@ -116,6 +116,7 @@ SHAPES = {
     "one message, two folders": [("u", "v")],
     "one folder, many copies": [("u",)] * 10,
     "many folders, one message": [("a", "b", "c", "d")],
+    "three folders": [("a", "b", "c")],  # SYNCFS_FROM copies and directories: the first batch to take syncfs
     "many folders, many messages": [(f"f{i}",) for i in range(8)],
     "mixed": [("u",), ("u", "v"), ("w",), ("x", "y", "z"), ("u",)],
     "two messages, one folder": [("u",), ("u",)],
@@ -145,6 +146,35 @@ def test_every_copy_is_durable_before_its_rename_and_every_rename_before_the_ret
     assert violations(recorder.events) == []
     # The path under test is the one meant: syncfs from SYNCFS_FROM files on.
     assert ("syncfs" in kinds) == (copies >= delivery.SYNCFS_FROM)
+
+
+# The flushes each shape takes once its folders exist: (fsyncs, syncfs).
+# Data: an fsync per copy, or from SYNCFS_FROM copies one syncfs; renames:
+# an fsync per new/ directory, or from SYNCFS_FROM directories one syncfs.
+FLUSHES = {
+    "one copy": (2, 0),
+    "one message, two folders": (4, 0),
+    "one folder, many copies": (1, 1),
+    "many folders, one message": (0, 2),
+    "three folders": (0, 2),
+    "many folders, many messages": (0, 2),
+    "mixed": (0, 2),
+    "two messages, one folder": (3, 0),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_each_batch_takes_the_fewest_flushes(tmp_path, monkeypatch, shape):
+    """Group commit: two flushes per batch however many mails, plain fsyncs for one or two."""
+    batch = [(envelope(*folders), "[::1]") for folders in SHAPES[shape]]
+    MaildirStore(str(tmp_path), "mx.test").deliver_batch(batch)  # the folders exist...
+    store = MaildirStore(str(tmp_path), "mx.test")  # ...and a new store checks them once, making nothing
+    recorder = Recorder()
+    recorder.install(monkeypatch)
+    assert all(isinstance(r, str) for r in store.deliver_batch(batch))
+    kinds = recorder.kinds()
+    assert (kinds.count("fsync"), kinds.count("syncfs")) == FLUSHES[shape]
+    assert "mkdir" not in kinds
 
 
 def test_the_checker_catches_each_broken_order():
