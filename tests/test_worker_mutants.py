@@ -1,0 +1,74 @@
+"""Worker behaviour the mutation run of worker.py found unchecked: stopping,
+timeouts, admission. Real servers, real sockets."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from harness import wait_until
+from prefork_smtpd.settings import Settings
+from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
+from prefork_smtpd.worker import Worker
+
+
+def unstarted_worker(tmp_path, **settings) -> Worker:
+    """Worker 1 of a server, built in this process and never run: its
+    decisions read the shared block, as in a forked worker."""
+    chosen = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"), **settings)
+    stats = SharedStats()
+    for name in CONTROL:  # as the master publishes them
+        stats.set(name, getattr(chosen, name))
+    return Worker(1, [], chosen, stats)
+
+
+# ------------------------------------------------------------------ stopping
+def test_a_transaction_open_past_the_graceful_timeout_gets_421_from_its_worker(start_server):
+    # README: on TERM sessions finish their current transaction within
+    # --graceful-timeout, then get 421 4.3.2. The worker itself must end
+    # the session at its deadline; the master's kill (some seconds later)
+    # would drop it without a word.
+    server = start_server("--graceful-timeout", "3", workers=1)
+    c = server.client()
+    assert c.cmd("EHLO x")[0] == 250
+    assert c.cmd("MAIL FROM:<a@smtpd.com>")[0] == 250
+    server.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: not server.accepting_workers(), what="the worker to stop accepting")
+    assert c.cmd("RCPT TO:<r>")[0] == 250  # the transaction goes on
+    code, text = c.reply()  # nothing more sent: the deadline ends it
+    assert (code, text.split()[0]) == (421, "4.3.2"), text
+    assert c.closed_by_server()
+    assert server.proc.wait(timeout=30) == 0
+    assert "did not stop in time" not in server.log_text()
+
+
+# ---------------------------------------------------------------- admission
+def test_an_ipv4_client_of_the_dual_stack_socket_is_logged_as_ipv4(start_server):
+    # Listening on every address, one IPv6 socket takes IPv4 clients too;
+    # the kernel names them ::ffff:a.b.c.d, the log must say a.b.c.d.
+    server = start_server(listen=None, workers=1)
+    c = server.client()
+    assert c.cmd("NOOP")[0] == 250
+    peer = f"[127.0.0.1]:{c.sock.getsockname()[1]} connected"
+    wait_until(lambda: peer in server.log_text(), what=f"{peer!r} in the log")
+
+
+
+# ------------------------------------------------------------ fair share
+@pytest.mark.parametrize("workers, mine, others, over", [
+    (2, 3, 0, True),    # 3 > 3/2 + 1
+    (2, 3, 1, False),   # 3 = 4/2 + 1: exactly the fair share plus one
+    (2, 4, 1, True),
+    (3, 3, 2, True),    # 3 > 5/3 + 1
+    (3, 3, 3, False),   # 3 = 6/3 + 1
+    (1, 5, 0, False),   # the only worker never defers
+])
+def test_a_worker_defers_accepting_only_past_the_average_plus_one(tmp_path, workers, mine, others, over):
+    # worker.py: over its fair share = more open connections than the
+    # server-wide average (XSTAT CURRENT / workers) plus one.
+    worker = unstarted_worker(tmp_path, workers=workers)
+    worker.connections = {object() for _ in range(mine)}
+    worker.slot.set(FIELD["current"], mine)
+    worker.stats.slot(2).set(FIELD["current"], others)
+    assert worker.over_fair_share() is over
