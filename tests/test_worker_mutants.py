@@ -8,6 +8,7 @@ import signal
 import pytest
 
 from harness import wait_until
+from test_resources import unread_bytes_at, unsent_bytes
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
 from prefork_smtpd.worker import Worker
@@ -43,6 +44,29 @@ def test_a_transaction_open_past_the_graceful_timeout_gets_421_from_its_worker(s
     assert "did not stop in time" not in server.log_text()
 
 
+
+# ------------------------------------------------------------------ timeouts
+def test_an_idle_client_gets_421_at_its_timeout(start_server):
+    server = start_server("--timeout", "1", workers=1)
+    c = server.client()
+    assert c.cmd("EHLO x")[0] == 250
+    code, text = c.reply()  # nothing sent: the timeout ends the session
+    assert (code, text.split()[0]) == (421, "4.4.2"), text
+    assert c.closed_by_server()
+
+
+def test_a_message_gets_the_data_timeout_not_the_command_timeout(start_server):
+    server = start_server("--timeout", "60", "--data-timeout", "1", workers=1)
+    c = server.client()
+    c.cmd("EHLO x"); c.cmd("MAIL FROM:<a@smtpd.com>"); c.cmd("RCPT TO:<r>")
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"the start of a message\r\n")
+    code, text = c.reply()  # well before the 60 s command timeout (the client waits 20)
+    assert (code, text.split()[0]) == (421, "4.4.2"), text
+    assert c.closed_by_server()
+    assert not server.stored("r")
+
+
 # ---------------------------------------------------------------- admission
 def test_an_ipv4_client_of_the_dual_stack_socket_is_logged_as_ipv4(start_server):
     # Listening on every address, one IPv6 socket takes IPv4 clients too;
@@ -72,3 +96,31 @@ def test_a_worker_defers_accepting_only_past_the_average_plus_one(tmp_path, work
     worker.slot.set(FIELD["current"], mine)
     worker.stats.slot(2).set(FIELD["current"], others)
     assert worker.over_fair_share() is over
+
+
+
+# ------------------------------------------------------ message data memory
+def test_two_messages_over_the_data_memory_budget_one_is_refused(start_server):
+    # Both clients are admitted at DATA (the worker holds nothing yet); the
+    # two bodies together pass --max-data-memory, so the one that would
+    # pass it is refused (452 at its dot) and the other stored.
+    size = 64 * 1024
+    server = start_server("--max-message-size", str(size), "--max-data-memory", str(size * 3 // 2), workers=1)
+    clients = []
+    for name in ("a", "b"):
+        c = server.client()
+        c.cmd("EHLO x"); c.cmd("MAIL FROM:<a@smtpd.com>"); c.cmd(f"RCPT TO:<{name}>")
+        assert c.cmd("DATA")[0] == 354
+        clients.append(c)
+    body = (b"x" * 98 + b"\r\n") * 600  # 60 KB each
+    for c in clients:
+        c.send(body)
+    wait_until(lambda: not any(unsent_bytes(c.sock) for c in clients) and not unread_bytes_at(server.port),
+               what="the worker to read both bodies")
+    replies = []
+    for c in clients:
+        c.send(b".\r\n")
+        replies.append(c.reply())
+    assert sorted(code for code, _ in replies) == [250, 452], replies
+    assert (452, "4.3.1 Error: insufficient system storage") in replies
+    assert len(server.stored("a")) + len(server.stored("b")) == 1
