@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 
+import psutil
 import pytest
 
 from harness import wait_until
@@ -124,3 +125,18 @@ def test_two_messages_over_the_data_memory_budget_one_is_refused(start_server):
     assert sorted(code for code, _ in replies) == [250, 452], replies
     assert (452, "4.3.1 Error: insufficient system storage") in replies
     assert len(server.stored("a")) + len(server.stored("b")) == 1
+
+
+
+# ------------------------------------------------------------------- titles
+def test_the_worker_title_counts_connections_down_as_well_as_up(start_server):
+    server = start_server(workers=1)
+    (pid,) = server.worker_pids()
+
+    def title() -> str:
+        return psutil.Process(pid).cmdline()[0]
+
+    clients = [server.client() for _ in range(2)]
+    wait_until(lambda: title() == "prefork-smtpd: worker 1 [2 connections]", what="the title to count 2")
+    clients.pop().cmd("QUIT")
+    wait_until(lambda: title() == "prefork-smtpd: worker 1 [1 connections]", what="the title to count 1")
