@@ -4,6 +4,7 @@ timeouts, admission. Real servers, real sockets."""
 from __future__ import annotations
 
 import signal
+import socket
 
 import psutil
 import pytest
@@ -12,7 +13,7 @@ from harness import wait_until
 from test_resources import unread_bytes_at, unsent_bytes
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
-from prefork_smtpd.worker import Worker
+from prefork_smtpd.worker import DEFER_ACCEPT, Worker
 
 
 def unstarted_worker(tmp_path, **settings) -> Worker:
@@ -126,6 +127,85 @@ def test_two_messages_over_the_data_memory_budget_one_is_refused(start_server):
     assert (452, "4.3.1 Error: insufficient system storage") in replies
     assert len(server.stored("a")) + len(server.stored("b")) == 1
 
+
+
+
+class RecordingLoop:
+    """The few event loop calls accept_one makes, recorded instead of run."""
+
+    def __init__(self) -> None:
+        self.readers: set[int] = set()
+        self.later: list[tuple] = []
+        self.accepted: list[socket.socket] = []
+
+    def add_reader(self, fd, callback, *args) -> None:
+        self.readers.add(fd)
+
+    def remove_reader(self, fd) -> None:
+        self.readers.discard(fd)
+
+    def call_later(self, delay, callback, *args) -> None:
+        self.later.append((delay, callback, args))
+
+    def connect_accepted_socket(self, factory, sock):
+        self.accepted.append(sock)
+
+    def create_task(self, coroutine) -> None:
+        pass
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def test_a_worker_over_its_fair_share_lets_one_wakeup_pass_then_accepts(tmp_path, listener):
+    worker = unstarted_worker(tmp_path, workers=2)
+    worker.loop = loop = RecordingLoop()
+    loop.readers.add(listener.fileno())
+    worker.connections = {object() for _ in range(3)}
+    worker.slot.set(FIELD["current"], 3)  # 3 > 3/2 + 1: over its share
+    client = socket.create_connection(listener.getsockname())
+    worker.accept_one(listener)
+    assert not loop.accepted  # left for another worker
+    assert listener.fileno() not in loop.readers
+    ((delay, resume, args),) = loop.later
+    assert delay == DEFER_ACCEPT
+    resume(*args)  # the short wait is over: watch the socket again
+    assert listener.fileno() in loop.readers
+    worker.accept_one(listener)  # still over its share, but this wakeup accepts
+    assert len(loop.accepted) == 1
+    assert len(loop.later) == 1
+    another = socket.create_connection(listener.getsockname())
+    worker.accept_one(listener)  # the next client: one wakeup passes again
+    assert len(loop.accepted) == 1 and len(loop.later) == 2
+    for sock in loop.accepted + [client, another]:
+        sock.close()
+
+
+def test_a_worker_within_its_fair_share_accepts_at_once(tmp_path, listener):
+    worker = unstarted_worker(tmp_path, workers=2)
+    worker.loop = loop = RecordingLoop()
+    worker.connections = {object() for _ in range(2)}
+    worker.slot.set(FIELD["current"], 2)
+    client = socket.create_connection(listener.getsockname())
+    worker.accept_one(listener)
+    assert len(loop.accepted) == 1 and not loop.later
+    for sock in loop.accepted + [client]:
+        sock.close()
+
+
+def test_a_stopping_worker_does_not_watch_the_socket_again(tmp_path, listener):
+    worker = unstarted_worker(tmp_path, workers=2)
+    worker.loop = loop = RecordingLoop()
+    worker.stopping = True
+    worker._resume_accepting(listener)
+    assert not loop.readers
 
 
 # ------------------------------------------------------------------- titles
