@@ -73,6 +73,22 @@ def test_a_message_gets_the_data_timeout_not_the_command_timeout(start_server):
     assert not server.stored("r")
 
 
+
+# ---------------------------------------------------------------- recycling
+def test_a_worker_asks_to_be_recycled_after_its_quota_not_before(start_server):
+    server = start_server("--max-requests", "3", workers=1)  # no jitter below 10
+    (first,) = server.worker_pids()
+    for served in (1, 2, 3):
+        c = server.client()
+        assert c.cmd("QUIT")[0] == 221
+        assert c.closed_by_server()
+        # the worker logs the session's end and any recycle request together
+        wait_until(lambda: server.log_count(" closed") == served, what=f"session {served} to end")
+        asked = "served 3 sessions; asking to be recycled" in server.log_text()
+        assert asked == (served == 3), served
+    wait_until(lambda: first not in server.worker_pids(), what="the recycled worker to leave")
+
+
 # ---------------------------------------------------------------- admission
 def test_an_ipv4_client_of_the_dual_stack_socket_is_logged_as_ipv4(start_server):
     # Listening on every address, one IPv6 socket takes IPv4 clients too;
