@@ -406,3 +406,37 @@ def test_with_slots_to_spare_older_generations_wait_for_the_newest():
         assert [w.generation for w in procs.pool.workers.values() if w.retiring] == [2]
     procs.settle()
     assert [w.generation for w in procs.pool.workers.values()] == [2]
+
+
+@pytest.mark.parametrize("grown, leaving", [(3, [1]), (4, [1, 1]), (5, [0, 1, 1])])
+def test_a_never_ready_generation_gives_way_before_the_serving_one(grown, leaving):
+    # Generation 0 serves, generation 1 never got ready (a second reload
+    # overtook it), generation 2 accepts but lacks slots once the pool
+    # grows: generation 1's workers leave, not serving ones.
+    procs = FakeProcesses(WorkerPool(2, slots=6))
+    procs.settle()
+    for _ in range(2):
+        procs.pool.generation += 1
+        procs.step()
+    assert len(procs.pool.workers) == 6
+    procs.accepting.add(procs.pool.active()[0].pid)
+    procs.pool.target = grown
+    procs.step()
+    assert [w.generation for w in procs.pool.workers.values() if w.retiring] == leaving
+
+
+def test_recycled_workers_leave_only_once_their_replacements_cover_the_target():
+    procs = FakeProcesses(WorkerPool(2))
+    procs.settle()
+    old = procs.pool.active()
+    for info in old:
+        info.recycling = True
+    procs.step()
+    new = procs.pool.active()
+    assert len(new) == 2
+    procs.accepting.add(new[0].pid)
+    procs.step()
+    assert not any(w.retiring for w in old)  # one replacement accepts: the port needs both old ones
+    procs.accepting.add(new[1].pid)
+    procs.step()
+    assert all(w.retiring for w in old)
