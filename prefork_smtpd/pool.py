@@ -175,7 +175,9 @@ class WorkerPool:
         serving = [w for w in older if w.generation == self.ready_generation]
         if any(accepting(w) for w in self.active()):
             superseded += serving
-        return sorted(superseded, key=lambda w: w.generation)[:short]
+        # Never-ready generations first (oldest first), the serving one last:
+        # sorting by generation alone would put the serving one first.
+        return sorted(superseded, key=lambda w: (w.generation == self.ready_generation, w.generation))[:short]
 
     def generation_ready(self, accepting: Callable[[WorkerInfo], bool]) -> bool:
         """The current generation has all its workers, and every one accepts."""

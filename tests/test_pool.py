@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from prefork_smtpd.pool import (
@@ -265,9 +266,177 @@ def test_any_sequence_keeps_the_slots_and_ends_ready(target, events):
         indices = [w.index for w in pool.workers.values()]
         assert len(indices) == len(set(indices)) <= WORKER_SLOTS
         assert all(1 <= i <= WORKER_SLOTS for i in indices)
+        # counts, never negative: what is missing has a slot, or lacks one
+        assert 0 <= pool.spawn_count(procs.now) <= WORKER_SLOTS - len(indices)
+        assert pool.lacks_slots() >= 0
     procs.now += MAX_BACKOFF
     procs.settle(40)
     assert len(pool.active()) == pool.target
     assert pool.ready_generation == pool.generation
     assert not pool.recycling()
     assert all(w.generation == pool.generation for w in pool.workers.values())
+
+
+# ------------------------------------------------ the documented figures
+def test_the_backoff_is_the_documented_series():
+    # README: respawns back off, doubling up to 10 s (from 0.1 s).
+    procs = FakeProcesses(WorkerPool(1))
+    delays = [crash_once(procs) for _ in range(9)]
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
+
+
+def test_dying_within_5_s_of_the_start_is_a_crash_and_later_is_not():
+    # README: "if workers keep dying young (within 5 s of their start)".
+    for lifetime, crash in ((4.9, True), (5.0, False)):
+        procs = FakeProcesses(WorkerPool(1))
+        procs.step()
+        (worker,) = procs.pool.active()
+        procs.now += lifetime
+        assert procs.exit(worker, clean=False) == DIED
+        assert procs.pool.spawn_count(procs.now) == (0 if crash else 1), lifetime
+
+
+@pytest.mark.parametrize("seen_at", [5.0, 7.0])
+def test_the_backoff_holds_until_a_new_worker_stays_up_5_s(seen_at):
+    # README: "until a new worker stays up for 5 s": a younger one proves
+    # nothing yet; one seen alive at 5 s or any time later does.
+    procs = FakeProcesses(WorkerPool(1))
+    for _ in range(3):
+        crash_once(procs)
+    procs.now = procs.pool.backoff.next_spawn
+    procs.step()
+    (survivor,) = procs.pool.active()
+    for age in (0.5, 4.9):
+        procs.now = survivor.started + age
+        procs.step()
+        assert procs.pool.backoff.delay == 0.4, age
+    procs.now = survivor.started + seen_at
+    procs.step()
+    assert procs.pool.backoff.delay == 0
+
+
+# ------------------------------------------------------ counts and slots
+def test_a_pool_above_its_target_forks_nothing_and_lacks_no_slot():
+    procs = FakeProcesses(WorkerPool(3, slots=8))
+    procs.settle()
+    assert procs.pool.lacks_slots() == 0  # five slots free: none lacking, never less
+    procs.pool.target = 1  # two TTOUs, before the extra workers are told to leave
+    assert procs.pool.spawn_count(procs.now) == 0
+    assert procs.pool.lacks_slots() == 0
+    procs.settle()
+    assert len(procs.pool.workers) == 1
+
+
+def test_a_never_ready_generation_gives_its_slots_at_once():
+    # Generation 0 never accepts; a reload that also grows the pool finds
+    # too few slots. Generation 0 serves nobody, so it gives way without
+    # waiting for a new worker to accept.
+    procs = FakeProcesses(WorkerPool(2, slots=4))
+    procs.step()
+    assert procs.pool.ready_generation != procs.pool.generation
+    procs.pool.target = 3
+    procs.pool.generation += 1
+    procs.step()
+    assert procs.pool.lacks_slots() == 1
+    assert [w.generation for w in procs.pool.workers.values() if w.retiring] == [0]
+
+
+def test_the_ready_generation_gives_way_only_while_a_new_worker_accepts():
+    # Generation 0 serves the port; a reload grows the pool past the free
+    # slots, so one worker of generation 0 must make room, but only once
+    # the port is served by a new worker, and only one of them.
+    procs = FakeProcesses(WorkerPool(2, slots=4))
+    procs.settle()
+    old = list(procs.pool.workers.values())
+    procs.pool.target = 3
+    procs.pool.generation += 1
+    procs.step()
+    new = procs.pool.active()
+    assert len(new) == 2 and procs.pool.lacks_slots() == 1
+    for _ in range(3):
+        procs.step()
+        assert not any(w.retiring for w in procs.pool.workers.values())  # nobody new accepts yet
+    procs.accepting.add(new[0].pid)
+    procs.step()
+    assert [w.retiring for w in old].count(True) == 1
+    procs.accept_all()
+    procs.step()  # the leaving one still holds its slot: nobody else leaves for it
+    assert [w.retiring for w in old].count(True) == 1
+    assert all(not w.retiring for w in new)
+    procs.settle()
+    assert len(procs.pool.active()) == 3
+    assert procs.pool.ready_generation == procs.pool.generation
+
+
+def test_leaving_workers_count_once_toward_the_slots_needed():
+    # One worker already leaves (recycled, still finishing). A reload that
+    # grows the pool lacks two slots: that worker frees one, so exactly one
+    # more worker of the serving generation gives way.
+    procs = FakeProcesses(WorkerPool(2, slots=5))
+    procs.settle()
+    recycled = procs.pool.active()[0]
+    recycled.recycling = True
+    procs.step()
+    procs.accept_all()
+    procs.step()
+    assert recycled.retiring
+    procs.pool.target = 4
+    procs.pool.generation += 1
+    procs.step()
+    assert procs.pool.lacks_slots() == 2
+    procs.accepting.add(procs.pool.active()[0].pid)
+    procs.step()
+    leaving = [w for w in procs.pool.workers.values() if w.retiring]
+    assert len(leaving) == 2 and recycled in leaving
+
+
+def test_with_slots_to_spare_older_generations_wait_for_the_newest():
+    # Two reloads in a row with free slots left, and a worker of the newest
+    # generation leaving (fewer workers): nobody of an older generation
+    # needs to make room, so all of them stay until the newest is ready.
+    procs = FakeProcesses(WorkerPool(2, slots=8))
+    procs.settle()
+    for _ in range(2):
+        procs.pool.generation += 1
+        procs.step()
+    procs.pool.target = 1
+    procs.step()
+    for _ in range(3):
+        procs.step()
+        assert [w.generation for w in procs.pool.workers.values() if w.retiring] == [2]
+    procs.settle()
+    assert [w.generation for w in procs.pool.workers.values()] == [2]
+
+
+@pytest.mark.parametrize("grown, leaving", [(3, [1]), (4, [1, 1]), (5, [0, 1, 1])])
+def test_a_never_ready_generation_gives_way_before_the_serving_one(grown, leaving):
+    # Generation 0 serves, generation 1 never got ready (a second reload
+    # overtook it), generation 2 accepts but lacks slots once the pool
+    # grows: generation 1's workers leave, not serving ones.
+    procs = FakeProcesses(WorkerPool(2, slots=6))
+    procs.settle()
+    for _ in range(2):
+        procs.pool.generation += 1
+        procs.step()
+    assert len(procs.pool.workers) == 6
+    procs.accepting.add(procs.pool.active()[0].pid)
+    procs.pool.target = grown
+    procs.step()
+    assert [w.generation for w in procs.pool.workers.values() if w.retiring] == leaving
+
+
+def test_recycled_workers_leave_only_once_their_replacements_cover_the_target():
+    procs = FakeProcesses(WorkerPool(2))
+    procs.settle()
+    old = procs.pool.active()
+    for info in old:
+        info.recycling = True
+    procs.step()
+    new = procs.pool.active()
+    assert len(new) == 2
+    procs.accepting.add(new[0].pid)
+    procs.step()
+    assert not any(w.retiring for w in old)  # one replacement accepts: the port needs both old ones
+    procs.accepting.add(new[1].pid)
+    procs.step()
+    assert all(w.retiring for w in old)
