@@ -23,7 +23,10 @@ from prefork_smtpd.stats import (
     Totals,
 )
 
-SUMMED = ("total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections")
+SUMMED = (
+    "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
+    "tls_handshake_failures", "auth_failures",
+)
 WORKERS = range(1, MAX_WORKERS)  # worker slots 1..256; 0 stays unused, RETIRED is the master's
 
 

@@ -3,6 +3,7 @@ timeouts, admission. Real servers, real sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 
@@ -191,18 +192,18 @@ def test_a_worker_over_its_fair_share_lets_one_wakeup_pass_then_accepts(tmp_path
     worker.connections = {object() for _ in range(3)}
     worker.slot.set(FIELD["current"], 3)  # 3 > 3/2 + 1: over its share
     client = socket.create_connection(listener.getsockname())
-    worker.accept_one(listener)
+    worker.accept_one(listener, asyncio.Protocol)
     assert not loop.accepted  # left for another worker
     assert listener.fileno() not in loop.readers
     ((delay, resume, args),) = loop.later
     assert delay == DEFER_ACCEPT
     resume(*args)  # the short wait is over: watch the socket again
     assert listener.fileno() in loop.readers
-    worker.accept_one(listener)  # still over its share, but this wakeup accepts
+    worker.accept_one(listener, asyncio.Protocol)  # still over its share, but this wakeup accepts
     assert len(loop.accepted) == 1
     assert len(loop.later) == 1
     another = socket.create_connection(listener.getsockname())
-    worker.accept_one(listener)  # the next client: one wakeup passes again
+    worker.accept_one(listener, asyncio.Protocol)  # the next client: one wakeup passes again
     assert len(loop.accepted) == 1 and len(loop.later) == 2
     for sock in loop.accepted + [client, another]:
         sock.close()
@@ -214,7 +215,7 @@ def test_a_worker_within_its_fair_share_accepts_at_once(tmp_path, listener):
     worker.connections = {object() for _ in range(2)}
     worker.slot.set(FIELD["current"], 2)
     client = socket.create_connection(listener.getsockname())
-    worker.accept_one(listener)
+    worker.accept_one(listener, asyncio.Protocol)
     assert len(loop.accepted) == 1 and not loop.later
     for sock in loop.accepted + [client]:
         sock.close()
@@ -224,7 +225,7 @@ def test_a_stopping_worker_does_not_watch_the_socket_again(tmp_path, listener):
     worker = unstarted_worker(tmp_path, workers=2)
     worker.loop = loop = RecordingLoop()
     worker.stopping = True
-    worker._resume_accepting(listener)
+    worker._resume_accepting(listener, asyncio.Protocol)
     assert not loop.readers
 
 
