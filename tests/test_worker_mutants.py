@@ -42,6 +42,9 @@ def test_a_transaction_open_past_the_graceful_timeout_gets_421_from_its_worker(s
     # its sessions: past that look, the transaction still goes on.
     wait_until(lambda: "stopping: no new connections" in server.log_text(), what="the worker to stop")
     assert c.cmd("RCPT TO:<r>")[0] == 250
+    # and nobody listens any more: the worker closed its copy of the socket
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
     code, text = c.reply()  # nothing more sent: the deadline ends it
     assert (code, text.split()[0]) == (421, "4.3.2"), text
     assert c.closed_by_server()
@@ -241,3 +244,14 @@ def test_the_worker_title_counts_connections_down_as_well_as_up(start_server):
     wait_until(lambda: title() == "prefork-smtpd: worker 1 [2 connections]", what="the title to count 2")
     clients.pop().cmd("QUIT")
     wait_until(lambda: title() == "prefork-smtpd: worker 1 [1 connections]", what="the title to count 1")
+
+
+
+# ------------------------------------------------------------------ storing
+def test_the_stored_mail_names_the_client_address(server):
+    c = server.client()
+    c.cmd("EHLO client.example")
+    assert c.mail("a@smtpd.com", ["r"], b"Subject: hi\r\n\r\nhi")[0] == 250
+    (path,) = server.stored("r")
+    header = path.read_bytes().split(b"\n\n", 1)[0]
+    assert b"\nReceived: from client.example ([127.0.0.1])" in header, header
