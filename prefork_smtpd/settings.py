@@ -4,8 +4,9 @@ Each ``Setting`` says its name, type, default, valid range, when a change
 takes effect, its command-line flags and help. Everything else is derived
 from the table, so a setting means the same wherever it is set:
 
-* the ``Settings`` dataclass (one field per setting, plus the bookkeeping
-  fields in ``_BOOKKEEPING``);
+* the ``Settings`` dataclass: one field per setting, its default from the
+  table (its type is declared there too, for type checkers, and checked
+  against the table at import), plus a few bookkeeping fields;
 * the command line (``cli/server.py``: flag, short alias, metavar, help,
   range check);
 * the TOML keys and their type checks (``config_file.py``): the setting's
@@ -23,10 +24,13 @@ How to add a setting
    among the other live ones, where it should appear in ``show=1``; give it
    ``port_help``. A setting the workers must read live but the config port
    must not change gets ``shared=True``.
-2. Read it where it is used: ``settings.<name>`` (fixed for a worker's
+2. Declare its field in ``Settings``: ``max_widgets: int = REGISTERED``
+   (the type ``annotation()`` gives: ``int``, ``str | None``, ...); the
+   import says so if it is missing or its type disagrees.
+3. Read it where it is used: ``settings.<name>`` (fixed for a worker's
    life), or ``worker.live.<name>`` for a shared or live one (each read
    looks at shared memory, so a change applies at once).
-3. Mention its flag (and, if live, its config-port row) in README.md; the
+4. Mention its flag (and, if live, its config-port row) in README.md; the
    tests say what is missing.
 Nothing else: flags, TOML key, config port, control block and their checks
 follow from the table.
@@ -37,8 +41,8 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
 
 MiB = 1024 * 1024
 
@@ -351,37 +355,117 @@ def check_range(name: str, value: int) -> str | None:
     return BY_NAME[name].check_range(value)
 
 
-def _field(setting: Setting) -> tuple[str, Any, Any]:
+def annotation(setting: Setting) -> str:
+    """The type a ``Settings`` field must declare for ``setting``: ``int``, ``str | None``, ``list[str]``..."""
     kind = setting.type.__name__ + ("[str]" if setting.type is list else "")
     if setting.default is None and setting.default_factory is None:
         kind += " | None"
-    if setting.default_factory is not None:
-        return setting.name, kind, field(default_factory=setting.default_factory)
-    return setting.name, kind, field(default=setting.default)
+    return kind
 
 
-# Fields of Settings that are no setting: not flags, keys or parameters.
-_BOOKKEEPING = (
-    ("config_file", "str | None", field(default=None)),  # where these settings came from, for reload
-    ("mailbox_list", "frozenset[str] | None", field(default=None)),  # local parts a mailboxes FILE names, once read
+# The default of every Settings field that is a setting: filled in from its
+# REGISTRY entry (default or default_factory) before @dataclass reads the class.
+REGISTERED: Any = object()
+
+
+def registry_mismatches(cls: type, registry: tuple[Setting, ...]) -> list[str]:
+    """How ``cls``'s fields and ``registry`` disagree (empty when they agree).
+
+    Every setting needs a field declared ``= REGISTERED`` with ``annotation(setting)``
+    as its type, and every such field a setting.
+    """
+    declared = cls.__dict__.get("__annotations__", {})
+    from_registry = {name for name in declared if cls.__dict__.get(name) is REGISTERED}
+    problems = []
+    for setting in registry:
+        want = annotation(setting)
+        if setting.name not in from_registry:
+            problems.append(f"{setting.name} has no field in {cls.__name__}: add `{setting.name}: {want} = REGISTERED`")
+        elif declared[setting.name] != want:
+            problems.append(f"{cls.__name__}.{setting.name} is declared {declared[setting.name]!r}, its setting makes it {want!r}")
+    names = {s.name for s in registry}
+    problems += [f"{cls.__name__}.{name} has no entry in REGISTRY" for name in sorted(from_registry - names)]
+    return problems
+
+
+T = TypeVar("T")
+
+
+def _defaults_from_registry(cls: type[T]) -> type[T]:
+    """Check ``cls`` against REGISTRY and give each ``REGISTERED`` field its setting's default."""
+    if problems := registry_mismatches(cls, REGISTRY):
+        raise TypeError("Settings and REGISTRY disagree: " + "; ".join(problems))
+    for setting in REGISTRY:
+        if setting.default_factory is not None:
+            setattr(cls, setting.name, field(default_factory=setting.default_factory))
+        else:
+            setattr(cls, setting.name, field(default=setting.default))
+    return cls
+
+
+@dataclass
+@_defaults_from_registry
+class Settings:
+    """The server's settings: one field per REGISTRY entry (its type declared
+    here, for type checkers; its default in the entry), plus bookkeeping."""
+
+    logging: int = REGISTERED
+    workers: int = REGISTERED
+    max_connections: int = REGISTERED
+    max_connections_per_ip: int = REGISTERED
+    min_free_space: int = REGISTERED
+    max_message_size: int = REGISTERED
+    max_data_memory: int = REGISTERED
+    max_recipients: int = REGISTERED
+    timeout: int = REGISTERED
+    data_timeout: int = REGISTERED
+    max_errors: int = REGISTERED
+    max_command_line: int = REGISTERED
+    max_text_line: int = REGISTERED
+    listen: str | None = REGISTERED
+    port: int = REGISTERED
+    submission_port: int | None = REGISTERED
+    smtps_port: int | None = REGISTERED
+    backlog: int = REGISTERED
+    config_address: str = REGISTERED
+    config_port: int = REGISTERED
+    metrics_address: str = REGISTERED
+    metrics_port: int | None = REGISTERED
+    config_secret_file: str | None = REGISTERED
+    config_max_clients: int = REGISTERED
+    config_login_timeout: int = REGISTERED
+    config_idle_timeout: int = REGISTERED
+    config_max_login_failures: int = REGISTERED
+    config_login_failures_per_minute: int = REGISTERED
+    metrics_max_clients: int = REGISTERED
+    metrics_timeout: int = REGISTERED
+    domains: list[str] = REGISTERED
+    hostname: str = REGISTERED
+    mail_dir: str = REGISTERED
+    mailboxes: str = REGISTERED
+    log_file: str = REGISTERED
+    tls_cert: str | None = REGISTERED
+    tls_key: str | None = REGISTERED
+    tls_handshake_timeout: int = REGISTERED
+    require_tls: bool = REGISTERED
+    users: str | None = REGISTERED
+    loopback_auth_without_tls: bool = REGISTERED
+    auth_threads: int = REGISTERED
+    max_auth_checks: int = REGISTERED
+    auth_failure_delay: int = REGISTERED
+    max_auth_failures: int = REGISTERED
+    graceful_timeout: int = REGISTERED
+    max_requests: int = REGISTERED
+    delivery_threads: int = REGISTERED
+
+    # Bookkeeping, no setting: not flags, keys or parameters.
+    config_file: str | None = None  # where these settings came from, for reload
+    mailbox_list: frozenset[str] | None = None  # local parts a mailboxes FILE names, once read
     # name -> "file" or "flag" for each value not left at its default
-    ("sources", "dict[str, str]", field(default_factory=dict, repr=False, compare=False)),
-)
+    sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
-
-def _post_init(self: Any) -> None:
-    self.domains = [d.lower() for d in self.domains]
-
-
-Settings = make_dataclass(
-    "Settings",
-    [_field(s) for s in REGISTRY] + list(_BOOKKEEPING),
-    namespace={
-        "__post_init__": _post_init,
-        "__doc__": "The server's settings: one field per REGISTRY entry, plus bookkeeping.",
-        "__module__": __name__,
-    },
-)
+    def __post_init__(self) -> None:
+        self.domains = [d.lower() for d in self.domains]
 
 
 # ------------------------------------------------------------------ docs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -131,15 +132,23 @@ _NEW_SETTING = '''
         change=LIVE, shared=True, port_help="widgets per session",
     ),
 '''
-_PROBE = textwrap.dedent('''
+# Its field in Settings: the type, for type checkers.
+_NEW_FIELD = """    max_widgets: int = REGISTERED
+"""
+_LOAD = textwrap.dedent('''
     import sys, types, tempfile
     source = open(sys.argv[1]).read()
     at = source.index("    # ---") + 0  # before the first section of REGISTRY
     source = source[:at] + sys.argv[2] + source[at:]
+    if len(sys.argv) > 3:
+        at = source.index("    # Bookkeeping")  # after the last setting's field
+        source = source[:at] + sys.argv[3] + source[at:]
     module = types.ModuleType("prefork_smtpd.settings")
     module.__file__ = sys.argv[1]
     sys.modules["prefork_smtpd.settings"] = module
     exec(compile(source, sys.argv[1], "exec"), module.__dict__)
+''')
+_PROBE = _LOAD + textwrap.dedent('''
 
     from prefork_smtpd import control, controlplane, stats
     from prefork_smtpd.cli.server import build_parser
@@ -164,8 +173,43 @@ _PROBE = textwrap.dedent('''
 ''')
 
 
-def test_a_setting_added_to_the_registry_alone_reaches_flags_file_port_and_shared_memory():
+def test_a_setting_added_to_the_registry_with_its_field_reaches_flags_file_port_and_shared_memory():
     probe = subprocess.run(
-        [sys.executable, "-c", _PROBE, S.__file__, _NEW_SETTING], capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-c", _PROBE, S.__file__, _NEW_SETTING, _NEW_FIELD],
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert probe.stdout.strip() == "one place", probe.stderr
+
+
+def test_a_setting_added_without_its_field_stops_the_import_and_says_what_to_add():
+    probe = subprocess.run(
+        [sys.executable, "-c", _LOAD, S.__file__, _NEW_SETTING], capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert probe.returncode != 0
+    assert "max_widgets has no field in Settings: add `max_widgets: int = REGISTERED`" in probe.stderr
+
+
+def test_settings_fields_declare_the_type_of_each_setting():
+    # What mypy sees is what the registry says: one field per setting, its type from the entry.
+    hints = {f.name: f.type for f in dataclasses.fields(S.Settings)}
+    for setting in S.REGISTRY:
+        assert hints[setting.name] == S.annotation(setting), setting.name
+    assert [s.name for s in S.REGISTRY] == list(hints)[: len(S.REGISTRY)]  # in table order, bookkeeping last
+
+
+def test_registry_mismatches_names_each_disagreement():
+    class Declared:
+        port: str = S.REGISTERED  # the setting is an int
+        colour: str = S.REGISTERED  # no setting
+        listen: str | None = S.REGISTERED
+        plain: int = 3  # not from the registry: bookkeeping
+
+    registry = (S.BY_NAME["port"], S.BY_NAME["listen"], S.BY_NAME["max_recipients"])
+    assert S.registry_mismatches(Declared, registry) == [
+        "Declared.port is declared 'str', its setting makes it 'int'",
+        "max_recipients has no field in Declared: add `max_recipients: int = REGISTERED`",
+        "Declared.colour has no entry in REGISTRY",
+    ]
+    assert S.annotation(S.BY_NAME["domains"]) == "list[str]"
+    assert S.annotation(S.BY_NAME["submission_port"]) == "int | None"
+    assert S.annotation(S.BY_NAME["workers"]) == "int"  # computed at start, never None
