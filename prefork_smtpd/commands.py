@@ -41,7 +41,7 @@ run in stays data in the session (``SEQUENCE_ERRORS``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,13 +83,14 @@ class CommandTable(Mapping[str, Command]):
         self._commands: dict[str, Command] = {}
         self._extensions: list[Extension] = []  # in EHLO's order
         self._help_cache: dict[tuple[str, ...], Reply] = {}
-        self.get = self._commands.get  # the dispatch's lookup, at C speed
+        # The dispatch's lookup, at C speed (Mapping.get goes through __getitem__).
+        self.lookup: Callable[[str], Command | None] = self._commands.get
 
     # ----------------------------------------------------------- registering
     def verb(
         self,
         *,
-        states: frozenset,
+        states: Set[Any],
         syntax: str = "",
         params: str = "",
         help: str = "",

@@ -91,6 +91,7 @@ _libc_syncfs = getattr(_libc, "syncfs", None)  # Linux only; elsewhere, fsyncs
 
 def syncfs(fd: int) -> None:
     """Make every change to the file system holding ``fd`` durable."""
+    assert _libc_syncfs is not None  # called only where the C library has it
     if _libc_syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), "syncfs")

@@ -107,7 +107,7 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
     # Our lines use none of the caller, thread or process fields; not
     # gathering them (the logging HOWTO's "Optimization") takes a record
     # from 17 to 11 us.
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
@@ -133,8 +133,10 @@ def line_writer(logger: logging.Logger) -> AppendLineHandler:
     return next(h for h in logger.handlers if isinstance(h, AppendLineHandler))
 
 
-def close_log(logger: logging.Logger) -> None:
+def close_log(logger: logging.Logger | None) -> None:
     """Write out everything pending and close the file (before a process exits)."""
+    if logger is None:
+        return
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()

@@ -133,6 +133,7 @@ class Master:
         "report_readiness",
         "check_stop",
     )
+    services: list[Service]  # the config port and /metrics, set by open_services
 
     def __init__(
         self,
@@ -585,7 +586,7 @@ class Master:
     def open_services(self) -> None:
         """The config port and, if asked for, the Prometheus endpoint."""
         settings = self.settings
-        self.services: list[Service] = []
+        self.services = []
         secret = load_secret(settings.config_secret_file) if settings.config_secret_file is not None else None
         self.gate = TokenGate(secret, settings.config_login_failures_per_minute)
         config_sock = listening_socket(settings.config_address, settings.config_port)

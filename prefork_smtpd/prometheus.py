@@ -52,5 +52,5 @@ class SharedStatsCollector:
 
 def make_renderer(stats: SharedStats, live_workers: Callable[[], list[int]]) -> Callable[[], tuple[bytes, str]]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SharedStatsCollector(stats, live_workers))  # type: ignore[arg-type]
+    registry.register(SharedStatsCollector(stats, live_workers))
     return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)

@@ -499,6 +499,7 @@ def trusted(peer_ip: str | IPAddress, networks: Iterable[IPNetwork]) -> bool:
         address = ipaddress.ip_address(peer_ip)
     except ValueError:
         return False  # not an IP peer (a UNIX socket): no network names it
+    candidates: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         candidates = (address, address.ipv4_mapped)
     elif isinstance(address, ipaddress.IPv4Address):
@@ -538,9 +539,8 @@ def encode_v2(
     CRC32C TLV."""
     if command not in ("PROXY", "LOCAL"):
         raise ValueError(f"command {command!r}")
-    if family is None and source is None:
-        family = "UNSPEC"
-    family = family or ("TCP4" if ipaddress.ip_address(source[0]).version == 4 else "TCP6")
+    if not family:
+        family = "UNSPEC" if source is None else ("TCP4" if ipaddress.ip_address(source[0]).version == 4 else "TCP6")
     addresses = _encode_v2_addresses(family, source, destination)
     pairs = list(tlvs.items() if isinstance(tlvs, Mapping) else tlvs)
     if checksum:

@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import replies, sasl
 from .commands import CommandTable
@@ -161,6 +161,24 @@ class Limits:
     max_auth_failures: int = 3  # failed AUTH attempts before 421
 
 
+class LimitSource(Protocol):
+    """Where a session reads its limits: a ``Limits``, or the worker's live view
+    of shared memory (``stats.LiveSettings``), read at each use."""
+
+    @property
+    def max_message_size(self) -> int: ...
+    @property
+    def max_recipients(self) -> int: ...
+    @property
+    def max_command_line(self) -> int: ...
+    @property
+    def max_text_line(self) -> int: ...
+    @property
+    def max_errors(self) -> int: ...
+    @property
+    def max_auth_failures(self) -> int: ...
+
+
 @dataclass
 class Recipient:
     address: str  # as the client gave it, for Delivered-To
@@ -232,7 +250,7 @@ class Session:
         self,
         hostname: str,
         domains: frozenset[str],
-        limits: Limits,
+        limits: LimitSource,
         read_stat: Callable[[str], int],
         policy: Policy = ALLOW_ALL,
         context: ConnectionContext = SMTP_CONTEXT,
@@ -286,7 +304,7 @@ class Session:
     def greeting(self) -> Reply:
         return replies.greeting(self.hostname)
 
-    def feed(self, data: bytes) -> list[Reply | Event]:
+    def feed(self, data: bytes | memoryview) -> list[Reply | Event]:
         """Take bytes from the client; return what the worker must do, in order."""
         if self.state is State.CLOSED:
             return []
@@ -435,7 +453,7 @@ class Session:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         arg = arg.strip()
-        command = self.commands.get(verb)
+        command = self.commands.lookup(verb)
         # A SASL exchange goes on until a known command: until then an
         # unknown line may be credentials (see describe_command).
         if command is not None:

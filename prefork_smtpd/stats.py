@@ -27,6 +27,7 @@ import secrets
 import socket
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .settings import SHARED
 
@@ -140,6 +141,10 @@ class LiveSettings:
 
     def __init__(self, stats: SharedStats) -> None:
         self._words = stats.words
+
+    if TYPE_CHECKING:
+        # One int property per CONTROL name, made below from the registry.
+        def __getattr__(self, name: str) -> int: ...
 
 
 def _control_property(name: str) -> property:

@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             args.address if args.address is not None else str(from_file.get("config_address", d.config_address))
         )
         if args.port is None:
-            args.port = int(from_file.get("config_port", d.config_port))  # type: ignore[call-overload]
+            port = from_file.get("config_port", d.config_port)
+            assert isinstance(port, int)  # endpoint_from_config checked it
+            args.port = port
         if args.secret_file is None:
             args.secret_file = from_file.get("config_secret_file")
         # "is not None": a file named "0", or a secret of 0, is a secret all the same.

@@ -116,14 +116,15 @@ class Monitor:
             status="Online", time=now, delay_ms=round(delay, 3),
             bytes=x["BYTES"], mails=x["MAILS"], current=x["CURRENT"], total=x["TOTAL"],
         )
-        if self.last is not None and now > self.last.time:
-            span = now - self.last.time
-            s.mails_per_s = round((s.mails - self.last.mails) / span, 2)
-            s.bytes_per_s = round((s.bytes - self.last.bytes) / span, 1)
+        last = self.last  # an Online sample (an Unreachable one resets it): its counts are there
+        if last is not None and last.mails is not None and last.bytes is not None and now > last.time:
+            span = now - last.time
+            s.mails_per_s = round((x["MAILS"] - last.mails) / span, 2)
+            s.bytes_per_s = round((x["BYTES"] - last.bytes) / span, 1)
         if self.count_sockets:
-            s.os_established = established_on_port(self.port)
-            s.difference = s.os_established - s.current
-            s.clients = s.os_established - 1
+            established = s.os_established = established_on_port(self.port)
+            s.difference = established - x["CURRENT"]
+            s.clients = established - 1
         self.last = s
         return s
 

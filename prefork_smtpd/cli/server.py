@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
@@ -13,7 +13,7 @@ from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, ch
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         # One line, exit 2: easy to read in a terminal and in journald.
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -166,6 +166,7 @@ def passwd(path: str, name: str, password: str, scheme: str) -> str:
         line = lines[index]
         ending = line[len(line.rstrip("\r\n")) :]
         old = parse_line(line, "")
+        assert old is not None  # find() gave a user's line
         scheme_name, hashed = parse_password_field(hash_password(password, scheme), "<new>")
         lines[index] = UserEntry(old.name, scheme_name, hashed, old.rest).line() + ending
         write_atomically(path, "".join(lines))
