@@ -21,7 +21,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 from concurrent.futures import ThreadPoolExecutor
 
 import uvloop
@@ -515,6 +515,9 @@ class Worker:
             mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
         )
         self.connections: set[SMTPConnection] = set()
+        # Accepted sockets whose connection is not made yet (its setup, or
+        # its TLS handshake, runs in a task): a leaving worker waits for them.
+        self.setting_up = 0
         self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
         self.stopping = False  # no longer accepting
         self._deferred = False  # the last wakeup was passed to the other workers
@@ -588,7 +591,7 @@ class Worker:
             if self.stopping:
                 if self.closing_idle:
                     self.close_idle_sessions()
-                if not self.connections or now >= self.stop_deadline:
+                if self.idle() or now >= self.stop_deadline:
                     self.stop_now()
             if len(self.connections) != last_count:
                 last_count = len(self.connections)
@@ -625,10 +628,23 @@ class Worker:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        setup: asyncio.Future[Any]
         if getattr(new_connection, "implicit_tls", False):
-            self.loop.create_task(self._accept_tls(new_connection, sock))
+            setup = self.loop.create_task(self._accept_tls(new_connection, sock))
         else:
-            self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
+            setup = self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
+        self.setting_up += 1
+        setup.add_done_callback(self._set_up)
+
+    def _set_up(self, _: asyncio.Future) -> None:
+        """An accepted socket's setup ended: its connection is made, or it failed."""
+        self.setting_up -= 1
+        if self.stopping and self.idle():
+            self.stop_now()
+
+    def idle(self) -> bool:
+        """No connection open or on its way: a leaving worker may go."""
+        return not self.connections and not self.setting_up
 
     async def _accept_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
         """Implicit TLS (RFC 8314): the handshake first; the connection is made
@@ -783,7 +799,7 @@ class Worker:
         self.closing_idle = self.closing_idle or close_idle
         if self.closing_idle:
             self.close_idle_sessions()
-        if not self.connections:
+        if self.idle():
             self.stop_now()
 
     def close_idle_sessions(self) -> None:

@@ -9,12 +9,14 @@ import socket
 
 import psutil
 import pytest
+import uvloop
 
 from harness import wait_until
 from test_resources import unread_bytes_at, unsent_bytes
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
-from prefork_smtpd.worker import DEFER_ACCEPT, Worker
+from prefork_smtpd.listeners import SMTP_CONTEXT
+from prefork_smtpd.worker import DEFER_ACCEPT, SMTPConnection, Worker
 
 
 def unstarted_worker(tmp_path, **settings) -> Worker:
@@ -51,6 +53,39 @@ def test_a_transaction_open_past_the_graceful_timeout_gets_421_from_its_worker(s
     assert server.proc.wait(timeout=30) == 0
     assert "did not stop in time" not in server.log_text()
 
+
+
+
+def test_a_worker_told_to_leave_first_makes_the_connection_it_accepted(tmp_path):
+    # The accept and the connection's setup are apart: the setup is a task
+    # the loop runs later. A HUP (retire) between the two once stopped the
+    # worker at once, as it held no connection yet, and the client it had
+    # accepted was dropped without a greeting.
+    worker = unstarted_worker(tmp_path)
+    loop = uvloop.new_event_loop()
+    worker.loop = loop
+    listening = socket.create_server(("127.0.0.1", 0))
+    listening.setblocking(False)
+    client = socket.create_connection(listening.getsockname(), timeout=10)
+
+    async def accept_then_retire() -> bytes:
+        worker.now = loop.time()
+        worker.finished = loop.create_future()
+        worker.accept_one(listening, lambda: SMTPConnection(worker, SMTP_CONTEXT))
+        worker.retire()  # in the same loop step: the setup has not run
+        assert not worker.finished.done(), "the worker left with a connection on its way"
+        return await loop.run_in_executor(None, client.recv, 100)
+
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(accept_then_retire(), 30)).startswith(b"220 ")
+        assert len(worker.connections) == 1 and not worker.finished.done()
+    finally:
+        client.close()
+        listening.close()
+        for conn in list(worker.connections):
+            conn.transport.abort()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
 
 
 # ------------------------------------------------------------------ timeouts
