@@ -452,7 +452,8 @@ class Master:
             elif how == RECYCLED:
                 self.log(f"worker {info.index} (pid {pid}) recycled: {cause}")
             else:
-                assert how == DIED
+                # DIED is the only outcome left here: any comparison that holds for it says the same.
+                assert how == DIED  # pragma: no mutate
                 self.stats.slot(info.index).add(FIELD["restarts"])
                 self.log(f"worker {info.index} (pid {pid}) died: {cause}; replacing it")
                 if now - info.started < CRASH_WINDOW:

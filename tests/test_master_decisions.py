@@ -1,0 +1,192 @@
+"""The master's decisions without forking: a clock the test sets, a process
+table filled by hand, kills and log lines recorded. What a mutation run of
+master.py found unchecked: the stop deadlines, when the loop pauses, when
+it looks again, what it logs for a young death and for a reload."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+
+from harness import wait_until
+
+from prefork_smtpd import master as master_module
+from prefork_smtpd.master import LONGEST_ERROR_PAUSE, Master
+from prefork_smtpd.pool import CRASH_WINDOW
+from prefork_smtpd.settings import Settings
+from prefork_smtpd.stats import SharedStats
+
+START = 1000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = START
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorded(Master):
+    """A master that never forks, signals or writes a log: it records."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        super().__init__(settings, clock=clock)
+        self.stats = SharedStats()
+        self.control.attach(self.stats)
+        self.logger = logging.getLogger("test-master")
+        self.services = []
+        self.listeners = []
+        self.lines: list[str] = []
+        self.kills: list[tuple[int, int]] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+    def kill(self, pid: int, signum: int) -> None:
+        self.kills.append((pid, signum))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def a_master(clock: Clock, tmp_path, workers: int = 2, **settings) -> Recorded:
+    m = Recorded(Settings(workers=workers, hostname="h", mail_dir=str(tmp_path), **settings), clock)
+    for index, pid in enumerate(range(4001, 4001 + workers), start=1):
+        m.pool.added(index, pid, START)
+    return m
+
+
+# ------------------------------------------------------------------ stopping
+def test_a_graceful_stop_kills_only_workers_still_there_5s_after_the_graceful_timeout(clock, tmp_path):
+    m = a_master(clock, tmp_path, graceful_timeout=30)
+    m.stop(graceful=True)
+    assert m.kills == [(4001, signal.SIGTERM), (4002, signal.SIGTERM)]
+    clock.now = START + 34.9  # sessions had 30 s, the workers 5 more to exit
+    m.check_stop()
+    assert m.kills[2:] == [] and m.running
+    clock.now = START + 35
+    m.check_stop()
+    assert m.kills[2:] == [(4001, signal.SIGKILL), (4002, signal.SIGKILL)]
+    assert "worker 1 (pid 4001) did not stop in time; killing it" in m.lines
+    assert m.running  # until they are reaped
+    assert m.stop_deadline == START + 40  # and again 5 s later if they are not
+
+
+def test_a_fast_stop_gives_the_workers_5s(clock, tmp_path):
+    m = a_master(clock, tmp_path, graceful_timeout=30)
+    m.stop(graceful=False)
+    assert m.kills == [(4001, signal.SIGQUIT), (4002, signal.SIGQUIT)]
+    clock.now = START + 4.9
+    m.check_stop()
+    assert len(m.kills) == 2
+    clock.now = START + 5
+    m.check_stop()
+    assert m.kills[2:] == [(4001, signal.SIGKILL), (4002, signal.SIGKILL)]
+
+
+def test_the_master_runs_until_its_last_worker_is_gone(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.check_stop()
+    assert m.running  # not stopping
+    m.stop(graceful=True)
+    m.check_stop()
+    assert m.running  # both workers still there
+    m.pool.removed(4001, True, clock(), stopping=True)
+    m.check_stop()
+    assert m.running
+    m.pool.removed(4002, True, clock(), stopping=True)
+    m.check_stop()
+    assert not m.running
+
+
+# ------------------------------------------------------- errors in the loop
+def test_only_a_paused_wait_for_events_sleeps_the_others_are_skipped(clock, tmp_path, monkeypatch):
+    m = a_master(clock, tmp_path)
+    ran: list[str] = []
+    for step in Master.LOOP_STEPS:
+        setattr(m, step, lambda step=step: ran.append(step))
+    slept: list[float] = []
+    monkeypatch.setattr(master_module.time, "sleep", slept.append)
+    m.step_failures["manage_workers"] = (1, START + 3, "")  # paused for 3 s more
+    m.run_steps()
+    assert slept == [] and "manage_workers" not in ran
+    assert ran == [s for s in Master.LOOP_STEPS if s != "manage_workers"]
+    ran.clear()
+    m.step_failures["wait_for_events"] = (1, START + 30, "")
+    m.run_steps()
+    assert slept == [LONGEST_ERROR_PAUSE]  # pauses here, never spins, at most the longest pause
+    assert "wait_for_events" not in ran
+
+
+# --------------------------------------------------------------- waiting
+def test_the_master_looks_again_soon_while_new_workers_start(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    assert m.wait_time() <= 0.05  # the first workers start
+    m.ready_generation = m.generation  # they accept
+    assert m.wait_time() == 1.0  # nothing to watch: the idle tick
+    m.generation = 1  # a reload forked a new generation that does not accept yet
+    for index, pid in ((3, 5001), (4, 5002)):
+        m.pool.added(index, pid, START)
+    assert m.wait_time() <= 0.05
+
+
+# ------------------------------------------------------------ log lines
+def test_reload_done_is_logged_for_a_reload_not_for_the_start(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.handover_pending = True  # generation 0 accepts: the start
+    m.finish_handover(clock())
+    assert not [line for line in m.lines if "reload done" in line]
+    m.generation = 1
+    m.handover_pending = True
+    m.finish_handover(clock())
+    assert "reload done: generation 1 accepting" in m.lines
+
+
+@pytest.mark.parametrize("lived, young", [(1.5, True), (CRASH_WINDOW - 0.1, True), (CRASH_WINDOW, False), (60, False)])
+def test_a_worker_dying_young_is_logged_with_the_next_fork(clock, tmp_path, monkeypatch, lived, young):
+    m = a_master(clock, tmp_path, workers=1)
+    exits = [(4001, signal.SIGKILL)]  # a wait status: killed by signal 9
+
+    def waitpid(pid: int, options: int) -> tuple[int, int]:
+        if not exits:
+            raise ChildProcessError
+        return exits.pop()
+
+    monkeypatch.setattr(master_module.os, "waitpid", waitpid)
+    clock.now = START + lived
+    m.reap_workers()
+    assert f"worker 1 (pid 4001) died: killed by SIGKILL; replacing it" in m.lines, m.lines
+    crash = [line for line in m.lines if line.startswith("worker died")]
+    if young:
+        assert crash == [f"worker died {lived:.1f}s after start; next fork in {m.pool.backoff.delay:.1f}s"]
+    else:
+        assert crash == []
+    assert m.stats.slot(1).get(master_module.FIELD["restarts"]) == 1
+
+
+# -------------------------------------------------------------- the child
+def caught_signals(pid: int) -> set[int]:
+    """The signals a process has handlers for (/proc: SigCgt)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
+MASTER_ONLY = {signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, signal.SIGINT}
+
+
+def test_a_worker_keeps_none_of_the_masters_signal_handlers(start_server):
+    # TTIN/TTOU/USR2 address the master; a worker that kept the master's
+    # handlers would queue them in its copy of the master, for nobody.
+    server = start_server(workers=1)
+    wait_until(lambda: len(server.accepting_workers()) == 1, what="the worker to accept")
+    (worker,) = server.worker_pids()
+    assert MASTER_ONLY <= caught_signals(server.proc.pid)
+    caught = caught_signals(worker)
+    assert {signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1} <= caught  # its own
+    assert not caught & MASTER_ONLY, caught & MASTER_ONLY
