@@ -154,7 +154,9 @@ class Master:
         self.stop_deadline = 0.0
         self.running = True
         self.step_failures: dict[str, tuple[int, float, str]] = {}  # step -> (in a row, retry at, last error)
-        self.slots_short = 0  # workers waiting for a slot, as last logged
+        # Workers waiting for a slot, as last logged. (Any start value below 1
+        # is the same: the first look logs only a shortage.)
+        self.slots_short = 0  # pragma: no mutate
         self.reload_requests: list[ConfigSession | None] = []  # None: from SIGHUP
         self.reload_waiters: list[ConfigSession] = []
         self.credentials = Credentials()  # the certificate and users, read in run()

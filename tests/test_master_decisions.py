@@ -5,6 +5,7 @@ it looks again, what it logs for a young death and for a reload."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 
@@ -13,6 +14,7 @@ import pytest
 from harness import wait_until
 
 from prefork_smtpd import master as master_module
+from prefork_smtpd.control import TokenGate
 from prefork_smtpd.master import LONGEST_ERROR_PAUSE, Master
 from prefork_smtpd.pool import CRASH_WINDOW
 from prefork_smtpd.settings import Settings
@@ -33,7 +35,8 @@ class Recorded(Master):
     """A master that never forks, signals or writes a log: it records."""
 
     def __init__(self, settings: Settings, clock: Clock) -> None:
-        super().__init__(settings, clock=clock)
+        super().__init__(settings, lambda: dataclasses.replace(settings), clock=clock)
+        self.gate = TokenGate(None, settings.config_login_failures_per_minute)
         self.stats = SharedStats()
         self.control.attach(self.stats)
         self.logger = logging.getLogger("test-master")
@@ -136,6 +139,14 @@ def test_the_master_looks_again_soon_while_new_workers_start(clock, tmp_path):
 
 
 # ------------------------------------------------------------ log lines
+def test_each_reload_starts_the_next_generation(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    for generation in (1, 2, 3):  # "reload done: generation N" counts the reloads
+        assert m.reload() is None
+        assert m.generation == generation
+        m.ready_generation = generation
+
+
 def test_reload_done_is_logged_for_a_reload_not_for_the_start(clock, tmp_path):
     m = a_master(clock, tmp_path)
     m.handover_pending = True  # generation 0 accepts: the start
