@@ -16,9 +16,9 @@ from harness import wait_until
 from prefork_smtpd import master as master_module
 from prefork_smtpd.control import TokenGate
 from prefork_smtpd.master import LONGEST_ERROR_PAUSE, Master
-from prefork_smtpd.pool import CRASH_WINDOW
+from prefork_smtpd.pool import CRASH_WINDOW, WorkerPool
 from prefork_smtpd.settings import Settings
-from prefork_smtpd.stats import SharedStats
+from prefork_smtpd.stats import FIELD, SharedStats
 
 START = 1000.0
 
@@ -136,6 +136,32 @@ def test_the_master_looks_again_soon_while_new_workers_start(clock, tmp_path):
     for index, pid in ((3, 5001), (4, 5002)):
         m.pool.added(index, pid, START)
     assert m.wait_time() <= 0.05
+
+
+def test_a_stopping_master_wakes_at_its_kill_deadline(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.ready_generation = m.generation
+    m.stop(graceful=False)
+    clock.now = START + 4.7
+    assert m.wait_time() == pytest.approx(0.3)  # not a whole idle tick past the deadline
+    clock.now = START + 6
+    assert m.wait_time() == 0.0
+
+
+# ------------------------------------------------------------ worker slots
+def test_an_old_worker_giving_its_slot_to_the_new_generation_is_logged(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.pool = WorkerPool(2, slots=3)  # room for one new worker beside the two old ones
+    m.spawn_worker = lambda index: pytest.fail("no slot is free: nothing to fork")
+    for index, pid in ((1, 4001), (2, 4002)):
+        m.pool.added(index, pid, START)
+    m.ready_generation = 0
+    m.generation = 1  # a reload
+    m.pool.added(3, 5001, START)  # the new generation's first worker accepts
+    m.stats.slot(3).set(FIELD["accepting"], 1)
+    m.manage_workers()
+    assert m.kills == [(4001, signal.SIGHUP)]
+    assert "worker 1 (pid 4001) of generation 0 leaves early: its slot is needed" in m.lines
 
 
 # ------------------------------------------------------------ log lines
