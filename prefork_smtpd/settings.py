@@ -382,16 +382,18 @@ def registry_mismatches(cls: type, registry: tuple[Setting, ...]) -> list[str]:
         if setting.name not in from_registry:
             problems.append(f"{setting.name} has no field in {cls.__name__}: add `{setting.name}: {want} = REGISTERED`")
         elif declared[setting.name] != want:
-            problems.append(f"{cls.__name__}.{setting.name} is declared {declared[setting.name]!r}, its setting makes it {want!r}")
+            problems.append(
+                f"{cls.__name__}.{setting.name} is declared {declared[setting.name]!r}, its setting makes it {want!r}"
+            )
     names = {s.name for s in registry}
     problems += [f"{cls.__name__}.{name} has no entry in REGISTRY" for name in sorted(from_registry - names)]
     return problems
 
 
-T = TypeVar("T")
+_Class = TypeVar("_Class")
 
 
-def _defaults_from_registry(cls: type[T]) -> type[T]:
+def _defaults_from_registry(cls: type[_Class]) -> type[_Class]:
     """Check ``cls`` against REGISTRY and give each ``REGISTERED`` field its setting's default."""
     if problems := registry_mismatches(cls, REGISTRY):
         raise TypeError("Settings and REGISTRY disagree: " + "; ".join(problems))

@@ -183,7 +183,8 @@ def test_a_setting_added_to_the_registry_with_its_field_reaches_flags_file_port_
 
 def test_a_setting_added_without_its_field_stops_the_import_and_says_what_to_add():
     probe = subprocess.run(
-        [sys.executable, "-c", _LOAD, S.__file__, _NEW_SETTING], capture_output=True, text=True, timeout=120, check=False,
+        [sys.executable, "-c", _LOAD, S.__file__, _NEW_SETTING],
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert probe.returncode != 0
     assert "max_widgets has no field in Settings: add `max_widgets: int = REGISTERED`" in probe.stderr
