@@ -184,6 +184,29 @@ def test_reload_done_is_logged_for_a_reload_not_for_the_start(clock, tmp_path):
     assert "reload done: generation 1 accepting" in m.lines
 
 
+def test_reload_done_waits_for_the_old_workers_to_stop_accepting_or_the_handover_deadline(clock, tmp_path):
+    m = a_master(clock, tmp_path)  # workers 1 and 2, generation 0
+    m.stats.slot(1).set(FIELD["accepting"], 1)  # worker 1 has not handled its HUP yet
+    m.generation = 1
+    m.handover_pending = True
+    m.handover_deadline = START + 5
+    m.finish_handover(clock())
+    assert m.handover_pending and not [line for line in m.lines if "reload" in line]
+    clock.now = START + 5
+    m.finish_handover(clock())
+    assert m.lines == ["reload: 1 old worker still accepting after 5s", "reload done: generation 1 accepting"]
+    assert not m.handover_pending
+
+
+def test_a_worker_count_out_of_range_is_refused_and_logged_one_in_range_is_not(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.set_worker_count(3)
+    assert m.lines == ["workers: 2 -> 3"] and m.target_workers == 3
+    m.set_worker_count(200)
+    assert m.lines[1:] == ["workers: 200 refused, the pool stays within 1..128; keeping 128", "workers: 3 -> 128"]
+    assert m.target_workers == 128 and m.stats.get("workers") == 128
+
+
 @pytest.mark.parametrize("lived, young", [(1.5, True), (CRASH_WINDOW - 0.1, True), (CRASH_WINDOW, False), (60, False)])
 def test_a_worker_dying_young_is_logged_with_the_next_fork(clock, tmp_path, monkeypatch, lived, young):
     m = a_master(clock, tmp_path, workers=1)
