@@ -209,8 +209,17 @@ class RecordingLoop:
     def connect_accepted_socket(self, factory, sock):
         self.accepted.append(sock)
 
-    def create_task(self, coroutine) -> None:
-        pass
+    def create_task(self, coroutine) -> "RecordingLoop.Task":
+        return self.Task()
+
+    class Task:
+        """A task never run: its done callbacks are kept."""
+
+        def __init__(self) -> None:
+            self.callbacks: list = []
+
+        def add_done_callback(self, callback) -> None:
+            self.callbacks.append(callback)
 
 
 @pytest.fixture
