@@ -126,6 +126,19 @@ def test_only_a_paused_wait_for_events_sleeps_the_others_are_skipped(clock, tmp_
     assert "wait_for_events" not in ran
 
 
+def test_a_failing_step_pauses_0_1s_then_doubling_up_to_5s(clock, tmp_path):
+    # README: "tried again after a pause (0.1 s, doubling up to 5 s)"
+    m = a_master(clock, tmp_path)
+    pauses = []
+    for _ in range(8):
+        try:
+            raise RuntimeError("injected")
+        except RuntimeError:
+            m.step_failed("manage_workers")
+        pauses.append(round(m.step_failures["manage_workers"][1] - clock(), 6))
+    assert pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+
+
 # --------------------------------------------------------------- waiting
 def test_the_master_looks_again_soon_while_new_workers_start(clock, tmp_path):
     m = a_master(clock, tmp_path)
