@@ -17,6 +17,7 @@ from prefork_smtpd import master as master_module
 from prefork_smtpd.control import TokenGate
 from prefork_smtpd.master import LONGEST_ERROR_PAUSE, Master
 from prefork_smtpd.pool import CRASH_WINDOW, WorkerPool
+from prefork_smtpd.sdnotify import Notifier
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import FIELD, SharedStats
 
@@ -159,6 +160,51 @@ def test_a_stopping_master_wakes_at_its_kill_deadline(clock, tmp_path):
     assert m.wait_time() == pytest.approx(0.3)  # not a whole idle tick past the deadline
     clock.now = START + 6
     assert m.wait_time() == 0.0
+
+
+def test_a_master_waiting_out_a_crash_backoff_wakes_when_it_may_fork(clock, tmp_path):
+    m = a_master(clock, tmp_path, workers=2)
+    m.ready_generation = m.generation
+    m.pool.removed(4002, False, clock())  # died at once: a crash, the next fork waits
+    assert m.pool.backoff.next_spawn > clock()
+    clock.now = m.pool.backoff.next_spawn - 0.4
+    assert m.wait_time() == pytest.approx(0.4)
+
+
+class Statuses(Notifier):
+    """systemd's notify socket, recorded."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.sent: list[dict] = []
+
+    def send(self, **fields) -> None:
+        self.sent.append(fields)
+
+
+def test_the_status_line_for_systemd_goes_every_2s(clock, tmp_path):
+    m = a_master(clock, tmp_path)
+    m.ready_generation = m.generation
+    m.notifier = Statuses()
+    for now in (START, START + 1, START + 1.9, START + 2, START + 3):
+        clock.now = now
+        m.report_readiness()
+    assert [fields["STATUS"].startswith("2 workers") for fields in m.notifier.sent] == [True, True]
+
+
+def test_the_open_file_limit_is_raised_to_the_hard_one_or_left_where_a_sandbox_keeps_it(monkeypatch):
+    monkeypatch.setattr(master_module.resource, "getrlimit", lambda which: (1024, 65536))
+    raised = []
+    monkeypatch.setattr(master_module.resource, "setrlimit", lambda which, limits: raised.append(limits))
+    assert master_module.raise_open_file_limit() == 65536 and raised == [(65536, 65536)]
+
+    def forbidden(which, limits):
+        raise PermissionError(1, "Operation not permitted")  # systemd's @resources filter
+
+    monkeypatch.setattr(master_module.resource, "setrlimit", forbidden)
+    assert master_module.raise_open_file_limit() == 1024
 
 
 # ------------------------------------------------------------ worker slots
