@@ -207,6 +207,15 @@ def test_the_open_file_limit_is_raised_to_the_hard_one_or_left_where_a_sandbox_k
     assert master_module.raise_open_file_limit() == 1024
 
 
+def test_an_unreadable_certificate_is_a_startup_error_naming_it(tmp_path, monkeypatch):
+    # StartupError is what the front end turns into "exit 2 with the reason".
+    monkeypatch.setattr(master_module, "raise_open_file_limit", lambda: 1024)
+    missing = tmp_path / "missing.pem"
+    m = Master(Settings(workers=1, hostname="h", mail_dir=str(tmp_path), tls_cert=str(missing)))
+    with pytest.raises(master_module.StartupError, match="missing.pem"):
+        m.run()
+
+
 # ------------------------------------------------------------ worker slots
 def test_an_old_worker_giving_its_slot_to_the_new_generation_is_logged(clock, tmp_path):
     m = a_master(clock, tmp_path)
