@@ -598,7 +598,7 @@ class Master:
             lambda reason: f"ERR closed: {reason}\r\n".encode(), self.log,
         ))
         if settings.metrics_port is not None:
-            render = make_renderer(self.stats, self.live_worker_indices)
+            render = make_renderer(self.stats, self.live_worker_indices, lambda: self.settings.mail_dir)
             metrics_sock = listening_socket(settings.metrics_address, settings.metrics_port)
             self.services.append(Service(
                 "metrics", self.selector, metrics_sock, lambda peer: HttpMetricsRequest(render),

@@ -12,13 +12,19 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .diskspace import free_bytes
 from .stats import FIELD, SharedStats
 
 
 class SharedStatsCollector:
-    def __init__(self, stats: SharedStats, live_workers: Callable[[], list[int]]) -> None:
+    def __init__(
+        self, stats: SharedStats, live_workers: Callable[[], list[int]], mail_dir: Callable[[], str],
+        free: Callable[[str], int | None] = free_bytes,
+    ) -> None:
         self.stats = stats
         self.live_workers = live_workers  # slot indices of running workers
+        self.mail_dir = mail_dir  # read at each scrape: a reload may move it
+        self.free = free
 
     def collect(self) -> Iterable[Metric]:
         t = self.stats.totals()
@@ -48,9 +54,32 @@ class SharedStatsCollector:
             restarts.add_metric([str(index)], slot.get(FIELD["restarts"]))
         yield current
         yield restarts
+        yield from self.disk_reserve()
+
+    def disk_reserve(self) -> Iterable[Metric]:
+        """The free space on the store and the reserve --min-free-space keeps.
+
+        The workers refuse mail with 452 once accepting it would leave less
+        than the reserve free, so ``free < reserve`` means the node takes no
+        more mail: an alert can say so before the senders' queues do. The
+        free space is the same statvfs figure the workers check (what an
+        unprivileged writer may use); it is left out when it cannot be read.
+        """
+        yield GaugeMetricFamily(
+            "smtpd_min_free_space_bytes", "Free space kept on the mail store (--min-free-space), 0 for no check",
+            value=self.stats.get("min_free_space"),
+        )
+        free = self.free(self.mail_dir())
+        if free is not None:
+            yield GaugeMetricFamily(
+                "smtpd_mail_dir_free_bytes", "Free space on the mail store's file system, as the workers see it",
+                value=free,
+            )
 
 
-def make_renderer(stats: SharedStats, live_workers: Callable[[], list[int]]) -> Callable[[], tuple[bytes, str]]:
+def make_renderer(
+    stats: SharedStats, live_workers: Callable[[], list[int]], mail_dir: Callable[[], str],
+) -> Callable[[], tuple[bytes, str]]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SharedStatsCollector(stats, live_workers))  # type: ignore[arg-type]
+    registry.register(SharedStatsCollector(stats, live_workers, mail_dir))  # type: ignore[arg-type]
     return lambda: (generate_latest(registry), CONTENT_TYPE_LATEST)
