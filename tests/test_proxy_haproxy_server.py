@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import socket
 import tempfile
 
 import pytest
 from harness import free_port, wait_until
+from test_operations import tool
 from test_proxy_haproxy import HAPROXY, start_haproxy  # noqa: F401 (a fixture)
 from test_proxy_server import metric, read_all, read_replies
 
@@ -130,3 +132,27 @@ def test_the_per_address_limit_applies_to_the_client_behind_haproxy(behind_hapro
         timeout=60, what="the refusal in the log",
     )
     assert metric(server.metrics_port, "smtpd_connections_refused_total") == 1
+
+
+def test_the_monitor_counts_sessions_behind_the_balancer(behind_haproxy):
+    """prefork-smtpd-metrics -n on a PROXY port: every socket's peer is the
+    balancer, every session came through it, and the figures still agree."""
+    server, port = behind_haproxy("send-proxy-v2")
+    held = [client_from("127.0.0.2", port) for _ in range(3)]
+    try:
+        for sock in held:
+            assert read_replies(sock, 1)[0].startswith(b"220 ")
+        wait_until(lambda: server.log_count("connected (via proxy") == 3, timeout=60, what="three sessions")
+        r = tool(
+            "metrics", "-P", str(server.port), "-n", "--send-proxy", "--trusted-proxies", "127.0.0.1",
+            "--once", "--json",
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        sample = json.loads(r.stdout)
+        # 3 clients + the monitor's own LOCAL session, each one socket from 127.0.0.1
+        assert sample["current"] == sample["os_established"] == 4
+        assert sample["proxied"] == sample["os_from_proxies"] == 4
+        assert sample["difference"] == 0 and sample["clients"] == 3
+    finally:
+        for sock in held:
+            sock.close()
