@@ -8,6 +8,7 @@ only have it from the header.
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import time
@@ -44,7 +45,7 @@ def read_replies(sock: socket.socket, count: int) -> list[bytes]:
         lines = data.split(b"\r\n")[:-1]
         finished = [line for line in lines if line[3:4] == b" "]
         if len(finished) >= count:
-            return [line for line in lines]
+            return lines
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError(f"closed after {data!r}")
@@ -110,12 +111,18 @@ def test_the_conveyed_address_is_the_peer_in_log_received_and_xstat(proxy_server
     assert metric(server.metrics_port, "smtpd_proxy_failures_total") == 0
 
 
-def test_a_direct_connection_to_a_plain_port_is_not_proxied(start_server):
-    """The regular port without --proxy-protocol: a PROXY line is a bad command."""
-    server = start_server("--trusted-proxies", "127.0.0.1")
-    client = server.client()
-    assert client.cmd(HEADERS["v1"].rstrip(b"\r\n"))[0] == 500
-    assert client.xstat("PROXIED") == 0
+def test_only_the_listeners_named_speak_proxy(proxy_server):
+    """--proxy-protocol smtp: the SMTP port reads a header, the submission
+    port beside it stays a plain port (a PROXY line there is a bad command)."""
+    submission = free_port()
+    server = proxy_server("--submission-port", str(submission))
+    with connect(server.port, HEADERS["v2"] + b"XSTAT PROXIED\r\n") as proxied:
+        assert read_replies(proxied, 2)[-1].endswith(b"trusted proxy: 1")
+        plain = Client(submission)
+        assert plain.greeting[0] == 220
+        assert plain.cmd(HEADERS["v1"].rstrip(b"\r\n"))[0] == 500
+        assert plain.xstat("PROXIED") == 1  # the proxied session only
+        plain.close()
 
 
 def test_an_untrusted_peer_gets_421_and_is_counted(proxy_server):
@@ -125,7 +132,8 @@ def test_an_untrusted_peer_gets_421_and_is_counted(proxy_server):
         answer = read_all(sock)
     assert answer == b"421 4.7.0 mx.test Error: this port is for the load balancer, try again later\r\n"
     wait_until(
-        lambda: server.log_count(f"[127.0.0.1]:{local_port} refused: not a trusted proxy"), what="the refusal in the log"
+        lambda: server.log_count(f"[127.0.0.1]:{local_port} refused: not a trusted proxy"),
+        what="the refusal in the log",
     )
     assert metric(server.metrics_port, "smtpd_proxy_failures_total") == 1
     assert metric(server.metrics_port, "smtpd_connections_total") == 0  # no session was made
@@ -136,8 +144,8 @@ MALFORMED = {
     "v1 bad address": (b"PROXY TCP4 192.0.2.300 192.0.2.1 4711 25\r\n", "invalid IP"),
     "v1 lone LF": (b"PROXY TCP4 192.0.2.7 192.0.2.1 4711 25\n", "v1 missing CRLF"),
     "v1 too long": (b"PROXY UNKNOWN " + b"x" * 120, "v1 line too long"),
-    "v2 bad version": (encode_v2(CLIENT, SERVER_SIDE)[:12] + b"\x31" + encode_v2(CLIENT, SERVER_SIDE)[13:], "bad version"),
-    "v2 short address": (encode_v2(CLIENT, SERVER_SIDE)[:15] + b"\x04" + bytes(4), "address length mismatch"),
+    "v2 bad version": (HEADERS["v2"][:12] + b"\x31" + HEADERS["v2"][13:], "bad version"),
+    "v2 short address": (HEADERS["v2"][:15] + b"\x04" + bytes(4), "address length mismatch"),
     "closed inside the header": (b"PROXY TCP4 192.0.2.7", "truncated"),
 }
 
@@ -243,10 +251,13 @@ def _server_side_unread(server_port: int, client_port: int) -> int | None:
 def test_a_header_split_at_every_byte(proxy_server, version):
     """Each connection sends its header in two parts, the second only once
     the server has taken the first off the socket; each is greeted, and the
-    log names the client port its own header gave."""
-    server = proxy_server()
-    header_of = {"v1": lambda port: encode_v1(("192.0.2.7", port), SERVER_SIDE), "v2": None}
-    header_of["v2"] = lambda port: encode_v2(("192.0.2.7", port), SERVER_SIDE)
+    log names the client port its own header gave. (The header timeout is
+    long: on a loaded machine the first connections wait for the last.)"""
+    server = proxy_server("--proxy-timeout", "600")
+    header_of = {
+        "v1": lambda port: encode_v1(("192.0.2.7", port), SERVER_SIDE),
+        "v2": lambda port: encode_v2(("192.0.2.7", port), SERVER_SIDE),
+    }
     size = len(header_of[version](1000))
     connections = []
     for split in range(1, size + 1):
@@ -356,3 +367,23 @@ def test_the_proxy_settings_from_a_config_file(tmp_path):
     assert (settings.proxy_protocol, settings.trusted_proxies, settings.proxy_timeout) == (
         "smtp", "10.0.0.0/24,2001:db8::/64", 3
     )
+
+
+def test_a_reload_puts_the_port_behind_the_balancer(start_server, tmp_path):
+    """--proxy-protocol changes on reload: the old workers finish their
+    direct sessions, the new ones read a header first."""
+    conf = tmp_path / "s.toml"
+    conf.write_text('trusted_proxies = "127.0.0.1"\n')
+    server = start_server("--config", str(conf))
+    old = set(server.worker_pids())
+    direct = server.client()
+    assert direct.cmd("EHLO before")[0] == 250
+    conf.write_text('trusted_proxies = "127.0.0.1"\nproxy_protocol = "smtp"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload done" in server.log_text(), what="the reload")
+    wait_until(lambda: not (old & set(server.accepting_workers())), what="old workers to stop accepting")
+    with connect(server.port, HEADERS["v1"] + b"EHLO after\r\nQUIT\r\n") as sock:
+        assert read_all(sock).endswith(b"221 2.0.0 mx.test Bye\r\n")
+    wait_until(lambda: server.log_count("[192.0.2.7]:4711 connected (via proxy"), what="the proxied session")
+    assert direct.cmd("NOOP")[0] == 250  # the session begun before the reload goes on
+    assert direct.cmd("QUIT")[0] == 221
