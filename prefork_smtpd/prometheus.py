@@ -40,6 +40,15 @@ class SharedStatsCollector:
             "smtpd_tls_handshake_failures", "TLS handshakes that failed or timed out", value=t.tls_handshake_failures,
         )
         yield CounterMetricFamily("smtpd_auth_failures", "AUTH attempts refused with 535", value=t.auth_failures)
+        yield GaugeMetricFamily(
+            "smtpd_connections_proxied", "SMTP connections open now that came through a trusted proxy",
+            value=t.proxied,
+        )
+        yield CounterMetricFamily(
+            "smtpd_proxy_failures",
+            "Connections to a PROXY protocol port closed before a session: untrusted peer, bad or late header",
+            value=t.proxy_failures,
+        )
         rejected = CounterMetricFamily("smtpd_rejected_replies", "Error replies sent, by class", labels=["class"])
         rejected.add_metric(["4xx"], t.replies_4xx)
         rejected.add_metric(["5xx"], t.replies_5xx)

@@ -123,6 +123,7 @@ XSTAT_TEXT = {
     "CURRENT": "current connections",
     "BYTES": "total bytes of data transferred",
     "MAILS": "total mails sent",
+    "PROXIED": "current connections through a trusted proxy",
 }
 
 # RFC 5322 atext without "/" (a folder separator): a local part made of these
@@ -663,8 +664,8 @@ class Session:
 
     @COMMANDS.verb(
         states=COMMAND_STATES,
-        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS",
-        help="XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters",
+        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED",
+        help="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED: server-wide counters",
     )
     def smtp_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()

@@ -204,6 +204,12 @@ REGISTRY: tuple[Setting, ...] = (
         help="implicit-TLS submission port (RFC 8314, usually 465), on -l's addresses: TLS from the first byte,"
         " MAIL needs AUTH; needs --tls-cert (default: off)",
     ),
+    Setting(
+        "proxy_protocol", str, None, metavar="LISTENERS", default_doc="none",
+        help="listeners whose connections begin with a PROXY protocol header (v1 or v2, HAProxy's"
+        " send-proxy/send-proxy-v2) from --trusted-proxies: a comma-separated list of smtp, submission,"
+        " smtps (default: none)",
+    ),
     Setting("backlog", int, 4096, metavar="N", range=(1, 65535), change=RESTART, help="listen backlog (default {default})"),
     Setting(
         "config_address", str, "127.0.0.1", flags=("-C",), metavar="ADDR", change=RESTART,
@@ -314,6 +320,15 @@ REGISTRY: tuple[Setting, ...] = (
     Setting(
         "max_auth_failures", int, 3, metavar="N", range=(1, 1000), shared=True,
         help="failed logins per session before 421 and close (default {default})",
+    ),
+    Setting(
+        "trusted_proxies", str, None, metavar="CIDR,...", default_doc="none",
+        help="addresses allowed to send a PROXY header on --proxy-protocol listeners, comma-separated"
+        " networks (10.0.0.0/24,2001:db8::/64; a bare address is one host); others get 421 (default: none)",
+    ),
+    Setting(
+        "proxy_timeout", int, 5, metavar="SECONDS", range=(1, 3600),
+        help="time a trusted proxy has to send the PROXY header; then the connection is closed (default {default})",
     ),
     Setting(
         "graceful_timeout", int, 30, metavar="SECONDS", range=(0, 86_400),

@@ -57,17 +57,23 @@ SLOT_FIELDS = (
     "recycle",  # 1 once the worker served its quota: the master replaces it, then retires it
     "tls_handshake_failures",  # STARTTLS or implicit-TLS handshakes that failed or timed out
     "auth_failures",  # AUTH attempts with a wrong name or password
+    "proxied",  # connections open now that came through a trusted proxy (their socket's peer is the proxy)
+    "proxy_failures",  # PROXY listener connections closed before a session: untrusted, bad or late header
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
 SLOT_WORDS = 16
 RETIRED = MAX_WORKERS  # slot number of the retired totals
 
 # The counters summed for XSTAT, by XSTAT argument.
-XSTAT_FIELDS = {"TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"]}
+XSTAT_FIELDS = {
+    "TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"],
+    "PROXIED": FIELD["proxied"],
+}
 _SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
-    "tls_handshake_failures", "auth_failures",
+    "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
 )
+_OPEN_NOW = ("current", "proxied")  # gauges: a dead worker's connections are gone
 
 
 @dataclass
@@ -81,6 +87,8 @@ class Totals:
     rejected_connections: int = 0
     tls_handshake_failures: int = 0
     auth_failures: int = 0
+    proxied: int = 0
+    proxy_failures: int = 0
 
 
 class SharedStats:
@@ -120,7 +128,7 @@ class SharedStats:
         dead = self.slot(index)
         retired = self.slot(RETIRED)
         for name in _SUMMED:
-            if name != "current":
+            if name not in _OPEN_NOW:
                 retired.add(FIELD[name], dead.get(FIELD[name]))
         restarts = dead.get(FIELD["restarts"])
         dead.clear()

@@ -43,9 +43,11 @@ from .events import (
     StartTLS,
     TLSStarted,
 )
-from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
+from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
+from .proxy import ProxyResult, parse_networks, trusted
+from .proxy_reader import Conveyed, conveyed, read_header
 from .session import Envelope, Session, State
 from .settings import Settings
 from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
@@ -62,6 +64,8 @@ ACCEPTING = FIELD["accepting"]
 RECYCLE = FIELD["recycle"]
 TLS_FAILURES = FIELD["tls_handshake_failures"]
 AUTH_FAILURES = FIELD["auth_failures"]
+PROXIED = FIELD["proxied"]
+PROXY_FAILURES = FIELD["proxy_failures"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
@@ -97,12 +101,13 @@ class SMTPConnection(asyncio.Protocol):
 
     __slots__ = (
         "worker", "context", "transport", "session", "peer", "deadline", "closed", "address",
-        "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading",
+        "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading", "conveyed",
     )
 
-    def __init__(self, worker: "Worker", context: ConnectionContext) -> None:
+    def __init__(self, worker: "Worker", context: ConnectionContext, conveyed: Conveyed | None = None) -> None:
         self.worker = worker
         self.context = context  # the listener it came in on
+        self.conveyed = conveyed  # what a trusted proxy's PROXY header said of the client
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "unknown"
@@ -126,7 +131,11 @@ class SMTPConnection(asyncio.Protocol):
         slot.add(TOTAL)
         slot.add(CURRENT)
         worker.connections.add(self)
-        peername = transport.get_extra_info("peername")
+        conveyed = self.conveyed
+        if conveyed is not None:
+            slot.add(PROXIED)
+        # The client's address from the PROXY header, where it gave one.
+        peername = conveyed.client if conveyed and conveyed.client else transport.get_extra_info("peername")
         host = "unknown"
         if peername:
             host = peername[0]
@@ -150,10 +159,11 @@ class SMTPConnection(asyncio.Protocol):
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
+        via = f" ({conveyed.note})" if conveyed is not None else ""
         if context.kind == SMTP:
-            worker.log(f"{self.peer} connected")
+            worker.log(f"{self.peer} connected{via}")
         else:
-            worker.log(f"{self.peer} connected to the {context.listener} port")
+            worker.log(f"{self.peer} connected to the {context.listener} port{via}")
         if self.session.tls is not None:
             worker.log(f"{self.peer} TLS {self.session.tls.log_fields()}")
 
@@ -165,6 +175,8 @@ class SMTPConnection(asyncio.Protocol):
             worker.data_memory -= self.data_held
             self.data_held = 0
         worker.slot.add(CURRENT, -1)
+        if self.conveyed is not None:
+            worker.slot.add(PROXIED, -1)
         if self.address is not None:
             worker.stats.addresses.close(worker.index, self.address)
         worker.connections.discard(self)
@@ -473,11 +485,20 @@ class SMTPConnection(asyncio.Protocol):
 
 # The protocol that serves each kind of listener: called with the worker and
 # the listener's context, it makes the connection's asyncio protocol.
-PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext], asyncio.Protocol]] = {
+PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext, Conveyed | None], asyncio.Protocol]] = {
     SMTP: SMTPConnection,
     SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
     SMTPS: SMTPConnection,  # the worker runs the handshake before the connection is made (context.tls)
 }
+
+
+def _peer_text(sock: socket.socket) -> str:
+    """An accepted socket's peer as the log shows it: ``[192.0.2.1]:4711``."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "unknown"
+    return f"[{peer[0].removeprefix('::ffff:')}]:{peer[1]}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -501,6 +522,8 @@ class Worker:
         self.auth_checks = 0  # password checks running or queued
         self.listeners = listeners
         self.settings = settings
+        self.proxied_kinds = proxy_listeners(settings.proxy_protocol)  # checked at start and on reload
+        self.trusted_proxies = parse_networks(settings.trusted_proxies or "")
         self.stats = stats
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
@@ -620,19 +643,60 @@ class Worker:
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if getattr(new_connection, "implicit_tls", False):
+        if getattr(new_connection, "proxy", False):
+            self.loop.create_task(self._accept_proxied(new_connection, sock))
+        elif getattr(new_connection, "implicit_tls", False):
             self.loop.create_task(self._accept_tls(new_connection, sock))
         else:
             self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
 
-    async def _accept_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
+    async def _accept_proxied(self, new_connection: Callable[..., asyncio.Protocol], sock: socket.socket) -> None:
+        """A PROXY listener: only a trusted proxy may connect, and its header
+        comes first; then the connection is made as on any listener (TLS
+        handshake included), with the client the header names.
+
+        Refused before any session: an untrusted peer gets a 421 (it is a
+        client that went around the balancer, or a balancer missing from
+        --trusted-proxies: it should retry, not bounce); a bad or late header
+        gets no byte at all (anything written would reach an unknown client
+        through the proxy, in a stream whose framing is lost)."""
+        proxy = _peer_text(sock)
+        try:
+            proxy_address = sock.getpeername()[0]
+        except OSError:
+            proxy_address = ""  # gone already: trusts nothing
+        if not trusted(proxy_address, self.trusted_proxies):
+            self.slot.add(PROXY_FAILURES)
+            self.log(f"{proxy} refused: not a trusted proxy (--trusted-proxies) on a PROXY protocol port")
+            try:
+                sock.send(replies.connection_refused(self.settings.hostname, "this port is for the load balancer"))
+            except OSError:
+                pass
+            sock.close()
+            return
+        outcome = await read_header(self.loop, sock, self.settings.proxy_timeout)
+        if not isinstance(outcome, ProxyResult):
+            self.slot.add(PROXY_FAILURES)
+            self.log(f"{proxy} PROXY header refused: {outcome}")
+            sock.close()
+            return
+        conveyed_client = conveyed(outcome.header, proxy)
+
+        def make_connection() -> asyncio.Protocol:
+            return new_connection(conveyed_client)
+
+        if getattr(new_connection, "implicit_tls", False):
+            client = conveyed_client.client
+            await self._accept_tls(make_connection, sock, f"[{client[0]}]:{client[1]}" if client else proxy)
+        else:
+            await self.loop.connect_accepted_socket(make_connection, sock)
+
+    async def _accept_tls(
+        self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket, peer_text: str | None = None
+    ) -> None:
         """Implicit TLS (RFC 8314): the handshake first; the connection is made
         (counted, greeted) once it succeeds."""
-        try:
-            peer = sock.getpeername()
-            peer_text = f"[{peer[0].removeprefix('::ffff:')}]:{peer[1]}"
-        except OSError:
-            peer_text = "unknown"
+        peer_text = peer_text or _peer_text(sock)
         try:
             await self.loop.connect_accepted_socket(
                 new_connection, sock, ssl=self.tls_context,
@@ -653,10 +717,11 @@ class Worker:
         protocol = PROTOCOLS[listener.kind]
         context = listener.context
 
-        def new_connection() -> asyncio.Protocol:
-            return protocol(self, context)
+        def new_connection(conveyed: Conveyed | None = None) -> asyncio.Protocol:
+            return protocol(self, context, conveyed)
 
         new_connection.implicit_tls = context.tls == TLS_IMPLICIT  # type: ignore[attr-defined]
+        new_connection.proxy = listener.kind in self.proxied_kinds  # type: ignore[attr-defined]
         return new_connection
 
     def over_fair_share(self) -> bool:

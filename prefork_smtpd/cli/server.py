@@ -8,6 +8,7 @@ from typing import Callable
 
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
+from prefork_smtpd.listeners import proxy_problem
 from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list
 from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, check_range
 
@@ -99,7 +100,7 @@ def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
-    tls_problem = _tls_problem(settings)
+    tls_problem = _tls_problem(settings) or proxy_problem(settings)
     if tls_problem:
         return tls_problem
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
