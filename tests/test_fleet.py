@@ -45,13 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 FLEET = REPO / "deploy" / "fleet"
 MiB = 1024 * 1024
 
-# The PROXY protocol between HAProxy and the nodes. The shipped example has
-# `send-proxy-v2` on its server lines and the nodes' --proxy-protocol and
-# --trusted-proxies flags as placeholders; until the server speaks PROXY on
-# its listeners, the test strips the one and leaves out the other (plain
-# TCP). Turn this on once it does: nothing else needs to change.
-SEND_PROXY = False
-PROXY_FLAGS = ("--proxy-protocol", "--trusted-proxies", "127.0.0.1/32")
+# The shipped node.toml trusts the example's balancer address; here HAProxy
+# connects from loopback.
+TRUST_THE_TEST_BALANCER = ("--trusted-proxies", "127.0.0.1")
 
 
 def program(name: str, package: str) -> str:
@@ -137,8 +133,8 @@ def promtool(*args: str, cwd: Path = FLEET) -> str:
 def test_the_node_config_is_accepted():
     settings = load_config_file(str(FLEET / "node.toml"))
     assert (settings["metrics_port"], settings["port"]) == (9101, 2525)
-    # The PROXY keys stay comments until the server knows them.
-    assert "proxy_protocol" not in settings and "proxy-protocol = true" in (FLEET / "node.toml").read_text()
+    # The nodes read the PROXY header HAProxy's send-proxy-v2 puts first.
+    assert (settings["proxy_protocol"], settings["trusted_proxies"]) == ("smtp", "10.0.0.5")
 
 
 def test_promtool_accepts_the_config_and_the_rules():
@@ -286,8 +282,6 @@ class HAProxy:
             config.fill("bind 10.0.0.5:8405\n", f"bind 127.0.0.1:{self.metrics_port}\n")
             config.fill("server node1 10.0.0.11:2525", f"server node1 127.0.0.1:{nodes['node1']}")
             config.fill("server node2 10.0.0.12:2525", f"server node2 127.0.0.1:{nodes['node2']}")
-            if not SEND_PROXY:
-                config.fill(" send-proxy-v2\n", "\n", count=2)
             path = config.write(root)
             self.proc = subprocess.Popen([program("haproxy", "haproxy"), "-f", str(path), "-db"],
                                          stdout=self.log, stderr=subprocess.STDOUT)
@@ -327,9 +321,7 @@ def start_node(tmp_path: Path, name: str, node_toml: Path) -> Server:
     root.mkdir()
     metrics_port = free_port()
     flags = ["--config", str(node_toml), "--metrics-address", "127.0.0.1", "--metrics-port", str(metrics_port),
-             "--hostname", f"{name}.test"]
-    if SEND_PROXY:
-        flags += PROXY_FLAGS
+             "--hostname", f"{name}.test", *TRUST_THE_TEST_BALANCER]
     node = Server(root, *flags, workers=2)
     node.metrics_port = metrics_port  # type: ignore[attr-defined]
     return node
@@ -489,6 +481,8 @@ def test_fleet_behind_haproxy_counted_by_prometheus_survives_a_node_stop(fleet):
     measured["shares"] = shares
     assert sum(shares.values()) == 2000, shares
     assert all(share >= 200 for share in shares.values()), f"leastconn left a node idle: {shares}"
+    # Each session came with HAProxy's PROXY v2 header naming the sender.
+    assert all(node.log_count("(via proxy [127.0.0.1]:") >= 200 for node in (node1, node2))
 
     # Prometheus agrees: the fleet total, and each node's own count.
     finished = time.monotonic()
