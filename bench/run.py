@@ -1,6 +1,6 @@
 """Side-by-side benchmark: prefork-smtpd against Postfix, aiosmtpd and smtp-sink.
 
-    bench/run [--rounds 3] [--quick] [--only S1,S2,...] [--servers NAME,...]
+    bench/run [--rounds 3] [--quick] [--scale F] [--only S1,S2,...] [--servers w2,postfix,...]
 
 Every server is started fresh on 127.0.0.1 for each measurement, and the
 servers take turns (A B C A B C ...) inside one invocation, so the drift of
@@ -280,16 +280,19 @@ class Throughput:
         return text
 
 
-def scenarios(quick: bool) -> dict[str, Throughput]:
-    k = 10 if quick else 1  # --quick: a tenth of the mails
+def scenarios(scale: float) -> dict[str, Throughput]:
+    """The mail counts times ``scale`` (--quick: 0.1; --scale on a slow host)."""
+    def n(mails: int) -> int:
+        return max(int(mails * scale), 10)
+
     return {
-        "S1": Throughput("S1", sessions=50, mails=5000 // k, size=1024, keep=False),
-        "S2": Throughput("S2", sessions=50, mails=5000 // k, size=1024, keep=True),
-        "S3": Throughput("S3", sessions=10, mails=200 // k, size=MiB, keep=False),
-        "S8": Throughput("S8", sessions=50, mails=1000 // k, size=1024, keep=True, recipients=20),
-        "S9": Throughput("S9", sessions=50, mails=5000 // k, size=1024, keep=True, writer=True),
-        "T1": Throughput("T1", sessions=50, mails=2000 // k, size=1024, keep=False, tls=True),
-        "T2": Throughput("T2", sessions=50, mails=5000 // k, size=1024, keep=True, tls=True),
+        "S1": Throughput("S1", sessions=50, mails=n(5000), size=1024, keep=False),
+        "S2": Throughput("S2", sessions=50, mails=n(5000), size=1024, keep=True),
+        "S3": Throughput("S3", sessions=10, mails=n(200), size=MiB, keep=False),
+        "S8": Throughput("S8", sessions=50, mails=n(1000), size=1024, keep=True, recipients=20),
+        "S9": Throughput("S9", sessions=50, mails=n(5000), size=1024, keep=True, writer=True),
+        "T1": Throughput("T1", sessions=50, mails=n(2000), size=1024, keep=False, tls=True),
+        "T2": Throughput("T2", sessions=50, mails=n(5000), size=1024, keep=True, tls=True),
     }
 
 
@@ -337,6 +340,7 @@ class Measurement:
     system_us: float
     client_cpu: float | None = None  # T1/T2: the load generators' busiest process, share of one core
     writer_mib_s: float | None = None  # S9
+    tls_versions: list[str] = field(default_factory=list)  # T1/T2
 
 
 def run_smtp_source(server: RunningServer, sc: Throughput) -> float:
@@ -354,9 +358,10 @@ def run_smtp_source(server: RunningServer, sc: Throughput) -> float:
     return start
 
 
-def run_tls_load(server: RunningServer, sc: Throughput, tls: Certificate, procs: int = 2) -> tuple[float, float]:
-    """T1/T2 through ``procs`` tls_load.py processes; returns the start and the
-    busiest client's CPU share of one core."""
+def run_tls_load(server: RunningServer, sc: Throughput, tls: Certificate,
+                 procs: int = 2) -> tuple[float, float, list[str]]:
+    """T1/T2 through ``procs`` tls_load.py processes; returns the start, the
+    busiest client's CPU share of one core and the TLS versions negotiated."""
     clients = []
     for i in range(procs):
         mails = sc.mails // procs + (1 if i < sc.mails % procs else 0)
@@ -378,7 +383,7 @@ def run_tls_load(server: RunningServer, sc: Throughput, tls: Certificate, procs:
         raise RuntimeError(f"tls_load sent {sum(r['sent'] for r in reports)} of {sc.mails}")
     start = min(r["start"] for r in reports)
     busiest = max((r["user"] + r["system"]) / (r["end"] - r["start"]) for r in reports)
-    return start, busiest
+    return start, busiest, sorted({v for r in reports for v in r["tls"]})
 
 
 def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> Measurement:
@@ -386,9 +391,9 @@ def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> M
     try:
         os.sync()  # nobody's dirty pages but the writer's are left for this run to flush
         cpu_before = server.cpu()
-        client_cpu = None
+        client_cpu, versions = None, []
         if sc.tls:
-            start, client_cpu = run_tls_load(server, sc, tls)
+            start, client_cpu, versions = run_tls_load(server, sc, tls)
         else:
             start = run_smtp_source(server, sc)
         acked = time.monotonic() - start
@@ -411,7 +416,7 @@ def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> M
         stored=sc.mails / (in_maildir if server.kind.postfix else acked),
         user_us=1e6 * (cpu_after[0] - cpu_before[0]) / sc.mails,
         system_us=1e6 * (cpu_after[1] - cpu_before[1]) / sc.mails,
-        client_cpu=client_cpu, writer_mib_s=writer_rate,
+        client_cpu=client_cpu, writer_mib_s=writer_rate, tls_versions=versions,
     )
 
 
@@ -640,7 +645,7 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
         lines.append("- Postfix left out: it needs root and /usr/sbin/postfix.")
     lines += [
         "",
-        f"Each cell: the median of the rounds, and (lowest–highest) round. {SCENARIO_NOTES}",
+        SCENARIO_NOTES.strip(),
     ]
     if plain:
         lines += ["", "## Throughput (mails/s)", ""]
@@ -648,7 +653,8 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
                        [[label] + [spread(results.values(s, name, what)) for s in plain]
                         for label, name, what in rate_rows(kinds)])
     if tls:
-        lines += ["", "## TLS (mails/s; STARTTLS required)", ""]
+        versions = sorted({v for s in tls for ms in results.runs[s].values() for m in ms for v in m.tls_versions})
+        lines += ["", f"## TLS (mails/s; STARTTLS required; negotiated: {', '.join(versions)})", ""]
         lines += table(["server"] + [f"{s} ({sc[s].describe()})" for s in tls]
                        + [f"{s}: busiest client process, CPU share of a core" for s in tls],
                        [[k.name] + [spread(results.values(s, k.name)) for s in tls]
@@ -703,8 +709,6 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
             row.append(f"{results.median(s, name, 'user_us'):,.0f} + {results.median(s, name, 'system_us'):,.0f}")
         rows.append(row)
     lines += table(["server"] + plain + tls, rows)
-    lines += ["", "Postfix's CPU covers every process of the instance (smtpd, cleanup, qmgr, virtual, ...) until"
-              " the last mail is in its Maildir; S8's figures are per mail of 20 recipients."]
     if results.balance:
         ratios = [max(b) / min(b) for b in results.balance if b and min(b) > 0]
         lines += ["", "## S6: balance (sessions per worker under S2, 4 workers)", ""]
@@ -728,13 +732,30 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
     return "\n".join(lines) + "\n"
 
 
-SCENARIO_NOTES = (
-    "Postfix is timed twice: until its last `250` (the queue file fsynced) and until every mail is in its Maildir"
-    " (after the virtual agent). aiosmtpd's Mailbox handler writes a Maildir without fsync; aiosmtpd-Sink and"
-    " smtp-sink discard. S8 counts mails (each to 20 recipients: 20 files for prefork-smtpd and Postfix, one for"
-    " aiosmtpd's Mailbox). T1/T2 load comes from two tls_load.py processes; their CPU share says whether the"
-    " client could have been the limit."
-)
+SCENARIO_NOTES = """
+
+What the columns mean:
+
+- **Throughput**: mails/s for the whole run, from the first connection to the last `250` (smtp-source, or
+  tls_load.py for T1/T2, reports the end). A cell is the median of the rounds, then (lowest-highest round).
+- **Postfix, acknowledged**: Postfix until its last `250`: each queue file fsynced, nothing in a Maildir yet.
+  **Postfix, all in Maildir**: the same run until every mail is in its Maildir's `new/` (its virtual agent
+  fsyncs each file before it renames it there). prefork-smtpd's single figure is both: its `250` comes after
+  the Maildir file and its directory entry are durable.
+- **aiosmtpd-Mailbox** writes a Maildir without fsync; **aiosmtpd-Sink** and **smtp-sink** discard.
+- **S8** counts mails, each to 20 recipients: 20 files per mail for prefork-smtpd and Postfix (one per
+  recipient folder), one for aiosmtpd's Mailbox (it stores a message once).
+- **S9** is S2 while another process rewrites a 50 MiB file in a loop (no fsync) on the same file system; the
+  writer starts before the run and stops after the last mail is stored.
+- **T1/T2**: STARTTLS required (prefork-smtpd `--require-tls`, aiosmtpd `require_starttls=True`), the
+  certificate verified by the client. Load from two tls_load.py processes of 25 sessions each; the busiest
+  one's CPU share of a core says whether the client could have been the limit (near 100% would be).
+- **Ratios**: median of prefork-smtpd over median of the other contender, same scenario.
+- **CPU per mail**: user + system CPU seconds of the server's processes only (psutil over its process tree,
+  reaped children included), from just before the load until every mail is stored, divided by the mails.
+  For Postfix that is every process of the instance (smtpd, cleanup, qmgr, trivial-rewrite, virtual, ...)
+  until the last mail is in its Maildir.
+"""
 
 
 def plot(results: Results, kinds: list[ServerKind], path: Path) -> bool:
@@ -778,11 +799,15 @@ def main() -> int:
                    help="contenders: w1, w2, w4 (prefork-smtpd --workers N), postfix, aiosmtpd-Mailbox,"
                    " aiosmtpd-Sink, smtp-sink")
     p.add_argument("--quick", action="store_true", help="a tenth of the mails, smaller S4/S5 (a short run)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="multiply the mail counts of S1-S3, S8, S9, T1, T2 (default 1; 0.1 with --quick)")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     wanted = set(args.only.split(","))
     servers = set(args.servers.split(","))
-    sc = scenarios(args.quick)
+    sc = scenarios(args.scale if args.scale is not None else 0.1 if args.quick else 1.0)
+    # A stopped run stops its servers too (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     kinds = [k for k in PREFORK_KINDS + ([POSTFIX_KIND] if CAN_RUN_POSTFIX else []) + REFERENCES if key(k) in servers]
     tls_kinds = [k for k in TLS_KINDS if key(k) in servers]
@@ -804,7 +829,7 @@ def main() -> int:
                         server.stop()
                     results.add(scenario, kind.name, m)
                     extra = f", in Maildir {m.stored:6.0f}" if kind.postfix else ""
-                    extra += f", client CPU {m.client_cpu:.0%}" if m.client_cpu is not None else ""
+                    extra += f", client CPU {m.client_cpu:.0%}, {'/'.join(m.tls_versions)}" if m.tls_versions else ""
                     print(f"round {round_no} {scenario} {kind.name:<22} {m.acked:8.0f} mails/s{extra},"
                           f" CPU/mail {m.user_us:.0f}+{m.system_us:.0f} us", flush=True)
     finally:

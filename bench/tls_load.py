@@ -46,6 +46,7 @@ class Load:
         self.left = mails
         self.keep = keep
         self.sent = 0
+        self.versions: set[str] = set()  # TLS versions negotiated
         line = b"x" * 78 + b"\r\n"
         self.message = (b"From: a@smtpd.com\r\nTo: b@smtpd.com\r\nSubject: load\r\n\r\n"
                         + line * max(size // len(line), 1) + b".\r\n")
@@ -67,6 +68,7 @@ class Load:
                     writer.write(b"STARTTLS\r\n")
                     await reply(reader, b"220")
                     await writer.start_tls(self.context, server_hostname="localhost")
+                    self.versions.add(writer.get_extra_info("ssl_object").version())
                     writer.write(b"EHLO load.example\r\n")
                     await reply(reader, b"250")
                 while True:
@@ -99,7 +101,8 @@ async def main() -> None:
     end = time.monotonic()
     done = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"sent": load.sent, "start": start, "end": end,
-                      "user": done.ru_utime - cpu.ru_utime, "system": done.ru_stime - cpu.ru_stime}), flush=True)
+                      "user": done.ru_utime - cpu.ru_utime, "system": done.ru_stime - cpu.ru_stime,
+                      "tls": sorted(load.versions)}), flush=True)
 
 
 if __name__ == "__main__":
