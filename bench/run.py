@@ -843,6 +843,7 @@ def main() -> int:
             results.stall.append(no_stall(kind, 8, size))
             print("S5", results.stall[-1], flush=True)
     report = write_report(results, kinds, tls_kinds, sc, args, time.monotonic() - started)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(report)
     picture = Path(args.output).with_name("throughput.png")
     if plot(results, kinds, picture):
