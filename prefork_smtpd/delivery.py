@@ -69,7 +69,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from .session import Envelope
+from .dsn import recorded_headers
+from .session import Envelope, Recipient
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 IOV_BATCH = 512  # pieces per writev (the system allows 1024)
@@ -250,11 +251,11 @@ class MaildirStore:
         # Piece by piece: each replace holds the GIL for one received piece
         # (at most a read's worth), not for the whole message.
         body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
-        folders: dict[str, str] = {}
+        folders: dict[str, Recipient] = {}
         for rcpt in envelope.recipients:
-            folders.setdefault(rcpt.folder, rcpt.address)
+            folders.setdefault(rcpt.folder, rcpt)
         try:
-            for i, (folder, address) in enumerate(folders.items()):
+            for i, (folder, rcpt) in enumerate(folders.items()):
                 new_fd = dirs.new_dir(folder)
                 # The name in new/ is the queue id, the same in every folder,
                 # so a message can be found in each; in the spool, the copy's
@@ -264,12 +265,15 @@ class MaildirStore:
                 job.copies.append(copy)
                 if self._chmod_files:
                     os.fchmod(copy.fd, FILE_MODE)
-                _write_all(copy.fd, self._trace_header(envelope, address, job.peer_address, job.queue_id), body)
+                _write_all(copy.fd, self._trace_header(envelope, rcpt, job.peer_address, job.queue_id), body)
         except OSError as exc:
             job.fail(exc)
 
-    def _trace_header(self, envelope: Envelope, address: str, peer_address: str, queue_id: str) -> bytes:
-        """Return-Path, Delivered-To and Received (RFC 5321 4.4)."""
+    def _trace_header(self, envelope: Envelope, rcpt: Recipient, peer_address: str, queue_id: str) -> bytes:
+        """Return-Path, Delivered-To and Received (RFC 5321 4.4); the DSN
+        parameters ENVID and ORCPT as Original-Envelope-Id and
+        Original-Recipient (RFC 3461), when the client gave them."""
+        address = rcpt.address
         second = int(time.time())
         if second != self._date_second:  # one RFC 5322 date per second, not per copy
             self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
@@ -281,6 +285,7 @@ class MaildirStore:
         return (
             f"Return-Path: <{envelope.sender}>\n"
             f"Delivered-To: {address}\n"
+            f"{recorded_headers(envelope.dsn, rcpt.dsn) if envelope.dsn or rcpt.dsn else ''}"
             f"Received: from {envelope.helo} ({peer_address})\n{tls}"
             f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}\n"
             f"\tfor <{address}>; {date}\n"

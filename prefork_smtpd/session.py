@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import replies, sasl
+from . import dsn, replies, sasl
 from .commands import CommandTable
 from .events import (
     Authenticated,
@@ -86,6 +86,7 @@ COMMANDS.extension("PIPELINING")
 COMMANDS.extension(lambda session: f"SIZE {session.limits.max_message_size}")  # MAIL's SIZE=
 COMMANDS.extension("8BITMIME")  # MAIL's BODY=
 COMMANDS.extension("ENHANCEDSTATUSCODES")
+COMMANDS.extension(dsn.EHLO_KEYWORD)  # MAIL's RET=/ENVID=, RCPT's NOTIFY=/ORCPT= (dsn.py)
 # STARTTLS is advertised only while it would start TLS; the verb itself runs
 # wherever TLS is configured, so a second STARTTLS gets 503, not 502.
 COMMANDS.extension("STARTTLS", lambda session: session.starttls_offered and session.tls is None)
@@ -165,6 +166,7 @@ class Limits:
 class Recipient:
     address: str  # as the client gave it, for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
+    dsn: dsn.RecipientDSN | None = None  # NOTIFY=, ORCPT= (None: neither given)
 
 
 @dataclass
@@ -180,6 +182,7 @@ class Envelope:
     size: int = 0
     tls: TLSSessionInfo | None = None  # the session was encrypted (Received: ESMTPS)
     login: str = ""  # the user who authenticated (Received: ESMTPA)
+    dsn: dsn.MailDSN | None = None  # RET=, ENVID= (None: neither given)
 
     @property
     def protocol(self) -> str:
@@ -531,6 +534,7 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
+        mail_dsn = dsn.MailDSN()
         for param in params:
             m = _PARAM.match(param)
             if not m:
@@ -550,6 +554,10 @@ class Session:
                 # Accepted and not used: nothing here relays on its word.
                 if value is None:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
+            elif key in dsn.MAIL_PARAMETERS:
+                refusal = mail_dsn.take(key, value)
+                if refusal is not None:
+                    return self._error(refusal)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
@@ -566,7 +574,9 @@ class Session:
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._log_refusal(refusal)
             return refusal
-        self._envelope = Envelope(helo=self.helo, sender=path, tls=self.tls, login=self.login)
+        self._envelope = Envelope(
+            helo=self.helo, sender=path, tls=self.tls, login=self.login, dsn=mail_dsn if mail_dsn.given else None
+        )
         self._rejected_rcpts = 0
         self.state = State.MAIL
         return replies.SENDER_OK
@@ -574,6 +584,7 @@ class Session:
     @COMMANDS.verb(
         states={State.MAIL, State.RCPT},
         syntax="RCPT TO:<user@domain>",
+        params="[NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]",
         help="RCPT TO:<user@domain> or RCPT TO:<user>",
     )
     def smtp_RCPT(self, arg: str) -> Reply | None:
@@ -581,9 +592,12 @@ class Session:
         if parsed is None or parsed[0] == "":
             return self._syntax_error("RCPT")
         path, params = parsed
+        rcpt_dsn = None
         if params:
-            self._rejected_rcpts += 1
-            return self._error(replies.RCPT_PARAMETERS)
+            rcpt_dsn, refusal = self._rcpt_parameters(params)
+            if refusal is not None:
+                self._rejected_rcpts += 1
+                return self._error(refusal)
         envelope = self._envelope
         assert envelope is not None
         if len(envelope.recipients) >= self.limits.max_recipients:
@@ -610,9 +624,24 @@ class Session:
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(address=path, folder=folder))
+        envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
+
+    def _rcpt_parameters(self, params: list[str]) -> tuple[dsn.RecipientDSN | None, Reply | None]:
+        """RCPT's parameters: the DSN ones taken, anything else refused (555)."""
+        rcpt_dsn = dsn.RecipientDSN()
+        for param in params:
+            m = _PARAM.match(param)
+            if not m:
+                return None, self.commands["RCPT"].usage(params=True)
+            key = m.group(1).upper()
+            if key not in dsn.RCPT_PARAMETERS:
+                return None, replies.RCPT_PARAMETERS
+            refusal = rcpt_dsn.take(key, m.group(2))
+            if refusal is not None:
+                return None, refusal
+        return rcpt_dsn, None
 
     @COMMANDS.verb(states={State.RCPT}, syntax="DATA")
     def smtp_DATA(self, arg: str) -> Reply | None:
