@@ -44,6 +44,7 @@ from .events import (
     TLSStarted,
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
+from .notices import success_notice
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .session import Envelope, Session, State
@@ -368,6 +369,7 @@ class SMTPConnection(asyncio.Protocol):
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
+            worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
@@ -725,6 +727,26 @@ class Worker:
         future = self.committer.submit(envelope, peer_address)
         future.add_done_callback(lambda _: self.space.release(needed))
         return future
+
+    def send_success_notice(self, envelope: Envelope, queue_id: str) -> None:
+        """A "delivered" DSN to a local sender whose recipients asked for one (NOTIFY=SUCCESS).
+
+        Stored after the 250, like any mail; a failure is logged (the mail
+        itself is delivered: nothing to retry for the client).
+        """
+        notice = success_notice(
+            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal
+        )
+        if notice is None:
+            return
+
+        def stored(future: asyncio.Future) -> None:
+            try:
+                self.log(f"delivery notice {future.result()} for mail {queue_id} to <{envelope.sender}>")
+            except DeliveryError as exc:
+                self.log(f"delivery notice for mail {queue_id} to <{envelope.sender}> failed: {exc}")
+
+        self.committer.submit(notice, "local").add_done_callback(stored)
 
     def data_memory_limit(self) -> int:
         """max_data_memory, but never less than one message of the maximum size."""
