@@ -40,7 +40,8 @@ def success_notice(
     now: float | None = None,
 ) -> Envelope | None:
     """The "delivered" DSN for the recipients that asked for one, or None."""
-    asking = [r for r in envelope.recipients if r.dsn is not None and r.dsn.wants("SUCCESS")]
+    # Outside recipients are not delivered yet: the queue runner reports on them.
+    asking = [r for r in envelope.recipients if not r.outside and r.dsn is not None and r.dsn.wants("SUCCESS")]
     if not asking or not envelope.sender:
         return None  # RFC 3461 6.1: nothing ever goes to the null sender
     folder = local_sender_folder(envelope.sender, domains, mailbox_refusal)

@@ -124,6 +124,8 @@ XSTAT_TEXT = {
     "CURRENT": "current connections",
     "BYTES": "total bytes of data transferred",
     "MAILS": "total mails sent",
+    "QUEUE": "mails in the outbound queue",  # prefork-smtpd-metrics shows these two
+    "QUEUEAGE": "seconds the oldest queued mail has waited",
 }
 
 # RFC 5322 atext without "/" (a folder separator): a local part made of these
@@ -167,6 +169,7 @@ class Recipient:
     address: str  # as the client gave it, for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
     dsn: dsn.RecipientDSN | None = None  # NOTIFY=, ORCPT= (None: neither given)
+    outside: bool = False  # in a domain not served here: queued for relay (folder "")
 
 
 @dataclass
@@ -242,6 +245,7 @@ class Session:
         tls: TLSSessionInfo | None = None,
         auth: bool = False,
         auth_without_tls: bool = False,
+        may_relay: bool = False,
     ) -> None:
         self.hostname = hostname
         self.context = context  # the listener the client came in on (read-only)
@@ -254,6 +258,9 @@ class Session:
         self.auth_offered = auth
         self.auth_without_tls = auth_without_tls
         self.login = ""  # the user who authenticated
+        # The client's address is in --relay-networks: it may name recipients
+        # in other domains, as an authenticated client may.
+        self.may_relay = may_relay
         self.auth_failures = 0
         self._sasl: sasl.SaslExchange | None = None  # in State.AUTH
         self._checking = ""  # the AUTH being checked, for the log
@@ -614,8 +621,7 @@ class Session:
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
         elif domain.lower() not in self.domains:
-            self._rejected_rcpts += 1
-            return self._error(replies.RELAY_DENIED)
+            return self._outside_recipient(path, rcpt_dsn)
         folder = folder_for(local)
         if folder is None:
             self._rejected_rcpts += 1
@@ -625,6 +631,23 @@ class Session:
             self._rejected_rcpts += 1
             return self._error(refusal)
         envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn))
+        self.state = State.RCPT
+        return replies.RECIPIENT_OK
+
+    def _outside_recipient(self, path: str, rcpt_dsn: dsn.RecipientDSN | None) -> Reply | None:
+        """A recipient in a domain not served here: queued for relay, if this client may relay."""
+        if not (self.login or self.may_relay):
+            self._rejected_rcpts += 1
+            return self._error(replies.RELAY_DENIED)
+        address = _parse_mailbox(path)
+        if address is None or len(address[0]) > MAX_LOCAL_PART or address[1].startswith("["):
+            # Only a domain name is relayed to: an address literal would
+            # point the queue at any host the client likes.
+            self._rejected_rcpts += 1
+            return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
+        envelope = self._envelope
+        assert envelope is not None
+        envelope.recipients.append(Recipient(address=path, folder="", dsn=rcpt_dsn, outside=True))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 

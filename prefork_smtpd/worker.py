@@ -45,6 +45,8 @@ from .events import (
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
 from .notices import success_notice
+from .queue import queue_dir_of
+from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .session import Envelope, Session, State
@@ -147,6 +149,7 @@ class SMTPConnection(asyncio.Protocol):
             tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
             auth=worker.users is not None,
             auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host),
+            may_relay=in_networks(host, worker.relay_networks),
         )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
@@ -362,7 +365,10 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            folders = ",".join(sorted({r.folder for r in envelope.recipients if not r.outside}))
+            outside = [r.address for r in envelope.recipients if r.outside]
+            if outside:
+                folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
@@ -506,6 +512,7 @@ class Worker:
         self.stats = stats
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
+        self.relay_networks = relay_networks(settings.relay_networks)  # checked at start
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
         self.policy = ServerPolicy(
@@ -536,7 +543,7 @@ class Worker:
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        store = MaildirStore(self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings))
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:
             # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.

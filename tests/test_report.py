@@ -102,6 +102,8 @@ def test_success_notice_only_when_asked_and_only_to_a_local_sender():
     assert [b["Final-Recipient"] for b in blocks] == ["rfc822; b@smtpd.com"]
     assert blocks[0]["Original-Recipient"] == "rfc822;B@x" and blocks[0]["Action"] == "delivered"
     assert success_notice(envelope("a@smtpd.com", quiet), "Q", "mx.test", domains, allow) is None
+    outside = Recipient("d@x.org", "", dsn.RecipientDSN(notify=frozenset({"SUCCESS"})), outside=True)
+    assert success_notice(envelope("a@smtpd.com", outside), "Q", "mx.test", domains, allow) is None  # not yet delivered
     assert success_notice(envelope("", asked), "Q", "mx.test", domains, allow) is None  # never to <>
     assert success_notice(envelope("a@elsewhere.org", asked), "Q", "mx.test", domains, allow) is None
     assert success_notice(envelope("a@smtpd.com", asked), "Q", "mx.test", domains, lambda f: "550") is None
