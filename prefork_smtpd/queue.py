@@ -236,5 +236,8 @@ def check_queue_dir(queue_dir: str, mail_dir: str) -> str | None:
     except OSError as exc:
         return f"queue dir {queue_dir}: cannot create it: {exc.strerror}"
     if os.stat(queue_dir).st_dev != os.stat(os.path.abspath(mail_dir)).st_dev:
-        return f"queue dir {queue_dir} must be on the mail dir's file system ({mail_dir})"
+        return (
+            f"queue dir {queue_dir} must be on the mail dir's file system ({mail_dir});"
+            f" give --queue-dir a folder inside it, e.g. {os.path.join(os.path.abspath(mail_dir), '.queue')}"
+        )
     return None

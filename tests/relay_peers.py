@@ -35,6 +35,9 @@ class Script:
     held: threading.Event = field(default_factory=threading.Event)  # a DATA is being held
     release: threading.Event = field(default_factory=threading.Event)
     release_reply: str = "451 4.3.0 try again"  # what a held DATA gets once released
+    # Each DATA waits up to this long for another transaction to open beside it
+    # (to see how many deliveries the sender runs at once).
+    linger: float = 0.0
 
 
 class ScriptedHandler:
@@ -43,6 +46,16 @@ class ScriptedHandler:
         self.received: list[Received] = []
         self.rcpt_calls: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.active = 0  # transactions between MAIL and the end of DATA
+        self.max_active = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self.lock:
@@ -58,6 +71,16 @@ class ScriptedHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        try:
+            return await self._data(envelope)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    async def _data(self, envelope):
+        deadline = asyncio.get_running_loop().time() + self.script.linger
+        while self.max_active < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         if self.script.hold_data_for & set(envelope.rcpt_tos):
             self.script.held.set()
             while not self.script.release.is_set():

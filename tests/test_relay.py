@@ -306,6 +306,47 @@ def test_flush_show_metrics_and_the_queue_command(start_server, receiver):
     assert 'smtpd_deliveries_total{result="sent"} 1.0' in metrics
 
 
+def test_relay_max_connections_bounds_deliveries_at_once(start_server, receiver):
+    for limit, expected in (("1", 1), ("20", 3)):
+        hop = receiver(Script(linger=3.0))  # each DATA waits up to 3 s for a second transaction
+        server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                              "--relay-max-connections", limit, "--queue-retry-min", "3600", "--queue-retry-max", "3600")
+        runner = wait_until(lambda: runner_pid(server), what="the runner")
+        os.kill(runner, signal.SIGSTOP)  # three mails queue up before it looks
+        try:
+            for i in range(3):
+                send(server, [f"m{i}@example.org"])
+        finally:
+            os.kill(runner, signal.SIGCONT)
+        wait_until(lambda: len(hop.handler.received) == 3, what="three deliveries", timeout=60)
+        assert hop.handler.max_active == expected, limit
+
+
+def test_queue_dir_flag_and_a_queue_on_another_file_system(start_server, tmp_path):
+    queue_dir = tmp_path / "elsewhere" / "outbound"
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}",
+                          "--queue-dir", str(queue_dir), "--queue-retry-min", "3600", "--queue-retry-max", "3600")
+    send(server, ["x@example.org"])
+    assert len(Queue(str(queue_dir)).ids()) == 1 and not (server.root / "queue").exists()
+
+
+@pytest.mark.root("mounts a tmpfs")
+def test_a_queue_on_another_file_system_is_refused_at_start(tmp_path):
+    from harness import tmpfs
+
+    with tmpfs(tmp_path / "other", "1m") as other:
+        done = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(tmp_path / "m"),
+                               "--relay-networks", "10.0.0.0/8", "--queue-dir", str(other / "q")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "must be on the mail dir's file system" in done.stderr
+        # A mail dir of its own (a mount point) with the default queue beside it: refused only
+        # when anyone may relay; a server that never relays starts as it always did.
+        mail_dir = other
+        relay = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(mail_dir),
+                                "--relay-networks", "10.0.0.0/8"], capture_output=True, text=True, timeout=60)
+        assert relay.returncode == 2 and f"--queue-dir a folder inside it, e.g. {mail_dir}/.queue" in relay.stderr
+
+
 def test_queue_command_deletes(start_server):
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}",
                           "--queue-retry-min", "3600", "--queue-retry-max", "7200")
@@ -378,3 +419,50 @@ def test_a_dns_timeout_is_temporary():
             resolve(mx_hosts("any.test", resolver))
     finally:
         silent.close()
+
+
+# ------------------------------------------------- a smarthost with STARTTLS and AUTH
+@pytest.fixture
+def tls_files(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    return cert, cafile
+
+
+def test_smarthost_requiring_starttls_and_auth(start_server, receiver, tls_files, tmp_path):
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    cert, cafile = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    logins: list[tuple[bytes, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        assert isinstance(auth_data, LoginPassword)
+        ok = auth_data.login == b"relayuser" and auth_data.password == b"relay pass"
+        logins.append((auth_data.login, session.ssl is not None))
+        return AuthResult(success=ok)
+
+    hop = receiver(tls_context=server_context, require_starttls=True, auth_required=True, auth_require_tls=True,
+                   authenticator=authenticator)
+    auth_file = tmp_path / "relay-auth"
+    auth_file.write_text("relayuser:wrong\n")
+    flags = ("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", "--relay-starttls",
+             "--relay-ca-file", str(cafile), "--relay-auth-file", str(auth_file), "--relay-timeout", "3", *FAST_RETRIES)
+    server = start_server(*flags)
+    send(server, ["tls@example.org"])
+    # A wrong password is a temporary failure: retried, never lost.
+    # (aiosmtpd leaves a failed AUTH LOGIN unanswered: --relay-timeout cuts the wait.)
+    wait_until(lambda: server.log_count("tls@example.org> deferred") >= 1, what="the refused login", timeout=60)
+    assert hop.handler.copies_for("tls@example.org") == 0 and len(queue_of(server).ids()) == 1
+    auth_file.write_text("relayuser:relay pass\n")
+    assert config(server, "reload=1") == ["OK"]  # the next runner reads the new file
+    wait_until(lambda: hop.handler.copies_for("tls@example.org") == 1, what="delivery over TLS with AUTH")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert logins and all(over_tls for _, over_tls in logins)  # never a password in the clear

@@ -119,7 +119,12 @@ def settings_problem(settings: Settings) -> str | None:
 
     # Here rather than at the first mail: a server that cannot store answers
     # 451 to everyone, so it must not start (or reload into that state).
-    return check_mail_dir(settings.mail_dir) or check_queue_dir(queue_dir_of(settings), settings.mail_dir)
+    from prefork_smtpd.relayrights import relay_possible
+
+    problem = check_mail_dir(settings.mail_dir)
+    if problem is None and relay_possible(settings):  # no relay, no queue: nothing to check
+        problem = check_queue_dir(queue_dir_of(settings), settings.mail_dir)
+    return problem
 
 
 def _relay_problem(settings: Settings) -> str | None:
