@@ -201,6 +201,8 @@ class Runner:
     def run(self) -> int:
         setproctitle("prefork-smtpd: queue runner (starting)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A flush before the loop's handler is in place must not end the process.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         self.reopen_log()
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
