@@ -69,7 +69,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from .session import Envelope
+from .dsn import recorded_headers
+from .queue import MSG, queue_file_header
+from .session import Envelope, Recipient
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 IOV_BATCH = 512  # pieces per writev (the system allows 1024)
@@ -153,9 +155,12 @@ class _Job:
 
 
 class MaildirStore:
-    def __init__(self, root: str, hostname: str) -> None:
+    def __init__(self, root: str, hostname: str, queue_dir: str | None = None) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
+        # Where the copy for outside recipients goes (queue.py), in the same
+        # batch as the local copies: all of one mail is durable, or none.
+        self.queue_dir = queue_dir
         # Maildir forbids "/" and ":" in the host part of a file name.
         self._host_part = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._sequence = itertools.count()
@@ -250,11 +255,12 @@ class MaildirStore:
         # Piece by piece: each replace holds the GIL for one received piece
         # (at most a read's worth), not for the whole message.
         body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
-        folders: dict[str, str] = {}
+        folders: dict[str, Recipient] = {}
         for rcpt in envelope.recipients:
-            folders.setdefault(rcpt.folder, rcpt.address)
+            if not rcpt.outside:  # the queue copy (below) carries the outside recipients
+                folders.setdefault(rcpt.folder, rcpt)
         try:
-            for i, (folder, address) in enumerate(folders.items()):
+            for i, (folder, rcpt) in enumerate(folders.items()):
                 new_fd = dirs.new_dir(folder)
                 # The name in new/ is the queue id, the same in every folder,
                 # so a message can be found in each; in the spool, the copy's
@@ -264,12 +270,48 @@ class MaildirStore:
                 job.copies.append(copy)
                 if self._chmod_files:
                     os.fchmod(copy.fd, FILE_MODE)
-                _write_all(copy.fd, self._trace_header(envelope, address, job.peer_address, job.queue_id), body)
+                _write_all(copy.fd, self._trace_header(envelope, rcpt, job.peer_address, job.queue_id), body)
+            if any(r.outside for r in envelope.recipients):
+                self._write_queue_copy(job, dirs, len(folders))
         except OSError as exc:
             job.fail(exc)
 
-    def _trace_header(self, envelope: Envelope, address: str, peer_address: str, queue_id: str) -> bytes:
-        """Return-Path, Delivered-To and Received (RFC 5321 4.4)."""
+    def _write_queue_copy(self, job: _Job, dirs: "_BatchDirs", number: int) -> None:
+        """The queue file (queue.py): its envelope line, a Received header, the message as received."""
+        if self.queue_dir is None:
+            raise OSError(errno.EROFS, "no queue for outside recipients", "queue")
+        envelope = job.envelope
+        copy = _Copy(f"{job.queue_id}.{number}", dirs.spool, dirs.queue_msg_dir())
+        copy.fd = os.open(copy.tmp_name, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=dirs.spool)
+        job.copies.append(copy)
+        if self._chmod_files:
+            os.fchmod(copy.fd, FILE_MODE)
+        received = self._received(envelope, job.peer_address, job.queue_id, "").replace(b"\n", b"\r\n")
+        header = queue_file_header(envelope, job.queue_id, time.time()) + received
+        _write_all(copy.fd, header, [chunk for chunk in envelope.chunks])
+
+    def _received(self, envelope: Envelope, peer_address: str, queue_id: str, address: str) -> bytes:
+        """The Received header (RFC 5321 4.4), LF line ends; ``for <address>`` when one."""
+        date = self._now_date()
+        tls = f"\t({envelope.tls.received_comment()})\n" if envelope.tls is not None else ""
+        for_clause = f"\n\tfor <{address}>" if address else ""
+        return (
+            f"Received: from {envelope.helo} ({peer_address})\n{tls}"
+            f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}{for_clause}; {date}\n"
+        ).encode("utf-8", "surrogateescape")
+
+    def _now_date(self) -> str:
+        second = int(time.time())
+        if second != self._date_second:  # one RFC 5322 date per second, not per copy
+            self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
+            self._date_second = second
+        return self._date
+
+    def _trace_header(self, envelope: Envelope, rcpt: Recipient, peer_address: str, queue_id: str) -> bytes:
+        """Return-Path, Delivered-To and Received (RFC 5321 4.4); the DSN
+        parameters ENVID and ORCPT as Original-Envelope-Id and
+        Original-Recipient (RFC 3461), when the client gave them."""
+        address = rcpt.address
         second = int(time.time())
         if second != self._date_second:  # one RFC 5322 date per second, not per copy
             self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
@@ -281,6 +323,7 @@ class MaildirStore:
         return (
             f"Return-Path: <{envelope.sender}>\n"
             f"Delivered-To: {address}\n"
+            f"{recorded_headers(envelope.dsn, rcpt.dsn) if envelope.dsn or rcpt.dsn else ''}"
             f"Received: from {envelope.helo} ({peer_address})\n{tls}"
             f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}\n"
             f"\tfor <{address}>; {date}\n"
@@ -298,6 +341,7 @@ class _BatchDirs:
     def __init__(self, store: MaildirStore) -> None:
         self.store = store
         self.new_fds: dict[str, int] = {}
+        self.queue_fd = -1
         self.root = _open_or_make_root(store.root)
         try:
             self.spool = _open_dir(self.root, SPOOL, store.root, make=True)
@@ -321,6 +365,19 @@ class _BatchDirs:
         finally:
             os.close(folder_fd)
         return fd
+
+    def queue_msg_dir(self) -> int:
+        """The queue's msg/ folder, checked to be on the spool's file system (a rename cannot cross)."""
+        if self.queue_fd < 0:
+            assert self.store.queue_dir is not None
+            path = os.path.join(self.store.queue_dir, MSG)
+            fd = os.open(path, _DIR_FLAGS)
+            if os.fstat(fd).st_dev != os.fstat(self.spool).st_dev:
+                os.close(fd)
+                raise OSError(errno.EXDEV, "refused, a queue on another file system than the mail dir", path)
+            self.queue_fd = fd
+            self.new_fds[" queue"] = fd  # closed with the others (no folder name has a space)
+        return self.queue_fd
 
     def _check_folder(self, folder: str, folder_fd: int) -> None:
         """Once per folder and process: tmp/new/cur are real, on the spool's file system."""

@@ -53,6 +53,16 @@ class SharedStatsCollector:
         rejected.add_metric(["4xx"], t.replies_4xx)
         rejected.add_metric(["5xx"], t.replies_5xx)
         yield rejected
+        runner = self.stats.slot(0)  # the queue runner's (runner.RUNNER_SLOT)
+        yield GaugeMetricFamily("smtpd_queue_messages", "Mails in the outbound queue", value=runner.get(FIELD["queue_messages"]))
+        yield GaugeMetricFamily(
+            "smtpd_queue_oldest_seconds", "Age of the oldest queued mail", value=runner.get(FIELD["queue_oldest_seconds"]),
+        )
+        deliveries = CounterMetricFamily("smtpd_deliveries", "Outbound recipient deliveries, by result", labels=["result"])
+        deliveries.add_metric(["sent"], t.deliveries_sent)
+        deliveries.add_metric(["deferred"], t.deliveries_deferred)
+        deliveries.add_metric(["bounced"], t.deliveries_bounced)
+        yield deliveries
         workers = self.live_workers()
         yield GaugeMetricFamily("smtpd_workers", "Worker processes running", value=len(workers))
         current = GaugeMetricFamily("smtpd_worker_connections", "Connections open per worker", labels=["worker"])

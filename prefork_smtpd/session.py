@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import replies, sasl
+from . import dsn, replies, sasl
 from .commands import CommandTable
 from .events import (
     Authenticated,
@@ -86,6 +86,7 @@ COMMANDS.extension("PIPELINING")
 COMMANDS.extension(lambda session: f"SIZE {session.limits.max_message_size}")  # MAIL's SIZE=
 COMMANDS.extension("8BITMIME")  # MAIL's BODY=
 COMMANDS.extension("ENHANCEDSTATUSCODES")
+COMMANDS.extension(dsn.EHLO_KEYWORD)  # MAIL's RET=/ENVID=, RCPT's NOTIFY=/ORCPT= (dsn.py)
 # STARTTLS is advertised only while it would start TLS; the verb itself runs
 # wherever TLS is configured, so a second STARTTLS gets 503, not 502.
 COMMANDS.extension("STARTTLS", lambda session: session.starttls_offered and session.tls is None)
@@ -124,6 +125,8 @@ XSTAT_TEXT = {
     "BYTES": "total bytes of data transferred",
     "MAILS": "total mails sent",
     "PROXIED": "current connections through a trusted proxy",
+    "QUEUE": "mails in the outbound queue",  # prefork-smtpd-metrics shows these two
+    "QUEUEAGE": "seconds the oldest queued mail has waited",
 }
 
 # RFC 5322 atext without "/" (a folder separator): a local part made of these
@@ -166,6 +169,8 @@ class Limits:
 class Recipient:
     address: str  # as the client gave it, for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
+    dsn: dsn.RecipientDSN | None = None  # NOTIFY=, ORCPT= (None: neither given)
+    outside: bool = False  # in a domain not served here: queued for relay (folder "")
 
 
 @dataclass
@@ -181,6 +186,7 @@ class Envelope:
     size: int = 0
     tls: TLSSessionInfo | None = None  # the session was encrypted (Received: ESMTPS)
     login: str = ""  # the user who authenticated (Received: ESMTPA)
+    dsn: dsn.MailDSN | None = None  # RET=, ENVID= (None: neither given)
 
     @property
     def protocol(self) -> str:
@@ -240,6 +246,7 @@ class Session:
         tls: TLSSessionInfo | None = None,
         auth: bool = False,
         auth_without_tls: bool = False,
+        may_relay: bool = False,
     ) -> None:
         self.hostname = hostname
         self.context = context  # the listener the client came in on (read-only)
@@ -252,6 +259,9 @@ class Session:
         self.auth_offered = auth
         self.auth_without_tls = auth_without_tls
         self.login = ""  # the user who authenticated
+        # The client's address is in --relay-networks: it may name recipients
+        # in other domains, as an authenticated client may.
+        self.may_relay = may_relay
         self.auth_failures = 0
         self._sasl: sasl.SaslExchange | None = None  # in State.AUTH
         self._checking = ""  # the AUTH being checked, for the log
@@ -532,6 +542,7 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
+        mail_dsn = dsn.MailDSN()
         for param in params:
             m = _PARAM.match(param)
             if not m:
@@ -551,6 +562,10 @@ class Session:
                 # Accepted and not used: nothing here relays on its word.
                 if value is None:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
+            elif key in dsn.MAIL_PARAMETERS:
+                refusal = mail_dsn.take(key, value)
+                if refusal is not None:
+                    return self._error(refusal)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
@@ -567,7 +582,9 @@ class Session:
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._log_refusal(refusal)
             return refusal
-        self._envelope = Envelope(helo=self.helo, sender=path, tls=self.tls, login=self.login)
+        self._envelope = Envelope(
+            helo=self.helo, sender=path, tls=self.tls, login=self.login, dsn=mail_dsn if mail_dsn.given else None
+        )
         self._rejected_rcpts = 0
         self.state = State.MAIL
         return replies.SENDER_OK
@@ -575,6 +592,7 @@ class Session:
     @COMMANDS.verb(
         states={State.MAIL, State.RCPT},
         syntax="RCPT TO:<user@domain>",
+        params="[NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]",
         help="RCPT TO:<user@domain> or RCPT TO:<user>",
     )
     def smtp_RCPT(self, arg: str) -> Reply | None:
@@ -582,9 +600,12 @@ class Session:
         if parsed is None or parsed[0] == "":
             return self._syntax_error("RCPT")
         path, params = parsed
+        rcpt_dsn = None
         if params:
-            self._rejected_rcpts += 1
-            return self._error(replies.RCPT_PARAMETERS)
+            rcpt_dsn, refusal = self._rcpt_parameters(params)
+            if refusal is not None:
+                self._rejected_rcpts += 1
+                return self._error(refusal)
         envelope = self._envelope
         assert envelope is not None
         if len(envelope.recipients) >= self.limits.max_recipients:
@@ -601,8 +622,7 @@ class Session:
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
         elif domain.lower() not in self.domains:
-            self._rejected_rcpts += 1
-            return self._error(replies.RELAY_DENIED)
+            return self._outside_recipient(path, rcpt_dsn)
         folder = folder_for(local)
         if folder is None:
             self._rejected_rcpts += 1
@@ -611,9 +631,41 @@ class Session:
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(address=path, folder=folder))
+        envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
+
+    def _outside_recipient(self, path: str, rcpt_dsn: dsn.RecipientDSN | None) -> Reply | None:
+        """A recipient in a domain not served here: queued for relay, if this client may relay."""
+        if not (self.login or self.may_relay):
+            self._rejected_rcpts += 1
+            return self._error(replies.RELAY_DENIED)
+        address = _parse_mailbox(path)
+        if address is None or len(address[0]) > MAX_LOCAL_PART or address[1].startswith("["):
+            # Only a domain name is relayed to: an address literal would
+            # point the queue at any host the client likes.
+            self._rejected_rcpts += 1
+            return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
+        envelope = self._envelope
+        assert envelope is not None
+        envelope.recipients.append(Recipient(address=path, folder="", dsn=rcpt_dsn, outside=True))
+        self.state = State.RCPT
+        return replies.RECIPIENT_OK
+
+    def _rcpt_parameters(self, params: list[str]) -> tuple[dsn.RecipientDSN | None, Reply | None]:
+        """RCPT's parameters: the DSN ones taken, anything else refused (555)."""
+        rcpt_dsn = dsn.RecipientDSN()
+        for param in params:
+            m = _PARAM.match(param)
+            if not m:
+                return None, self.commands["RCPT"].usage(params=True)
+            key = m.group(1).upper()
+            if key not in dsn.RCPT_PARAMETERS:
+                return None, replies.RCPT_PARAMETERS
+            refusal = rcpt_dsn.take(key, m.group(2))
+            if refusal is not None:
+                return None, refusal
+        return rcpt_dsn, None
 
     @COMMANDS.verb(states={State.RCPT}, syntax="DATA")
     def smtp_DATA(self, arg: str) -> Reply | None:

@@ -321,6 +321,60 @@ REGISTRY: tuple[Setting, ...] = (
         "max_auth_failures", int, 3, metavar="N", range=(1, 1000), shared=True,
         help="failed logins per session before 421 and close (default {default})",
     ),
+    # -------------------------------------------------- relay (reload; the queue runner reads them)
+    Setting(
+        "relay_networks", str, None, metavar="CIDR,...", default_doc="none",
+        help="clients that may relay without AUTH, comma-separated networks (10.0.0.0/8,2001:db8::/32);"
+        " authenticated users may always relay (default: none)",
+    ),
+    Setting(
+        "queue_dir", str, None, metavar="DIR", default_doc="`queue` beside mail_dir",
+        help="the outbound queue, on mail_dir's file system (default: a folder named queue beside mail_dir)",
+    ),
+    Setting(
+        "relay_host", str, None, metavar="HOST:PORT", default_doc="none (MX lookup)",
+        help="smarthost for all outbound mail; without it, each recipient domain's MX (default: none)",
+    ),
+    Setting(
+        "relay_starttls", bool, False,
+        help="require STARTTLS to the relay host, its certificate checked (default: off)",
+    ),
+    Setting(
+        "relay_ca_file", str, None, metavar="FILE", default_doc="the system's CAs",
+        help="CA certificates (PEM) the relay host's certificate is checked against",
+    ),
+    Setting(
+        "relay_auth_file", str, None, metavar="FILE", default_doc="none (no AUTH)",
+        help="file holding user:password for AUTH at the relay host (default: none)",
+    ),
+    Setting(
+        "relay_port", int, 25, metavar="PORT", range=(1, 65535),
+        help="port of the MX hosts found by DNS (default {default})",
+    ),
+    Setting(
+        "relay_nameserver", str, None, metavar="HOST:PORT", default_doc="the system's resolver",
+        help="DNS server for MX lookups (default: /etc/resolv.conf's)",
+    ),
+    Setting(
+        "relay_timeout", int, 300, metavar="SECONDS", range=(1, 3600),  # RFC 5321 4.5.3.2: 5 minutes
+        help="time the next hop gets for each step of a delivery (default {default})",
+    ),
+    Setting(
+        "relay_max_connections", int, 20, metavar="N", range=(1, 10_000),
+        help="outbound deliveries at once (default {default})",
+    ),
+    Setting(
+        "queue_lifetime", int, 5 * 86_400, metavar="SECONDS", range=(1, 365 * 86_400),  # Postfix's maximal_queue_lifetime
+        help="how long a mail is retried before it bounces (default {default}, 5 days)",
+    ),
+    Setting(
+        "queue_retry_min", int, 300, metavar="SECONDS", range=(1, 86_400),  # Postfix's minimal_backoff_time
+        help="wait before the first retry; it doubles at each failure (default {default})",
+    ),
+    Setting(
+        "queue_retry_max", int, 4000, metavar="SECONDS", range=(1, 7 * 86_400),  # Postfix's maximal_backoff_time
+        help="longest wait between retries (default {default})",
+    ),
     Setting(
         "trusted_proxies", str, None, metavar="CIDR,...", default_doc="none",
         help="addresses allowed to send a PROXY header on --proxy-protocol listeners, comma-separated"

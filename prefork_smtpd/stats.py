@@ -59,19 +59,28 @@ SLOT_FIELDS = (
     "auth_failures",  # AUTH attempts with a wrong name or password
     "proxied",  # connections open now that came through a trusted proxy (their socket's peer is the proxy)
     "proxy_failures",  # PROXY listener connections closed before a session: untrusted, bad or late header
+    # The queue runner's (slot 0): the queue now, and its deliveries by result.
+    "queue_messages",  # mails in the queue
+    "queue_oldest_seconds",  # age of the oldest queued mail, as of the runner's last look; 0 when empty
+    "deliveries_sent",  # recipients the next hop accepted
+    "deliveries_deferred",  # recipient attempts that failed for now (4xx, no connection)
+    "deliveries_bounced",  # recipients given up on (5xx, lifetime over)
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
-SLOT_WORDS = 16
+SLOT_WORDS = 24
 RETIRED = MAX_WORKERS  # slot number of the retired totals
 
 # The counters summed for XSTAT, by XSTAT argument.
 XSTAT_FIELDS = {
     "TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"],
     "PROXIED": FIELD["proxied"],
+    # Written by the queue runner alone (slot 0): the sum is its figure.
+    "QUEUE": FIELD["queue_messages"], "QUEUEAGE": FIELD["queue_oldest_seconds"],
 }
 _SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
     "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
+    "deliveries_sent", "deliveries_deferred", "deliveries_bounced",
 )
 _OPEN_NOW = ("current", "proxied")  # gauges: a dead worker's connections are gone
 
@@ -89,6 +98,9 @@ class Totals:
     auth_failures: int = 0
     proxied: int = 0
     proxy_failures: int = 0
+    deliveries_sent: int = 0
+    deliveries_deferred: int = 0
+    deliveries_bounced: int = 0
 
 
 class SharedStats:

@@ -44,6 +44,10 @@ from .events import (
     TLSStarted,
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
+from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
+from .notices import success_notice
+from .queue import queue_dir_of
+from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, mailbox_check
 from .proxy import ProxyResult, parse_networks, trusted
@@ -155,6 +159,7 @@ class SMTPConnection(asyncio.Protocol):
             tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
             auth=worker.users is not None,
             auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host),
+            may_relay=in_networks(host, worker.relay_networks),
         )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
@@ -373,13 +378,17 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            folders = ",".join(sorted({r.folder for r in envelope.recipients if not r.outside}))
+            outside = [r.address for r in envelope.recipients if r.outside]
+            if outside:
+                folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
+            worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
@@ -527,6 +536,7 @@ class Worker:
         self.stats = stats
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
+        self.relay_networks = relay_networks(settings.relay_networks)  # checked at start
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
         self.policy = ServerPolicy(
@@ -557,7 +567,7 @@ class Worker:
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        store = MaildirStore(self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings))
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:
             # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.
@@ -790,6 +800,26 @@ class Worker:
         future = self.committer.submit(envelope, peer_address)
         future.add_done_callback(lambda _: self.space.release(needed))
         return future
+
+    def send_success_notice(self, envelope: Envelope, queue_id: str) -> None:
+        """A "delivered" DSN to a local sender whose recipients asked for one (NOTIFY=SUCCESS).
+
+        Stored after the 250, like any mail; a failure is logged (the mail
+        itself is delivered: nothing to retry for the client).
+        """
+        notice = success_notice(
+            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal
+        )
+        if notice is None:
+            return
+
+        def stored(future: asyncio.Future) -> None:
+            try:
+                self.log(f"delivery notice {future.result()} for mail {queue_id} to <{envelope.sender}>")
+            except DeliveryError as exc:
+                self.log(f"delivery notice for mail {queue_id} to <{envelope.sender}> failed: {exc}")
+
+        self.committer.submit(notice, "local").add_done_callback(stored)
 
     def data_memory_limit(self) -> int:
         """max_data_memory, but never less than one message of the maximum size."""

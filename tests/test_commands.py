@@ -41,7 +41,7 @@ def test_help_and_ehlo_are_read_from_the_registry():
     assert replies_to(s, b"HELP\r\n") == HELP
     assert replies_to(s, b"EHLO c.example\r\n") == (
         b"250-mx.test Hello c.example\r\n250-PIPELINING\r\n250-SIZE 4096\r\n250-8BITMIME\r\n"
-        b"250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n250 HELP\r\n"
     )
 
 

@@ -46,7 +46,7 @@ def test_greeting_and_ehlo_advertise_extensions():
     assert s.greeting() == b"220 mx.test ESMTP prefork-smtpd\r\n"
     lines = replies(s.feed(b"EHLO client.example\r\n"))
     assert lines[0] == "250-mx.test Hello client.example"
-    assert lines[1:] == ["250-PIPELINING", "250-SIZE 12345", "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250 HELP"]
+    assert lines[1:] == ["250-PIPELINING", "250-SIZE 12345", "250-8BITMIME", "250-ENHANCEDSTATUSCODES", "250-DSN", "250 HELP"]
 
 
 def test_full_transaction_hands_envelope_to_worker():
@@ -151,7 +151,7 @@ def test_mail_from(line, reply):
         ("<a\x01b>", "553 5.1.3"),
         ("<>", "501 5.5.4"),
         ("", "501 5.5.4"),
-        ("<bob@smtpd.com> NOTIFY=NEVER", "555 5.5.4"),
+        ("<bob@smtpd.com> FOO=bar", "555 5.5.4"),  # DSN's NOTIFY/ORCPT only: tests/test_dsn.py
     ],
 )
 def test_rcpt_to(rcpt, reply):

@@ -33,7 +33,7 @@ import psutil
 from prefork_smtpd import __version__
 from prefork_smtpd.proxy import IPNetwork, encode_v2, parse_networks, trusted
 
-XSTAT_KEYS = ("BYTES", "MAILS", "CURRENT", "TOTAL")
+XSTAT_KEYS = ("BYTES", "MAILS", "CURRENT", "TOTAL", "QUEUE", "QUEUEAGE")
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Sample:
     total: int | None = None
     mails_per_s: float | None = None
     bytes_per_s: float | None = None
+    queued: int | None = None  # mails in the outbound queue
+    queue_age: int | None = None  # seconds the oldest has waited
     os_established: int | None = None  # with -n
     difference: int | None = None  # os_established - current
     clients: int | None = None  # connections other than the monitor's own
@@ -136,6 +138,7 @@ class Monitor:
         s = Sample(
             status="Online", time=now, delay_ms=round(delay, 3),
             bytes=x["BYTES"], mails=x["MAILS"], current=x["CURRENT"], total=x["TOTAL"],
+            queued=x["QUEUE"], queue_age=x["QUEUEAGE"],
         )
         if self.last is not None and now > self.last.time:
             span = now - self.last.time
@@ -171,6 +174,8 @@ def render(s: Sample, host: str, port: int) -> str:
         f"  total connections    {show(s.total)}",
         f"  mails/s              {show(s.mails_per_s)}",
         f"  bytes/s              {show(s.bytes_per_s)}",
+        f"  queued mails         {show(s.queued)}",
+        f"  oldest queued        {show(s.queue_age, ' s')}",
     ]
     if s.os_established is not None:
         rows += [
