@@ -387,3 +387,20 @@ def test_a_reload_puts_the_port_behind_the_balancer(start_server, tmp_path):
     wait_until(lambda: server.log_count("[192.0.2.7]:4711 connected (via proxy"), what="the proxied session")
     assert direct.cmd("NOOP")[0] == 250  # the session begun before the reload goes on
     assert direct.cmd("QUIT")[0] == 221
+
+
+def test_relay_rights_follow_the_conveyed_address_not_the_balancer(proxy_server):
+    """The balancer (127.0.0.1) is in --relay-networks, the conveyed client
+    is not: no relay for it; a client the header places inside the relay
+    network may relay. An open relay behind a balancer is the classic slip."""
+    server = proxy_server("--relay-networks", "127.0.0.0/8,198.51.100.0/24", "--relay-host", f"127.0.0.1:{free_port()}")
+    outside = encode_v2(CLIENT, SERVER_SIDE)  # 192.0.2.7: not in the relay networks
+    with connect(server.port, outside + b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\n"
+                 b"RCPT TO:<bob@example.org>\r\nQUIT\r\n") as sock:
+        replies = read_all(sock).split(b"\r\n")
+    assert b"550 5.7.1 Error: relay access denied; recipient domain not served here" in replies
+    inside = encode_v2(("198.51.100.9", 4712), SERVER_SIDE)
+    with connect(server.port, inside + b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\n"
+                 b"RCPT TO:<bob@example.org>\r\nQUIT\r\n") as sock:
+        replies = read_all(sock).split(b"\r\n")
+    assert any(line.startswith(b"250 2.1.5") for line in replies), replies
