@@ -8,8 +8,8 @@ allowed only in a transaction whose MAIL carried ``SMTPUTF8``
 A UTF-8 local part maps to its folder in one way (``folder_for``):
 
 1. it must be a dot-atom of RFC 5322 atext and non-ASCII characters
-   (RFC 6532 3.2), at most 64 octets of UTF-8 (RFC 5321 4.5.3.1.1 counts
-   octets, RFC 6531 3.3); characters that are controls, format characters
+   (RFC 6532 3.2), at most 64 octets of UTF-8 in its composed form (NFC;
+   RFC 5321 4.5.3.1.1 counts octets, RFC 6531 3.3); characters that are controls, format characters
    (bidirectional overrides...) other than ZWNJ/ZWJ, surrogates, private
    use, unassigned, or spaces or separators of any kind are refused;
 2. its folder is its canonical caseless form (Unicode D145): NFD,
@@ -58,8 +58,12 @@ def decode_path(raw: str) -> str | None:
 
 
 def valid_local_part(local: str) -> bool:
-    """A UTF-8 dot-atom of allowed characters, at most 64 octets."""
-    if len(local.encode("utf-8")) > MAX_LOCAL_PART or not _DOT_ATOM.match(local):
+    """A UTF-8 dot-atom of allowed characters, at most 64 octets once composed (NFC).
+
+    Composed, so that a name typed decomposed (``o`` + U+0308) is held to
+    the same length as the same name composed: one mailbox, one verdict.
+    """
+    if len(unicodedata.normalize("NFC", local).encode("utf-8")) > MAX_LOCAL_PART or not _DOT_ATOM.match(local):
         return False
     return all(
         c < "\x80" or c in _JOINERS or unicodedata.category(c) not in _REFUSED_CATEGORIES for c in local

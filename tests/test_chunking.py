@@ -219,7 +219,8 @@ def test_a_bdat_line_without_a_size_closes_the_session():
 def test_rset_ehlo_and_quit_end_a_chunked_transaction():
     for end, code in ((b"RSET\r\n", b"250"), (b"EHLO c\r\n", b"250"), (b"QUIT\r\n", b"221")):
         s = new_session()
-        s.feed(HEAD + b"BDAT 4\r\nab\r\n")
+        assert s.feed(HEAD + b"BDAT 4\r\nab\r\n").endswith(b"250 2.0.0 Ok: 4 octets received\r\n")
+        assert s.state is State.CHUNKS and s.held_bytes == 4
         assert s.feed(end).startswith(code)
         assert s.held_bytes == 0 and s.pending is None
 
@@ -245,7 +246,8 @@ def test_every_single_split_of_headers_and_data_gives_the_same_answers():
 
 
 def test_every_pair_of_splits_around_the_chunk_headers():
-    whole_out, _ = drive([STREAM])
+    whole_out, whole_stored = drive([STREAM])
+    assert whole_out.count(b"octets received") == 4 and [m.content for m in whole_stored] == [b"\n\x00\r.\r\n"]
     start = len(HEAD)
     for a in range(start, start + 40):
         for b in range(a + 1, start + 60):

@@ -58,16 +58,23 @@ def test_utf8_local_parts_map_to_their_canonical_caseless_form(local, folder):
     assert folder_for(local) == folder
 
 
-@pytest.mark.parametrize("local", [
-    "\u00e9/x", "\u00e9\x00", "\u00e9\x85", "\u00e9\u202ex", "\u00e9 x", "\u00e9\u3000x", "\u00e9\u2028",
-    ".\u00e9", "\u00e9.", "\u00e9..x", "\u00e9\ue000", "\u00e9\u0378", "\u00e9" * 33, "\u00e9\ufeff",
+# Each unsafe local part next to its safe sibling: the refusal is for the
+# one unsafe character (a slash, NUL, C1 control, RLO override, spaces,
+# line separator, dots, private use, unassigned, BOM), not for the UTF-8.
+@pytest.mark.parametrize("local, sibling", [
+    ("\u00e9/x", "\u00e9x"), ("\u00e9\x00", "\u00e90"), ("\u00e9\x85", "\u00e9\xe5"), ("\u00e9\u202ex", "\u00e9x"),
+    ("\u00e9 x", "\u00e9_x"), ("\u00e9\u3000x", "\u00e9-x"), ("\u00e9\u2028", "\u00e9"), (".\u00e9", "_\u00e9"),
+    ("\u00e9.", "\u00e9"), ("\u00e9..x", "\u00e9.x"), ("\u00e9\ue000", "\u00e9\u4e00"), ("\u00e9\u0378", "\u00e9\u0370"),
+    ("\u00e9" * 33, "\u00e9" * 32), ("\u00e9\ufeff", "\u00e9\u200d"),
 ])
-def test_unsafe_or_too_long_utf8_local_parts_are_refused(local):
+def test_unsafe_or_too_long_utf8_local_parts_are_refused(local, sibling):
     assert folder_for(local) is None
+    assert folder_for(sibling) is not None
 
 
-def test_length_is_counted_in_octets():
+def test_length_is_counted_in_octets_composed():
     assert folder_for("\u00e9" * 32) == "\u00e9" * 32  # 64 octets
+    assert folder_for("e\u0301" * 32) == "\u00e9" * 32  # 96 octets decomposed, 64 composed: the same mailbox
     assert folder_for("\u00e9" * 32 + "x") is None  # 65 octets, 33 characters
 
 
@@ -82,6 +89,18 @@ def test_any_input_maps_to_a_safe_name_or_is_refused(local):
     if folder is not None:
         assert is_safe_folder(folder), (local, folder)
         assert folder_for(folder) == folder  # stable: a folder's own name maps to itself
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.characters(categories=["Lu", "Ll", "Lo", "Nd"]), min_size=1, max_size=16))
+def test_words_of_any_script_are_mailboxes_however_composed(local):
+    """Letters and digits of any script, within 64 octets composed, are accepted;
+    the decomposed spelling is the same mailbox."""
+    if len(unicodedata.normalize("NFC", local).encode()) > 64:
+        return
+    folder = folder_for(local)
+    assert folder is not None, local
+    assert folder_for(unicodedata.normalize("NFD", local)) == folder
 
 
 @settings(max_examples=2000, deadline=None)
