@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 from . import chunking, replies, sasl, smtputf8
 from .commands import CommandTable
@@ -67,9 +67,8 @@ class State(enum.Enum):
     READY = "ready"  # HELO/EHLO done; no mail transaction
     MAIL = "mail"  # MAIL accepted; waiting for RCPT
     RCPT = "rcpt"  # at least one RCPT accepted
-    DATA = "data"  # reading message content
-    CHUNK = "chunk"  # reading the octets of a BDAT chunk (RFC 3030)
-    CHUNKS = "chunks"  # between the chunks of a BDAT transaction: BDAT goes on
+    DATA = "data"  # reading message content: after DATA's 354, or a BDAT chunk's octets
+    CHUNKS = "chunks"  # between the chunks of a BDAT transaction (RFC 3030): BDAT goes on
     AUTH = "auth"  # an AUTH exchange waits for the client's next line (a 334 is out)
     WAITING = "waiting"  # an outside verdict is awaited (Session.awaiting)
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
@@ -200,10 +199,13 @@ class Envelope:
     size: int = 0
     tls: TLSSessionInfo | None = None  # the session was encrypted (Received: ESMTPS)
     login: str = ""  # the user who authenticated (Received: ESMTPA)
-    smtputf8: bool = False  # MAIL said SMTPUTF8: addresses and headers may be UTF-8 (RFC 6531)
+    # Two flags MAIL sets on the rare envelope that needs them: class
+    # attributes, not fields, so the usual envelope is built no slower.
+    # SMTPUTF8 (RFC 6531): addresses and headers may be UTF-8.
+    smtputf8: ClassVar[bool] = False
     # BODY=BINARYMIME (RFC 3030 3), sent with BDAT: the chunks are the
     # message octet for octet, any bytes, not CRLF lines; stored as they came.
-    binary: bool = False
+    binary: ClassVar[bool] = False
 
     @property
     def protocol(self) -> str:
@@ -249,9 +251,9 @@ def folder_for(local_part: str) -> str | None:
     A UTF-8 local part (SMTPUTF8) maps to its canonical caseless form, under
     the same rules (smtputf8.folder_for).
     """
-    if not local_part.isascii():
-        return smtputf8.folder_for(local_part)
     if len(local_part) > MAX_LOCAL_PART or not _DOT_ATOM.match(local_part):
+        if not local_part.isascii():
+            return smtputf8.folder_for(local_part)
         return None
     return local_part.lower()
 
@@ -314,7 +316,7 @@ class Session:
         self._size = 0
         self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
-        # BDAT (RFC 3030): the chunk being read (State.CHUNK), the unfinished
+        # BDAT (RFC 3030): the chunk being read (in State.DATA), the unfinished
         # last line of a text message between reads and chunks, and whether
         # a failed chunk ended the transaction (later chunks: discarded).
         self._chunk: chunking.Chunk | None = None
@@ -376,7 +378,7 @@ class Session:
     def held_bytes(self) -> int:
         """Message bytes this session holds in memory while it reads DATA or BDAT chunks."""
         state = self.state
-        if (state is State.DATA or state is State.CHUNK or state is State.CHUNKS) and self._data_error is None:
+        if (state is State.DATA or state is State.CHUNKS) and self._data_error is None:
             return self._size
         return 0
 
@@ -416,15 +418,12 @@ class Session:
         while True:
             state = self.state
             if state is State.DATA:
-                pos, reply = self._consume_data(buf, pos)
+                if self._chunk is None:
+                    pos, reply = self._consume_data(buf, pos)
+                else:
+                    pos, reply = self._consume_chunk(buf, pos)  # BDAT
                 if reply is None:
-                    break  # the rest of the message is yet to come, or it is complete
-                out.append(reply)
-                continue
-            if state is State.CHUNK:
-                pos, reply = self._consume_chunk(buf, pos)
-                if reply is None:
-                    break  # the rest of the chunk is yet to come, or the message is complete
+                    break  # the rest of the message (or chunk) is yet to come, or it is complete
                 out.append(reply)
                 continue
             if state is State.WAITING or state is State.CLOSED:
@@ -578,8 +577,7 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
-        body = "7BIT"
-        utf8 = False
+        binary = utf8 = False
         for param in params:
             m = _PARAM.match(param)
             if not m:
@@ -594,7 +592,7 @@ class Session:
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     return self._error(replies.BODY_SYNTAX)
-                body = value.upper()
+                binary = value.upper() == "BINARYMIME"
             elif key == "SMTPUTF8":
                 if value is not None:  # RFC 6531 3.4: a keyword without a value
                     return self._error(replies.SMTPUTF8_SYNTAX)
@@ -624,9 +622,10 @@ class Session:
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._log_refusal(refusal)
             return refusal
-        self._envelope = Envelope(
-            helo=self.helo, sender=path, tls=self.tls, login=self.login, smtputf8=utf8, binary=body == "BINARYMIME"
-        )
+        envelope = self._envelope = Envelope(helo=self.helo, sender=path, tls=self.tls, login=self.login)
+        if utf8 or binary:
+            envelope.smtputf8 = utf8
+            envelope.binary = binary
         self._rejected_rcpts = 0
         self.state = State.MAIL
         return replies.SENDER_OK
@@ -646,7 +645,8 @@ class Session:
             return self._error(replies.RCPT_PARAMETERS)
         envelope = self._envelope
         assert envelope is not None
-        if not path.isascii():
+        utf8 = not path.isascii()
+        if utf8:
             path = self._utf8_path(path, envelope.smtputf8)
             if type(path) is not str:
                 self._rejected_rcpts += 1
@@ -659,7 +659,7 @@ class Session:
             self._log_refusal(reply)
             return reply
         local, at, domain = path.rpartition("@")
-        if at and not domain.isascii():
+        if utf8 and not domain.isascii():
             domain = smtputf8.ascii_domain(domain) or "?"  # a U-label domain: its A-labels (IDNA)
         if not at:
             local = path  # a bare local part, as the seed allowed
@@ -853,9 +853,6 @@ class Session:
         self._envelope = None
         self._rejected_rcpts = 0
         self._chunks = []
-        self._size = 0
-        self._data_error = None
-        self._chunk_line = b""
         self._chunk_failed = False
 
     # --------------------------------------------------------------- DATA
@@ -1008,9 +1005,11 @@ class Session:
             self._start_chunks()
         elif state is not State.CHUNKS:
             refusal = self._chunk_sequence_error(state)
+            self._size = 0  # nothing of it is held
+            self._size = 0  # nothing of it is held
         self._chunk = chunking.Chunk(size, last, refusal)
         self._state_after_refused_chunk = state
-        self.state = State.CHUNK
+        self.state = State.DATA  # the chunk's octets are message data, never commands
         return None  # answered once the chunk's data is read
 
     def _chunk_sequence_error(self, state: State) -> Reply:

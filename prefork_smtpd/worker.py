@@ -211,7 +211,7 @@ class SMTPConnection(asyncio.Protocol):
             if session.state is State.CLOSED:
                 return  # closing: the rest is never answered
             state = session.state
-            step = end - pos if state is State.DATA or state is State.CHUNK else COMMAND_SLICE
+            step = end - pos if state is State.DATA else COMMAND_SLICE
             piece = view[pos : pos + step]
             pos += len(piece)
             events = session.feed(piece)
@@ -226,8 +226,7 @@ class SMTPConnection(asyncio.Protocol):
 
     def _renew_deadline(self) -> None:
         worker = self.worker
-        state = self.session.state
-        if state is State.DATA or state is State.CHUNK:
+        if self.session.state is State.DATA:
             self.deadline = worker.now + worker.live.data_timeout
         else:
             self.deadline = worker.now + worker.live.timeout

@@ -165,9 +165,9 @@ def test_a_chunk_over_the_limit_is_discarded_without_being_held():
     s = new_session(max_message_size=1024)
     s.feed(HEAD + b"BDAT 100000 LAST\r\n")
     s.feed(b"x" * 98 + b"\r\n" + b"y" * 98 + b"\r\n")
-    assert s.held_bytes == 200 and s.state is State.CHUNK
+    assert s.held_bytes == 200 and s.state is State.DATA
     s.feed((b"x" * 98 + b"\r\n") * 499)
-    assert s.held_bytes == 0 and s.state is State.CHUNK  # past the limit: nothing more is kept
+    assert s.held_bytes == 0 and s.state is State.DATA  # past the limit: nothing more is kept
     assert s.feed((b"y" * 98 + b"\r\n") * 499 + b"NOOP\r\n") == replies.MESSAGE_TOO_BIG + replies.OK
 
 
@@ -176,7 +176,7 @@ def test_held_bytes_count_chunks_and_the_servers_refusal_comes_at_the_next_chunk
     s.feed(HEAD + b"BDAT 10\r\n0123456789")
     assert s.state is State.CHUNKS and s.held_bytes == 10
     s.feed(b"BDAT 6\r\nab")
-    assert s.state is State.CHUNK and s.held_bytes == 12
+    assert s.state is State.DATA and s.held_bytes == 12
     s.refuse_message(replies.INSUFFICIENT_STORAGE)  # the worker's memory for data is full
     assert s.held_bytes == 0
     assert s.feed(b"cd\r\n") == replies.INSUFFICIENT_STORAGE

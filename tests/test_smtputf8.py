@@ -190,5 +190,7 @@ def test_smtputf8_takes_no_value_and_the_next_transaction_is_ascii_again():
 ])
 def test_received_names_the_protocol_per_rfc_6531(tls, login, protocol):
     info = object() if tls else None
-    assert Envelope("c", "a@b", tls=info, login=login, smtputf8=True).protocol == protocol
-    assert Envelope("c", "a@b", tls=info, login=login).protocol == protocol.replace("UTF8SMTP", "ESMTP")
+    envelope = Envelope("c", "a@b", tls=info, login=login)
+    assert envelope.protocol == protocol.replace("UTF8SMTP", "ESMTP")
+    envelope.smtputf8 = True  # as MAIL ... SMTPUTF8 sets it
+    assert envelope.protocol == protocol
