@@ -49,7 +49,9 @@ acknowledged before its batch's step 3.
 
 Files use LF line endings, as Maildir readers (mutt, Dovecot, Python's
 ``mailbox``) expect; the SMTP session already refused bare CR and LF, so the
-conversion from CRLF loses nothing.
+conversion from CRLF loses nothing. A BINARYMIME message (BDAT, RFC 3030)
+may hold any octets, bare CR and LF included: it is stored as received,
+with CRLF trace headers (Dovecot and ``mailbox`` read CRLF files too).
 """
 
 from __future__ import annotations
@@ -252,9 +254,15 @@ class MaildirStore:
     def _write(self, job: _Job, dirs: "_BatchDirs") -> None:
         """Write one copy per distinct folder into the spool (not yet fsynced)."""
         envelope = job.envelope
-        # Piece by piece: each replace holds the GIL for one received piece
-        # (at most a read's worth), not for the whole message.
-        body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
+        if envelope.binary:
+            # BINARYMIME (RFC 3030): any octets, where a CRLF turned LF could
+            # not be told from a bare LF. Stored as received, CRLF lines, the
+            # trace headers too, so the file is one line convention.
+            body = envelope.chunks
+        else:
+            # Piece by piece: each replace holds the GIL for one received piece
+            # (at most a read's worth), not for the whole message.
+            body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
         folders: dict[str, Recipient] = {}
         for rcpt in envelope.recipients:
             if not rcpt.outside:  # the queue copy (below) carries the outside recipients
@@ -270,7 +278,10 @@ class MaildirStore:
                 job.copies.append(copy)
                 if self._chmod_files:
                     os.fchmod(copy.fd, FILE_MODE)
-                _write_all(copy.fd, self._trace_header(envelope, rcpt, job.peer_address, job.queue_id), body)
+                trace = self._trace_header(envelope, rcpt, job.peer_address, job.queue_id)
+                if envelope.binary:
+                    trace = trace.replace(b"\n", b"\r\n")
+                _write_all(copy.fd, trace, body)
             if any(r.outside for r in envelope.recipients):
                 self._write_queue_copy(job, dirs, len(folders))
         except OSError as exc:

@@ -171,7 +171,7 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "data_timeout", int, 600, metavar="SECONDS", range=(1, 86_400),
-        help="time to send one message after 354 (default {default})", change=LIVE, shared=True,
+        help="time to send one message after 354, or one BDAT chunk (default {default})", change=LIVE, shared=True,
         port_help="seconds a client may take to send one message",
     ),
     Setting(

@@ -227,14 +227,16 @@ class SMTPConnection(asyncio.Protocol):
                 return
             if session.state is State.CLOSED:
                 return  # closing: the rest is never answered
-            step = end - pos if session.state is State.DATA else COMMAND_SLICE
+            state = session.state
+            step = end - pos if state is State.DATA else COMMAND_SLICE
             piece = view[pos : pos + step]
             pos += len(piece)
             events = session.feed(piece)
-            if events:
+            if events or session.state is not state:
                 # Every reply answers a command the client completed: that
-                # is progress. Our own writes never push the deadline: while
-                # they wait unread, nothing more is fed.
+                # is progress (so is a BDAT line, answered after its chunk).
+                # Our own writes never push the deadline: while they wait
+                # unread, nothing more is fed.
                 self._renew_deadline()
             self._act(events)
             self._account_data_memory()
