@@ -39,7 +39,7 @@ class SharedStatsCollector:
         yield CounterMetricFamily(
             "smtpd_tls_handshake_failures", "TLS handshakes that failed or timed out", value=t.tls_handshake_failures,
         )
-        yield CounterMetricFamily("smtpd_auth_failures", "AUTH attempts refused with 535", value=t.auth_failures)
+        yield CounterMetricFamily("smtpd_auth_failures", "AUTH attempts with a wrong name or password", value=t.auth_failures)
         yield GaugeMetricFamily(
             "smtpd_connections_proxied", "SMTP connections open now that came through a trusted proxy",
             value=t.proxied,
@@ -49,6 +49,18 @@ class SharedStatsCollector:
             "Connections to a PROXY protocol port closed before a session: untrusted peer, bad or late header",
             value=t.proxy_failures,
         )
+        tls = CounterMetricFamily(
+            "smtpd_tls_sessions", "TLS handshakes completed (STARTTLS and implicit TLS), by version", labels=["version"],
+        )
+        for version, count in self.stats.tls_sessions().items():
+            tls.add_metric([version], count)
+        yield tls
+        auth = CounterMetricFamily(
+            "smtpd_auth_attempts", "AUTH exchanges by mechanism and result", labels=["mechanism", "result"],
+        )
+        for (mechanism, result), count in self.stats.auth_attempts().items():
+            auth.add_metric([mechanism, result], count)
+        yield auth
         rejected = CounterMetricFamily("smtpd_rejected_replies", "Error replies sent, by class", labels=["class"])
         rejected.add_metric(["4xx"], t.replies_4xx)
         rejected.add_metric(["5xx"], t.replies_5xx)

@@ -42,6 +42,7 @@ from typing import Callable, ClassVar
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
 from .events import (
+    AuthAborted,
     Authenticated,
     AuthFailed,
     AuthUnavailable,
@@ -146,6 +147,7 @@ XSTAT_TEXT = {
     "PROXIED": "current connections through a trusted proxy",
     "QUEUE": "mails in the outbound queue",  # prefork-smtpd-metrics shows these two
     "QUEUEAGE": "seconds the oldest queued mail has waited",
+    "TLS": "total TLS sessions",
 }
 
 # RFC 5322 atext without "/" (a folder separator): a local part made of these
@@ -785,8 +787,8 @@ class Session:
 
     @COMMANDS.verb(
         states=COMMAND_STATES,
-        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED",
-        help="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED: server-wide counters",
+        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS",
+        help="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters",
     )
     def smtp_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()
@@ -849,9 +851,12 @@ class Session:
         if isinstance(step, sasl.Challenge):
             self.state = State.AUTH
             return Reply(step.reply)
-        self._sasl = None
+        exchange, self._sasl = self._sasl, None
         self.state = State.READY
         if isinstance(step, sasl.Failure):
+            if exchange is not None and exchange.mechanism:  # counted by mechanism (unknown ones are not)
+                result = "cancelled" if step.reply == sasl.CANCELLED else "malformed"
+                self._out.append(AuthAborted(exchange.mechanism, result))
             return self._error(Reply(step.reply))
         self._checking = f"{step.mechanism} as {step.username!r}"  # for the log; never the password
         self._wait(CheckCredentials(step.mechanism, step.username, step.password), self._checked)

@@ -31,6 +31,7 @@ from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
 from .credentials import Credentials
 from .events import (
+    AuthAborted,
     Authenticated,
     AuthFailed,
     AuthUnavailable,
@@ -54,7 +55,7 @@ from .proxy import ProxyResult, parse_networks, trusted
 from .proxy_reader import Conveyed, conveyed, read_header
 from .session import Envelope, Session, State
 from .settings import Settings
-from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
+from .stats import AUTH_FIELDS, FIELD, TLS_SESSION_FIELDS, AddressTables, LiveSettings, SharedStats, address_key
 from .tls import describe_tls
 
 TOTAL = FIELD["total"]
@@ -287,6 +288,8 @@ class SMTPConnection(asyncio.Protocol):
                 self._start_tls()
             elif kind is CheckCredentials:
                 self._check_credentials(event)
+            elif kind is AuthAborted:
+                worker.count_auth(event.mechanism, event.result)
             else:
                 raise TypeError(f"no worker action for {event!r}")
         if unsent:
@@ -423,6 +426,8 @@ class SMTPConnection(asyncio.Protocol):
             if not self.closed and self.transport is not None:
                 self.transport.abort()
             return
+        if transport is not None:
+            worker.tls_completed(transport)
         if self.closed or transport is None:
             return
         self.transport = transport  # type: ignore[assignment]
@@ -447,15 +452,16 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         if worker.auth_checks >= worker.settings.max_auth_checks:
             worker.log(f"{self.peer} AUTH refused for now: {worker.auth_checks} password checks in progress")
+            worker.count_auth(event.mechanism, "unavailable")
             worker.loop.call_soon(self._auth_verdict, AuthUnavailable())
             return
         worker.auth_checks += 1
         users = worker.users
         assert users is not None
         future = worker.loop.run_in_executor(worker.auth_pool, users.verify, event.username, event.password)
-        future.add_done_callback(lambda f: self._checked(f, event.username))
+        future.add_done_callback(lambda f: self._checked(f, event.mechanism, event.username))
 
-    def _checked(self, future: asyncio.Future, username: str) -> None:
+    def _checked(self, future: asyncio.Future, mechanism: str, username: str) -> None:
         worker = self.worker
         worker.auth_checks -= 1
         try:
@@ -464,8 +470,10 @@ class SMTPConnection(asyncio.Protocol):
             worker.log(f"{self.peer} password check failed: {exc!r}")
             matches = False
         if matches:
+            worker.count_auth(mechanism, "success")
             self._auth_verdict(Authenticated(username))
             return
+        worker.count_auth(mechanism, "failure")
         worker.slot.add(AUTH_FAILURES)
         # Slow down guessing: the 535 leaves only after the delay.
         worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthFailed())
@@ -710,19 +718,33 @@ class Worker:
         (counted, greeted) once it succeeds."""
         peer_text = peer_text or _peer_text(sock)
         try:
-            await self.loop.connect_accepted_socket(
+            transport, _ = await self.loop.connect_accepted_socket(
                 new_connection, sock, ssl=self.tls_context,
                 ssl_handshake_timeout=self.settings.tls_handshake_timeout,
             )
         except Exception as exc:  # noqa: BLE001: whatever the client did, the connection is over
             self.tls_failed(peer_text, exc)
             sock.close()
+        else:
+            self.tls_completed(transport)  # type: ignore[arg-type]  # uvloop's stub calls it a BaseProtocol
 
     def tls_failed(self, peer: str, exc: BaseException) -> None:
         """A handshake that failed: logged with the peer, counted."""
         self.slot.add(TLS_FAILURES)
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         self.log(f"{peer} TLS handshake failed: {reason}")
+
+    def tls_completed(self, transport: asyncio.BaseTransport) -> None:
+        """A handshake that completed (STARTTLS or implicit TLS): counted by version."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else None
+        field = TLS_SESSION_FIELDS.get(version or "")
+        if field is not None:  # always, while the context allows only the versions counted
+            self.slot.add(field)
+
+    def count_auth(self, mechanism: str, result: str) -> None:
+        """One AUTH exchange of ``mechanism`` (PLAIN, LOGIN) ended with ``result``."""
+        self.slot.add(AUTH_FIELDS[mechanism, result])
 
     def connection_factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         """What makes a connection on ``listener``: its kind's protocol, given its context."""

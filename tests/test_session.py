@@ -100,7 +100,7 @@ def test_seed_error_scenario_gets_rfc_replies():
     assert code == "501 5.1.7 Syntax: MAIL FROM:<user@domain>"
     assert talk(s, "RCPT TO:") == [503]
     assert talk(s, "INVALID COMMAND") == [500]
-    assert replies(s.feed(b"XSTAT\r\n")) == ["501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED"]
+    assert replies(s.feed(b"XSTAT\r\n")) == ["501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """``prefork-smtpd-metrics``: watch a running server's figures live.
 
 Talks SMTP to the server: NOOP for the round-trip delay (wall clock), XSTAT
-for the counters. Replies are read line by line, never by read chunk. With
+for the counters; the share of encrypted sessions is XSTAT TLS (sessions
+whose TLS handshake completed) over XSTAT TOTAL. Replies are read line by line, never by read chunk. With
 ``-n`` it also counts, with psutil, the ESTABLISHED TCP sockets whose local
 port is the server's SMTP port (the server's side of each connection) and
 shows that beside XSTAT CURRENT. The monitor's own connection is in both
@@ -33,7 +34,9 @@ import psutil
 from prefork_smtpd import __version__
 from prefork_smtpd.proxy import IPNetwork, encode_v2, parse_networks, trusted
 
-XSTAT_KEYS = ("BYTES", "MAILS", "CURRENT", "TOTAL", "QUEUE", "QUEUEAGE")
+XSTAT_KEYS = ("BYTES", "MAILS", "CURRENT", "TOTAL", "QUEUE", "QUEUEAGE", "TLS")
+# Keys a server older than this monitor may not know (501): shown as "-".
+OPTIONAL_KEYS = frozenset({"TLS"})
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Sample:
     mails: int | None = None
     current: int | None = None
     total: int | None = None
+    tls: int | None = None  # sessions that completed a TLS handshake
+    encrypted_share: float | None = None  # tls / total, 0..1
     mails_per_s: float | None = None
     bytes_per_s: float | None = None
     queued: int | None = None  # mails in the outbound queue
@@ -83,14 +88,17 @@ class SMTPProbe:
             raise ConnectionError(f"NOOP answered {code} {text}")
         return (time.perf_counter() - start) * 1000
 
-    def xstat(self, keys: tuple[str, ...] = XSTAT_KEYS) -> dict[str, int]:
+    def xstat(self, keys: tuple[str, ...] = XSTAT_KEYS) -> dict[str, int | None]:
         self.sock.sendall(b"".join(b"XSTAT %s\r\n" % k.encode() for k in keys))  # pipelined
-        values = {}
+        values: dict[str, int | None] = {}
         for key in keys:
             code, text = self.reply()
-            if code != 250:
+            if code == 501 and key in OPTIONAL_KEYS:
+                values[key] = None
+            elif code != 250:
                 raise ConnectionError(f"XSTAT {key} answered {code} {text}")
-            values[key] = int(text.rsplit(":", 1)[1])
+            else:
+                values[key] = int(text.rsplit(":", 1)[1])
         return values
 
     def quit(self) -> None:
@@ -138,8 +146,10 @@ class Monitor:
         s = Sample(
             status="Online", time=now, delay_ms=round(delay, 3),
             bytes=x["BYTES"], mails=x["MAILS"], current=x["CURRENT"], total=x["TOTAL"],
-            queued=x["QUEUE"], queue_age=x["QUEUEAGE"],
+            queued=x["QUEUE"], queue_age=x["QUEUEAGE"], tls=x["TLS"],
         )
+        if s.tls is not None and s.total:
+            s.encrypted_share = round(s.tls / s.total, 4)
         if self.last is not None and now > self.last.time:
             span = now - self.last.time
             s.mails_per_s = round((s.mails - self.last.mails) / span, 2)
@@ -160,6 +170,15 @@ class Monitor:
             self.probe.quit()
 
 
+def encrypted(s: Sample) -> str:
+    """'3 of 4 (75.0%)': sessions that completed TLS, of all sessions."""
+    if s.tls is None:
+        return "-"
+    if s.encrypted_share is None:
+        return f"{s.tls} of {s.total}"
+    return f"{s.tls} of {s.total} ({s.encrypted_share * 100:.1f}%)"
+
+
 def render(s: Sample, host: str, port: int) -> str:
     def show(value, unit=""):
         return "-" if value is None else f"{value}{unit}"
@@ -172,6 +191,7 @@ def render(s: Sample, host: str, port: int) -> str:
         f"  mails                {show(s.mails)}",
         f"  current connections  {show(s.current)}",
         f"  total connections    {show(s.total)}",
+        f"  encrypted sessions   {encrypted(s)}",
         f"  mails/s              {show(s.mails_per_s)}",
         f"  bytes/s              {show(s.bytes_per_s)}",
         f"  queued mails         {show(s.queued)}",
