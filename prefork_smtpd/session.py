@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from . import replies, sasl
 from .commands import CommandTable
@@ -137,6 +137,11 @@ _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 # No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
+# RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
+# address literal may sit in it, colons and all.
+_AT_DOMAIN = rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
+_SOURCE_ROUTE = re.compile(rf"{_AT_DOMAIN}(?:,{_AT_DOMAIN})*:")
+CATCH_ALL = "*"  # --domain '*': every domain is served (nothing is relayed anyway)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # Why a message is refused, worst first: a bare CR or LF is a framing error
@@ -163,8 +168,9 @@ class Limits:
 
 @dataclass
 class Recipient:
-    address: str  # as the client gave it, for Delivered-To
+    address: str  # as the client gave it (any source route dropped), for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
+    subfolder: str = ""  # its Maildir++ subfolder (".invoices" for bob+invoices), if the store has one
 
 
 @dataclass
@@ -207,6 +213,24 @@ class Policy:
     def recipient_refusal(self, folder: str) -> Reply | None:
         """At RCPT, for a recipient whose address passed every syntax check."""
         return None
+
+    def mailbox(self, local_part: str, domain: str) -> Mailbox | None:
+        """Where mail for ``local_part@domain`` goes, or None if it cannot go
+        anywhere safe (553). ``domain`` is lowercase and served, or "" for
+        this host itself (a bare local part, an address literal of ours)."""
+        folder = folder_for(local_part)
+        return None if folder is None else Mailbox(folder)
+
+    def owns_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether an address literal (``postmaster@[192.0.2.1]``) names this server."""
+        return False
+
+
+class Mailbox(NamedTuple):
+    """A recipient's place in the store (``policy.MailboxNames``)."""
+
+    folder: str  # relative to mail_dir: "bob", or "a.example/bob"
+    subfolder: str = ""  # a Maildir++ subfolder of it: ".invoices", or ""
 
 
 ALLOW_ALL = Policy()
@@ -554,11 +578,14 @@ class Session:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
             return self._error(replies.MESSAGE_TOO_BIG)
+        path = strip_source_route(path)
+        if path is None:
+            return self._syntax_error("MAIL", "5.1.7")
         if path != "":
             address = _parse_mailbox(path)
             if address is None:
                 return self._syntax_error("MAIL", "5.1.7")
-            if address[1].lower() not in self.domains:
+            if not self._serves_sender(address[1]):
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
             if self.login and not self._owns(path):
                 return self._error(replies.SENDER_NOT_OWNED)
@@ -593,24 +620,30 @@ class Session:
             reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
+        path = strip_source_route(path)
+        if path is None:
+            self._rejected_rcpts += 1
+            return self._syntax_error("RCPT", "5.1.3")
         local, at, domain = path.rpartition("@")
         if not at:
             local = path  # a bare local part, as the seed allowed
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
-        elif domain.lower() not in self.domains:
+        elif not self._serves_recipient(domain):
             self._rejected_rcpts += 1
             return self._error(replies.RELAY_DENIED)
-        folder = folder_for(local)
-        if folder is None:
+        # An address literal (ours, or it was refused above) names this host, like a bare local part.
+        mailbox = self.policy.mailbox(local, "" if domain[:1] in ("", "[") else domain.lower())
+        if mailbox is None:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
-        refusal = self.policy.recipient_refusal(folder)
+        # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes says.
+        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(mailbox.folder)
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(address=path, folder=folder))
+        envelope.recipients.append(Recipient(path, mailbox.folder, mailbox.subfolder))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 
@@ -765,6 +798,18 @@ class Session:
             return sender == login
         local, _, domain = sender.rpartition("@")
         return local == login and domain in self.domains
+
+    def _serves_recipient(self, domain: str) -> bool:
+        """A served domain (every one under the catch-all), or an address literal of ours."""
+        if domain[0] == "[":
+            address = literal_address(domain)
+            return address is not None and self.policy.owns_address(address)
+        domains = self.domains
+        return domain.lower() in domains or CATCH_ALL in domains
+
+    def _serves_sender(self, domain: str) -> bool:
+        """Senders: a served domain or one of our literals; under the catch-all, any."""
+        return CATCH_ALL in self.domains or self._serves_recipient(domain)
 
     def _reset_transaction(self) -> None:
         self._envelope = None
@@ -922,18 +967,46 @@ def valid_helo_name(name: str) -> bool:
 
 def is_address_literal(text: str) -> bool:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
+    return literal_address(text) is not None
+
+
+def literal_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``, or None.
+
+    An IPv4-mapped IPv6 address is given as its IPv4 address: it names the
+    same host.
+    """
     m = _ADDRESS_LITERAL.match(text)
     if m is None:
-        return False
+        return None
     tag, address = m.groups()
     try:
         if tag is None:
-            ipaddress.IPv4Address(address)
-        else:
-            ipaddress.IPv6Address(address)
+            return ipaddress.IPv4Address(address)
+        v6 = ipaddress.IPv6Address(address)
     except ValueError:
-        return False
-    return True
+        return None
+    return v6.ipv4_mapped or v6
+
+
+def strip_source_route(path: str) -> str | None:
+    """The mailbox of a path, its source route dropped; None if the route is malformed.
+
+    RFC 5321 4.1.2 and appendix C: ``<@a.example,@b.example:anne@smtpd.com>``
+    is a path with a source route, which servers MUST accept and SHOULD
+    ignore. A path without one comes back as it is.
+    """
+    if path[:1] != "@":
+        return path
+    m = _SOURCE_ROUTE.match(path)
+    if m is None or m.end() == len(path):
+        return None
+    return path[m.end() :]
+
+
+def is_postmaster(local_part: str) -> bool:
+    """RFC 5321 4.5.1: "Postmaster" in any case; always accepted."""
+    return len(local_part) == 10 and local_part.lower() == "postmaster"
 
 
 def is_auth_line(line: bytes) -> bool:

@@ -45,7 +45,7 @@ from .events import (
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
-from .policy import ServerPolicy, mailbox_check
+from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
 from .session import Envelope, Session, State
 from .settings import Settings
 from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
@@ -506,8 +506,10 @@ class Worker:
         self.domains = frozenset(settings.domains)
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
+        names = names_from(settings)
         self.policy = ServerPolicy(
-            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
+            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list, names), self.space, names,
+            lambda: own_addresses(bound_addresses(listeners)),
         )
         self.connections: set[SMTPConnection] = set()
         self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
@@ -534,7 +536,7 @@ class Worker:
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        store = MaildirStore(self.settings.mail_dir, self.settings.hostname, plus_folders=self.settings.plus_folders)
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:
             # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.
