@@ -634,7 +634,7 @@ class Session:
             self._rejected_rcpts += 1
             return self._error(replies.RELAY_DENIED)
         # An address literal (ours, or it was refused above) names this host, like a bare local part.
-        mailbox = self.policy.mailbox(local, "" if domain[:1] in ("", "[") else domain.lower())
+        mailbox = self.policy.mailbox(local, domain.lower() if at and domain[0] != "[" else "")
         if mailbox is None:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
