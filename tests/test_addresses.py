@@ -414,3 +414,10 @@ def test_a_link_on_the_way_to_a_folder_is_refused(tmp_path):
             store.deliver(store_envelope(rcpt), "[x]")
     assert not (tmp_path / "elsewhere" / "bob" / "new").exists()
     assert os.listdir(tmp_path / ".tmp") == []
+
+
+def test_the_disk_reserve_counts_a_copy_per_subfolder():
+    from prefork_smtpd.diskspace import HEADROOM_PER_COPY, bytes_to_store
+
+    env = store_envelope(("bob+a", "bob", ".a"), ("bob+b", "bob", ".b"), ("Bob", "bob", ""), ("bob", "bob", ""))
+    assert bytes_to_store(env) == 3 * (env.size + HEADROOM_PER_COPY)  # at most three files: .a, .b, bob
