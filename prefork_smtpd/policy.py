@@ -204,7 +204,8 @@ def load_mailbox_list(path: str, names: MailboxNames | None = None) -> frozenset
         local, _, domain = name.rpartition("@") if "@" in name else (name, "", "")
         folder = names.folder(local, domain)
         if folder is None:
-            raise MailboxListError(f"mailboxes file {path}:{number}: not a valid mailbox: {name!r}")
+            what = "address" if names.by_address else "local part"
+            raise MailboxListError(f"mailboxes file {path}:{number}: not a valid {what}: {name!r}")
         folders.add(folder)
     return frozenset(folders)
 

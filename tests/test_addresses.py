@@ -327,7 +327,7 @@ def test_a_mailboxes_file_names_addresses_under_folders_address(tmp_path):
     }
     assert policy.load_mailbox_list(str(listed)) == {"bob", "carol"}
     listed.write_text("bob@bad_domain\n")
-    with pytest.raises(policy.MailboxListError, match="boxes:1: not a valid mailbox"):
+    with pytest.raises(policy.MailboxListError, match="boxes:1: not a valid address"):
         policy.load_mailbox_list(str(listed), MailboxNames("address", "smtpd.com"))
 
 
