@@ -115,11 +115,14 @@ class MailboxNames:
         return None if home is None else f"{home}/{name}"
 
     def mailbox(self, local_part: str, domain: str) -> Mailbox | None:
-        base, detail = self.split_detail(local_part)
-        folder = self.folder(base, domain)
+        detail = ""
+        if self.delimiters:  # else no split: the common case costs no call
+            local_part, detail = self.split_detail(local_part)
+        # --folders local needs no domain: folder_for straight away (one call less at each RCPT).
+        folder = self.folder(local_part, domain) if self.by_address else folder_for(local_part)
         if folder is None:
             return None
-        return Mailbox(folder, subfolder_for(detail) if detail else "")
+        return folder, subfolder_for(detail) if detail else ""
 
 
 def names_from(settings) -> MailboxNames:

@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from . import replies, sasl
 from .commands import CommandTable
@@ -219,18 +219,17 @@ class Policy:
         anywhere safe (553). ``domain`` is lowercase and served, or "" for
         this host itself (a bare local part, an address literal of ours)."""
         folder = folder_for(local_part)
-        return None if folder is None else Mailbox(folder)
+        return None if folder is None else (folder, "")
 
     def owns_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Whether an address literal (``postmaster@[192.0.2.1]``) names this server."""
         return False
 
 
-class Mailbox(NamedTuple):
-    """A recipient's place in the store (``policy.MailboxNames``)."""
-
-    folder: str  # relative to mail_dir: "bob", or "a.example/bob"
-    subfolder: str = ""  # a Maildir++ subfolder of it: ".invoices", or ""
+# A recipient's place in the store (``policy.MailboxNames``): its folder,
+# relative to mail_dir ("bob", "a.example/bob"), and a Maildir++ subfolder
+# of it (".invoices") or "". A plain tuple: made at every RCPT.
+Mailbox = tuple[str, str]
 
 
 ALLOW_ALL = Policy()
@@ -578,14 +577,15 @@ class Session:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
             return self._error(replies.MESSAGE_TOO_BIG)
-        path = strip_source_route(path)
-        if path is None:
-            return self._syntax_error("MAIL", "5.1.7")
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                return self._syntax_error("MAIL", "5.1.7")
         if path != "":
             address = _parse_mailbox(path)
             if address is None:
                 return self._syntax_error("MAIL", "5.1.7")
-            if not self._serves_sender(address[1]):
+            if address[1].lower() not in self.domains and not self._serves_other_sender(address[1]):
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
             if self.login and not self._owns(path):
                 return self._error(replies.SENDER_NOT_OWNED)
@@ -620,30 +620,32 @@ class Session:
             reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
-        path = strip_source_route(path)
-        if path is None:
-            self._rejected_rcpts += 1
-            return self._syntax_error("RCPT", "5.1.3")
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                self._rejected_rcpts += 1
+                return self._syntax_error("RCPT", "5.1.3")
         local, at, domain = path.rpartition("@")
         if not at:
             local = path  # a bare local part, as the seed allowed
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
-        elif not self._serves_recipient(domain):
+        elif (domain := domain.lower()) not in self.domains and not self._serves_other_recipient(domain):
             self._rejected_rcpts += 1
             return self._error(replies.RELAY_DENIED)
         # An address literal (ours, or it was refused above) names this host, like a bare local part.
-        mailbox = self.policy.mailbox(local, domain.lower() if at and domain[0] != "[" else "")
+        mailbox = self.policy.mailbox(local, domain if at and domain[0] != "[" else "")
         if mailbox is None:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
+        folder, subfolder = mailbox
         # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes says.
-        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(mailbox.folder)
+        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(folder)
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(path, mailbox.folder, mailbox.subfolder))
+        envelope.recipients.append(Recipient(path, folder, subfolder))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 
@@ -799,17 +801,17 @@ class Session:
         local, _, domain = sender.rpartition("@")
         return local == login and domain in self.domains
 
-    def _serves_recipient(self, domain: str) -> bool:
-        """A served domain (every one under the catch-all), or an address literal of ours."""
+    # A domain not in self.domains may still be served: these answer for it.
+    def _serves_other_recipient(self, domain: str) -> bool:
+        """An address literal of ours, or any domain under the catch-all."""
         if domain[0] == "[":
             address = literal_address(domain)
             return address is not None and self.policy.owns_address(address)
-        domains = self.domains
-        return domain.lower() in domains or CATCH_ALL in domains
+        return CATCH_ALL in self.domains
 
-    def _serves_sender(self, domain: str) -> bool:
-        """Senders: a served domain or one of our literals; under the catch-all, any."""
-        return CATCH_ALL in self.domains or self._serves_recipient(domain)
+    def _serves_other_sender(self, domain: str) -> bool:
+        """Senders: one of our literals; under the catch-all, any."""
+        return CATCH_ALL in self.domains or self._serves_other_recipient(domain)
 
     def _reset_transaction(self) -> None:
         self._envelope = None

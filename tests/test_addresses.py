@@ -249,12 +249,12 @@ def test_any_mailbox_maps_to_safe_folders_or_is_refused(names, local, domain):
     mailbox = names.mailbox(local, domain)
     if mailbox is None:
         return
-    parts = mailbox.folder.split("/")
+    folder, sub = mailbox
+    parts = folder.split("/")
     assert len(parts) == (2 if names.by_address else 1)
     assert all(safe_part(p) for p in parts), mailbox
     assert len(parts[-1]) <= 64
-    if mailbox.subfolder:
-        sub = mailbox.subfolder
+    if sub:
         assert sub.startswith(".") and safe_part(sub[1:]) and ".." not in sub and not sub.endswith(".")
 
 
