@@ -47,6 +47,13 @@ this kind of disk that is two flushes per batch instead of two per mail
 file still gets a plain fsync, which is cheaper. No message is
 acknowledged before its batch's step 3.
 
+Folders: a recipient's folder is one name (``bob``) or a domain and a
+name (``a.example/bob``, ``--folders address``), each part checked by the
+session's policy; a plus-address may add a Maildir++ subfolder
+(``bob/.invoices``), used when it exists or the store is told to make
+such folders (``plus_folders``); one made gets the ``maildirfolder`` file
+Maildir++ readers (Dovecot) expect. Every part is opened with O_NOFOLLOW.
+
 Files use LF line endings, as Maildir readers (mutt, Dovecot, Python's
 ``mailbox``) expect; the SMTP session already refused bare CR and LF, so the
 conversion from CRLF loses nothing. A BINARYMIME message (BDAT, RFC 3030)
@@ -83,6 +90,7 @@ SPOOL = ".tmp"  # under mail_dir: where every copy is written before its rename 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
+MAILDIRFOLDER = "maildirfolder"  # marks a Maildir++ subfolder (Dovecot, Courier)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -157,12 +165,13 @@ class _Job:
 
 
 class MaildirStore:
-    def __init__(self, root: str, hostname: str, queue_dir: str | None = None) -> None:
+    def __init__(self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
         # Where the copy for outside recipients goes (queue.py), in the same
         # batch as the local copies: all of one mail is durable, or none.
         self.queue_dir = queue_dir
+        self.plus_folders = plus_folders  # make a plus-address's Maildir++ subfolder if missing
         # Maildir forbids "/" and ":" in the host part of a file name.
         self._host_part = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._sequence = itertools.count()
@@ -264,10 +273,10 @@ class MaildirStore:
             # (at most a read's worth), not for the whole message.
             body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
         folders: dict[str, Recipient] = {}
-        for rcpt in envelope.recipients:
-            if not rcpt.outside:  # the queue copy (below) carries the outside recipients
-                folders.setdefault(rcpt.folder, rcpt)
         try:
+            for rcpt in envelope.recipients:
+                if not rcpt.outside:  # the queue copy (below) carries the outside recipients
+                    folders.setdefault(self._target(rcpt, dirs), rcpt)
             for i, (folder, rcpt) in enumerate(folders.items()):
                 new_fd = dirs.new_dir(folder)
                 # The name in new/ is the queue id, the same in every folder,
@@ -286,6 +295,14 @@ class MaildirStore:
                 self._write_queue_copy(job, dirs, len(folders))
         except OSError as exc:
             job.fail(exc)
+
+    def _target(self, rcpt: Recipient, dirs: "_BatchDirs") -> str:
+        """The folder a copy goes into: the recipient's, or its Maildir++ subfolder
+        when that exists (or plus_folders makes it)."""
+        if not rcpt.subfolder:
+            return rcpt.folder
+        path = f"{rcpt.folder}/{rcpt.subfolder}"
+        return path if self.plus_folders or dirs.is_folder(path) else rcpt.folder
 
     def _write_queue_copy(self, job: _Job, dirs: "_BatchDirs", number: int) -> None:
         """The queue file (queue.py): its envelope line, a Received header, the message as received."""
@@ -367,7 +384,7 @@ class _BatchDirs:
         if fd is not None:
             return fd
         store = self.store
-        folder_fd = _open_dir(self.root, folder, store.root, make=True)
+        folder_fd = _open_path(self.root, folder, store.root, make=True)
         try:
             if folder not in store._checked:
                 self._check_folder(folder, folder_fd)
@@ -389,6 +406,15 @@ class _BatchDirs:
             self.queue_fd = fd
             self.new_fds[" queue"] = fd  # closed with the others (no folder name has a space)
         return self.queue_fd
+    def is_folder(self, folder: str) -> bool:
+        """Whether the folder exists (a symbolic link on the way raises, as for delivery)."""
+        if folder in self.new_fds or folder in self.store._checked:
+            return True
+        try:
+            os.close(_open_path(self.root, folder, self.store.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def _check_folder(self, folder: str, folder_fd: int) -> None:
         """Once per folder and process: tmp/new/cur are real, on the spool's file system."""
@@ -413,6 +439,12 @@ class _BatchDirs:
                 raise _symlink_refused(os.path.join(path, sub))
             if not stat.S_ISDIR(st.st_mode):
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.path.join(path, sub))
+        if os.path.basename(folder).startswith("."):  # a Maildir++ subfolder
+            try:
+                os.stat(MAILDIRFOLDER, dir_fd=folder_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(os.open(MAILDIRFOLDER, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=folder_fd))
+                made = True
         if made:
             fsync(folder_fd)  # the new subfolders' entries
 
@@ -469,6 +501,25 @@ def _open_dir(parent_fd: int, name: str, parent_path: str, make: bool = False) -
             exc.filename = os.path.join(parent_path, name)
         raise
     return _open_dir(parent_fd, name, parent_path)
+
+
+def _open_path(root_fd: int, folder: str, root_path: str, make: bool = False) -> int:
+    """Open ``folder`` ("bob", "a.example/bob/.invoices") part by part, never through a link."""
+    parts = folder.split("/")
+    fd = root_fd
+    path = root_path
+    try:
+        for part in parts:
+            parent = fd
+            fd = _open_dir(parent, part, path, make)
+            if parent != root_fd:
+                os.close(parent)
+            path = os.path.join(path, part)
+    except BaseException:
+        if fd != root_fd:
+            os.close(fd)
+        raise
+    return fd
 
 
 def _make_dir(parent_fd: int, name: str) -> None:

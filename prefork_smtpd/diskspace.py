@@ -45,7 +45,7 @@ def free_bytes(path: str) -> int | None:
 
 def bytes_to_store(envelope: Envelope) -> int:
     """What storing this message takes: one file per distinct folder."""
-    copies = len({r.folder for r in envelope.recipients})
+    copies = len({(r.folder, r.subfolder) for r in envelope.recipients})
     return copies * (envelope.size + HEADROOM_PER_COPY)
 
 

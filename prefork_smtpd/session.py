@@ -162,6 +162,11 @@ _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 # No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
+# RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
+# address literal may sit in it, colons and all.
+_AT_DOMAIN = rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
+_SOURCE_ROUTE = re.compile(rf"{_AT_DOMAIN}(?:,{_AT_DOMAIN})*:")
+CATCH_ALL = "*"  # --domain '*': every domain is served (nothing is relayed anyway)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # Why a message is refused, worst first: a bare CR or LF is a framing error
@@ -188,8 +193,9 @@ class Limits:
 
 @dataclass
 class Recipient:
-    address: str  # as the client gave it, for Delivered-To
+    address: str  # as the client gave it (any source route dropped), for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
+    subfolder: str = ""  # its Maildir++ subfolder (".invoices" for bob+invoices), if the store has one
     dsn: dsn.RecipientDSN | None = None  # NOTIFY=, ORCPT= (None: neither given)
     outside: bool = False  # in a domain not served here: queued for relay (folder "")
 
@@ -247,6 +253,23 @@ class Policy:
     def recipient_refusal(self, folder: str) -> Reply | None:
         """At RCPT, for a recipient whose address passed every syntax check."""
         return None
+
+    def mailbox(self, local_part: str, domain: str) -> Mailbox | None:
+        """Where mail for ``local_part@domain`` goes, or None if it cannot go
+        anywhere safe (553). ``domain`` is lowercase and served, or "" for
+        this host itself (a bare local part, an address literal of ours)."""
+        folder = folder_for(local_part)
+        return None if folder is None else (folder, "")
+
+    def owns_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether an address literal (``postmaster@[192.0.2.1]``) names this server."""
+        return False
+
+
+# A recipient's place in the store (``policy.MailboxNames``): its folder,
+# relative to mail_dir ("bob", "a.example/bob"), and a Maildir++ subfolder
+# of it (".invoices") or "". A plain tuple: made at every RCPT.
+Mailbox = tuple[str, str]
 
 
 ALLOW_ALL = Policy()
@@ -628,11 +651,15 @@ class Session:
             path = self._utf8_path(path, utf8)
             if type(path) is not str:
                 return path  # refused
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                return self._syntax_error("MAIL", "5.1.7")
         if path != "":
             address = _parse_mailbox(path) if path.isascii() else smtputf8.parse_mailbox(path)
             if address is None:
                 return self._syntax_error("MAIL", "5.1.7")
-            if address[1].lower() not in self.domains:
+            if address[1].lower() not in self.domains and not self._serves_other_sender(address[1]):
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
             if self.login and not self._owns(path):
                 return self._error(replies.SENDER_NOT_OWNED)
@@ -682,6 +709,11 @@ class Session:
             reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                self._rejected_rcpts += 1
+                return self._syntax_error("RCPT", "5.1.3")
         local, at, domain = path.rpartition("@")
         if utf8 and not domain.isascii():
             domain = smtputf8.ascii_domain(domain) or "?"  # a U-label domain: its A-labels (IDNA)
@@ -690,17 +722,25 @@ class Session:
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
-        elif domain.lower() not in self.domains:
+        elif (domain := domain.lower()) not in self.domains and not self._serves_other_recipient(domain):
+            if domain[0] == "[":
+                # Not one of our addresses: a relay attempt, refused whoever
+                # asks (the queue never aims at a host the client picks).
+                self._rejected_rcpts += 1
+                return self._error(replies.RELAY_DENIED)
             return self._outside_recipient(path, rcpt_dsn)
-        folder = folder_for(local)
-        if folder is None:
+        # An address literal (ours, or it was refused above) names this host, like a bare local part.
+        mailbox = self.policy.mailbox(local, domain if at and domain[0] != "[" else "")
+        if mailbox is None:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
-        refusal = self.policy.recipient_refusal(folder)
+        folder, subfolder = mailbox
+        # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes says.
+        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(folder)
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn))
+        envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn, subfolder=subfolder))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
 
@@ -893,6 +933,17 @@ class Session:
         local, _, domain = sender.rpartition("@")
         return local == login and domain in self.domains
 
+    # A domain not in self.domains may still be served: these answer for it.
+    def _serves_other_recipient(self, domain: str) -> bool:
+        """An address literal of ours, or any domain under the catch-all."""
+        if domain[0] == "[":
+            address = literal_address(domain)
+            return address is not None and self.policy.owns_address(address)
+        return CATCH_ALL in self.domains
+
+    def _serves_other_sender(self, domain: str) -> bool:
+        """Senders: one of our literals; under the catch-all, any."""
+        return CATCH_ALL in self.domains or self._serves_other_recipient(domain)
     # ----------------------------------------------------------- SMTPUTF8
     def _utf8_path(self, path: str, smtputf8_transaction: bool) -> str | Reply | None:
         """A path with octets above 0x7F: the client's UTF-8, decoded, or the refusal.
@@ -1200,18 +1251,46 @@ def valid_helo_name(name: str) -> bool:
 
 def is_address_literal(text: str) -> bool:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
+    return literal_address(text) is not None
+
+
+def literal_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``, or None.
+
+    An IPv4-mapped IPv6 address is given as its IPv4 address: it names the
+    same host.
+    """
     m = _ADDRESS_LITERAL.match(text)
     if m is None:
-        return False
+        return None
     tag, address = m.groups()
     try:
         if tag is None:
-            ipaddress.IPv4Address(address)
-        else:
-            ipaddress.IPv6Address(address)
+            return ipaddress.IPv4Address(address)
+        v6 = ipaddress.IPv6Address(address)
     except ValueError:
-        return False
-    return True
+        return None
+    return v6.ipv4_mapped or v6
+
+
+def strip_source_route(path: str) -> str | None:
+    """The mailbox of a path, its source route dropped; None if the route is malformed.
+
+    RFC 5321 4.1.2 and appendix C: ``<@a.example,@b.example:anne@smtpd.com>``
+    is a path with a source route, which servers MUST accept and SHOULD
+    ignore. A path without one comes back as it is.
+    """
+    if path[:1] != "@":
+        return path
+    m = _SOURCE_ROUTE.match(path)
+    if m is None or m.end() == len(path):
+        return None
+    return path[m.end() :]
+
+
+def is_postmaster(local_part: str) -> bool:
+    """RFC 5321 4.5.1: "Postmaster" in any case; always accepted."""
+    return len(local_part) == 10 and local_part.lower() == "postmaster"
 
 
 def is_auth_line(line: bytes) -> bool:

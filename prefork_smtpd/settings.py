@@ -262,7 +262,8 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "domains", list, default_factory=lambda: ["smtpd.com"], flags=("--domain",), metavar="D",
-        help="a served domain; repeat for more (default smtpd.com)",
+        help="a served domain; repeat for more; * serves every domain, a catch-all (nothing is ever relayed)"
+        " (default smtpd.com)",
     ),
     Setting(
         "hostname", str, default_factory=socket.gethostname, default_doc="host name",
@@ -272,7 +273,22 @@ REGISTRY: tuple[Setting, ...] = (
     Setting(
         "mailboxes", str, "auto", metavar="auto|existing|FILE",  # see policy.py
         help="which recipients get a folder: any valid local part (auto, the default), only folders"
-        " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
+        " already in the mail dir (existing), or the mailboxes listed in FILE, one a line (read again on reload)",
+    ),
+    Setting(
+        "folders", str, "local", metavar="local|address",  # see policy.py
+        help="a recipient's folder: mail_dir/<local part> (local, the default) or mail_dir/<domain>/<local part>"
+        " (address: a folder per domain, Dovecot's domain/user layout)",
+    ),
+    Setting(
+        "recipient_delimiter", str, None, metavar="CHARS", default_doc="none",
+        help="plus-addressing: with +, bob+invoices@ is delivered to bob (with several CHARS, the first of"
+        " any of them splits the local part) (default: none)",
+    ),
+    Setting(
+        "plus_folders", bool, False,
+        help="with --recipient-delimiter: make the Maildir++ subfolder bob/.invoices for bob+invoices@"
+        " (default: off, only a subfolder that exists is used)",
     ),
     Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
     # -------------------------------------------------- TLS and AUTH (reload re-reads the files)

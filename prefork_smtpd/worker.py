@@ -45,12 +45,11 @@ from .events import (
     TLSStarted,
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
-from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
 from .notices import success_notice
 from .queue import queue_dir_of
 from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
-from .policy import ServerPolicy, mailbox_check
+from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
 from .proxy import ProxyResult, parse_networks, trusted
 from .proxy_reader import Conveyed, conveyed, read_header
 from .session import Envelope, Session, State
@@ -549,8 +548,10 @@ class Worker:
         self.relay_networks = relay_networks(settings.relay_networks)  # checked at start
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
+        names = names_from(settings)
         self.policy = ServerPolicy(
-            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
+            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list, names), self.space, names,
+            lambda: own_addresses(bound_addresses(listeners)),
         )
         self.connections: set[SMTPConnection] = set()
         self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
@@ -577,7 +578,10 @@ class Worker:
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        store = MaildirStore(self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings))
+        store = MaildirStore(
+            self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings),
+            plus_folders=self.settings.plus_folders,
+        )
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:
             # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.

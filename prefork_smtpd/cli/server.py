@@ -9,7 +9,8 @@ from typing import Callable
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
 from prefork_smtpd.listeners import proxy_problem
-from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list
+from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list, names_from
+from prefork_smtpd.policy import settings_problem as address_problem
 from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, check_range
 
 
@@ -84,7 +85,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
             raise ConfigFileError(problem)
         if settings.mailboxes not in MODES:  # a file: read it now, at start and on each reload
             try:
-                settings.mailbox_list = load_mailbox_list(settings.mailboxes)
+                settings.mailbox_list = load_mailbox_list(settings.mailboxes, names_from(settings))
             except MailboxListError as exc:
                 raise ConfigFileError(str(exc)) from None
         return settings
@@ -100,7 +101,7 @@ def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
-    tls_problem = _tls_problem(settings) or proxy_problem(settings)
+    tls_problem = _tls_problem(settings) or proxy_problem(settings) or address_problem(settings)
     if tls_problem:
         return tls_problem
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
