@@ -653,8 +653,8 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
                        [[label] + [spread(results.values(s, name, what)) for s in plain]
                         for label, name, what in rate_rows(kinds)])
     if tls:
-        versions = sorted({v for s in tls for ms in results.runs[s].values() for m in ms for v in m.tls_versions})
-        lines += ["", f"## TLS (mails/s; STARTTLS required; negotiated: {', '.join(versions)})", ""]
+        negotiated = sorted({v for s in tls for ms in results.runs[s].values() for m in ms for v in m.tls_versions})
+        lines += ["", f"## TLS (mails/s; STARTTLS required; negotiated: {', '.join(negotiated)})", ""]
         lines += table(["server"] + [f"{s} ({sc[s].describe()})" for s in tls]
                        + [f"{s}: busiest client process, CPU share of a core" for s in tls],
                        [[k.name] + [spread(results.values(s, k.name)) for s in tls]
