@@ -101,6 +101,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc_syncfs = getattr(_libc, "syncfs", None)  # Linux only; elsewhere, fsyncs
 
 
+class _process:
+    """This process's pid, for the name of every file; a getpid() per mail
+    was one syscall of the few per mail. Set again in a forked child."""
+
+    pid = os.getpid()
+
+
+def _note_new_pid() -> None:
+    _process.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_new_pid)
+
+
 def syncfs(fd: int) -> None:
     """Make every change to the file system holding ``fd`` durable."""
     if _libc_syncfs(fd) != 0:
@@ -187,7 +201,7 @@ class MaildirStore:
         now = time.time()
         seconds = int(now)
         micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros}P{os.getpid()}Q{next(self._sequence)}.{self._host_part}"
+        return f"{seconds}.M{micros}P{_process.pid}Q{next(self._sequence)}.{self._host_part}"
 
     def deliver(self, envelope: Envelope, peer_address: str) -> str:
         """Store one message; return its queue id or raise DeliveryError."""
@@ -567,12 +581,18 @@ class BatchCommitter:
     The event loop hands messages over with ``submit`` and gets a future;
     a few threads each take whatever has queued up (up to MAX_BATCH) as one
     batch, so the busier the worker, the more messages share each fsync.
+
+    The messages of one turn of the loop are queued together at its end,
+    not one by one: a thread woken by the first would start a batch of one
+    (and take the GIL from the loop) while the loop still had the others in
+    hand. Gathered, they form one batch and cost one wake-up.
     """
 
     def __init__(self, store: MaildirStore, loop: asyncio.AbstractEventLoop, threads: int) -> None:
         self.store = store
         self.loop = loop
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.gathered: list[tuple[Envelope, str, asyncio.Future]] = []  # this turn's, not queued yet
         self.threads = [
             threading.Thread(target=self._run, name=f"delivery-{i}", daemon=True) for i in range(threads)
         ]
@@ -581,11 +601,19 @@ class BatchCommitter:
 
     def submit(self, envelope: Envelope, peer_address: str) -> asyncio.Future:
         future = self.loop.create_future()
-        self.queue.put((envelope, peer_address, future))
+        if not self.gathered:
+            self.loop.call_soon(self._hand_over)  # after the callbacks ready in this turn
+        self.gathered.append((envelope, peer_address, future))
         return future
+
+    def _hand_over(self) -> None:
+        gathered, self.gathered = self.gathered, []
+        for item in gathered:
+            self.queue.put(item)
 
     def close(self) -> None:
         """Finish what is queued, then stop the threads."""
+        self._hand_over()  # gathered in a turn the loop did not finish
         for _ in self.threads:
             self.queue.put(None)
         for thread in self.threads:
@@ -610,8 +638,9 @@ class BatchCommitter:
                 results = self.store.deliver_batch([(envelope, peer) for envelope, peer, _ in batch])
             except Exception as exc:  # a bug must fail the batch's mails, never acknowledge them
                 results = [DeliveryError(f"internal error: {exc!r}", False)] * len(batch)
-            for (_, _, future), result in zip(batch, results):
-                self.loop.call_soon_threadsafe(_settle, future, result)
+            # One hand-over to the loop per batch, not per message: each one
+            # takes the GIL back from the loop and may wake it.
+            self.loop.call_soon_threadsafe(_settle_batch, [future for _, _, future in batch], results)
 
 
 def _sync_file_system(jobs: list[_Job], fd: int) -> None:
@@ -624,13 +653,14 @@ def _sync_file_system(jobs: list[_Job], fd: int) -> None:
                 job.fail(exc)
 
 
-def _settle(future: asyncio.Future, result: str | DeliveryError) -> None:
-    if future.cancelled():
-        return
-    if isinstance(result, DeliveryError):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _settle_batch(futures: list[asyncio.Future], results: list[str | DeliveryError]) -> None:
+    for future, result in zip(futures, results):
+        if future.cancelled():
+            continue
+        if isinstance(result, DeliveryError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def _write_all(fd: int, header: bytes, body: list[bytes]) -> None:
