@@ -1,22 +1,45 @@
-"""Side-by-side benchmark: prefork-smtpd against aiosmtpd and Postfix's smtp-sink.
+"""Side-by-side benchmark: prefork-smtpd against Postfix, aiosmtpd and smtp-sink.
 
-    bench/run [--rounds 3] [--quick] [--only S1,S2,...]
+    bench/run [--rounds 3] [--quick] [--scale F] [--only S1,S2,...] [--servers w2,postfix,...]
 
 Every server is started fresh on 127.0.0.1 for each measurement, and the
 servers take turns (A B C A B C ...) inside one invocation, so the drift of
-a shared machine hits them all alike. The median of the rounds is quoted.
+a shared machine hits them all alike. `sync` runs before every measured run,
+so no contender pays for another's dirty pages. The median of the rounds is
+quoted with the lowest and highest round beside it.
 
   S1  5,000 mails of 1 KiB, 50 parallel sessions, a new connection per mail
-  S2  the same with connections kept (-d, 100 mails per connection)
+  S2  the same with connections kept (-d)
   S3  200 mails of 1 MiB, 10 parallel sessions
+  S8  fan-out: 1,000 mails each to 20 recipients, 50 kept sessions
+  S9  S2 while another process rewrites a 50 MiB file in a loop on the same
+      file system (no fsync), started before the run
+  T1  2,000 mails of 1 KiB, 50 sessions, a new connection and STARTTLS per mail
+  T2  5,000 mails of 1 KiB, 50 kept TLS sessions
   S4  idle capacity: 20,000 sessions open, greeting p50/p99, worker memory
   S5  no stall: 8 clients upload 50 MiB each while a 9th times NOOPs
   S6  balance: sessions per worker under S2 (max/min)
 
-Load comes from Postfix's smtp-source (S1-S3) and from small asyncio
-clients of this script (S4, S5). For servers that store, every mail sent
-must be on disk afterwards, or the run fails. Results go to
-bench/RESULTS.md (and bench/throughput.png where matplotlib is present).
+Contenders: prefork-smtpd at --workers 1, 2 and 4 (defaults: logging on,
+every mail fsynced before `250`); Postfix (a throwaway instance, see
+postfix.py: queue file fsynced before `250`, then the virtual agent into
+Maildir), timed twice: until the last `250` (acknowledged) and until every
+mail is in its Maildir; aiosmtpd 1.4.6 with its Mailbox handler (stores into
+a Maildir, never fsyncs) and its Sink handler (discards); Postfix's
+smtp-sink (C, discards). For T1/T2: prefork-smtpd with a certificate and
+--require-tls, aiosmtpd's own STARTTLS (tls_context, require_starttls) with
+the Mailbox handler.
+
+Load comes from Postfix's smtp-source (S1-S3, S8, S9), from tls_load.py
+(T1, T2: smtp-source has no TLS) and from small asyncio clients of this
+script (S4, S5). CPU per mail is user and system time of the server's
+process tree only (psutil, reaped children included), from just before the
+load until every mail is stored. For servers that store, every mail sent
+must be on disk afterwards, or the run fails. Results go to bench/RESULTS.md
+(and bench/throughput.png where matplotlib is present).
+
+Postfix needs root (it starts as root and drops to its own user); without
+root it is left out, and the report says so.
 """
 
 from __future__ import annotations
@@ -41,10 +64,15 @@ from pathlib import Path
 import psutil
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from postfix import PostfixInstance  # noqa: E402
+
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-PREFORK = shutil.which("prefork-smtpd") or "prefork-smtpd"
+# This interpreter's prefork-smtpd: the one bench/run installed beside it.
+PREFORK = [sys.executable, "-m", "prefork_smtpd"]
 MiB = 1024 * 1024
+CAN_RUN_POSTFIX = os.geteuid() == 0 and os.path.exists(PostfixInstance.program())
 
 
 def free_port() -> int:
@@ -59,14 +87,25 @@ class ServerKind:
     name: str
     stores: bool
     workers: int = 0  # prefork-smtpd only
+    tls: bool = False  # T1/T2: STARTTLS offered and required
 
-    def command(self, port: int, root: Path, max_size: int) -> list[str]:
+    @property
+    def postfix(self) -> bool:
+        return self.name == "Postfix"
+
+    def command(self, port: int, root: Path, max_size: int, tls: "Certificate | None") -> list[str]:
         if self.name.startswith("prefork-smtpd"):
-            return [
-                PREFORK, "--workers", str(self.workers), "-l", "127.0.0.1", "-P", str(port),
+            cmd = PREFORK + [
+                "--workers", str(self.workers), "-l", "127.0.0.1", "-P", str(port),
                 "-c", str(free_port()), "--mail-dir", str(root / "mail_dir"), "--log-file", str(root / "log.txt"),
                 "--max-message-size", str(max_size),
             ]
+            if self.tls:
+                cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--require-tls"]
+            return cmd
+        if self.name == "aiosmtpd-Mailbox TLS":
+            return [sys.executable, str(HERE / "aiosmtpd_tls.py"), str(port), str(tls.cert), str(tls.key),
+                    str(root / "maildir")]
         if self.name == "aiosmtpd-Mailbox":
             return [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}",
                     "-c", "aiosmtpd.handlers.Mailbox", str(root / "maildir")]
@@ -76,41 +115,114 @@ class ServerKind:
             return [SMTP_SINK, "-u", "nobody", "-m", "1000", f"127.0.0.1:{port}", "1024"]
         raise ValueError(self.name)
 
-    def stored(self, root: Path) -> int:
-        if self.name.startswith("prefork-smtpd"):
-            return sum(len(os.listdir(p)) for p in (root / "mail_dir").glob("*/new"))
-        if self.name == "aiosmtpd-Mailbox":
-            new = root / "maildir" / "new"
-            return len(os.listdir(new)) if new.exists() else 0
-        return 0
+    def copies(self, recipients: int) -> int:
+        """Files one mail leaves: one per recipient folder, except aiosmtpd's
+        Mailbox, which stores a message once whatever its recipients."""
+        return 1 if self.name.startswith("aiosmtpd") else recipients
 
 
 PREFORK_KINDS = [ServerKind(f"prefork-smtpd -w{n}", True, n) for n in (1, 2, 4)]
+POSTFIX_KIND = ServerKind("Postfix", True)
 REFERENCES = [ServerKind("aiosmtpd-Mailbox", True), ServerKind("aiosmtpd-Sink", False), ServerKind("smtp-sink", False)]
+TLS_KINDS = [ServerKind(f"prefork-smtpd -w{n} TLS", True, n, tls=True) for n in (1, 2)] + [
+    ServerKind("aiosmtpd-Mailbox TLS", True, tls=True)]
+
+
+@dataclass
+class Certificate:
+    """A throwaway CA and a server certificate for localhost (trustme)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> "Certificate":
+        import trustme
+
+        ca = trustme.CA()
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        made = cls(folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+        issued.cert_chain_pems[0].write_to_path(str(made.cert))
+        for extra in issued.cert_chain_pems[1:]:
+            extra.write_to_path(str(made.cert), append=True)
+        issued.private_key_pem.write_to_path(str(made.key))
+        ca.cert_pem.write_to_path(str(made.ca))
+        return made
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` and its descendants so far,
+    those already reaped included (a parent's children_* times)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0, 0.0
+    user = system = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        user += t.user + t.children_user
+        system += t.system + t.children_system
+    return user, system
 
 
 class RunningServer:
-    def __init__(self, kind: ServerKind, max_size: int = 10 * MiB) -> None:
+    def __init__(self, kind: ServerKind, max_size: int = 10 * MiB, tls: Certificate | None = None) -> None:
         self.kind = kind
         self.root = Path(tempfile.mkdtemp(prefix="bench-"))
         self.port = free_port()
-        if kind.name == "aiosmtpd-Mailbox":
-            import mailbox
+        self.proc: subprocess.Popen | None = None
+        self.postfix: PostfixInstance | None = None
+        if kind.postfix:
+            self.postfix = PostfixInstance(self.root, self.port, max_size=max_size + MiB)
+            self.postfix.start()
+        else:
+            if kind.name.startswith("aiosmtpd-Mailbox"):
+                import mailbox
 
-            mailbox.Maildir(str(self.root / "maildir"), create=True)  # tmp/, new/, cur/
-        self.proc = subprocess.Popen(
-            kind.command(self.port, self.root, max_size), cwd=self.root,
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr.txt", "wb"),
-        )
+                mailbox.Maildir(str(self.root / "maildir"), create=True)  # tmp/, new/, cur/
+            self.proc = subprocess.Popen(
+                kind.command(self.port, self.root, max_size, tls), cwd=self.root,
+                stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr.txt", "wb"),
+            )
         self.wait_greeting()
         if kind.workers:
             self.wait_workers(kind.workers)
 
+    @property
+    def pid(self) -> int:
+        return self.postfix.master_pid() if self.postfix else self.proc.pid
+
+    def cpu(self) -> tuple[float, float]:
+        return tree_cpu(self.pid)
+
+    def stored(self) -> int:
+        if self.postfix:
+            return self.postfix.stored()
+        if self.kind.name.startswith("prefork-smtpd"):
+            return sum(len(os.listdir(p)) for p in (self.root / "mail_dir").glob("*/new"))
+        if self.kind.name.startswith("aiosmtpd-Mailbox"):
+            new = self.root / "maildir" / "new"
+            return len(os.listdir(new)) if new.exists() else 0
+        return 0
+
+    def failure(self) -> str:
+        if self.postfix:
+            return self.postfix.log()
+        try:
+            return (self.root / "stderr.txt").read_text()[-2000:]
+        except OSError:
+            return ""
+
     def wait_greeting(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind.name} exited: {(self.root / 'stderr.txt').read_text()}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind.name} exited: {self.failure()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
                     if s.recv(100).startswith(b"220"):
@@ -118,7 +230,7 @@ class RunningServer:
                         return
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError(f"{self.kind.name} never greeted")
+        raise RuntimeError(f"{self.kind.name} never greeted: {self.failure()}")
 
     def workers(self) -> list[psutil.Process]:
         return [c for c in psutil.Process(self.proc.pid).children() if "worker" in " ".join(c.cmdline())]
@@ -133,7 +245,9 @@ class RunningServer:
         raise RuntimeError("workers did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.postfix:
+            self.postfix.stop()
+        elif self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
@@ -141,10 +255,6 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.root, ignore_errors=True)
-        # Every run starts on a clean file system: flushing is not left to the
-        # next server (a journal commit or syncfs would pay for this one's
-        # unsynced files and their removal).
-        os.sync()
 
 
 # -------------------------------------------------------------- scenarios
@@ -154,35 +264,160 @@ class Throughput:
     sessions: int
     mails: int
     size: int
-    keep: bool  # -d: connections kept
+    keep: bool  # connections kept (smtp-source -d)
+    recipients: int = 1
+    writer: bool = False  # S9: a 50 MiB file rewritten in a loop beside the run
+    tls: bool = False  # T1/T2: tls_load.py instead of smtp-source
+
+    def describe(self) -> str:
+        size = f"{self.size // MiB} MiB" if self.size >= MiB else f"{self.size // 1024} KiB"
+        text = f"{self.mails:,} x {size}"
+        if self.recipients > 1:
+            text += f" x {self.recipients} rcpt"
+        text += ", kept" if self.keep else ", new conn."
+        if self.writer:
+            text += ", + writer"
+        return text
 
 
-SCENARIOS = {
-    "S1": Throughput("S1", sessions=50, mails=5000, size=1024, keep=False),
-    "S2": Throughput("S2", sessions=50, mails=5000, size=1024, keep=True),
-    "S3": Throughput("S3", sessions=10, mails=200, size=MiB, keep=False),
-}
+def scenarios(scale: float) -> dict[str, Throughput]:
+    """The mail counts times ``scale`` (--quick: 0.1; --scale on a slow host)."""
+    def n(mails: int) -> int:
+        return max(int(mails * scale), 10)
+
+    return {
+        "S1": Throughput("S1", sessions=50, mails=n(5000), size=1024, keep=False),
+        "S2": Throughput("S2", sessions=50, mails=n(5000), size=1024, keep=True),
+        "S3": Throughput("S3", sessions=10, mails=n(200), size=MiB, keep=False),
+        "S8": Throughput("S8", sessions=50, mails=n(1000), size=1024, keep=True, recipients=20),
+        "S9": Throughput("S9", sessions=50, mails=n(5000), size=1024, keep=True, writer=True),
+        "T1": Throughput("T1", sessions=50, mails=n(2000), size=1024, keep=False, tls=True),
+        "T2": Throughput("T2", sessions=50, mails=n(5000), size=1024, keep=True, tls=True),
+    }
+
+
+# The S9 neighbour: rewrites one 50 MiB file, 1 MiB at a time, never fsyncs,
+# as a log, a backup or a build would; says how often it did on SIGTERM.
+WRITER = r"""
+import signal, sys
+rounds = 0
+def stop(*_):
+    print(rounds, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+block = b"w" * (1 << 20)
+print("ready", flush=True)
+while True:
+    with open(sys.argv[1], "wb") as f:
+        for _ in range(50):
+            f.write(block)
+    rounds += 1
+"""
+
+
+class Writer:
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-writer-"))  # the servers' file system
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(self.folder / "big")],
+                                     stdout=subprocess.PIPE, text=True)
+        self.proc.stdout.readline()
+        self.started = time.monotonic()
+
+    def stop(self) -> float:
+        """Stop it; MiB/s it wrote."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        elapsed = time.monotonic() - self.started
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return 50 * int(out.strip() or 0) / elapsed
+
+
+@dataclass
+class Measurement:
+    acked: float  # mails/s until the last 250
+    stored: float  # mails/s until every mail is in its Maildir (= acked for servers that store before 250)
+    user_us: float  # server CPU per mail, microseconds
+    system_us: float
+    client_cpu: float | None = None  # T1/T2: the load generators' busiest process, share of one core
+    writer_mib_s: float | None = None  # S9
+    tls_versions: list[str] = field(default_factory=list)  # T1/T2
 
 
 def run_smtp_source(server: RunningServer, sc: Throughput) -> float:
     cmd = [SMTP_SOURCE, "-s", str(sc.sessions), "-m", str(sc.mails), "-l", str(sc.size),
            "-f", "a@smtpd.com", "-t", "b@smtpd.com", "-M", "client.example"]
+    if sc.recipients > 1:
+        cmd += ["-r", str(sc.recipients)]
     if sc.keep:
         cmd.append("-d")
     cmd.append(f"127.0.0.1:{server.port}")
-    start = time.perf_counter()
+    start = time.monotonic()
     result = subprocess.run(cmd, capture_output=True, timeout=900)
-    elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"smtp-source failed on {server.kind.name}: {result.stderr.decode()[-500:]}")
-    if server.kind.stores:
-        deadline = time.monotonic() + 10
-        while server.kind.stored(server.root) < sc.mails and time.monotonic() < deadline:
-            time.sleep(0.05)  # aiosmtpd may still be writing after its last 250
-        stored = server.kind.stored(server.root)
-        if stored != sc.mails:
-            raise RuntimeError(f"{server.kind.name} stored {stored} of {sc.mails} mails in {sc.scenario}")
-    return sc.mails / elapsed
+    return start
+
+
+def run_tls_load(server: RunningServer, sc: Throughput, tls: Certificate,
+                 procs: int = 2) -> tuple[float, float, list[str]]:
+    """T1/T2 through ``procs`` tls_load.py processes; returns the start, the
+    busiest client's CPU share of one core and the TLS versions negotiated."""
+    clients = []
+    for i in range(procs):
+        mails = sc.mails // procs + (1 if i < sc.mails % procs else 0)
+        clients.append(subprocess.Popen(
+            [sys.executable, str(HERE / "tls_load.py"), str(server.port), str(tls.ca), str(mails),
+             str(sc.sessions // procs), str(sc.size), "keep" if sc.keep else "new"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    time.sleep(0.5)  # imports done
+    for c in clients:
+        c.stdin.write("\n")
+        c.stdin.flush()
+    reports = []
+    for c in clients:
+        out, err = c.communicate(timeout=900)
+        if c.returncode != 0:
+            raise RuntimeError(f"tls_load failed on {server.kind.name}: {err[-800:]}")
+        reports.append(json.loads(out))
+    if sum(r["sent"] for r in reports) != sc.mails:
+        raise RuntimeError(f"tls_load sent {sum(r['sent'] for r in reports)} of {sc.mails}")
+    start = min(r["start"] for r in reports)
+    busiest = max((r["user"] + r["system"]) / (r["end"] - r["start"]) for r in reports)
+    return start, busiest, sorted({v for r in reports for v in r["tls"]})
+
+
+def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> Measurement:
+    writer = Writer() if sc.writer else None
+    try:
+        os.sync()  # nobody's dirty pages but the writer's are left for this run to flush
+        cpu_before = server.cpu()
+        client_cpu, versions = None, []
+        if sc.tls:
+            start, client_cpu, versions = run_tls_load(server, sc, tls)
+        else:
+            start = run_smtp_source(server, sc)
+        acked = time.monotonic() - start
+        expected = sc.mails * server.kind.copies(sc.recipients)
+        if server.kind.stores:
+            # Postfix delivers after its 250; aiosmtpd may still be writing.
+            deadline = time.monotonic() + 600
+            while server.stored() < expected and time.monotonic() < deadline:
+                time.sleep(0.02)
+            stored = server.stored()
+            if stored != expected:
+                raise RuntimeError(f"{server.kind.name} stored {stored} of {expected} in {sc.scenario}: "
+                                   f"{server.failure()}")
+        in_maildir = time.monotonic() - start
+        cpu_after = server.cpu()
+    finally:
+        writer_rate = writer.stop() if writer else None
+    return Measurement(
+        acked=sc.mails / acked,
+        stored=sc.mails / (in_maildir if server.kind.postfix else acked),
+        user_us=1e6 * (cpu_after[0] - cpu_before[0]) / sc.mails,
+        system_us=1e6 * (cpu_after[1] - cpu_before[1]) / sc.mails,
+        client_cpu=client_cpu, writer_mib_s=writer_rate, tls_versions=versions,
+    )
 
 
 def sessions_per_worker(server: RunningServer) -> list[int]:
@@ -311,7 +546,7 @@ def no_stall(kind: ServerKind, uploads: int, size: int) -> dict:
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-800:])
         samples = sorted(json.loads(out.stdout))
-        if kind.stores and kind.stored(server.root) != uploads:
+        if kind.stores and server.stored() != uploads:
             raise RuntimeError("not every upload was stored")
         return {
             "server": kind.name, "noops": len(samples),
@@ -325,16 +560,19 @@ def no_stall(kind: ServerKind, uploads: int, size: int) -> dict:
 # ---------------------------------------------------------------- report
 @dataclass
 class Results:
-    rates: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # scenario -> server -> [mails/s]
+    runs: dict[str, dict[str, list[Measurement]]] = field(default_factory=dict)  # scenario -> server -> rounds
     balance: list[list[int]] = field(default_factory=list)
     idle: dict | None = None
     stall: list[dict] = field(default_factory=list)
 
-    def add(self, scenario: str, server: str, rate: float) -> None:
-        self.rates.setdefault(scenario, {}).setdefault(server, []).append(rate)
+    def add(self, scenario: str, server: str, m: Measurement) -> None:
+        self.runs.setdefault(scenario, {}).setdefault(server, []).append(m)
 
-    def median(self, scenario: str, server: str) -> float | None:
-        values = self.rates.get(scenario, {}).get(server)
+    def values(self, scenario: str, server: str, what: str = "acked") -> list[float]:
+        return [getattr(m, what) for m in self.runs.get(scenario, {}).get(server, [])]
+
+    def median(self, scenario: str, server: str, what: str = "acked") -> float | None:
+        values = self.values(scenario, server, what)
         return statistics.median(values) if values else None
 
 
@@ -349,55 +587,128 @@ def versions() -> str:
         aio = "absent"
     import prefork_smtpd
 
+    try:
+        postfix = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True).stdout
+    except OSError:
+        postfix = ""
+    postfix = postfix.strip()
     return (
         f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}, "
         f"Linux {platform.release()}; Python {platform.python_version()}, uvloop {uvloop.__version__}, "
-        f"aiosmtpd {aio}, prefork-smtpd {prefork_smtpd.__version__}"
+        f"aiosmtpd {aio}, Postfix {postfix or 'absent'}, prefork-smtpd {prefork_smtpd.__version__}"
     )
 
 
-def write_report(results: Results, kinds: list[ServerKind], args: argparse.Namespace, elapsed: float) -> str:
-    names = [k.name for k in kinds]
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    """The median, and the lowest and highest round when there are several."""
+    if not values:
+        return "-"
+    text = fmt.format(statistics.median(values))
+    if len(values) > 1:
+        text += f" ({fmt.format(min(values))}–{fmt.format(max(values))})"
+    return text
+
+
+# A report row: its label, the server's name in Results, the figure.
+Row = tuple[str, str, str]
+
+
+def rate_rows(kinds: list[ServerKind]) -> list[Row]:
+    rows: list[Row] = []
+    for k in kinds:
+        if k.postfix:
+            rows += [("Postfix, acknowledged", k.name, "acked"), ("Postfix, all in Maildir", k.name, "stored")]
+        else:
+            rows.append((k.name, k.name, "acked"))
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[ServerKind], sc: dict[str, Throughput],
+                 args: argparse.Namespace, elapsed: float) -> str:
+    plain = [s for s in results.runs if not sc[s].tls]
+    tls = [s for s in results.runs if sc[s].tls]
     lines = [
         "# Benchmark results",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {versions()}",
         f"- command: `bench/run {' '.join(sys.argv[1:])}`".replace(" `", " `").rstrip(),
-        f"- rounds: {args.rounds} (servers in turn, A B C A B C ...; median quoted); run time {elapsed / 60:.1f} min",
+        f"- rounds: {args.rounds} (servers in turn, A B C A B C ...; `sync` before each run); run time"
+        f" {elapsed / 60:.1f} min",
         "- prefork-smtpd runs with its defaults: logging on, every mail fsynced into Maildir before `250`.",
-        "",
-        "## Throughput (mails/s, median)",
-        "",
-        "| server | " + " | ".join(
-            f"{s} ({SCENARIOS[s].mails} x {SCENARIOS[s].size // 1024} KiB{', -d' if SCENARIOS[s].keep else ''})"
-            for s in results.rates
-        ) + " |",
-        "|---|" + "---|" * len(results.rates),
     ]
-    for name in names:
-        row = [name]
-        for scenario in results.rates:
-            m = results.median(scenario, name)
-            row.append("-" if m is None else f"{m:,.0f}")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## Ratios of prefork-smtpd", ""]
-    lines.append("| prefork-smtpd | " + " | ".join(
-        f"{s} / aiosmtpd-Mailbox | {s} / smtp-sink" for s in results.rates) + " |")
-    lines.append("|---|" + "---|---|" * len(results.rates))
-    for name in names:
-        if not name.startswith("prefork"):
-            continue
-        row = [name.replace("prefork-smtpd ", "")]
-        for scenario in results.rates:
-            m = results.median(scenario, name)
-            for ref in ("aiosmtpd-Mailbox", "smtp-sink"):
-                r = results.median(scenario, ref)
-                row.append("-" if not (m and r) else (f"{m / r:.2f}x" if ref.startswith("aio") else f"{m / r:.0%}"))
-        lines.append("| " + " | ".join(row) + " |")
+    if not CAN_RUN_POSTFIX:
+        lines.append("- Postfix left out: it needs root and /usr/sbin/postfix.")
+    lines += [
+        "",
+        SCENARIO_NOTES.strip(),
+    ]
+    if plain:
+        lines += ["", "## Throughput (mails/s)", ""]
+        lines += table(["server"] + [f"{s} ({sc[s].describe()})" for s in plain],
+                       [[label] + [spread(results.values(s, name, what)) for s in plain]
+                        for label, name, what in rate_rows(kinds)])
+    if tls:
+        negotiated = sorted({v for s in tls for ms in results.runs[s].values() for m in ms for v in m.tls_versions})
+        lines += ["", f"## TLS (mails/s; STARTTLS required; negotiated: {', '.join(negotiated)})", ""]
+        lines += table(["server"] + [f"{s} ({sc[s].describe()})" for s in tls]
+                       + [f"{s}: busiest client process, CPU share of a core" for s in tls],
+                       [[k.name] + [spread(results.values(s, k.name)) for s in tls]
+                        + [spread([100 * v for v in results.values(s, k.name, "client_cpu")], "{:.0f}%") for s in tls]
+                        for k in tls_kinds])
+    references = [r for r in rate_rows(kinds) if not r[1].startswith("prefork") and r[1] != "aiosmtpd-Sink"]
+    prefork = [k for k in kinds if k.workers]
+    if plain and prefork and references:
+        lines += ["", "## Ratios of prefork-smtpd (medians)", ""]
+        rows = []
+        for k in prefork:
+            for label, name, what in references:
+                cells = []
+                for s in plain:
+                    m, r = results.median(s, k.name), results.median(s, name, what)
+                    cells.append(f"{m / r:.2f}x" if m and r else "-")
+                rows.append([f"{k.name.replace('prefork-smtpd ', '')} / {label}"] + cells)
+        lines += table(["prefork-smtpd"] + plain, rows)
+    if tls:
+        ref = "aiosmtpd-Mailbox TLS"
+        rows = []
+        for k in tls_kinds:
+            if k.workers:
+                rows.append([f"{k.name} / {ref}"] + [
+                    f"{results.median(s, k.name) / results.median(s, ref):.2f}x"
+                    if results.median(s, k.name) and results.median(s, ref) else "-" for s in tls])
+        if rows:
+            lines += [""] + table(["TLS"] + tls, rows)
     w1, w2 = results.median("S2", "prefork-smtpd -w1"), results.median("S2", "prefork-smtpd -w2")
     if w1 and w2:
         lines += ["", f"`--workers 2` / `--workers 1` on S2: {w2 / w1:.2f}x"]
+    if "S2" in results.runs and "S9" in results.runs:
+        lines += ["", "## S9 against S2: what a busy neighbour costs (median S9 / median S2)", ""]
+        rows = []
+        for label, name, what in rate_rows(kinds):
+            quiet, busy = results.median("S2", name, what), results.median("S9", name, what)
+            rows.append([label, f"{busy / quiet:.0%}" if quiet and busy else "-"])
+        writer = [m.writer_mib_s for ms in results.runs["S9"].values() for m in ms if m.writer_mib_s]
+        lines += table(["server", "S9 / S2"], rows)
+        if writer:
+            lines += ["", f"The writer rewrote its file at {spread(writer)} MiB/s during the S9 runs."]
+    lines += ["", "## CPU per mail (server processes only; microseconds, user + system, medians)", ""]
+    rows = []
+    for name, scenario_list in [(k.name, plain) for k in kinds] + [(k.name, tls) for k in tls_kinds]:
+        if not scenario_list:
+            continue
+        row = [name]
+        for s in plain + tls:
+            if s not in scenario_list or not results.values(s, name, "user_us"):
+                row.append("-")
+                continue
+            row.append(f"{results.median(s, name, 'user_us'):,.0f} + {results.median(s, name, 'system_us'):,.0f}")
+        rows.append(row)
+    lines += table(["server"] + plain + tls, rows)
     if results.balance:
         ratios = [max(b) / min(b) for b in results.balance if b and min(b) > 0]
         lines += ["", "## S6: balance (sessions per worker under S2, 4 workers)", ""]
@@ -421,7 +732,33 @@ def write_report(results: Results, kinds: list[ServerKind], args: argparse.Names
     return "\n".join(lines) + "\n"
 
 
-def plot(results: Results, kinds: list[ServerKind]) -> bool:
+SCENARIO_NOTES = """
+
+What the columns mean:
+
+- **Throughput**: mails/s for the whole run, from the first connection to the last `250` (smtp-source, or
+  tls_load.py for T1/T2, reports the end). A cell is the median of the rounds, then (lowest-highest round).
+- **Postfix, acknowledged**: Postfix until its last `250`: each queue file fsynced, nothing in a Maildir yet.
+  **Postfix, all in Maildir**: the same run until every mail is in its Maildir's `new/` (its virtual agent
+  fsyncs each file before it renames it there). prefork-smtpd's single figure is both: its `250` comes after
+  the Maildir file and its directory entry are durable.
+- **aiosmtpd-Mailbox** writes a Maildir without fsync; **aiosmtpd-Sink** and **smtp-sink** discard.
+- **S8** counts mails, each to 20 recipients: 20 files per mail for prefork-smtpd and Postfix (one per
+  recipient folder), one for aiosmtpd's Mailbox (it stores a message once).
+- **S9** is S2 while another process rewrites a 50 MiB file in a loop (no fsync) on the same file system; the
+  writer starts before the run and stops after the last mail is stored.
+- **T1/T2**: STARTTLS required (prefork-smtpd `--require-tls`, aiosmtpd `require_starttls=True`), the
+  certificate verified by the client. Load from two tls_load.py processes of 25 sessions each; the busiest
+  one's CPU share of a core says whether the client could have been the limit (near 100% would be).
+- **Ratios**: median of prefork-smtpd over median of the other contender, same scenario.
+- **CPU per mail**: user + system CPU seconds of the server's processes only (psutil over its process tree,
+  reaped children included), from just before the load until every mail is stored, divided by the mails.
+  For Postfix that is every process of the instance (smtpd, cleanup, qmgr, trivial-rewrite, virtual, ...)
+  until the last mail is in its Maildir.
+"""
+
+
+def plot(results: Results, kinds: list[ServerKind], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -429,46 +766,74 @@ def plot(results: Results, kinds: list[ServerKind]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    scenarios = list(results.rates)
-    if not scenarios:
+    scenario_names = list(results.runs)
+    if not scenario_names:
         return False
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4))
-    if len(scenarios) == 1:
+    fig, axes = plt.subplots(1, len(scenario_names), figsize=(4.5 * len(scenario_names), 4))
+    if len(scenario_names) == 1:
         axes = [axes]
-    for ax, scenario in zip(axes, scenarios):
-        names = [k.name for k in kinds if results.median(scenario, k.name)]
-        values = [results.median(scenario, n) for n in names]
-        ax.barh(names, values, color=["#2a7" if n.startswith("prefork") else "#888" for n in names])
+    for ax, scenario in zip(axes, scenario_names):
+        rows = [(label, results.median(scenario, name, what)) for label, name, what in rate_rows(
+            kinds + TLS_KINDS) if results.median(scenario, name, what)]
+        ax.barh([r[0] for r in rows], [r[1] for r in rows],
+                color=["#2a7" if r[0].startswith("prefork") else "#888" for r in rows])
         ax.set_title(f"{scenario}: mails/s")
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(HERE / "throughput.png", dpi=90)
+    fig.savefig(path, dpi=90)
     return True
+
+
+def key(kind: ServerKind) -> str:
+    """The short name --servers knows: w1, w2, w4, postfix, aiosmtpd-Mailbox, aiosmtpd-Sink, smtp-sink."""
+    if kind.workers:
+        return f"w{kind.workers}"
+    return kind.name.replace(" TLS", "").replace("Postfix", "postfix")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description="prefork-smtpd side-by-side benchmark")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default="S1,S2,S3,S4,S5,S6", help="scenarios to run")
-    p.add_argument("--quick", action="store_true", help="smaller S4/S5 (for a smoke run)")
+    p.add_argument("--only", default="S1,S2,S3,S8,S9,T1,T2,S4,S5,S6", help="scenarios to run")
+    p.add_argument("--servers", default="w1,w2,w4,postfix,aiosmtpd-Mailbox,aiosmtpd-Sink,smtp-sink",
+                   help="contenders: w1, w2, w4 (prefork-smtpd --workers N), postfix, aiosmtpd-Mailbox,"
+                   " aiosmtpd-Sink, smtp-sink")
+    p.add_argument("--quick", action="store_true", help="a tenth of the mails, smaller S4/S5 (a short run)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="multiply the mail counts of S1-S3, S8, S9, T1, T2 (default 1; 0.1 with --quick)")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     wanted = set(args.only.split(","))
+    servers = set(args.servers.split(","))
+    sc = scenarios(args.scale if args.scale is not None else 0.1 if args.quick else 1.0)
+    # A stopped run stops its servers too (the finally blocks below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
-    kinds = PREFORK_KINDS + REFERENCES
+    kinds = [k for k in PREFORK_KINDS + ([POSTFIX_KIND] if CAN_RUN_POSTFIX else []) + REFERENCES if key(k) in servers]
+    tls_kinds = [k for k in TLS_KINDS if key(k) in servers]
+    if not CAN_RUN_POSTFIX and "postfix" in servers:
+        print("Postfix left out: it needs root and /usr/sbin/postfix", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="bench-cert-"))
+    cert = Certificate.make(folder) if wanted & {"T1", "T2"} else None
     results = Results()
-    for round_no in range(1, args.rounds + 1):
-        for scenario in [s for s in ("S1", "S2", "S3") if s in wanted]:
-            for kind in kinds:
-                server = RunningServer(kind)
-                try:
-                    rate = run_smtp_source(server, SCENARIOS[scenario])
-                    if scenario == "S2" and kind.workers == 4 and "S6" in wanted:
-                        results.balance.append(sessions_per_worker(server))
-                finally:
-                    server.stop()
-                results.add(scenario, kind.name, rate)
-                print(f"round {round_no} {scenario} {kind.name:<20} {rate:8.0f} mails/s", flush=True)
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for scenario in [s for s in sc if s in wanted]:
+                for kind in tls_kinds if sc[scenario].tls else kinds:
+                    server = RunningServer(kind, tls=cert)
+                    try:
+                        m = measure(server, sc[scenario], cert)
+                        if scenario == "S2" and kind.workers == 4 and "S6" in wanted:
+                            results.balance.append(sessions_per_worker(server))
+                    finally:
+                        server.stop()
+                    results.add(scenario, kind.name, m)
+                    extra = f", in Maildir {m.stored:6.0f}" if kind.postfix else ""
+                    extra += f", client CPU {m.client_cpu:.0%}, {'/'.join(m.tls_versions)}" if m.tls_versions else ""
+                    print(f"round {round_no} {scenario} {kind.name:<22} {m.acked:8.0f} mails/s{extra},"
+                          f" CPU/mail {m.user_us:.0f}+{m.system_us:.0f} us", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     if "S4" in wanted:
         results.idle = idle_capacity(2000 if args.quick else 20000)
         print("S4", results.idle, flush=True)
@@ -477,10 +842,12 @@ def main() -> int:
         for kind in (ServerKind("prefork-smtpd -w4", True, 4), ServerKind("aiosmtpd-Mailbox", True)):
             results.stall.append(no_stall(kind, 8, size))
             print("S5", results.stall[-1], flush=True)
-    report = write_report(results, kinds, args, time.monotonic() - started)
+    report = write_report(results, kinds, tls_kinds, sc, args, time.monotonic() - started)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(report)
-    if plot(results, kinds):
-        print(f"plot: {HERE / 'throughput.png'}")
+    picture = Path(args.output).with_name("throughput.png")
+    if plot(results, kinds, picture):
+        print(f"plot: {picture}")
     print(report)
     return 0
 

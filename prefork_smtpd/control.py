@@ -5,6 +5,7 @@ or CR LF. Every message gets one reply line: ``OK``, or ``ERR <reason>``
 with nothing changed. ``QUIT`` answers ``OK`` and ends the connection.
 ``show=1`` answers one ``param=value (source)`` line per parameter, then
 ``OK``; the source is ``default``, ``file``, ``flag`` or ``live``.
+``flush=1`` tells the queue runner to retry every queued mail now.
 ``reload=1`` reloads the server (as SIGHUP does) and answers only once the
 new workers accept, or with ``ERR`` if the config file is refused: a
 synchronous reload for systemd's ``ExecReload``. Lines sent meanwhile wait.
@@ -33,7 +34,7 @@ from .settings import PORT_ALIASES
 
 MAX_LINE = 256
 
-SOURCES = ("default", "file", "flag", "live")
+SOURCES = ("default", "file", "flag", "live", "queue")  # "queue": the queue runner's figures, read-only
 _MESSAGE = re.compile(r"\s*([A-Za-z_]+)\s*=\s*(\S*)\s*\Z")
 # Any length: a value past a range is answered with the range (the line
 # length bounds the digits, and so the cost of int()).
@@ -136,8 +137,10 @@ class ConfigSession:
         peer: str = "",
         log: Callable[[str], None] | None = None,
         max_login_failures: int = 3,
+        flush: Callable[[], str | None] | None = None,
     ) -> None:
         self.apply = apply
+        self.flush = flush  # flush=1: retry the queue now; answers why not, or None
         self.current = current
         self.gate = gate
         self.reload = reload
@@ -239,6 +242,11 @@ class ConfigSession:
             self.waiting = True
             self.reload(self)
             return b""
+        if name == "flush":
+            if self.flush is None:
+                return self._err("flush is not available")
+            reason = self.flush()
+            return self._err(reason) if reason else b"OK\r\n"
         if name == "show":
             values = self.current()  # in show order
             return "".join(f"{p}={v} ({source})\r\n" for p, (v, source) in values.items()).encode() + b"OK\r\n"

@@ -47,9 +47,18 @@ this kind of disk that is two flushes per batch instead of two per mail
 file still gets a plain fsync, which is cheaper. No message is
 acknowledged before its batch's step 3.
 
+Folders: a recipient's folder is one name (``bob``) or a domain and a
+name (``a.example/bob``, ``--folders address``), each part checked by the
+session's policy; a plus-address may add a Maildir++ subfolder
+(``bob/.invoices``), used when it exists or the store is told to make
+such folders (``plus_folders``); one made gets the ``maildirfolder`` file
+Maildir++ readers (Dovecot) expect. Every part is opened with O_NOFOLLOW.
+
 Files use LF line endings, as Maildir readers (mutt, Dovecot, Python's
 ``mailbox``) expect; the SMTP session already refused bare CR and LF, so the
-conversion from CRLF loses nothing.
+conversion from CRLF loses nothing. A BINARYMIME message (BDAT, RFC 3030)
+may hold any octets, bare CR and LF included: it is stored as received,
+with CRLF trace headers (Dovecot and ``mailbox`` read CRLF files too).
 """
 
 from __future__ import annotations
@@ -69,7 +78,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
 
-from .session import Envelope
+from .dsn import recorded_headers
+from .queue import MSG, queue_file_header
+from .session import Envelope, Recipient
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 IOV_BATCH = 512  # pieces per writev (the system allows 1024)
@@ -79,6 +90,7 @@ SPOOL = ".tmp"  # under mail_dir: where every copy is written before its rename 
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
+MAILDIRFOLDER = "maildirfolder"  # marks a Maildir++ subfolder (Dovecot, Courier)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -87,6 +99,20 @@ _WRITER_PID = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_syncfs = getattr(_libc, "syncfs", None)  # Linux only; elsewhere, fsyncs
+
+
+class _process:
+    """This process's pid, for the name of every file; a getpid() per mail
+    was one syscall of the few per mail. Set again in a forked child."""
+
+    pid = os.getpid()
+
+
+def _note_new_pid() -> None:
+    _process.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_note_new_pid)
 
 
 def syncfs(fd: int) -> None:
@@ -154,9 +180,13 @@ class _Job:
 
 
 class MaildirStore:
-    def __init__(self, root: str, hostname: str) -> None:
+    def __init__(self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
+        # Where the copy for outside recipients goes (queue.py), in the same
+        # batch as the local copies: all of one mail is durable, or none.
+        self.queue_dir = queue_dir
+        self.plus_folders = plus_folders  # make a plus-address's Maildir++ subfolder if missing
         # Maildir forbids "/" and ":" in the host part of a file name.
         self._host_part = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._sequence = itertools.count()
@@ -172,7 +202,7 @@ class MaildirStore:
         now = time.time()
         seconds = int(now)
         micros = int((now - seconds) * 1_000_000)
-        return f"{seconds}.M{micros}P{os.getpid()}Q{next(self._sequence)}.{self._host_part}"
+        return f"{seconds}.M{micros}P{_process.pid}Q{next(self._sequence)}.{self._host_part}"
 
     def deliver(self, envelope: Envelope, peer_address: str) -> str:
         """Store one message; return its queue id or raise DeliveryError."""
@@ -248,14 +278,21 @@ class MaildirStore:
     def _write(self, job: _Job, dirs: "_BatchDirs") -> None:
         """Write one copy per distinct folder into the spool (not yet fsynced)."""
         envelope = job.envelope
-        # Piece by piece: each replace holds the GIL for one received piece
-        # (at most a read's worth), not for the whole message.
-        body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
-        folders: dict[str, str] = {}
-        for rcpt in envelope.recipients:
-            folders.setdefault(rcpt.folder, rcpt.address)
+        if envelope.binary:
+            # BINARYMIME (RFC 3030): any octets, where a CRLF turned LF could
+            # not be told from a bare LF. Stored as received, CRLF lines, the
+            # trace headers too, so the file is one line convention.
+            body = envelope.chunks
+        else:
+            # Piece by piece: each replace holds the GIL for one received piece
+            # (at most a read's worth), not for the whole message.
+            body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
+        folders: dict[str, Recipient] = {}
         try:
-            for i, (folder, address) in enumerate(folders.items()):
+            for rcpt in envelope.recipients:
+                if not rcpt.outside:  # the queue copy (below) carries the outside recipients
+                    folders.setdefault(self._target(rcpt, dirs), rcpt)
+            for i, (folder, rcpt) in enumerate(folders.items()):
                 new_fd = dirs.new_dir(folder)
                 # The name in new/ is the queue id, the same in every folder,
                 # so a message can be found in each; in the spool, the copy's
@@ -265,12 +302,59 @@ class MaildirStore:
                 job.copies.append(copy)
                 if self._chmod_files:
                     os.fchmod(copy.fd, FILE_MODE)
-                _write_all(copy.fd, self._trace_header(envelope, address, job.peer_address, job.queue_id), body)
+                trace = self._trace_header(envelope, rcpt, job.peer_address, job.queue_id)
+                if envelope.binary:
+                    trace = trace.replace(b"\n", b"\r\n")
+                _write_all(copy.fd, trace, body)
+            if any(r.outside for r in envelope.recipients):
+                self._write_queue_copy(job, dirs, len(folders))
         except OSError as exc:
             job.fail(exc)
 
-    def _trace_header(self, envelope: Envelope, address: str, peer_address: str, queue_id: str) -> bytes:
-        """Return-Path, Delivered-To and Received (RFC 5321 4.4)."""
+    def _target(self, rcpt: Recipient, dirs: "_BatchDirs") -> str:
+        """The folder a copy goes into: the recipient's, or its Maildir++ subfolder
+        when that exists (or plus_folders makes it)."""
+        if not rcpt.subfolder:
+            return rcpt.folder
+        path = f"{rcpt.folder}/{rcpt.subfolder}"
+        return path if self.plus_folders or dirs.is_folder(path) else rcpt.folder
+
+    def _write_queue_copy(self, job: _Job, dirs: "_BatchDirs", number: int) -> None:
+        """The queue file (queue.py): its envelope line, a Received header, the message as received."""
+        if self.queue_dir is None:
+            raise OSError(errno.EROFS, "no queue for outside recipients", "queue")
+        envelope = job.envelope
+        copy = _Copy(f"{job.queue_id}.{number}", dirs.spool, dirs.queue_msg_dir())
+        copy.fd = os.open(copy.tmp_name, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=dirs.spool)
+        job.copies.append(copy)
+        if self._chmod_files:
+            os.fchmod(copy.fd, FILE_MODE)
+        received = self._received(envelope, job.peer_address, job.queue_id, "").replace(b"\n", b"\r\n")
+        header = queue_file_header(envelope, job.queue_id, time.time()) + received
+        _write_all(copy.fd, header, [chunk for chunk in envelope.chunks])
+
+    def _received(self, envelope: Envelope, peer_address: str, queue_id: str, address: str) -> bytes:
+        """The Received header (RFC 5321 4.4), LF line ends; ``for <address>`` when one."""
+        date = self._now_date()
+        tls = f"\t({envelope.tls.received_comment()})\n" if envelope.tls is not None else ""
+        for_clause = f"\n\tfor <{address}>" if address else ""
+        return (
+            f"Received: from {envelope.helo} ({peer_address})\n{tls}"
+            f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}{for_clause}; {date}\n"
+        ).encode("utf-8", "surrogateescape")
+
+    def _now_date(self) -> str:
+        second = int(time.time())
+        if second != self._date_second:  # one RFC 5322 date per second, not per copy
+            self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
+            self._date_second = second
+        return self._date
+
+    def _trace_header(self, envelope: Envelope, rcpt: Recipient, peer_address: str, queue_id: str) -> bytes:
+        """Return-Path, Delivered-To and Received (RFC 5321 4.4); the DSN
+        parameters ENVID and ORCPT as Original-Envelope-Id and
+        Original-Recipient (RFC 3461), when the client gave them."""
+        address = rcpt.address
         second = int(time.time())
         if second != self._date_second:  # one RFC 5322 date per second, not per copy
             self._date = format_datetime(datetime.fromtimestamp(second, timezone.utc).astimezone())
@@ -282,6 +366,7 @@ class MaildirStore:
         return (
             f"Return-Path: <{envelope.sender}>\n"
             f"Delivered-To: {address}\n"
+            f"{recorded_headers(envelope.dsn, rcpt.dsn) if envelope.dsn or rcpt.dsn else ''}"
             f"Received: from {envelope.helo} ({peer_address})\n{tls}"
             f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}\n"
             f"\tfor <{address}>; {date}\n"
@@ -299,6 +384,7 @@ class _BatchDirs:
     def __init__(self, store: MaildirStore) -> None:
         self.store = store
         self.new_fds: dict[str, int] = {}
+        self.queue_fd = -1
         self.root = _open_or_make_root(store.root)
         try:
             self.spool = _open_dir(self.root, SPOOL, store.root, make=True)
@@ -313,7 +399,7 @@ class _BatchDirs:
         if fd is not None:
             return fd
         store = self.store
-        folder_fd = _open_dir(self.root, folder, store.root, make=True)
+        folder_fd = _open_path(self.root, folder, store.root, make=True)
         try:
             if folder not in store._checked:
                 self._check_folder(folder, folder_fd)
@@ -322,6 +408,28 @@ class _BatchDirs:
         finally:
             os.close(folder_fd)
         return fd
+
+    def queue_msg_dir(self) -> int:
+        """The queue's msg/ folder, checked to be on the spool's file system (a rename cannot cross)."""
+        if self.queue_fd < 0:
+            assert self.store.queue_dir is not None
+            path = os.path.join(self.store.queue_dir, MSG)
+            fd = os.open(path, _DIR_FLAGS)
+            if os.fstat(fd).st_dev != os.fstat(self.spool).st_dev:
+                os.close(fd)
+                raise OSError(errno.EXDEV, "refused, a queue on another file system than the mail dir", path)
+            self.queue_fd = fd
+            self.new_fds[" queue"] = fd  # closed with the others (no folder name has a space)
+        return self.queue_fd
+    def is_folder(self, folder: str) -> bool:
+        """Whether the folder exists (a symbolic link on the way raises, as for delivery)."""
+        if folder in self.new_fds or folder in self.store._checked:
+            return True
+        try:
+            os.close(_open_path(self.root, folder, self.store.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     def _check_folder(self, folder: str, folder_fd: int) -> None:
         """Once per folder and process: tmp/new/cur are real, on the spool's file system."""
@@ -346,6 +454,12 @@ class _BatchDirs:
                 raise _symlink_refused(os.path.join(path, sub))
             if not stat.S_ISDIR(st.st_mode):
                 raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), os.path.join(path, sub))
+        if os.path.basename(folder).startswith("."):  # a Maildir++ subfolder
+            try:
+                os.stat(MAILDIRFOLDER, dir_fd=folder_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                os.close(os.open(MAILDIRFOLDER, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=folder_fd))
+                made = True
         if made:
             fsync(folder_fd)  # the new subfolders' entries
 
@@ -404,6 +518,25 @@ def _open_dir(parent_fd: int, name: str, parent_path: str, make: bool = False) -
     return _open_dir(parent_fd, name, parent_path)
 
 
+def _open_path(root_fd: int, folder: str, root_path: str, make: bool = False) -> int:
+    """Open ``folder`` ("bob", "a.example/bob/.invoices") part by part, never through a link."""
+    parts = folder.split("/")
+    fd = root_fd
+    path = root_path
+    try:
+        for part in parts:
+            parent = fd
+            fd = _open_dir(parent, part, path, make)
+            if parent != root_fd:
+                os.close(parent)
+            path = os.path.join(path, part)
+    except BaseException:
+        if fd != root_fd:
+            os.close(fd)
+        raise
+    return fd
+
+
 def _make_dir(parent_fd: int, name: str) -> None:
     """mkdir with FOLDER_MODE whatever the umask; another process may win the race."""
     try:
@@ -449,12 +582,18 @@ class BatchCommitter:
     The event loop hands messages over with ``submit`` and gets a future;
     a few threads each take whatever has queued up (up to MAX_BATCH) as one
     batch, so the busier the worker, the more messages share each fsync.
+
+    The messages of one turn of the loop are queued together at its end,
+    not one by one: a thread woken by the first would start a batch of one
+    (and take the GIL from the loop) while the loop still had the others in
+    hand. Gathered, they form one batch and cost one wake-up.
     """
 
     def __init__(self, store: MaildirStore, loop: asyncio.AbstractEventLoop, threads: int) -> None:
         self.store = store
         self.loop = loop
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.gathered: list[tuple[Envelope, str, asyncio.Future]] = []  # this turn's, not queued yet
         self.threads = [
             threading.Thread(target=self._run, name=f"delivery-{i}", daemon=True) for i in range(threads)
         ]
@@ -463,11 +602,19 @@ class BatchCommitter:
 
     def submit(self, envelope: Envelope, peer_address: str) -> asyncio.Future:
         future = self.loop.create_future()
-        self.queue.put((envelope, peer_address, future))
+        if not self.gathered:
+            self.loop.call_soon(self._hand_over)  # after the callbacks ready in this turn
+        self.gathered.append((envelope, peer_address, future))
         return future
+
+    def _hand_over(self) -> None:
+        gathered, self.gathered = self.gathered, []
+        for item in gathered:
+            self.queue.put(item)
 
     def close(self) -> None:
         """Finish what is queued, then stop the threads."""
+        self._hand_over()  # gathered in a turn the loop did not finish
         for _ in self.threads:
             self.queue.put(None)
         for thread in self.threads:
@@ -492,8 +639,9 @@ class BatchCommitter:
                 results = self.store.deliver_batch([(envelope, peer) for envelope, peer, _ in batch])
             except Exception as exc:  # a bug must fail the batch's mails, never acknowledge them
                 results = [DeliveryError(f"internal error: {exc!r}", False)] * len(batch)
-            for (_, _, future), result in zip(batch, results):
-                self.loop.call_soon_threadsafe(_settle, future, result)
+            # One hand-over to the loop per batch, not per message: each one
+            # takes the GIL back from the loop and may wake it.
+            self.loop.call_soon_threadsafe(_settle_batch, [future for _, _, future in batch], results)
 
 
 def _sync_file_system(jobs: list[_Job], fd: int) -> None:
@@ -506,13 +654,14 @@ def _sync_file_system(jobs: list[_Job], fd: int) -> None:
                 job.fail(exc)
 
 
-def _settle(future: asyncio.Future, result: str | DeliveryError) -> None:
-    if future.cancelled():
-        return
-    if isinstance(result, DeliveryError):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _settle_batch(futures: list[asyncio.Future], results: list[str | DeliveryError]) -> None:
+    for future, result in zip(futures, results):
+        if future.cancelled():
+            continue
+        if isinstance(result, DeliveryError):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def _write_all(fd: int, header: bytes, body: list[bytes]) -> None:

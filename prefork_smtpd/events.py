@@ -11,6 +11,9 @@ Outputs (session -> worker)
               follow one another: the worker gathers them into one write.
 ``LogEvent``  a line for the log (a refusal and why, a HELO name...).
 ``Close``     write its last words (``reply``), then close. Nothing follows.
+``AuthAborted``  an AUTH exchange ended in the session itself, with no
+              password to check (cancelled, or input it cannot take): for
+              the counters. The outcomes of a check the worker counts itself.
 ``Wait``      the base of the events that suspend the session until the
               worker brings a verdict. Nothing follows one; the session
               reads no command until ``resume(verdict)``, keeping what the
@@ -82,6 +85,19 @@ class Close(Event):
     """
 
     reply: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted(Event):
+    """An AUTH exchange of ``mechanism`` that ended before a password check.
+
+    ``result`` is ``"cancelled"`` (the client sent ``*``) or ``"malformed"``
+    (bad base64, broken credentials, a line too long, an authorization
+    identity other than the user). Only counted: the reply says the rest.
+    """
+
+    mechanism: str
+    result: str
 
 
 class Verdict:

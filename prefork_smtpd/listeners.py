@@ -18,6 +18,12 @@ Kinds (``KINDS``):
 
 With --tls-cert, the smtp and submission ports offer STARTTLS (RFC 3207).
 
+With --proxy-protocol, the listeners it names (``proxy_listeners``) take
+connections only from --trusted-proxies, each beginning with a PROXY header
+(v1 or v2) that says who the client is; the worker reads it before the
+connection is made (before the greeting, before the TLS handshake on
+smtps), see ``proxy_reader.py``.
+
 How to add a kind (smtps, say):
 
 1. ``KINDS``: its name and what its connections are (TLS mode, AUTH needed).
@@ -34,6 +40,7 @@ import errno
 import socket
 from dataclasses import dataclass, field, replace
 
+from .proxy import parse_networks
 from .settings import Settings
 
 SMTP = "smtp"
@@ -167,6 +174,42 @@ def configured(settings: Settings) -> list[Listener]:
     if settings.smtps_port is not None:
         listeners.append(Listener.of_kind(SMTPS, settings.listen, settings.smtps_port))
     return listeners
+
+
+def proxy_listeners(text: str | None) -> frozenset[str]:
+    """--proxy-protocol's listeners, by kind: "smtp,smtps" -> {"smtp", "smtps"}; raises ValueError.
+
+    Read by each worker from its settings (not fixed in ``Listener``), so a
+    reload can put a port behind a balancer or take it out: the new
+    generation of workers reads headers, the old one finishes its sessions.
+    """
+    if text is None or not text.strip():
+        return frozenset()
+    kinds = [item.strip() for item in text.split(",")]
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"--proxy-protocol: unknown listener {unknown[0]!r} (known: {', '.join(KINDS)})")
+    return frozenset(kinds)
+
+
+def proxy_problem(settings: Settings) -> str | None:
+    """What makes --proxy-protocol and --trusted-proxies unusable together, or None."""
+    try:
+        kinds = proxy_listeners(settings.proxy_protocol)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        networks = parse_networks(settings.trusted_proxies or "")
+    except ValueError as exc:
+        return f"--trusted-proxies: {exc}"
+    if kinds and not networks:
+        # Without a trusted proxy every connection to those listeners would be refused.
+        return "--proxy-protocol needs --trusted-proxies (the load balancers' addresses)"
+    ports = {SUBMISSION: settings.submission_port, SMTPS: settings.smtps_port}
+    for kind in sorted(kinds):
+        if kind in ports and ports[kind] is None:
+            return f"--proxy-protocol names {kind}, but the {kind} port is off (--{kind}-port)"
+    return None
 
 
 def bind_all(listeners: list[Listener], backlog: int) -> list[Listener]:

@@ -45,7 +45,12 @@ from .credentials import Credentials, CredentialsError
 from .delivery import remove_temporary_files
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
 from .log import close_log, open_log
-from .pool import CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, WorkerInfo, WorkerPool, clamp_target
+from .pool import (
+    CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, CrashBackoff, WorkerInfo, WorkerPool, clamp_target,
+)
+from .queue import Queue, queue_dir_of
+from .relayrights import relay_possible
+from .runner import RUNNER_SLOT, run_queue_runner
 from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
@@ -125,6 +130,7 @@ class Master:
     # that fails does not keep the others (a stop signal, say) from running.
     LOOP_STEPS = (
         "manage_workers",
+        "manage_runner",
         "wait_for_events",
         "expire_service_clients",
         "handle_signals",
@@ -164,6 +170,12 @@ class Master:
         self.next_status = 0.0
         self.handover_pending = False  # a new generation is ready; old workers are still leaving
         self.handover_deadline = 0.0
+        # The queue runner (runner.py): one process in slot 0, restarted
+        # like a worker; a planned exit (reload) is no crash.
+        self.runner_pid: int | None = None
+        self.runner_started = 0.0
+        self.runner_backoff = CrashBackoff()
+        self.runner_leaving = False
 
     @property
     def settings(self) -> Settings:
@@ -406,6 +418,77 @@ class Master:
         slot.set(FIELD["pid"], pid)
         self.pool.added(index, pid, self.clock())
 
+    # ------------------------------------------------------- queue runner
+    def runner_wanted(self) -> bool:
+        """Someone may relay, or mail waits in the queue (queued before a change of settings)."""
+        return relay_possible(self.settings) or bool(Queue(queue_dir_of(self.settings)).ids())
+
+    def manage_runner(self) -> None:
+        """Fork the queue runner when it is missing (after a crash, with a backoff)."""
+        if self.stopping:
+            return
+        now = self.clock()
+        if self.runner_pid is not None:
+            self.runner_backoff.lived(self.runner_started, now)
+            return
+        if self.runner_backoff.may_spawn(now) and self.runner_wanted():
+            self.spawn_runner()
+
+    def spawn_runner(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                self.become_worker()
+                close_all(self.listeners)  # it serves no client: the ports close with the workers
+                status = run_queue_runner(self.settings, self.stats)
+            except BaseException:
+                try:
+                    self.logger.critical(f"queue runner crashed: {traceback.format_exc()}")
+                    close_log(self.logger)
+                except Exception:
+                    pass
+            finally:
+                os._exit(status)
+        self.stats.slot(RUNNER_SLOT).set(FIELD["pid"], pid)
+        self.runner_pid = pid
+        self.runner_started = self.clock()
+        self.runner_leaving = False
+
+    def runner_exited(self, pid: int, status: int) -> None:
+        """Reaped: fold its counters, clean its spool files; manage_runner forks the next."""
+        now = self.clock()
+        self.runner_pid = None
+        self.stats.retire(RUNNER_SLOT)
+        for path in remove_temporary_files(self.settings.mail_dir, pid):
+            self.log(f"removed unacknowledged {path} of the queue runner")
+        cause = describe_exit(status)
+        if self.stopping or self.runner_leaving:
+            self.log(f"queue runner (pid {pid}) stopped: {cause}")
+            return
+        self.stats.slot(RUNNER_SLOT).add(FIELD["restarts"])
+        if now - self.runner_started < CRASH_WINDOW:
+            delay = self.runner_backoff.crashed(now)
+            self.log(f"queue runner (pid {pid}) died: {cause}; restarting it in {delay:.1f}s")
+        else:
+            self.log(f"queue runner (pid {pid}) died: {cause}; restarting it")
+
+    def flush_queue(self) -> str | None:
+        """``flush=1``: the runner retries every queued mail now."""
+        if self.runner_pid is None:
+            return "no queue runner is running"
+        self.kill(self.runner_pid, signal.SIGUSR2)
+        self.log("flush: queue runner told to retry every queued mail now")
+        return None
+
+    def queue_values(self) -> dict[str, tuple[int, str]]:
+        """The queue as ``show=1`` reports it (what the runner last counted)."""
+        slot = self.stats.slot(RUNNER_SLOT)
+        return {
+            "queue_messages": (slot.get(FIELD["queue_messages"]), "queue"),
+            "queue_oldest_seconds": (slot.get(FIELD["queue_oldest_seconds"]), "queue"),
+        }
+
     def become_worker(self) -> None:
         """In the child right after fork: drop everything that is the master's."""
         signal.set_wakeup_fd(-1)
@@ -439,6 +522,9 @@ class Master:
                 return
             if pid == 0:
                 return
+            if pid == self.runner_pid:
+                self.runner_exited(pid, status)
+                continue
             now = self.clock()
             clean_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
             left = self.pool.removed(pid, clean_exit, now, self.stopping)
@@ -476,6 +562,8 @@ class Master:
         self.close_listeners()
         for info in self.workers.values():
             self.retire_worker(info, signal.SIGTERM if graceful else signal.SIGQUIT)
+        if self.runner_pid is not None:
+            self.kill(self.runner_pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def close_listeners(self) -> None:
         """Stop listening: once the workers close their copies too, new
@@ -487,12 +575,15 @@ class Master:
     def check_stop(self) -> None:
         if not self.stopping:
             return
-        if not self.workers:
+        if not self.workers and self.runner_pid is None:
             self.running = False
         elif self.clock() >= self.stop_deadline:
             for info in self.workers.values():
                 self.log(f"worker {info.index} (pid {info.pid}) did not stop in time; killing it")
                 self.kill(info.pid, signal.SIGKILL)
+            if self.runner_pid is not None:
+                self.log(f"queue runner (pid {self.runner_pid}) did not stop in time; killing it")
+                self.kill(self.runner_pid, signal.SIGKILL)
             self.stop_deadline = self.clock() + FAST_STOP_SECONDS
 
     def request_reload(self, requester: ConfigSession) -> None:
@@ -528,6 +619,9 @@ class Master:
         self.gate.failures_per_minute = fresh.config_login_failures_per_minute
         self.target_workers = fresh.workers
         self.generation += 1  # manage_workers forks the new generation
+        if self.runner_pid is not None:  # the next runner reads the new settings
+            self.runner_leaving = True
+            self.kill(self.runner_pid, signal.SIGTERM)
         return None
 
     def report_readiness(self) -> None:
@@ -602,7 +696,7 @@ class Master:
             lambda reason: f"ERR closed: {reason}\r\n".encode(), self.log,
         ))
         if settings.metrics_port is not None:
-            render = make_renderer(self.stats, self.live_worker_indices)
+            render = make_renderer(self.stats, self.live_worker_indices, lambda: self.settings.mail_dir)
             metrics_sock = listening_socket(settings.metrics_address, settings.metrics_port)
             self.services.append(Service(
                 "metrics", self.selector, metrics_sock, lambda peer: HttpMetricsRequest(render),
@@ -615,8 +709,8 @@ class Master:
 
     def new_config_session(self, peer: str) -> ConfigSession:
         return ConfigSession(
-            self.control.apply, self.control.live_values, self.gate, self.request_reload, peer, self.log,
-            self.settings.config_max_login_failures,
+            self.control.apply, lambda: {**self.control.live_values(), **self.queue_values()}, self.gate,
+            self.request_reload, peer, self.log, self.settings.config_max_login_failures, flush=self.flush_queue,
         )
 
     def expire_service_clients(self) -> None:

@@ -34,7 +34,7 @@ MAX_BACKOFF = 10.0  # seconds between respawns of a worker that keeps crashing
 FIRST_BACKOFF = 0.1  # the wait after the first young death
 CRASH_WINDOW = 5.0  # a worker dying sooner than this after its start counts as a crash
 MAX_TARGET = RANGES["workers"][1]  # the most workers one generation may have
-WORKER_SLOTS = MAX_WORKERS - 1  # shared-memory slots 1..MAX_WORKERS-1; slot 0 stays unused
+WORKER_SLOTS = MAX_WORKERS - 1  # shared-memory slots 1..MAX_WORKERS-1; slot 0 is the queue runner's
 assert 2 * MAX_TARGET <= WORKER_SLOTS, "a reload must fit two full generations in the slots"
 
 # How a worker left, as reap_workers reports it.

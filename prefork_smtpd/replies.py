@@ -111,7 +111,7 @@ IN_TRANSACTION = reply(503, "5.5.1", "Error: MAIL transaction in progress")  # S
 
 # -------------------------------------------------- refusals: the transaction
 SIZE_SYNTAX = syntax_error("SIZE=<number of octets, at most 20 digits>")
-BODY_SYNTAX = syntax_error("BODY=7BIT|8BITMIME")
+BODY_SYNTAX = syntax_error("BODY=7BIT|8BITMIME|BINARYMIME")
 RCPT_PARAMETERS = reply(555, "5.5.4", "Error: RCPT parameters are not supported")
 SENDER_DOMAIN_NOT_SERVED = reply(550, "5.7.1", "Error: sender domain not served here")
 RELAY_DENIED = reply(550, "5.7.1", "Error: relay access denied; recipient domain not served here")
@@ -130,6 +130,30 @@ AUTH_TEMPORARY_FAILURE = reply(454, "4.7.0", "Temporary authentication failure, 
 
 def unsupported_mail_parameter(key: str) -> Reply:
     return reply(555, "5.5.4", f"Error: unsupported MAIL parameter {key}")
+
+
+# ------------------------------------------------------------- SMTPUTF8
+SMTPUTF8_SYNTAX = syntax_error("SMTPUTF8 (a keyword, without a value)")
+# RFC 6531 3.7.4.2 (and RFC 5248's 5.6.7): a UTF-8 address outside an SMTPUTF8 transaction.
+UTF8_NEEDS_SMTPUTF8 = reply(553, "5.6.7", "Error: a UTF-8 address needs MAIL FROM:<...> SMTPUTF8")
+ADDRESS_NOT_UTF8 = reply(553, "5.6.7", "Error: address is not valid UTF-8")
+
+# ---------------------------------------------------- BDAT (RFC 3030)
+DATA_AFTER_BDAT = reply(503, "5.5.1", "Error: DATA after BDAT in one transaction")
+CHUNKS_UNDER_WAY = reply(503, "5.5.1", "Error: BDAT transfer in progress")
+BINARYMIME_NEEDS_BDAT = reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")  # RFC 3030 3
+CHUNK_AFTER_FAILURE = reply(503, "5.5.1", "Error: chunk discarded after a failed chunk; send RSET")
+
+
+@lru_cache(maxsize=256)
+def chunk_received(size: int) -> Reply:
+    """250 to a BDAT chunk (not the last) taken into the message."""
+    return reply(250, "2.0.0", f"Ok: {size} octets received")
+
+
+def chunk_unframed(hostname: str) -> Reply:
+    """A BDAT line without a chunk size: where its data ends is unknown."""
+    return reply(421, "4.5.0", f"{hostname} Error: the end of the BDAT chunk is unknown; closing")
 
 
 # ------------------------------------------------- the server's own shortages

@@ -37,11 +37,12 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
-from . import replies, sasl
+from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
 from .events import (
+    AuthAborted,
     Authenticated,
     AuthFailed,
     AuthUnavailable,
@@ -67,7 +68,8 @@ class State(enum.Enum):
     READY = "ready"  # HELO/EHLO done; no mail transaction
     MAIL = "mail"  # MAIL accepted; waiting for RCPT
     RCPT = "rcpt"  # at least one RCPT accepted
-    DATA = "data"  # reading message content
+    DATA = "data"  # reading message content: after DATA's 354, or a BDAT chunk's octets
+    CHUNKS = "chunks"  # between the chunks of a BDAT transaction (RFC 3030): BDAT goes on
     AUTH = "auth"  # an AUTH exchange waits for the client's next line (a 334 is out)
     WAITING = "waiting"  # an outside verdict is awaited (Session.awaiting)
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
@@ -76,16 +78,20 @@ class State(enum.Enum):
 # Every verb, with its handler, the states it may run in, its syntax and
 # its EHLO keyword: one table (commands.py). The handlers register below, in
 # Session; a verb the table does not know is unknown (500).
-COMMAND_STATES = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
+COMMAND_STATES = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKS})
 COMMANDS = CommandTable()
 # Known verbs this server does not implement: 502, in any state.
-COMMANDS.not_implemented("EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", "BDAT", states=COMMAND_STATES)
+COMMANDS.not_implemented("EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", states=COMMAND_STATES)
 # EHLO keywords that come with no verb of their own; a verb's follow, in the
 # order the verbs register.
 COMMANDS.extension("PIPELINING")
 COMMANDS.extension(lambda session: f"SIZE {session.limits.max_message_size}")  # MAIL's SIZE=
 COMMANDS.extension("8BITMIME")  # MAIL's BODY=
+COMMANDS.extension("BINARYMIME")  # MAIL's BODY=BINARYMIME, with BDAT (RFC 3030 3)
+COMMANDS.extension("CHUNKING")  # the BDAT verb (RFC 3030 2), which runs in every command state
+COMMANDS.extension("SMTPUTF8")  # MAIL's SMTPUTF8: UTF-8 addresses and headers (RFC 6531)
 COMMANDS.extension("ENHANCEDSTATUSCODES")
+COMMANDS.extension(dsn.EHLO_KEYWORD)  # MAIL's RET=/ENVID=, RCPT's NOTIFY=/ORCPT= (dsn.py)
 # STARTTLS is advertised only while it would start TLS; the verb itself runs
 # wherever TLS is configured, so a second STARTTLS gets 503, not 502.
 COMMANDS.extension("STARTTLS", lambda session: session.starttls_offered and session.tls is None)
@@ -110,6 +116,21 @@ SEQUENCE_ERRORS: dict[tuple[str, State], Reply] = {
     ("AUTH", State.CONNECTED): replies.NEED_HELO,
     ("AUTH", State.MAIL): Reply(sasl.AUTH_NOT_IN_MAIL),
     ("AUTH", State.RCPT): Reply(sasl.AUTH_NOT_IN_MAIL),
+    # Between BDAT chunks only BDAT goes on (or RSET, EHLO, QUIT... end it).
+    ("MAIL", State.CHUNKS): replies.NESTED_MAIL,
+    ("RCPT", State.CHUNKS): replies.CHUNKS_UNDER_WAY,
+    ("DATA", State.CHUNKS): replies.DATA_AFTER_BDAT,  # RFC 3030 2: never both in one transaction
+    ("STARTTLS", State.CHUNKS): replies.IN_TRANSACTION,
+    ("AUTH", State.CHUNKS): Reply(sasl.AUTH_NOT_IN_MAIL),
+}
+
+# BDAT runs in every command state, since its chunk must be read whatever
+# happens (chunking.py); out of sequence, its chunk is read, discarded and
+# answered with the 503 given here for the state.
+CHUNK_SEQUENCE_ERRORS: dict[State, Reply] = {
+    State.CONNECTED: replies.NEED_HELO,
+    State.READY: replies.NEED_MAIL,
+    State.MAIL: replies.NEED_RCPT,
 }
 
 # SASL's replies (sasl.py), as the session sends them.
@@ -123,6 +144,10 @@ XSTAT_TEXT = {
     "CURRENT": "current connections",
     "BYTES": "total bytes of data transferred",
     "MAILS": "total mails sent",
+    "PROXIED": "current connections through a trusted proxy",
+    "QUEUE": "mails in the outbound queue",  # prefork-smtpd-metrics shows these two
+    "QUEUEAGE": "seconds the oldest queued mail has waited",
+    "TLS": "total TLS sessions",
 }
 
 # RFC 5322 atext without "/" (a folder separator): a local part made of these
@@ -137,6 +162,11 @@ _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 # No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
+# RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
+# address literal may sit in it, colons and all.
+_AT_DOMAIN = rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
+_SOURCE_ROUTE = re.compile(rf"{_AT_DOMAIN}(?:,{_AT_DOMAIN})*:")
+CATCH_ALL = "*"  # --domain '*': every domain is served (nothing is relayed anyway)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
 # Why a message is refused, worst first: a bare CR or LF is a framing error
@@ -181,8 +211,11 @@ class LimitSource(Protocol):
 
 @dataclass
 class Recipient:
-    address: str  # as the client gave it, for Delivered-To
+    address: str  # as the client gave it (any source route dropped), for Delivered-To
     folder: str  # the mail_dir subfolder it is stored in
+    subfolder: str = ""  # its Maildir++ subfolder (".invoices" for bob+invoices), if the store has one
+    dsn: dsn.RecipientDSN | None = None  # NOTIFY=, ORCPT= (None: neither given)
+    outside: bool = False  # in a domain not served here: queued for relay (folder "")
 
 
 @dataclass
@@ -198,11 +231,24 @@ class Envelope:
     size: int = 0
     tls: TLSSessionInfo | None = None  # the session was encrypted (Received: ESMTPS)
     login: str = ""  # the user who authenticated (Received: ESMTPA)
+    dsn: dsn.MailDSN | None = None  # RET=, ENVID= (None: neither given)
+    # Two flags MAIL sets on the rare envelope that needs them: class
+    # attributes, not fields, so the usual envelope is built no slower.
+    # SMTPUTF8 (RFC 6531): addresses and headers may be UTF-8.
+    smtputf8: ClassVar[bool] = False
+    # BODY=BINARYMIME (RFC 3030 3), sent with BDAT: the chunks are the
+    # message octet for octet, any bytes, not CRLF lines; stored as they came.
+    binary: ClassVar[bool] = False
 
     @property
     def protocol(self) -> str:
-        """The ``with`` of the Received header (RFC 3848): ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
-        return "ESMTP" + ("S" if self.tls is not None else "") + ("A" if self.login else "")
+        """The ``with`` of the Received header: ESMTP, ESMTPS, ESMTPA, ESMTPSA
+        (RFC 3848), or UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA (RFC 6531 3.7.3)."""
+        return (
+            ("UTF8SMTP" if self.smtputf8 else "ESMTP")
+            + ("S" if self.tls is not None else "")
+            + ("A" if self.login else "")
+        )
 
     @property
     def content(self) -> bytes:
@@ -226,6 +272,23 @@ class Policy:
         """At RCPT, for a recipient whose address passed every syntax check."""
         return None
 
+    def mailbox(self, local_part: str, domain: str) -> Mailbox | None:
+        """Where mail for ``local_part@domain`` goes, or None if it cannot go
+        anywhere safe (553). ``domain`` is lowercase and served, or "" for
+        this host itself (a bare local part, an address literal of ours)."""
+        folder = folder_for(local_part)
+        return None if folder is None else (folder, "")
+
+    def owns_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Whether an address literal (``postmaster@[192.0.2.1]``) names this server."""
+        return False
+
+
+# A recipient's place in the store (``policy.MailboxNames``): its folder,
+# relative to mail_dir ("bob", "a.example/bob"), and a Maildir++ subfolder
+# of it (".invoices") or "". A plain tuple: made at every RCPT.
+Mailbox = tuple[str, str]
+
 
 ALLOW_ALL = Policy()
 
@@ -235,8 +298,12 @@ def folder_for(local_part: str) -> str | None:
 
     One documented mapping: the local part, lowercased. Only a dot-atom of
     ASCII atext without "/" qualifies, so no folder name can escape mail_dir.
+    A UTF-8 local part (SMTPUTF8) maps to its canonical caseless form, under
+    the same rules (smtputf8.folder_for).
     """
     if len(local_part) > MAX_LOCAL_PART or not _DOT_ATOM.match(local_part):
+        if not local_part.isascii():
+            return smtputf8.folder_for(local_part)
         return None
     return local_part.lower()
 
@@ -257,6 +324,7 @@ class Session:
         tls: TLSSessionInfo | None = None,
         auth: bool = False,
         auth_without_tls: bool = False,
+        may_relay: bool = False,
     ) -> None:
         self.hostname = hostname
         self.context = context  # the listener the client came in on (read-only)
@@ -269,6 +337,9 @@ class Session:
         self.auth_offered = auth
         self.auth_without_tls = auth_without_tls
         self.login = ""  # the user who authenticated
+        # The client's address is in --relay-networks: it may name recipients
+        # in other domains, as an authenticated client may.
+        self.may_relay = may_relay
         self.auth_failures = 0
         self._sasl: sasl.SaslExchange | None = None  # in State.AUTH
         self._checking = ""  # the AUTH being checked, for the log
@@ -299,6 +370,13 @@ class Session:
         self._size = 0
         self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
+        # BDAT (RFC 3030): the chunk being read (in State.DATA), the unfinished
+        # last line of a text message between reads and chunks, and whether
+        # a failed chunk ended the transaction (later chunks: discarded).
+        self._chunk: chunking.Chunk | None = None
+        self._chunk_line = b""
+        self._chunk_failed = False
+        self._state_after_refused_chunk = State.CONNECTED  # where a refused chunk leaves the session
 
     # ----------------------------------------------------------------- API
     def greeting(self) -> Reply:
@@ -352,8 +430,9 @@ class Session:
 
     @property
     def held_bytes(self) -> int:
-        """Message bytes this session holds in memory while it reads DATA."""
-        if self.state is State.DATA and self._data_error is None:
+        """Message bytes this session holds in memory while it reads DATA or BDAT chunks."""
+        state = self.state
+        if (state is State.DATA or state is State.CHUNKS) and self._data_error is None:
             return self._size
         return 0
 
@@ -393,9 +472,12 @@ class Session:
         while True:
             state = self.state
             if state is State.DATA:
-                pos, reply = self._consume_data(buf, pos)
+                if self._chunk is None:
+                    pos, reply = self._consume_data(buf, pos)
+                else:
+                    pos, reply = self._consume_chunk(buf, pos)  # BDAT
                 if reply is None:
-                    break  # the rest of the message is yet to come, or it is complete
+                    break  # the rest of the message (or chunk) is yet to come, or it is complete
                 out.append(reply)
                 continue
             if state is State.WAITING or state is State.CLOSED:
@@ -535,8 +617,8 @@ class Session:
     @COMMANDS.verb(
         states={State.READY},
         syntax="MAIL FROM:<user@domain>",
-        params="[SIZE=n] [BODY=7BIT|8BITMIME]",
-        help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]",
+        params="[SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
+        help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
     )
     def smtp_MAIL(self, arg: str) -> Reply | None:
         if self.context.require_tls and self.tls is None:
@@ -549,6 +631,8 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
+        mail_dsn = dsn.MailDSN()
+        binary = utf8 = False
         for param in params:
             m = _PARAM.match(param)
             if not m:
@@ -561,22 +645,39 @@ class Session:
                     return self._error(replies.SIZE_SYNTAX)
                 size = int(value)
             elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                     return self._error(replies.BODY_SYNTAX)
+                binary = value.upper() == "BINARYMIME"
+            elif key == "SMTPUTF8":
+                if value is not None:  # RFC 6531 3.4: a keyword without a value
+                    return self._error(replies.SMTPUTF8_SYNTAX)
+                utf8 = True
             elif key == "AUTH":
                 # RFC 4954 5: who the message is from, as a relay saw it.
                 # Accepted and not used: nothing here relays on its word.
                 if value is None:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
+            elif key in dsn.MAIL_PARAMETERS:
+                refusal = mail_dsn.take(key, value)
+                if refusal is not None:
+                    return self._error(refusal)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
         if size > self.limits.max_message_size:
             return self._error(replies.MESSAGE_TOO_BIG)
+        if not path.isascii():
+            path = self._utf8_path(path, utf8)
+            if type(path) is not str:
+                return path  # refused
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                return self._syntax_error("MAIL", "5.1.7")
         if path != "":
-            address = _parse_mailbox(path)
+            address = _parse_mailbox(path) if path.isascii() else smtputf8.parse_mailbox(path)
             if address is None:
                 return self._syntax_error("MAIL", "5.1.7")
-            if address[1].lower() not in self.domains:
+            if address[1].lower() not in self.domains and not self._serves_other_sender(address[1]):
                 return self._error(replies.SENDER_DOMAIN_NOT_SERVED)
             if self.login and not self._owns(path):
                 return self._error(replies.SENDER_NOT_OWNED)
@@ -584,7 +685,12 @@ class Session:
         if refusal is not None:  # the server's state, not the client's fault: no error counted
             self._log_refusal(refusal)
             return refusal
-        self._envelope = Envelope(helo=self.helo, sender=path, tls=self.tls, login=self.login)
+        envelope = self._envelope = Envelope(
+            helo=self.helo, sender=path, tls=self.tls, login=self.login, dsn=mail_dsn if mail_dsn.given else None
+        )
+        if utf8 or binary:
+            envelope.smtputf8 = utf8
+            envelope.binary = binary
         self._rejected_rcpts = 0
         self.state = State.MAIL
         return replies.SENDER_OK
@@ -592,6 +698,7 @@ class Session:
     @COMMANDS.verb(
         states={State.MAIL, State.RCPT},
         syntax="RCPT TO:<user@domain>",
+        params="[NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]",
         help="RCPT TO:<user@domain> or RCPT TO:<user>",
     )
     def smtp_RCPT(self, arg: str) -> Reply | None:
@@ -599,11 +706,20 @@ class Session:
         if parsed is None or parsed[0] == "":
             return self._syntax_error("RCPT")
         path, params = parsed
+        rcpt_dsn = None
         if params:
-            self._rejected_rcpts += 1
-            return self._error(replies.RCPT_PARAMETERS)
+            rcpt_dsn, refusal = self._rcpt_parameters(params)
+            if refusal is not None:
+                self._rejected_rcpts += 1
+                return self._error(refusal)
         envelope = self._envelope
         assert envelope is not None
+        utf8 = not path.isascii()
+        if utf8:
+            path = self._utf8_path(path, envelope.smtputf8)
+            if type(path) is not str:
+                self._rejected_rcpts += 1
+                return path  # refused
         if len(envelope.recipients) >= self.limits.max_recipients:
             # Not counted as a client error: RFC 5321 4.5.3.1.10 expects
             # clients to retry the rest in another transaction.
@@ -611,31 +727,79 @@ class Session:
             reply = replies.TOO_MANY_RECIPIENTS
             self._log_refusal(reply)
             return reply
+        if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
+            path = strip_source_route(path)
+            if path is None:
+                self._rejected_rcpts += 1
+                return self._syntax_error("RCPT", "5.1.3")
         local, at, domain = path.rpartition("@")
+        if utf8 and not domain.isascii():
+            domain = smtputf8.ascii_domain(domain) or "?"  # a U-label domain: its A-labels (IDNA)
         if not at:
             local = path  # a bare local part, as the seed allowed
         elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
-        elif domain.lower() not in self.domains:
-            self._rejected_rcpts += 1
-            return self._error(replies.RELAY_DENIED)
-        folder = folder_for(local)
-        if folder is None:
+        elif (domain := domain.lower()) not in self.domains and not self._serves_other_recipient(domain):
+            if domain[0] == "[":
+                # Not one of our addresses: a relay attempt, refused whoever
+                # asks (the queue never aims at a host the client picks).
+                self._rejected_rcpts += 1
+                return self._error(replies.RELAY_DENIED)
+            return self._outside_recipient(path, rcpt_dsn)
+        # An address literal (ours, or it was refused above) names this host, like a bare local part.
+        mailbox = self.policy.mailbox(local, domain if at and domain[0] != "[" else "")
+        if mailbox is None:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
-        refusal = self.policy.recipient_refusal(folder)
+        folder, subfolder = mailbox
+        # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes says.
+        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(folder)
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
-        envelope.recipients.append(Recipient(address=path, folder=folder))
+        envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn, subfolder=subfolder))
         self.state = State.RCPT
         return replies.RECIPIENT_OK
+
+    def _outside_recipient(self, path: str, rcpt_dsn: dsn.RecipientDSN | None) -> Reply | None:
+        """A recipient in a domain not served here: queued for relay, if this client may relay."""
+        if not (self.login or self.may_relay):
+            self._rejected_rcpts += 1
+            return self._error(replies.RELAY_DENIED)
+        address = _parse_mailbox(path)
+        if address is None or len(address[0]) > MAX_LOCAL_PART or address[1].startswith("["):
+            # Only a domain name is relayed to: an address literal would
+            # point the queue at any host the client likes.
+            self._rejected_rcpts += 1
+            return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
+        envelope = self._envelope
+        assert envelope is not None
+        envelope.recipients.append(Recipient(address=path, folder="", dsn=rcpt_dsn, outside=True))
+        self.state = State.RCPT
+        return replies.RECIPIENT_OK
+
+    def _rcpt_parameters(self, params: list[str]) -> tuple[dsn.RecipientDSN | None, Reply | None]:
+        """RCPT's parameters: the DSN ones taken, anything else refused (555)."""
+        rcpt_dsn = dsn.RecipientDSN()
+        for param in params:
+            m = _PARAM.match(param)
+            if not m:
+                return None, self.commands["RCPT"].usage(params=True)
+            key = m.group(1).upper()
+            if key not in dsn.RCPT_PARAMETERS:
+                return None, replies.RCPT_PARAMETERS
+            refusal = rcpt_dsn.take(key, m.group(2))
+            if refusal is not None:
+                return None, refusal
+        return rcpt_dsn, None
 
     @COMMANDS.verb(states={State.RCPT}, syntax="DATA")
     def smtp_DATA(self, arg: str) -> Reply | None:
         if arg:
             return self._syntax_error("DATA")
+        if self._envelope is not None and self._envelope.binary:
+            return self._error(replies.BINARYMIME_NEEDS_BDAT)  # RFC 3030 3: 503
         refusal = self.admit_message()
         if refusal is not None:  # the server's shortage, not the client's error
             self._log_refusal(refusal)
@@ -681,8 +845,8 @@ class Session:
 
     @COMMANDS.verb(
         states=COMMAND_STATES,
-        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS",
-        help="XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters",
+        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS",
+        help="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters",
     )
     def smtp_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()
@@ -745,9 +909,12 @@ class Session:
         if isinstance(step, sasl.Challenge):
             self.state = State.AUTH
             return Reply(step.reply)
-        self._sasl = None
+        exchange, self._sasl = self._sasl, None
         self.state = State.READY
         if isinstance(step, sasl.Failure):
+            if exchange is not None and exchange.mechanism:  # counted by mechanism (unknown ones are not)
+                result = "cancelled" if step.reply == sasl.CANCELLED else "malformed"
+                self._out.append(AuthAborted(exchange.mechanism, result))
             return self._error(Reply(step.reply))
         self._checking = f"{step.mechanism} as {step.username!r}"  # for the log; never the password
         self._wait(CheckCredentials(step.mechanism, step.username, step.password), self._checked)
@@ -784,10 +951,36 @@ class Session:
         local, _, domain = sender.rpartition("@")
         return local == login and domain in self.domains
 
+    # A domain not in self.domains may still be served: these answer for it.
+    def _serves_other_recipient(self, domain: str) -> bool:
+        """An address literal of ours, or any domain under the catch-all."""
+        if domain[0] == "[":
+            address = literal_address(domain)
+            return address is not None and self.policy.owns_address(address)
+        return CATCH_ALL in self.domains
+
+    def _serves_other_sender(self, domain: str) -> bool:
+        """Senders: one of our literals; under the catch-all, any."""
+        return CATCH_ALL in self.domains or self._serves_other_recipient(domain)
+    # ----------------------------------------------------------- SMTPUTF8
+    def _utf8_path(self, path: str, smtputf8_transaction: bool) -> str | Reply | None:
+        """A path with octets above 0x7F: the client's UTF-8, decoded, or the refusal.
+
+        Only a transaction whose MAIL said SMTPUTF8 may carry one (RFC 6531
+        3.4, 3.7.4.2); the octets must be UTF-8 (RFC 6532 3.1).
+        """
+        if not smtputf8_transaction:
+            return self._error(replies.UTF8_NEEDS_SMTPUTF8)
+        decoded = smtputf8.decode_path(path)
+        if decoded is None:
+            return self._error(replies.ADDRESS_NOT_UTF8)
+        return decoded
+
     def _reset_transaction(self) -> None:
         self._envelope = None
         self._rejected_rcpts = 0
         self._chunks = []
+        self._chunk_failed = False
 
     # --------------------------------------------------------------- DATA
     # The message ends at the first CR LF "." CR LF of the byte stream, the
@@ -841,22 +1034,8 @@ class Session:
         """Check and keep one run of lines (it ends with LF, or at a dropped head)."""
         seg = bytes(memoryview(buf)[start:stop])  # one copy (a bytearray slice would make two)
         self._at_line_start = seg.endswith(b"\r\n")
-        # Every check runs on every run of lines until the worst error is
-        # found, so the reply never depends on how the reads were cut.
-        error = self._data_error
-        if error is replies.BARE_LINE_END_IN_DATA:
+        if not self._check_lines(seg):
             return
-        crlf = seg.count(b"\r\n")
-        if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
-            self._reject_data(replies.BARE_LINE_END_IN_DATA)
-            return
-        if error is replies.TEXT_LINE_TOO_LONG:
-            return
-        if has_long_line(seg, self.limits.max_text_line):
-            self._reject_data(replies.TEXT_LINE_TOO_LONG)
-            return
-        if error is not None:
-            return  # over the size limit: nothing more is kept
         # No error so far: every run so far ended with CRLF, so seg starts
         # a line. Undo dot-stuffing: every line that starts with "." loses it.
         if b"\r\n." in seg:
@@ -868,6 +1047,26 @@ class Session:
             self._reject_data(replies.MESSAGE_TOO_BIG)
             return
         self._chunks.append(seg)
+
+    def _check_lines(self, seg: bytes) -> bool:
+        """Judge a run of whole lines (CRLF, length); True if it may be kept.
+
+        Every check runs on every run of lines until the worst error is
+        found, so the reply never depends on how the reads were cut.
+        """
+        error = self._data_error
+        if error is replies.BARE_LINE_END_IN_DATA:
+            return False
+        crlf = seg.count(b"\r\n")
+        if seg.count(b"\n") != crlf or seg.count(b"\r") != crlf:
+            self._reject_data(replies.BARE_LINE_END_IN_DATA)
+            return False
+        if error is replies.TEXT_LINE_TOO_LONG:
+            return False
+        if has_long_line(seg, self.limits.max_text_line):
+            self._reject_data(replies.TEXT_LINE_TOO_LONG)
+            return False
+        return error is None  # else over the size limit: nothing more is kept
 
     def _reject_data(self, reply: Reply) -> None:
         """Note why the message will be refused; the worst reason wins."""
@@ -905,6 +1104,136 @@ class Session:
         assert isinstance(verdict, StoreFailed)
         return verdict.reply
 
+    # --------------------------------------------------------------- BDAT
+    # RFC 3030. A BDAT line announces how many octets of message data follow
+    # it; the session counts them off the stream (chunking.Chunk) whatever
+    # they hold, and answers the chunk once all of them are read: 250 for a
+    # chunk taken, the reason for a chunk refused, the store's verdict after
+    # LAST. Nothing is dot-stuffed and no line ends the data. A text message
+    # (7BIT, 8BITMIME) is judged as DATA's is (CRLF lines, their length),
+    # across reads and chunks; a BINARYMIME one is any octets. The size limit
+    # counts every octet of every chunk. A failed chunk ends the
+    # transaction; chunks pipelined behind it are read and discarded until
+    # RSET (or MAIL, EHLO).
+
+    @COMMANDS.verb(
+        states=COMMAND_STATES,
+        syntax="BDAT size [LAST]",
+        help="BDAT size [LAST]: message data in chunks of size octets (RFC 3030)",
+    )
+    def smtp_BDAT(self, arg: str) -> Reply | None:
+        parsed = chunking.parse_bdat(arg)
+        if parsed is None:
+            return self._chunk_unframed()
+        size, last = parsed
+        state = self.state
+        refusal = None
+        if state is State.RCPT:
+            self._start_chunks()
+        elif state is not State.CHUNKS:
+            refusal = self._chunk_sequence_error(state)
+            self._size = 0  # nothing of it is held
+            self._size = 0  # nothing of it is held
+        self._chunk = chunking.Chunk(size, last, refusal)
+        self._state_after_refused_chunk = state
+        self.state = State.DATA  # the chunk's octets are message data, never commands
+        return None  # answered once the chunk's data is read
+
+    def _chunk_sequence_error(self, state: State) -> Reply:
+        """The 503 a chunk out of sequence gets, once read."""
+        if state is State.READY and self._chunk_failed:
+            return replies.CHUNK_AFTER_FAILURE
+        if state is State.MAIL and self._rejected_rcpts:
+            return replies.NO_VALID_RECIPIENTS
+        return CHUNK_SEQUENCE_ERRORS[state]
+
+    def _chunk_unframed(self) -> None:
+        """A BDAT line whose size does not parse: its data cannot be told
+        from the commands behind it, so none of it is read; 501, then close."""
+        reply = self._syntax_error("BDAT")
+        if reply is not None:
+            self.state = State.CLOSED
+            self._out.append(reply)
+            self._out.append(LogEvent("BDAT without a valid chunk size: the end of its data is unknown; closing"))
+            self._out.append(Close(replies.chunk_unframed(self.hostname)))
+        return None
+
+    def _start_chunks(self) -> None:
+        """The first chunk of a transaction: the message starts empty."""
+        self._chunks = []
+        self._size = 0
+        self._data_error = None
+        self._chunk_line = b""
+        refusal = self.admit_message()
+        if refusal is not None:  # the server's shortage: the chunk is read, then refused
+            self._reject_data(refusal)
+
+    def _consume_chunk(self, buf: bytearray, pos: int) -> tuple[int, Reply | None]:
+        """Take the current chunk's octets from buf[pos:]; answer it once complete."""
+        chunk = self._chunk
+        assert chunk is not None
+        stop = chunk.take(buf, pos)
+        if stop > pos and chunk.refusal is None:
+            self._chunk_data(buf, pos, stop)
+        if not chunk.complete:
+            return stop, None
+        return stop, self._end_of_chunk(chunk)
+
+    def _chunk_data(self, buf: bytearray, start: int, stop: int) -> None:
+        """Count and keep (or judge and drop) octets of a transaction's chunk."""
+        self._size += stop - start
+        if self._size > self.limits.max_message_size:
+            self._reject_data(replies.MESSAGE_TOO_BIG)  # answered at the end of this chunk
+        view = memoryview(buf)
+        envelope = self._envelope
+        assert envelope is not None
+        if envelope.binary:
+            if self._data_error is None:
+                self._chunks.append(bytes(view[start:stop]))
+            return
+        # A text message: whole lines are judged and kept as DATA's are; the
+        # unfinished last line waits for the rest (a CRLF may straddle reads
+        # or chunks), bounded by the line limit.
+        end = buf.rfind(b"\n", start, stop) + 1
+        if end:
+            seg = self._chunk_line + view[start:end]
+            if self._check_lines(seg):
+                self._chunks.append(seg)
+            rest = bytes(view[end:stop])
+        else:
+            rest = self._chunk_line + view[start:stop]
+        if len(rest) > self.limits.max_text_line:
+            # No LF within the limit: judge the head and drop it, keep the
+            # last octet (it may be the CR of the line's CRLF). Every CR
+            # dropped is bare: the octet after it is here, and is no LF.
+            self._reject_data(replies.BARE_LINE_END_IN_DATA if b"\r" in rest[:-1] else replies.TEXT_LINE_TOO_LONG)
+            rest = rest[-1:]
+        self._chunk_line = rest
+
+    def _end_of_chunk(self, chunk: chunking.Chunk) -> Reply | None:
+        self._chunk = None
+        if chunk.refusal is not None:  # out of sequence: its data is discarded
+            self.state = self._state_after_refused_chunk
+            if chunk.refusal is replies.CHUNK_AFTER_FAILURE:
+                # RFC 3030 2: chunks pipelined behind a failed one must be
+                # read and discarded; the client did nothing wrong by sending them.
+                self._log_refusal(chunk.refusal)
+                return chunk.refusal
+            return self._error(chunk.refusal)
+        if chunk.last and self._chunk_line:
+            # A message need not end with CRLF; its last line is judged as it is.
+            line, self._chunk_line = self._chunk_line, b""
+            if self._check_lines(line):
+                self._chunks.append(line)
+        if self._data_error is None and not chunk.last:
+            self.state = State.CHUNKS
+            return replies.chunk_received(chunk.size)
+        # The message is complete, or refused: as at the end of DATA.
+        reply = self._end_of_data()
+        if self.state is State.READY:
+            self._chunk_failed = True  # chunks already pipelined behind are discarded
+        return reply
+
 
 # Every byte but LF becomes "a": a line of more than ``limit`` octets (LF
 # included) is then a run of ``limit`` "a"s, which bytes.find spots at C
@@ -940,18 +1269,46 @@ def valid_helo_name(name: str) -> bool:
 
 def is_address_literal(text: str) -> bool:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
+    return literal_address(text) is not None
+
+
+def literal_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in ``[192.0.2.1]`` or ``[IPv6:2001:db8::1]``, or None.
+
+    An IPv4-mapped IPv6 address is given as its IPv4 address: it names the
+    same host.
+    """
     m = _ADDRESS_LITERAL.match(text)
     if m is None:
-        return False
+        return None
     tag, address = m.groups()
     try:
         if tag is None:
-            ipaddress.IPv4Address(address)
-        else:
-            ipaddress.IPv6Address(address)
+            return ipaddress.IPv4Address(address)
+        v6 = ipaddress.IPv6Address(address)
     except ValueError:
-        return False
-    return True
+        return None
+    return v6.ipv4_mapped or v6
+
+
+def strip_source_route(path: str) -> str | None:
+    """The mailbox of a path, its source route dropped; None if the route is malformed.
+
+    RFC 5321 4.1.2 and appendix C: ``<@a.example,@b.example:anne@smtpd.com>``
+    is a path with a source route, which servers MUST accept and SHOULD
+    ignore. A path without one comes back as it is.
+    """
+    if path[:1] != "@":
+        return path
+    m = _SOURCE_ROUTE.match(path)
+    if m is None or m.end() == len(path):
+        return None
+    return path[m.end() :]
+
+
+def is_postmaster(local_part: str) -> bool:
+    """RFC 5321 4.5.1: "Postmaster" in any case; always accepted."""
+    return len(local_part) == 10 and local_part.lower() == "postmaster"
 
 
 def is_auth_line(line: bytes) -> bool:

@@ -175,7 +175,7 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "data_timeout", int, 600, metavar="SECONDS", range=(1, 86_400),
-        help="time to send one message after 354 (default {default})", change=LIVE, shared=True,
+        help="time to send one message after 354, or one BDAT chunk (default {default})", change=LIVE, shared=True,
         port_help="seconds a client may take to send one message",
     ),
     Setting(
@@ -207,6 +207,12 @@ REGISTRY: tuple[Setting, ...] = (
         "smtps_port", int, None, metavar="PORT", range=(1, 65535), change=RESTART, default_doc="off",
         help="implicit-TLS submission port (RFC 8314, usually 465), on -l's addresses: TLS from the first byte,"
         " MAIL needs AUTH; needs --tls-cert (default: off)",
+    ),
+    Setting(
+        "proxy_protocol", str, None, metavar="LISTENERS", default_doc="none",
+        help="listeners whose connections begin with a PROXY protocol header (v1 or v2, HAProxy's"
+        " send-proxy/send-proxy-v2) from --trusted-proxies: a comma-separated list of smtp, submission,"
+        " smtps (default: none)",
     ),
     Setting("backlog", int, 4096, metavar="N", range=(1, 65535), change=RESTART, help="listen backlog (default {default})"),
     Setting(
@@ -260,7 +266,8 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "domains", list, default_factory=lambda: ["smtpd.com"], flags=("--domain",), metavar="D",
-        help="a served domain; repeat for more (default smtpd.com)",
+        help="a served domain; repeat for more; * serves every domain, a catch-all (nothing is ever relayed)"
+        " (default smtpd.com)",
     ),
     Setting(
         "hostname", str, default_factory=socket.gethostname, default_doc="host name",
@@ -270,7 +277,22 @@ REGISTRY: tuple[Setting, ...] = (
     Setting(
         "mailboxes", str, "auto", metavar="auto|existing|FILE",  # see policy.py
         help="which recipients get a folder: any valid local part (auto, the default), only folders"
-        " already in the mail dir (existing), or the local parts listed in FILE, one a line (read again on reload)",
+        " already in the mail dir (existing), or the mailboxes listed in FILE, one a line (read again on reload)",
+    ),
+    Setting(
+        "folders", str, "local", metavar="local|address",  # see policy.py
+        help="a recipient's folder: mail_dir/<local part> (local, the default) or mail_dir/<domain>/<local part>"
+        " (address: a folder per domain, Dovecot's domain/user layout)",
+    ),
+    Setting(
+        "recipient_delimiter", str, None, metavar="CHARS", default_doc="none",
+        help="plus-addressing: with +, bob+invoices@ is delivered to bob (with several CHARS, the first of"
+        " any of them splits the local part) (default: none)",
+    ),
+    Setting(
+        "plus_folders", bool, False,
+        help="with --recipient-delimiter: make the Maildir++ subfolder bob/.invoices for bob+invoices@"
+        " (default: off, only a subfolder that exists is used)",
     ),
     Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
     # -------------------------------------------------- TLS and AUTH (reload re-reads the files)
@@ -318,6 +340,69 @@ REGISTRY: tuple[Setting, ...] = (
     Setting(
         "max_auth_failures", int, 3, metavar="N", range=(1, 1000), shared=True,
         help="failed logins per session before 421 and close (default {default})",
+    ),
+    # -------------------------------------------------- relay (reload; the queue runner reads them)
+    Setting(
+        "relay_networks", str, None, metavar="CIDR,...", default_doc="none",
+        help="clients that may relay without AUTH, comma-separated networks (10.0.0.0/8,2001:db8::/32);"
+        " authenticated users may always relay (default: none)",
+    ),
+    Setting(
+        "queue_dir", str, None, metavar="DIR", default_doc="`queue` beside mail_dir",
+        help="the outbound queue, on mail_dir's file system (default: a folder named queue beside mail_dir)",
+    ),
+    Setting(
+        "relay_host", str, None, metavar="HOST:PORT", default_doc="none (MX lookup)",
+        help="smarthost for all outbound mail; without it, each recipient domain's MX (default: none)",
+    ),
+    Setting(
+        "relay_starttls", bool, False,
+        help="require STARTTLS to the relay host, its certificate checked (default: off)",
+    ),
+    Setting(
+        "relay_ca_file", str, None, metavar="FILE", default_doc="the system's CAs",
+        help="CA certificates (PEM) the relay host's certificate is checked against",
+    ),
+    Setting(
+        "relay_auth_file", str, None, metavar="FILE", default_doc="none (no AUTH)",
+        help="file holding user:password for AUTH at the relay host (default: none)",
+    ),
+    Setting(
+        "relay_port", int, 25, metavar="PORT", range=(1, 65535),
+        help="port of the MX hosts found by DNS (default {default})",
+    ),
+    Setting(
+        "relay_nameserver", str, None, metavar="HOST:PORT", default_doc="the system's resolver",
+        help="DNS server for MX lookups (default: /etc/resolv.conf's)",
+    ),
+    Setting(
+        "relay_timeout", int, 300, metavar="SECONDS", range=(1, 3600),  # RFC 5321 4.5.3.2: 5 minutes
+        help="time the next hop gets for each step of a delivery (default {default})",
+    ),
+    Setting(
+        "relay_max_connections", int, 20, metavar="N", range=(1, 10_000),
+        help="outbound deliveries at once (default {default})",
+    ),
+    Setting(
+        "queue_lifetime", int, 5 * 86_400, metavar="SECONDS", range=(1, 365 * 86_400),  # Postfix's maximal_queue_lifetime
+        help="how long a mail is retried before it bounces (default {default}, 5 days)",
+    ),
+    Setting(
+        "queue_retry_min", int, 300, metavar="SECONDS", range=(1, 86_400),  # Postfix's minimal_backoff_time
+        help="wait before the first retry; it doubles at each failure (default {default})",
+    ),
+    Setting(
+        "queue_retry_max", int, 4000, metavar="SECONDS", range=(1, 7 * 86_400),  # Postfix's maximal_backoff_time
+        help="longest wait between retries (default {default})",
+    ),
+    Setting(
+        "trusted_proxies", str, None, metavar="CIDR,...", default_doc="none",
+        help="addresses allowed to send a PROXY header on --proxy-protocol listeners, comma-separated"
+        " networks (10.0.0.0/24,2001:db8::/64; a bare address is one host); others get 421 (default: none)",
+    ),
+    Setting(
+        "proxy_timeout", int, 5, metavar="SECONDS", range=(1, 3600),
+        help="time a trusted proxy has to send the PROXY header; then the connection is closed (default {default})",
     ),
     Setting(
         "graceful_timeout", int, 30, metavar="SECONDS", range=(0, 86_400),
@@ -428,6 +513,7 @@ class Settings:
     port: int = REGISTERED
     submission_port: int | None = REGISTERED
     smtps_port: int | None = REGISTERED
+    proxy_protocol: str | None = REGISTERED
     backlog: int = REGISTERED
     config_address: str = REGISTERED
     config_port: int = REGISTERED
@@ -445,6 +531,9 @@ class Settings:
     hostname: str = REGISTERED
     mail_dir: str = REGISTERED
     mailboxes: str = REGISTERED
+    folders: str = REGISTERED
+    recipient_delimiter: str | None = REGISTERED
+    plus_folders: bool = REGISTERED
     log_file: str = REGISTERED
     tls_cert: str | None = REGISTERED
     tls_key: str | None = REGISTERED
@@ -456,6 +545,21 @@ class Settings:
     max_auth_checks: int = REGISTERED
     auth_failure_delay: int = REGISTERED
     max_auth_failures: int = REGISTERED
+    relay_networks: str | None = REGISTERED
+    queue_dir: str | None = REGISTERED
+    relay_host: str | None = REGISTERED
+    relay_starttls: bool = REGISTERED
+    relay_ca_file: str | None = REGISTERED
+    relay_auth_file: str | None = REGISTERED
+    relay_port: int = REGISTERED
+    relay_nameserver: str | None = REGISTERED
+    relay_timeout: int = REGISTERED
+    relay_max_connections: int = REGISTERED
+    queue_lifetime: int = REGISTERED
+    queue_retry_min: int = REGISTERED
+    queue_retry_max: int = REGISTERED
+    trusted_proxies: str | None = REGISTERED
+    proxy_timeout: int = REGISTERED
     graceful_timeout: int = REGISTERED
     max_requests: int = REGISTERED
     delivery_threads: int = REGISTERED

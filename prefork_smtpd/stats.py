@@ -29,6 +29,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .sasl import MECHANISMS as AUTH_MECHANISMS
 from .settings import SHARED
 
 WORD = 8
@@ -42,6 +43,31 @@ CONTROL = SHARED
 CONTROL_INDEX = {name: i for i, name in enumerate(CONTROL)}
 CONTROL_WORDS = 32
 assert len(CONTROL) <= CONTROL_WORDS, "the control block is full: make CONTROL_WORDS larger"
+
+# TLS sessions: handshakes completed (STARTTLS or implicit TLS), one counter
+# per protocol version the server's context allows (tls.py).
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+# AUTH exchanges of a mechanism the server offers, by how they ended:
+# success and failure are the password check's verdict; unavailable is a
+# 454 (too many checks in progress); cancelled, the client's "*"; malformed,
+# what the client sent could not be taken (bad base64, broken credentials,
+# a line too long, an authorization identity other than the user).
+AUTH_RESULTS = ("success", "failure", "unavailable", "cancelled", "malformed")
+
+
+def _tls_field(version: str) -> str:
+    return "tls_sessions_" + version.removeprefix("TLSv").replace(".", "_")  # tls_sessions_1_3
+
+
+def _auth_field(mechanism: str, result: str) -> str:
+    return f"auth_{mechanism.lower()}_{result}"  # auth_plain_success
+
+
+# The counters kept per label (TLS version; AUTH mechanism and result).
+LABELLED_FIELDS = (
+    *(_tls_field(version) for version in TLS_VERSIONS),
+    *(_auth_field(mechanism, result) for mechanism in AUTH_MECHANISMS for result in AUTH_RESULTS),
+)
 
 # A worker slot: index -> name.
 SLOT_FIELDS = (
@@ -58,17 +84,44 @@ SLOT_FIELDS = (
     "recycle",  # 1 once the worker served its quota: the master replaces it, then retires it
     "tls_handshake_failures",  # STARTTLS or implicit-TLS handshakes that failed or timed out
     "auth_failures",  # AUTH attempts with a wrong name or password
+    "proxied",  # connections open now that came through a trusted proxy (their socket's peer is the proxy)
+    "proxy_failures",  # PROXY listener connections closed before a session: untrusted, bad or late header
+    # The queue runner's (slot 0): the queue now, and its deliveries by result.
+    "queue_messages",  # mails in the queue
+    "queue_oldest_seconds",  # age of the oldest queued mail, as of the runner's last look; 0 when empty
+    "deliveries_sent",  # recipients the next hop accepted
+    "deliveries_deferred",  # recipient attempts that failed for now (4xx, no connection)
+    "deliveries_bounced",  # recipients given up on (5xx, lifetime over)
+    *LABELLED_FIELDS,
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
-SLOT_WORDS = 16
+SLOT_WORDS = 40
+assert len(SLOT_FIELDS) <= SLOT_WORDS, "a worker slot is full: make SLOT_WORDS larger"
 RETIRED = MAX_WORKERS  # slot number of the retired totals
+TLS_SESSION_FIELDS = {version: FIELD[_tls_field(version)] for version in TLS_VERSIONS}
+AUTH_FIELDS = {
+    (mechanism, result): FIELD[_auth_field(mechanism, result)]
+    for mechanism in AUTH_MECHANISMS
+    for result in AUTH_RESULTS
+}
 
-# The counters summed for XSTAT, by XSTAT argument.
-XSTAT_FIELDS = {"TOTAL": FIELD["total"], "CURRENT": FIELD["current"], "BYTES": FIELD["bytes"], "MAILS": FIELD["mails"]}
+# The counters summed for XSTAT, by XSTAT argument: each the sum of these fields.
+XSTAT_FIELDS = {
+    "TOTAL": (FIELD["total"],), "CURRENT": (FIELD["current"],), "BYTES": (FIELD["bytes"],),
+    "MAILS": (FIELD["mails"],), "PROXIED": (FIELD["proxied"],),
+    # Written by the queue runner alone (slot 0): the sum is its figure.
+    "QUEUE": (FIELD["queue_messages"],), "QUEUEAGE": (FIELD["queue_oldest_seconds"],),
+    "TLS": tuple(TLS_SESSION_FIELDS.values()),  # sessions that completed a TLS handshake
+}
 _SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
-    "tls_handshake_failures", "auth_failures",
+    "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
+    "deliveries_sent", "deliveries_deferred", "deliveries_bounced",
 )
+_OPEN_NOW = ("current", "proxied")  # gauges: a dead worker's connections are gone
+# What a dead worker's slot hands to the retired slot: every count but
+# the gauges of what is open now, which died with it.
+_FOLDED = (*(name for name in _SUMMED if name not in _OPEN_NOW), *LABELLED_FIELDS)
 
 
 @dataclass
@@ -82,6 +135,11 @@ class Totals:
     rejected_connections: int = 0
     tls_handshake_failures: int = 0
     auth_failures: int = 0
+    proxied: int = 0
+    proxy_failures: int = 0
+    deliveries_sent: int = 0
+    deliveries_deferred: int = 0
+    deliveries_bounced: int = 0
 
 
 class SharedStats:
@@ -111,18 +169,25 @@ class SharedStats:
         return sum(words[CONTROL_WORDS + field : CONTROL_WORDS + (MAX_WORKERS + 1) * SLOT_WORDS : SLOT_WORDS])
 
     def xstat(self, key: str) -> int:
-        return self.read(XSTAT_FIELDS[key])
+        return sum(map(self.read, XSTAT_FIELDS[key]))
 
     def totals(self) -> Totals:
         return Totals(**{name: self.read(FIELD[name]) for name in _SUMMED})
+
+    def tls_sessions(self) -> dict[str, int]:
+        """TLS handshakes completed, by protocol version."""
+        return {version: self.read(field) for version, field in TLS_SESSION_FIELDS.items()}
+
+    def auth_attempts(self) -> dict[tuple[str, str], int]:
+        """AUTH exchanges, by (mechanism, result)."""
+        return {key: self.read(field) for key, field in AUTH_FIELDS.items()}
 
     def retire(self, index: int) -> None:
         """Fold a dead worker's totals into the retired slot (master only)."""
         dead = self.slot(index)
         retired = self.slot(RETIRED)
-        for name in _SUMMED:
-            if name != "current":
-                retired.add(FIELD[name], dead.get(FIELD[name]))
+        for name in _FOLDED:
+            retired.add(FIELD[name], dead.get(FIELD[name]))
         restarts = dead.get(FIELD["restarts"])
         dead.clear()
         dead.set(FIELD["restarts"], restarts)

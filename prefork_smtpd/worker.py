@@ -32,6 +32,7 @@ from .delivery import BatchCommitter, DeliveryError, MaildirStore
 from .diskspace import SpaceGuard, bytes_to_store
 from .credentials import Credentials
 from .events import (
+    AuthAborted,
     Authenticated,
     AuthFailed,
     AuthUnavailable,
@@ -44,12 +45,17 @@ from .events import (
     StartTLS,
     TLSStarted,
 )
-from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener
+from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
+from .notices import success_notice
+from .queue import queue_dir_of
+from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
-from .policy import ServerPolicy, mailbox_check
+from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
+from .proxy import ProxyResult, parse_networks, trusted
+from .proxy_reader import Conveyed, conveyed, read_header
 from .session import Envelope, Session, State
 from .settings import Settings
-from .stats import FIELD, AddressTables, LiveSettings, SharedStats, address_key
+from .stats import AUTH_FIELDS, FIELD, TLS_SESSION_FIELDS, AddressTables, LiveSettings, SharedStats, address_key
 from .tls import describe_tls
 
 TOTAL = FIELD["total"]
@@ -63,6 +69,8 @@ ACCEPTING = FIELD["accepting"]
 RECYCLE = FIELD["recycle"]
 TLS_FAILURES = FIELD["tls_handshake_failures"]
 AUTH_FAILURES = FIELD["auth_failures"]
+PROXIED = FIELD["proxied"]
+PROXY_FAILURES = FIELD["proxy_failures"]
 
 _IDLE_STATES = (State.CONNECTED, State.READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
@@ -98,12 +106,13 @@ class SMTPConnection(asyncio.Protocol):
 
     __slots__ = (
         "worker", "context", "transport", "session", "peer", "deadline", "closed", "address",
-        "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading",
+        "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading", "conveyed",
     )
 
-    def __init__(self, worker: "Worker", context: ConnectionContext) -> None:
+    def __init__(self, worker: "Worker", context: ConnectionContext, conveyed: Conveyed | None = None) -> None:
         self.worker = worker
         self.context = context  # the listener it came in on
+        self.conveyed = conveyed  # what a trusted proxy's PROXY header said of the client
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.peer = "unknown"
@@ -127,7 +136,11 @@ class SMTPConnection(asyncio.Protocol):
         slot.add(TOTAL)
         slot.add(CURRENT)
         worker.connections.add(self)
-        peername = transport.get_extra_info("peername")
+        conveyed = self.conveyed
+        if conveyed is not None:
+            slot.add(PROXIED)
+        # The client's address from the PROXY header, where it gave one.
+        peername = conveyed.client if conveyed and conveyed.client else transport.get_extra_info("peername")
         host = "unknown"
         if peername:
             host = peername[0]
@@ -147,14 +160,16 @@ class SMTPConnection(asyncio.Protocol):
             tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
             auth=worker.users is not None,
             auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host),
+            may_relay=in_networks(host, worker.relay_networks),
         )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
+        via = f" ({conveyed.note})" if conveyed is not None else ""
         if context.kind == SMTP:
-            worker.log(f"{self.peer} connected")
+            worker.log(f"{self.peer} connected{via}")
         else:
-            worker.log(f"{self.peer} connected to the {context.listener} port")
+            worker.log(f"{self.peer} connected to the {context.listener} port{via}")
         if self.session.tls is not None:
             worker.log(f"{self.peer} TLS {self.session.tls.log_fields()}")
 
@@ -166,6 +181,8 @@ class SMTPConnection(asyncio.Protocol):
             worker.data_memory -= self.data_held
             self.data_held = 0
         worker.slot.add(CURRENT, -1)
+        if self.conveyed is not None:
+            worker.slot.add(PROXIED, -1)
         if self.address is not None:
             worker.stats.addresses.close(worker.index, self.address)
         worker.connections.discard(self)
@@ -211,14 +228,16 @@ class SMTPConnection(asyncio.Protocol):
                 return
             if session.state is State.CLOSED:
                 return  # closing: the rest is never answered
-            step = end - pos if session.state is State.DATA else COMMAND_SLICE
+            state = session.state
+            step = end - pos if state is State.DATA else COMMAND_SLICE
             piece = view[pos : pos + step]
             pos += len(piece)
             events = session.feed(piece)
-            if events:
+            if events or session.state is not state:
                 # Every reply answers a command the client completed: that
-                # is progress. Our own writes never push the deadline: while
-                # they wait unread, nothing more is fed.
+                # is progress (so is a BDAT line, answered after its chunk).
+                # Our own writes never push the deadline: while they wait
+                # unread, nothing more is fed.
                 self._renew_deadline()
             self._act(events)
             self._account_data_memory()
@@ -270,6 +289,8 @@ class SMTPConnection(asyncio.Protocol):
                 self._start_tls()
             elif type(event) is CheckCredentials:
                 self._check_credentials(event)
+            elif type(event) is AuthAborted:
+                worker.count_auth(event.mechanism, event.result)
             else:
                 raise TypeError(f"no worker action for {event!r}")
         if unsent:
@@ -366,13 +387,17 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            folders = ",".join(sorted({r.folder for r in envelope.recipients if not r.outside}))
+            outside = [r.address for r in envelope.recipients if r.outside]
+            if outside:
+                folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
+            worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
@@ -405,6 +430,8 @@ class SMTPConnection(asyncio.Protocol):
             if not self.closed and self.transport is not None:
                 self.transport.abort()
             return
+        if transport is not None:
+            worker.tls_completed(transport)
         if self.closed or transport is None:
             return
         self.transport = transport
@@ -429,15 +456,16 @@ class SMTPConnection(asyncio.Protocol):
         worker = self.worker
         if worker.auth_checks >= worker.settings.max_auth_checks:
             worker.log(f"{self.peer} AUTH refused for now: {worker.auth_checks} password checks in progress")
+            worker.count_auth(event.mechanism, "unavailable")
             worker.loop.call_soon(self._auth_verdict, AuthUnavailable())
             return
         worker.auth_checks += 1
         users = worker.users
         assert users is not None
         future = worker.loop.run_in_executor(worker.auth_pool, users.verify, event.username, event.password)
-        future.add_done_callback(lambda f: self._checked(f, event.username))
+        future.add_done_callback(lambda f: self._checked(f, event.mechanism, event.username))
 
-    def _checked(self, future: asyncio.Future, username: str) -> None:
+    def _checked(self, future: asyncio.Future, mechanism: str, username: str) -> None:
         worker = self.worker
         worker.auth_checks -= 1
         try:
@@ -446,8 +474,10 @@ class SMTPConnection(asyncio.Protocol):
             worker.log(f"{self.peer} password check failed: {exc!r}")
             matches = False
         if matches:
+            worker.count_auth(mechanism, "success")
             self._auth_verdict(Authenticated(username))
             return
+        worker.count_auth(mechanism, "failure")
         worker.slot.add(AUTH_FAILURES)
         # Slow down guessing: the 535 leaves only after the delay.
         worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthFailed())
@@ -478,11 +508,20 @@ class SMTPConnection(asyncio.Protocol):
 
 # The protocol that serves each kind of listener: called with the worker and
 # the listener's context, it makes the connection's asyncio protocol.
-PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext], asyncio.Protocol]] = {
+PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext, Conveyed | None], asyncio.Protocol]] = {
     SMTP: SMTPConnection,
     SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
     SMTPS: SMTPConnection,  # the worker runs the handshake before the connection is made (context.tls)
 }
+
+
+def _peer_text(sock: socket.socket) -> str:
+    """An accepted socket's peer as the log shows it: ``[192.0.2.1]:4711``."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "unknown"
+    return f"[{peer[0].removeprefix('::ffff:')}]:{peer[1]}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -506,13 +545,18 @@ class Worker:
         self.auth_checks = 0  # password checks running or queued
         self.listeners = listeners
         self.settings = settings
+        self.proxied_kinds = proxy_listeners(settings.proxy_protocol)  # checked at start and on reload
+        self.trusted_proxies = parse_networks(settings.trusted_proxies or "")
         self.stats = stats
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
+        self.relay_networks = relay_networks(settings.relay_networks)  # checked at start
         self.live = LiveSettings(stats)  # limits as the config port sets them
         self.space = SpaceGuard(settings.mail_dir, lambda: self.live.min_free_space)
+        names = names_from(settings)
         self.policy = ServerPolicy(
-            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list), self.space
+            mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list, names), self.space, names,
+            lambda: own_addresses(bound_addresses(listeners)),
         )
         self.connections: set[SMTPConnection] = set()
         # Accepted sockets whose connection is not made yet (its setup, or
@@ -542,7 +586,10 @@ class Worker:
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        store = MaildirStore(self.settings.mail_dir, self.settings.hostname)
+        store = MaildirStore(
+            self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings),
+            plus_folders=self.settings.plus_folders,
+        )
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:
             # Few threads: an argon2id check takes 64 MiB and a core for ~0.1 s.
@@ -629,7 +676,11 @@ class Worker:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         setup: asyncio.Future[Any]
-        if getattr(new_connection, "implicit_tls", False):
+        if getattr(new_connection, "proxy", False):
+            # The PROXY header is read first (within --proxy-timeout): the
+            # socket is on its way until the connection is made after it.
+            setup = self.loop.create_task(self._accept_proxied(new_connection, sock))
+        elif getattr(new_connection, "implicit_tls", False):
             setup = self.loop.create_task(self._accept_tls(new_connection, sock))
         else:
             setup = self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
@@ -646,22 +697,63 @@ class Worker:
         """No connection open or on its way: a leaving worker may go."""
         return not self.connections and not self.setting_up
 
-    async def _accept_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
+    async def _accept_proxied(self, new_connection: Callable[..., asyncio.Protocol], sock: socket.socket) -> None:
+        """A PROXY listener: only a trusted proxy may connect, and its header
+        comes first; then the connection is made as on any listener (TLS
+        handshake included), with the client the header names.
+
+        Refused before any session: an untrusted peer gets a 421 (it is a
+        client that went around the balancer, or a balancer missing from
+        --trusted-proxies: it should retry, not bounce); a bad or late header
+        gets no byte at all (anything written would reach an unknown client
+        through the proxy, in a stream whose framing is lost)."""
+        proxy = _peer_text(sock)
+        try:
+            proxy_address = sock.getpeername()[0]
+        except OSError:
+            proxy_address = ""  # gone already: trusts nothing
+        if not trusted(proxy_address, self.trusted_proxies):
+            self.slot.add(PROXY_FAILURES)
+            self.log(f"{proxy} refused: not a trusted proxy (--trusted-proxies) on a PROXY protocol port")
+            try:
+                sock.send(replies.connection_refused(self.settings.hostname, "this port is for the load balancer"))
+            except OSError:
+                pass
+            sock.close()
+            return
+        outcome = await read_header(self.loop, sock, self.settings.proxy_timeout)
+        if not isinstance(outcome, ProxyResult):
+            self.slot.add(PROXY_FAILURES)
+            self.log(f"{proxy} PROXY header refused: {outcome}")
+            sock.close()
+            return
+        conveyed_client = conveyed(outcome.header, proxy)
+
+        def make_connection() -> asyncio.Protocol:
+            return new_connection(conveyed_client)
+
+        if getattr(new_connection, "implicit_tls", False):
+            client = conveyed_client.client
+            await self._accept_tls(make_connection, sock, f"[{client[0]}]:{client[1]}" if client else proxy)
+        else:
+            await self.loop.connect_accepted_socket(make_connection, sock)
+
+    async def _accept_tls(
+        self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket, peer_text: str | None = None
+    ) -> None:
         """Implicit TLS (RFC 8314): the handshake first; the connection is made
         (counted, greeted) once it succeeds."""
+        peer_text = peer_text or _peer_text(sock)
         try:
-            peer = sock.getpeername()
-            peer_text = f"[{peer[0].removeprefix('::ffff:')}]:{peer[1]}"
-        except OSError:
-            peer_text = "unknown"
-        try:
-            await self.loop.connect_accepted_socket(
+            transport, _ = await self.loop.connect_accepted_socket(
                 new_connection, sock, ssl=self.tls_context,
                 ssl_handshake_timeout=self.settings.tls_handshake_timeout,
             )
         except Exception as exc:  # noqa: BLE001: whatever the client did, the connection is over
             self.tls_failed(peer_text, exc)
             sock.close()
+        else:
+            self.tls_completed(transport)  # type: ignore[arg-type]  # uvloop's stub calls it a BaseProtocol
 
     def tls_failed(self, peer: str, exc: BaseException) -> None:
         """A handshake that failed: logged with the peer, counted."""
@@ -669,16 +761,30 @@ class Worker:
         reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
         self.log(f"{peer} TLS handshake failed: {reason}")
 
+    def tls_completed(self, transport: asyncio.BaseTransport) -> None:
+        """A handshake that completed (STARTTLS or implicit TLS): counted by version."""
+        ssl_object = transport.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else None
+        field = TLS_SESSION_FIELDS.get(version or "")
+        if field is not None:  # always, while the context allows only the versions counted
+            self.slot.add(field)
+
+    def count_auth(self, mechanism: str, result: str) -> None:
+        """One AUTH exchange of ``mechanism`` (PLAIN, LOGIN) ended with ``result``."""
+        self.slot.add(AUTH_FIELDS[mechanism, result])
+
     def connection_factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
         """What makes a connection on ``listener``: its kind's protocol, given its context."""
         protocol = PROTOCOLS[listener.kind]
         context = listener.context
 
-        def new_connection() -> asyncio.Protocol:
-            return protocol(self, context)
+        def new_connection(conveyed: Conveyed | None = None) -> asyncio.Protocol:
+            return protocol(self, context, conveyed)
 
-        # Read by the accept loop (getattr): a handshake comes before the connection.
+        # Read by the accept loop (getattr): a PROXY header and a handshake come
+        # before the connection.
         setattr(new_connection, "implicit_tls", context.tls == TLS_IMPLICIT)
+        setattr(new_connection, "proxy", listener.kind in self.proxied_kinds)
         return new_connection
 
     def over_fair_share(self) -> bool:
@@ -747,6 +853,26 @@ class Worker:
         future = self.committer.submit(envelope, peer_address)
         future.add_done_callback(lambda _: self.space.release(needed))
         return future
+
+    def send_success_notice(self, envelope: Envelope, queue_id: str) -> None:
+        """A "delivered" DSN to a local sender whose recipients asked for one (NOTIFY=SUCCESS).
+
+        Stored after the 250, like any mail; a failure is logged (the mail
+        itself is delivered: nothing to retry for the client).
+        """
+        notice = success_notice(
+            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal
+        )
+        if notice is None:
+            return
+
+        def stored(future: asyncio.Future) -> None:
+            try:
+                self.log(f"delivery notice {future.result()} for mail {queue_id} to <{envelope.sender}>")
+            except DeliveryError as exc:
+                self.log(f"delivery notice for mail {queue_id} to <{envelope.sender}> failed: {exc}")
+
+        self.committer.submit(notice, "local").add_done_callback(stored)
 
     def data_memory_limit(self) -> int:
         """max_data_memory, but never less than one message of the maximum size."""

@@ -3,7 +3,8 @@
 ``Wired(session)`` feeds bytes and returns the bytes a worker would write
 for the events that came back: the replies in order, a Close's last
 words. It keeps what else the worker keeps: the log lines (``log``), the
-4xx/5xx replies counted as refusals, the envelope of a Deliver as
+4xx/5xx replies counted as refusals, the AUTH exchanges counted
+(``auth_counted``, from AuthAborted), the envelope of a Deliver as
 ``pending`` until its verdict, and any other Wait (StartTLS,
 CheckCredentials) as ``waiting_for`` until ``resume``. Everything else (``state``, ``errors``,
 ``refuse_message``...) is the session's own.
@@ -15,10 +16,10 @@ session closes, a Deliver exactly when it waits for the store.
 
 from __future__ import annotations
 
-from prefork_smtpd.events import Close, Deliver, Event, LogEvent, Reply, Wait
+from prefork_smtpd.events import AuthAborted, Close, Deliver, Event, LogEvent, Reply, Wait
 from prefork_smtpd.session import Session, State
 
-_OWN = frozenset({"session", "log", "pending", "waiting_for", "replies_4xx", "replies_5xx"})
+_OWN = frozenset({"session", "log", "pending", "waiting_for", "replies_4xx", "replies_5xx", "auth_counted"})
 
 
 class Wired:
@@ -29,6 +30,7 @@ class Wired:
         self.waiting_for = None
         self.replies_4xx = 0
         self.replies_5xx = 0
+        self.auth_counted: list[tuple[str, str]] = []  # (mechanism, result)
 
     def __getattr__(self, name):
         return getattr(self.session, name)
@@ -74,6 +76,8 @@ class Wired:
                     self.replies_5xx += 1
             elif type(event) is LogEvent:
                 self.log.append(event.text)
+            elif type(event) is AuthAborted:
+                self.auth_counted.append((event.mechanism, event.result))
             elif type(event) is Close:
                 out.append(event.reply)
                 closed = True

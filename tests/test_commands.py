@@ -19,11 +19,12 @@ from prefork_smtpd.events import LogEvent, Reply, Verdict, Wait
 from prefork_smtpd.session import COMMAND_STATES, COMMANDS, Limits, Session, State
 
 HELP = (
-    b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT\r\n"
-    b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
+    b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT BDAT\r\n"
+    b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
     b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
     b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
-    b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters\r\n"
+    b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters\r\n"
+    b"214-2.0.0 BDAT size [LAST]: message data in chunks of size octets (RFC 3030)\r\n"
     b"214 2.0.0 End of HELP\r\n"
 )
 
@@ -41,7 +42,7 @@ def test_help_and_ehlo_are_read_from_the_registry():
     assert replies_to(s, b"HELP\r\n") == HELP
     assert replies_to(s, b"EHLO c.example\r\n") == (
         b"250-mx.test Hello c.example\r\n250-PIPELINING\r\n250-SIZE 4096\r\n250-8BITMIME\r\n"
-        b"250-ENHANCEDSTATUSCODES\r\n250 HELP\r\n"
+        b"250-BINARYMIME\r\n250-CHUNKING\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n250 HELP\r\n"
     )
 
 
@@ -54,7 +55,7 @@ def test_mail_names_its_parameters_when_one_is_bad():
     s = new()
     s.feed(b"EHLO c\r\n")
     assert replies_to(s, b"MAIL FROM:<a@smtpd.com> =x\r\n") == (
-        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
+        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
     )
 
 
@@ -131,11 +132,12 @@ def test_an_enabled_verb_is_advertised_listed_and_answered_and_can_wait():
     s.tls_configured = True
     assert replies_to(s, b"EHLO c\r\n").endswith(b"250-HELP\r\n250 XWAIT\r\n")
     assert replies_to(s, b"HELP\r\n") == (
-        b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT XWAIT\r\n"
-        b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME]\r\n"
+        b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT BDAT XWAIT\r\n"
+        b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
         b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
         b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
-        b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS: server-wide counters\r\n"
+        b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters\r\n"
+        b"214-2.0.0 BDAT size [LAST]: message data in chunks of size octets (RFC 3030)\r\n"
         b"214-2.0.0 XWAIT: encrypt the session\r\n"
         b"214 2.0.0 End of HELP\r\n"
     )

@@ -8,6 +8,7 @@ import errno
 import mailbox
 import os
 import threading
+import time
 from unittest import mock
 
 import pytest
@@ -425,3 +426,47 @@ def test_a_store_bug_fails_the_batch_never_acknowledges_it():
     assert store.batches == [1, 3]
     assert all(isinstance(r, DeliveryError) and str(r) == "internal error: RuntimeError('bug')" for r in results)
     assert not any(r.no_space for r in results)
+
+
+def test_the_messages_of_one_loop_turn_form_one_batch():
+    # The loop lets go of the GIL between two messages of the same turn (here
+    # a sleep; in the server a write or a log line can): the thread must not
+    # start a batch with the first while the second is already in hand.
+    class Recording:
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def deliver_batch(self, items):
+            self.batches.append(len(items))
+            return [f"id-{env.sender}" for env, _ in items]
+
+    async def main(store):
+        loop = asyncio.get_running_loop()
+        committer = BatchCommitter(store, loop, 1)
+        try:
+            futures = [committer.submit(numbered(0), "[::1]")]
+            time.sleep(0.2)  # the same turn of the loop
+            futures += [committer.submit(numbered(n), "[::1]") for n in (1, 2)]
+            return await asyncio.wait_for(asyncio.gather(*futures), 20)
+        finally:
+            committer.close()
+
+    store = Recording()
+    assert asyncio.run(main(store)) == ["id-0", "id-1", "id-2"]
+    assert store.batches == [3]
+
+
+def test_a_store_made_before_a_fork_names_the_childs_files_with_the_childs_pid(tmp_path):
+    # The pid in a file's name is how a dead worker's files are found (remove_temporary_files).
+    store = MaildirStore(str(tmp_path), "mx.test")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, store.unique_name().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    name = os.read(read, 1000).decode()
+    os.close(read)
+    assert delivery.writer_pid(name) == pid
+    assert delivery.writer_pid(store.unique_name()) == os.getpid()

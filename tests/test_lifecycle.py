@@ -181,7 +181,8 @@ def test_dead_workers_tmp_files_are_removed(server):
     wait_until(lambda: not leftover.exists(), what="cleanup")
     assert other.exists()
     assert len(server.stored("u")) == 1
-    assert f"removed unacknowledged {leftover}" in server.log_text()
+    # The master logs the removal just after it: wait for the line, not a moment.
+    wait_until(lambda: f"removed unacknowledged {leftover}" in server.log_text(), what="the removal's log line")
 
 
 def one_mail_session(server, i: int, folder: str = "rec") -> None:

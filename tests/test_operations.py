@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Client, free_port, wait_until
 
-SHOW_LINE = re.compile(r"([a-z_]+)=(-?[0-9]+)(?: \((default|file|flag|live)\))?\Z")  # source: see README
+SHOW_LINE = re.compile(r"([a-z_]+)=(-?[0-9]+)(?: \((default|file|flag|live|queue)\))?\Z")  # source: see README
 
 
 class ConfigLine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sansio import Wired
 
-from prefork_smtpd.diskspace import HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
+from prefork_smtpd.diskspace import FREE_SPACE_TTL, HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
 from prefork_smtpd.policy import ServerPolicy
 from prefork_smtpd.replies import INSUFFICIENT_STORAGE as NO_STORAGE
 from prefork_smtpd.replies import UNKNOWN_MAILBOX
@@ -33,12 +33,14 @@ def test_unknown_mailboxes_get_550_count_as_errors_and_are_logged():
 
 def test_no_storage_at_mail_is_452_and_not_a_client_error():
     free = [10 * MiB]
-    policy = ServerPolicy(None, SpaceGuard("/", lambda: 8 * MiB, free=lambda _: free[0]))
+    now = [0.0]
+    policy = ServerPolicy(None, SpaceGuard("/", lambda: 8 * MiB, free=lambda _: free[0], clock=lambda: now[0]))
     s = session_with(policy)
     assert s.feed(b"MAIL FROM:<a@smtpd.com> SIZE=3000000\r\n") == NO_STORAGE
     assert s.feed(b"MAIL FROM:<a@smtpd.com> SIZE=1000000\r\n").startswith(b"250")
     assert s.errors == 0 and s.replies_4xx == 1
     free[0] = 7 * MiB
+    now[0] += FREE_SPACE_TTL  # the figure is looked up again after that long
     assert s.feed(b"RSET\r\nMAIL FROM:<>\r\n") == b"250 2.0.0 Ok\r\n" + NO_STORAGE
 
 
@@ -51,6 +53,28 @@ def test_the_guard_counts_messages_still_being_written():
     assert guard.claim(401) is None
     assert SpaceGuard("/", lambda: 0, free=lambda _: 0).claim(10**12) is None  # 0: no check
     assert SpaceGuard("/", lambda: 1, free=lambda _: None).claim(10**12) is None  # unknown: the store decides
+
+
+def test_free_space_is_looked_up_once_per_interval_and_own_writes_count_meanwhile():
+    lookups = []
+    now = [0.0]
+
+    def free(_path):
+        lookups.append(now[0])
+        return 1000
+
+    guard = SpaceGuard("/", lambda: 100, free=free, clock=lambda: now[0])
+    assert guard.claim(300) is None and len(lookups) == 1
+    guard.release(300)  # written: the next statvfs would see it, the cached figure does not
+    assert guard.claim(300) is None and len(lookups) == 1  # 1000 - 300 written - 300 >= 100
+    guard.release(300)
+    # 1000 - 600 written - 350 < 100 on the cached figure: a refusal only on a
+    # fresh one, which sees the 600 bytes itself (here: still 1000 free).
+    assert guard.claim(350) is None and len(lookups) == 2
+    assert guard.unseen == 0 and guard.claimed == 350
+    now[0] += FREE_SPACE_TTL
+    assert guard.claim(1) is None and len(lookups) == 3  # too old: looked up again
+    assert guard.claim(1000) is not None and len(lookups) == 4  # refused on a fresh figure
 
 
 def test_bytes_to_store_counts_one_copy_per_distinct_folder():

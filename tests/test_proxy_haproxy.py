@@ -105,19 +105,22 @@ def recording_server():
 
 @pytest.fixture
 def start_haproxy(tmp_path: Path):
-    """start_haproxy(backend_port, server_options, frontend_lines) -> frontend port."""
+    """start_haproxy(backend_port, server_options, frontend_lines, backend_lines=, global_lines=) -> frontend port."""
     processes: list[subprocess.Popen] = []
 
-    def start(backend_port: int, server_options: str, frontend_lines: str = "") -> int:
+    def start(
+        backend_port: int, server_options: str, frontend_lines: str = "", *, backend_lines: str = "",
+        global_lines: str = "",
+    ) -> int:
         for attempt in range(3):  # a free port can be taken by someone else meanwhile
             port = free_port()
             binds = f"    bind 127.0.0.1:{port}\n" + (f"    bind [::1]:{port}\n" if loopback_v6() else "")
             config = tmp_path / f"haproxy{len(processes)}.cfg"
             config.write_text(
-                "global\n    nbthread 1\n    maxconn 64\n"
+                f"global\n    nbthread 1\n    maxconn 64\n{global_lines}"
                 "defaults\n    mode tcp\n    timeout connect 20s\n    timeout client 60s\n    timeout server 60s\n"
                 f"frontend smtp_in\n{binds}{frontend_lines}    default_backend smtp_servers\n"
-                f"backend smtp_servers\n    server s1 127.0.0.1:{backend_port} {server_options}\n"
+                f"backend smtp_servers\n{backend_lines}    server s1 127.0.0.1:{backend_port} {server_options}\n"
             )
             log_path = tmp_path / f"haproxy{len(processes)}.log"
             with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor

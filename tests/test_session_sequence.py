@@ -14,9 +14,9 @@ import pytest
 from sansio import Wired
 
 from prefork_smtpd.listeners import TLS_STARTTLS, ConnectionContext
-from prefork_smtpd.session import COMMANDS, SEQUENCE_ERRORS, Limits, Session, State
+from prefork_smtpd.session import CHUNK_SEQUENCE_ERRORS, COMMANDS, SEQUENCE_ERRORS, Limits, Session, State
 
-COMMAND_STATES = [State.CONNECTED, State.READY, State.MAIL, State.RCPT]
+COMMAND_STATES = [State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKS]
 # The session's verb/state table, as its command registry holds it.
 ALLOWED = {verb: command.states for verb, command in COMMANDS.items()}
 NOT_IMPLEMENTED = {verb for verb, command in COMMANDS.items() if command.handler is None}
@@ -38,6 +38,20 @@ EXPECTED_503 = {
     ("AUTH", State.CONNECTED): "send HELO/EHLO first",
     ("AUTH", State.MAIL): "AUTH not allowed during a mail transaction",
     ("AUTH", State.RCPT): "AUTH not allowed during a mail transaction",
+    # RFC 3030 2: between BDAT chunks the transaction is under way, and
+    # DATA may not follow BDAT in it.
+    ("MAIL", State.CHUNKS): "nested MAIL command",
+    ("RCPT", State.CHUNKS): "BDAT transfer in progress",
+    ("DATA", State.CHUNKS): "DATA after BDAT in one transaction",
+    ("STARTTLS", State.CHUNKS): "MAIL transaction in progress",
+    ("AUTH", State.CHUNKS): "AUTH not allowed during a mail transaction",
+}
+# BDAT runs in every state (its chunk must be read, RFC 3030 2), and its
+# chunk gets these 503s once read.
+EXPECTED_CHUNK_503 = {
+    State.CONNECTED: "send HELO/EHLO first",
+    State.READY: "need MAIL command",
+    State.MAIL: "need RCPT command",
 }
 KNOWN_VERBS = {
     "EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "XSTAT",
@@ -46,13 +60,14 @@ KNOWN_VERBS = {
 # An argument that is right for each verb, so that only the state decides.
 GOOD_ARGUMENT = {
     "EHLO": " client.example", "HELO": " client.example", "MAIL": " FROM:<a@smtpd.com>", "RCPT": " TO:<b@smtpd.com>",
-    "VRFY": " b", "XSTAT": " TOTAL", "AUTH": " PLAIN",
+    "VRFY": " b", "XSTAT": " TOTAL", "AUTH": " PLAIN", "BDAT": " 0",
 }
 ON_THE_WAY_TO = {
     State.CONNECTED: b"",
     State.READY: b"EHLO client.example\r\n",
     State.MAIL: b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\n",
     State.RCPT: b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\n",
+    State.CHUNKS: b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nBDAT 4\r\nhi\r\n",
 }
 
 
@@ -76,6 +91,10 @@ def test_the_tables_follow_rfc_5321():
     for key, text in EXPECTED_503.items():
         assert SEQUENCE_ERRORS[key] == f"503 5.5.1 Error: {text}\r\n".encode(), key
     assert all(allowed <= set(COMMAND_STATES) for allowed in ALLOWED.values())
+    assert ALLOWED["BDAT"] == set(COMMAND_STATES)
+    assert {state: reply for state, reply in CHUNK_SEQUENCE_ERRORS.items()} == {
+        state: f"503 5.5.1 Error: {text}\r\n".encode() for state, text in EXPECTED_CHUNK_503.items()
+    }
 
 
 @pytest.mark.parametrize("verb", sorted(ALLOWED))
@@ -83,7 +102,10 @@ def test_the_tables_follow_rfc_5321():
 def test_the_session_does_what_its_tables_say(verb, state):
     s = session_in(state)
     reply = s.feed(f"{verb}{GOOD_ARGUMENT.get(verb, '')}\r\n".encode())
-    if state in ALLOWED[verb]:
+    if verb == "BDAT" and state in EXPECTED_CHUNK_503:
+        assert reply == CHUNK_SEQUENCE_ERRORS[state]
+        assert s.state is state  # the chunk was read, the state is as it was
+    elif state in ALLOWED[verb]:
         assert not reply.startswith(b"503"), reply
         if verb in NOT_IMPLEMENTED:
             assert reply.startswith(b"502 5.5.1"), reply

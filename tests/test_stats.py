@@ -25,9 +25,10 @@ from prefork_smtpd.stats import (
 
 SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
-    "tls_handshake_failures", "auth_failures",
+    "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
+    "deliveries_sent", "deliveries_deferred", "deliveries_bounced",
 )
-WORKERS = range(1, MAX_WORKERS)  # worker slots 1..256; 0 stays unused, RETIRED is the master's
+WORKERS = range(0, MAX_WORKERS)  # slot 0 (the queue runner's) and worker slots 1..256; RETIRED is the master's
 
 
 def value(slot: int, field: int) -> int:
@@ -67,6 +68,7 @@ def test_sums_take_every_worker_slot_and_the_retired_one_and_nothing_else():
     assert stats.totals() == Totals(**expected)
     assert stats.xstat("TOTAL") == expected["total"] and stats.xstat("CURRENT") == expected["current"]
     assert stats.xstat("BYTES") == expected["bytes"] and stats.xstat("MAILS") == expected["mails"]
+    assert stats.xstat("PROXIED") == expected["proxied"]
     assert stats.read(FIELD["pid"]) == sum(value(i, FIELD["pid"]) for i in slots)
 
 
@@ -106,7 +108,7 @@ def test_retire_folds_a_dead_workers_totals_but_not_its_open_connections(index):
     after = stats.totals()
     # Its counts stay in the sums (now in the retired slot); its connections are gone.
     for name in SUMMED:
-        lost = value(index, FIELD[name]) if name == "current" else 0
+        lost = value(index, FIELD[name]) if name in ("current", "proxied") else 0  # open now: gone with it
         assert getattr(after, name) == getattr(before, name) - lost, name
     assert stats.slot(RETIRED).get(FIELD["total"]) == value(RETIRED, FIELD["total"]) + value(index, FIELD["total"])
     # The slot is empty for its next worker, but keeps how often it was restarted.

@@ -194,5 +194,11 @@ def test_the_checker_catches_each_broken_order():
         "data of /m/.tmp/q.0 not durable before its rename to /m/u/new/q",
         "rename into /m/u/new not durable before the return",
     ]  # a syncfs of another file system covers nothing here
+    assert violations([good[0], ("fsync", "/m/.tmp/r.0", dev), good[2], good[3]]) == [
+        "data of /m/.tmp/q.0 not durable before its rename to /m/u/new/q"
+    ]  # another file's fsync covers nothing here
+    assert violations([good[0], good[1], good[2], ("fsync", "/m/v/new", dev)]) == [
+        "rename into /m/u/new not durable before the return"
+    ]  # nor another directory's
     assert violations([("mkdir", "/m/u", dev)]) == ["new directory /m/u not durable in its parent before the return"]
     assert violations([("mkdir", "/m/u", dev), ("fsync", "/m", dev)]) == []

@@ -59,7 +59,9 @@ def help_text(values: dict[str, tuple[int, str]] | None) -> str:
         rows.append(f"  {name:<24} {low}..{high}{now}: {PORT_HELP[name]}")
     rows += [f"  {alias:<24} the same as {name}" for alias, name in PORT_ALIASES.items()]
     rows += [
-        "  show=1                   list the current values: param=value (default|file|flag|live)",
+        "  show=1                   list the current values: param=value (default|file|flag|live),",
+        "                           and the queue: queue_messages, queue_oldest_seconds (queue)",
+        "  flush=1                  retry every queued mail now",
         "  reload=1                 re-read the config file, answered once the new workers accept;",
         "                           live changes stay unless the file changed the same key",
         "  token=N                  the secret, first, when the server has one",

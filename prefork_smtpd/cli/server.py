@@ -8,7 +8,9 @@ from typing import Callable, NoReturn
 
 from prefork_smtpd import __version__
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
-from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list
+from prefork_smtpd.listeners import proxy_problem
+from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list, names_from
+from prefork_smtpd.policy import settings_problem as address_problem
 from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, check_range
 
 
@@ -83,7 +85,7 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
             raise ConfigFileError(problem)
         if settings.mailboxes not in MODES:  # a file: read it now, at start and on each reload
             try:
-                settings.mailbox_list = load_mailbox_list(settings.mailboxes)
+                settings.mailbox_list = load_mailbox_list(settings.mailboxes, names_from(settings))
             except MailboxListError as exc:
                 raise ConfigFileError(str(exc)) from None
         return settings
@@ -99,7 +101,7 @@ def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
-    tls_problem = _tls_problem(settings)
+    tls_problem = _tls_problem(settings) or proxy_problem(settings) or address_problem(settings)
     if tls_problem:
         return tls_problem
     if settings.config_secret_file is None and not _is_loopback(settings.config_address):
@@ -111,11 +113,43 @@ def settings_problem(settings: Settings) -> str | None:
             load_secret(settings.config_secret_file)
         except (OSError, ValueError) as exc:
             return f"config secret: {exc}"
+    relay_problem = _relay_problem(settings)
+    if relay_problem:
+        return relay_problem
     from prefork_smtpd.delivery import check_mail_dir
+    from prefork_smtpd.queue import check_queue_dir, queue_dir_of
 
     # Here rather than at the first mail: a server that cannot store answers
     # 451 to everyone, so it must not start (or reload into that state).
-    return check_mail_dir(settings.mail_dir)
+    from prefork_smtpd.relayrights import relay_possible
+
+    problem = check_mail_dir(settings.mail_dir)
+    if problem is None and relay_possible(settings):  # no relay, no queue: nothing to check
+        problem = check_queue_dir(queue_dir_of(settings), settings.mail_dir)
+    return problem
+
+
+def _relay_problem(settings: Settings) -> str | None:
+    """What is wrong with the relay settings: networks, host:port pairs, the AUTH file."""
+    from prefork_smtpd.relayrights import relay_networks
+    from prefork_smtpd.runner import _read_auth, parse_host_port
+
+    try:
+        relay_networks(settings.relay_networks)
+        if settings.relay_host is not None:
+            parse_host_port(settings.relay_host)
+        if settings.relay_nameserver is not None:
+            parse_host_port(settings.relay_nameserver, 53)
+    except ValueError as exc:
+        return str(exc)
+    if settings.relay_auth_file is not None:
+        try:
+            _read_auth(settings.relay_auth_file)
+        except (OSError, ValueError) as exc:
+            return f"--relay-auth-file: {exc}"
+    if settings.queue_retry_min > settings.queue_retry_max:
+        return "--queue-retry-min must not exceed --queue-retry-max"
+    return None
 
 
 def _tls_problem(settings: Settings) -> str | None:

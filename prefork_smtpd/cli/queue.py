@@ -1,0 +1,93 @@
+"""``prefork-smtpd-queue``: list, show and delete queued outbound mail.
+
+Reads the queue directory itself (queue.py), as ``mailq`` does; the server
+need not run. ``delete`` removes a mail and its progress log for good (as
+``postsuper -d``): no bounce is sent. A mail being delivered while it is
+deleted may still reach its next hop once; the runner then finds it gone
+and records nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from prefork_smtpd import __version__
+from prefork_smtpd.queue import Queue, default_queue_dir
+
+
+def describe(mail, now: float) -> list[str]:
+    age = int(now - mail.arrival)
+    rows = [f"{mail.id}  {mail.size} bytes  {age} s old  from <{mail.sender}>"]
+    if mail.attempts:
+        wait = max(int(mail.next_attempt - now), 0)
+        rows.append(f"    {mail.attempts} failed attempts, next in {wait} s: {mail.last_reply}")
+    for index, rcpt in enumerate(mail.recipients):
+        entry = mail.results.get(index, {})
+        state = entry.get("result", "waiting")
+        detail = f": {entry['reply']}" if entry.get("reply") else ""
+        rows.append(f"    <{rcpt.address}> {state}{detail}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prefork-smtpd-queue", description="List, show and delete queued outbound mail.")
+    p.add_argument("-v", "--version", action="version", version=f"prefork-smtpd-queue {__version__}")
+    p.add_argument("--queue-dir", metavar="DIR", help="the server's --queue-dir (default: queue beside --mail-dir)")
+    p.add_argument("--mail-dir", metavar="DIR", default="mail_dir", help="the server's --mail-dir (default mail_dir)")
+    p.add_argument("--json", action="store_true", help="list as one JSON object per mail")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every queued mail and its recipients' state")
+    show = sub.add_parser("show", help="one mail: its recipients' state and the message")
+    show.add_argument("id")
+    delete = sub.add_parser("delete", help="remove mails from the queue (no bounce)")
+    delete.add_argument("ids", nargs="*", metavar="ID")
+    delete.add_argument("--all", action="store_true", help="every queued mail")
+    args = p.parse_args(argv)
+    queue = Queue(args.queue_dir or default_queue_dir(args.mail_dir))
+    now = time.time()
+    if args.command == "list":
+        mails = [m for m in (queue.load(i) for i in queue.ids()) if m is not None]
+        for mail in mails:
+            if args.json:
+                print(json.dumps({
+                    "id": mail.id, "sender": mail.sender, "size": mail.size, "age": int(now - mail.arrival),
+                    "attempts": mail.attempts, "recipients": [
+                        {"address": r.address, "state": mail.results.get(i, {}).get("result", "waiting")}
+                        for i, r in enumerate(mail.recipients)
+                    ],
+                }))
+            else:
+                print("\n".join(describe(mail, now)))
+        if not args.json:
+            print(f"{len(mails)} mail{'s' if len(mails) != 1 else ''} in the queue")
+        return 0
+    if args.command == "show":
+        mail = queue.load(args.id)
+        if mail is None:
+            print(f"prefork-smtpd-queue: no queued mail {args.id}", file=sys.stderr)
+            return 1
+        print("\n".join(describe(mail, now)))
+        print()
+        sys.stdout.flush()
+        sys.stdout.buffer.write(queue.message(args.id))
+        return 0
+    if not args.ids and not args.all:
+        p.error("delete needs IDs or --all")
+    status = 0
+    for queue_id in (queue.ids() if args.all else args.ids):
+        if "/" in queue_id or queue_id.startswith("."):
+            print(f"prefork-smtpd-queue: not a queue id: {queue_id}", file=sys.stderr)
+            status = 1
+        elif queue.remove(queue_id):
+            print(f"deleted {queue_id}")
+        else:
+            print(f"prefork-smtpd-queue: no queued mail {queue_id}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

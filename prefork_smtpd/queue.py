@@ -1,0 +1,243 @@
+"""The outbound queue on disk: one file per mail, one progress log beside it.
+
+Layout under ``--queue-dir`` (default: ``queue`` beside mail_dir, and on
+its file system: queue files are written in the mail store's spool and
+renamed in, in the same group commit as the local copies)::
+
+    msg/<id>     the queue file, never changed once written: one line of
+                 JSON (sender, recipients with their DSN parameters,
+                 arrival time), then the message as it will be sent (CRLF
+                 lines, our Received header first)
+    state/<id>   the progress log, appended to and fsynced after each
+                 outcome: one JSON line per recipient result
+
+A recipient is finished once the log says ``sent`` (the next hop's 2xx) or
+``bounced`` (a failure notice is durable, or none was asked for); a mail
+whose recipients are all finished is removed. A runner killed at any point
+leaves the log as it was after its last fsync: on restart it retries only
+the recipients not yet finished. A torn last line (a crash inside a write)
+is ignored, so at worst a delivery is retried, never forgotten.
+
+The files are read by the queue runner (runner.py) and the
+``prefork-smtpd-queue`` command; only the store creates queue files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .dsn import RecipientDSN
+
+MSG = "msg"
+STATE = "state"
+SENT = "sent"
+BOUNCED = "bounced"
+DEFERRED = "deferred"
+FINISHED = (SENT, BOUNCED)
+FORMAT = 1
+
+
+def default_queue_dir(mail_dir: str) -> str:
+    """``queue`` beside mail_dir: on its file system in any usual layout."""
+    return os.path.join(os.path.dirname(os.path.abspath(mail_dir)), "queue")
+
+
+def queue_dir_of(settings) -> str:
+    return os.path.abspath(settings.queue_dir) if settings.queue_dir else default_queue_dir(settings.mail_dir)
+
+
+@dataclass
+class QueuedRecipient:
+    address: str
+    dsn: RecipientDSN | None = None
+
+
+@dataclass
+class QueuedMail:
+    id: str
+    sender: str
+    recipients: list[QueuedRecipient]
+    arrival: float
+    ret: str | None = None
+    envid: str | None = None
+    size: int = 0
+    # From the progress log: recipient index -> (result, detail).
+    results: dict[int, dict] = field(default_factory=dict)
+    attempts: int = 0  # failed attempts so far (for the backoff)
+    next_attempt: float = 0.0  # not before this time
+    last_reply: str = ""
+
+    def pending(self) -> list[int]:
+        """Indices of recipients not yet finished."""
+        return [i for i in range(len(self.recipients)) if self.results.get(i, {}).get("result") not in FINISHED]
+
+
+def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
+    """The queue file's first line, for the envelope's outside recipients."""
+    mail_dsn = envelope.dsn
+    header = {
+        "v": FORMAT,
+        "id": queue_id,
+        "sender": envelope.sender,
+        "arrival": arrival,
+        "ret": mail_dsn.ret if mail_dsn is not None else None,
+        "envid": mail_dsn.envid if mail_dsn is not None else None,
+        "size": envelope.size,
+        "rcpts": [
+            {
+                "a": r.address,
+                "notify": sorted(r.dsn.notify) if r.dsn is not None and r.dsn.notify is not None else None,
+                "orcpt": list(r.dsn.orcpt) if r.dsn is not None and r.dsn.orcpt is not None else None,
+            }
+            for r in envelope.recipients
+            if r.outside
+        ],
+    }
+    return (json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _recipient(item: dict) -> QueuedRecipient:
+    notify, orcpt = item.get("notify"), item.get("orcpt")
+    rcpt_dsn = None
+    if notify is not None or orcpt is not None:
+        rcpt_dsn = RecipientDSN(
+            notify=frozenset(notify) if notify is not None else None, orcpt=tuple(orcpt) if orcpt else None
+        )
+    return QueuedRecipient(item["a"], rcpt_dsn)
+
+
+class Queue:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.msg_dir = os.path.join(root, MSG)
+        self.state_dir = os.path.join(root, STATE)
+
+    def make(self) -> None:
+        for path in (self.root, self.msg_dir, self.state_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(name for name in os.listdir(self.msg_dir) if not name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    def load(self, queue_id: str) -> QueuedMail | None:
+        """The mail's envelope and progress; None if it is gone (or not a queue file)."""
+        try:
+            with open(os.path.join(self.msg_dir, queue_id), "rb") as f:
+                first = f.readline()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        try:
+            header = json.loads(first)
+            mail = QueuedMail(
+                id=queue_id, sender=header["sender"], recipients=[_recipient(r) for r in header["rcpts"]],
+                arrival=float(header["arrival"]), ret=header.get("ret"), envid=header.get("envid"),
+                size=int(header.get("size", 0)),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        for entry in self._progress(queue_id):
+            index = entry.get("r")
+            if entry.get("result") == DEFERRED:
+                mail.attempts = max(mail.attempts, int(entry.get("attempts", 0)))
+                mail.next_attempt = max(mail.next_attempt, float(entry.get("next", 0)))
+                mail.last_reply = entry.get("reply", mail.last_reply)
+            if isinstance(index, int):
+                mail.results[index] = entry
+        return mail
+
+    def _progress(self, queue_id: str) -> Iterator[dict]:
+        try:
+            with open(os.path.join(self.state_dir, queue_id), "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # empty, or torn by a crash mid-write: as if never written
+            if isinstance(entry, dict):
+                yield entry
+
+    def message(self, queue_id: str) -> bytes:
+        """The message to send (after the header line)."""
+        with open(os.path.join(self.msg_dir, queue_id), "rb") as f:
+            f.readline()
+            return f.read()
+
+    def record(self, queue_id: str, entries: list[dict]) -> None:
+        """Append outcomes to the progress log and make them durable."""
+        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
+        path = os.path.join(self.state_dir, queue_id)
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # A torn line left by a crash: start ours on a line of its own.
+            if not created and os.fstat(fd).st_size:
+                with open(path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.state_dir)
+
+    def remove(self, queue_id: str) -> bool:
+        """Delete a mail and its log (durably); False if it was not there."""
+        found = False
+        for folder in (self.msg_dir, self.state_dir):
+            try:
+                os.unlink(os.path.join(folder, queue_id))
+                found = True
+            except FileNotFoundError:
+                pass
+        for folder in (self.msg_dir, self.state_dir):
+            _fsync_dir(folder)
+        return found
+
+    def summary(self, now: float | None = None) -> tuple[int, float]:
+        """(mails queued, age of the oldest in seconds)."""
+        now = time.time() if now is None else now
+        oldest = now
+        count = 0
+        for queue_id in self.ids():
+            mail = self.load(queue_id)
+            if mail is not None:
+                count += 1
+                oldest = min(oldest, mail.arrival)
+        return count, max(now - oldest, 0.0)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_queue_dir(queue_dir: str, mail_dir: str) -> str | None:
+    """At start: None if queue files can be renamed in from the mail store's spool, else why not."""
+    try:
+        Queue(queue_dir).make()
+    except OSError as exc:
+        return f"queue dir {queue_dir}: cannot create it: {exc.strerror}"
+    if os.stat(queue_dir).st_dev != os.stat(os.path.abspath(mail_dir)).st_dev:
+        return (
+            f"queue dir {queue_dir} must be on the mail dir's file system ({mail_dir});"
+            f" give --queue-dir a folder inside it, e.g. {os.path.join(os.path.abspath(mail_dir), '.queue')}"
+        )
+    return None

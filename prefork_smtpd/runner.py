@@ -1,0 +1,548 @@
+"""The queue runner: a process of its own that delivers queued mail onward.
+
+The master forks it like a worker (runner.py's ``run_queue_runner``), in
+shared-memory slot 0, watches it, restarts it after a crash and stops it
+with the workers. It owns an asyncio loop (uvloop) and an SMTP client
+(aiosmtplib: asyncio-native, so many deliveries share one thread, with
+STARTTLS, AUTH and EHLO-extension parsing done and kept up to date; the
+standard library's smtplib would need a thread per connection).
+
+Each pass (every TICK, or at once on SIGUSR2: ``flush=1`` on the config
+port) it looks at the queue (queue.py) and starts a delivery for every mail
+that is due, at most ``--relay-max-connections`` at once. A delivery sends
+the mail's unfinished recipients, grouped by domain, to ``--relay-host``
+or to the domain's MX hosts in order (no MX: the domain itself, RFC 5321
+5.1), then records each recipient's outcome durably:
+
+* ``2xx`` (after the end of DATA): sent;
+* ``5xx``, or ``4xx``/no connection past ``--queue-lifetime``: a failure
+  notice (report.py) to the envelope sender, when NOTIFY asks for one and
+  the sender is not ``<>``; then bounced;
+* ``4xx`` or no connection: deferred; the next attempt waits
+  ``--queue-retry-min`` seconds, doubling at each failure up to
+  ``--queue-retry-max``.
+
+A mail all of whose recipients are finished is removed. DSN parameters go
+on to a next hop that offers DSN; one that does not gets the mail plain, and
+recipients with NOTIFY=SUCCESS get a "relayed" notice.
+
+Signals: TERM and QUIT stop it (deliveries in flight are cut; their
+recipients stay unfinished and are retried), USR2 flushes, USR1 reopens the
+log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import ssl
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import uvloop
+from setproctitle import setproctitle
+
+from .delivery import DeliveryError, MaildirStore
+from .dsn import xtext_encode
+from .log import close_log, flush_log, line_writer, open_log
+from .notices import local_sender_folder
+from .policy import mailbox_check
+from .queue import BOUNCED, DEFERRED, SENT, Queue, QueuedMail, queue_dir_of
+from .report import FAILED, RELAYED, RecipientStatus, build_report
+from .session import Envelope, Recipient
+from .stats import FIELD, SharedStats
+
+RUNNER_SLOT = 0  # the shared-memory slot no worker uses
+TICK = 1.0  # seconds between looks at the queue
+NOTICE_PEER = "local"
+
+
+class TemporaryFailure(Exception):
+    """Try again later (a 4xx, no connection, a DNS failure)."""
+
+
+class PermanentFailure(Exception):
+    """Give up: bounce (a 5xx, a domain that takes no mail)."""
+
+    def __init__(self, reply: str, status: str = "5.0.0") -> None:
+        super().__init__(reply)
+        self.status = status
+
+
+# ------------------------------------------------------------------ next hops
+def parse_host_port(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` -> (host, port); ValueError if not."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    number = int(port) if port else default_port
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port out of range in {text!r}")
+    return host, number
+
+
+def make_resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
+    """The system's resolver, or one that asks only ``nameserver`` (host:port)."""
+    if nameserver is None:
+        return dns.asyncresolver.Resolver()
+    host, port = parse_host_port(nameserver, 53)
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [host]
+    resolver.port = port
+    return resolver
+
+
+async def mx_hosts(domain: str, resolver: Any, port: int = 25) -> list[tuple[str, int]]:
+    """Where mail for ``domain`` goes: its MX hosts by preference, else the domain itself.
+
+    RFC 5321 5.1: no MX records, the domain's own A/AAAA (the "implicit
+    MX"); RFC 7505: a null MX (".") means the domain takes no mail.
+    A DNS failure is temporary; a domain that does not exist is permanent.
+    """
+    try:
+        answer = await resolver.resolve(domain, "MX")
+    except dns.resolver.NXDOMAIN:
+        raise PermanentFailure(f"domain {domain} does not exist", "5.1.2") from None
+    except dns.resolver.NoAnswer:
+        try:
+            await resolver.resolve(domain, "A")
+        except dns.resolver.NoAnswer:
+            try:
+                await resolver.resolve(domain, "AAAA")
+            except dns.resolver.NoAnswer:
+                raise PermanentFailure(f"domain {domain} has no MX, A or AAAA record", "5.1.2") from None
+        except dns.resolver.NXDOMAIN:
+            raise PermanentFailure(f"domain {domain} does not exist", "5.1.2") from None
+        except dns.exception.DNSException as exc:
+            raise TemporaryFailure(f"DNS lookup for {domain} failed: {exc}") from None
+        return [(domain, port)]
+    except dns.exception.DNSException as exc:
+        raise TemporaryFailure(f"MX lookup for {domain} failed: {exc}") from None
+    records = sorted(answer, key=lambda r: r.preference)
+    hosts = [str(r.exchange).rstrip(".") for r in records]
+    if hosts == [""]:
+        raise PermanentFailure(f"domain {domain} accepts no mail (null MX)", "5.1.10")
+    return [(host, port) for host in hosts if host]
+
+
+async def host_addresses(host: str, resolver: Any) -> list[str]:
+    """An MX host's IPv4 then IPv6 addresses, looked up with the same resolver as the MX."""
+    try:
+        ipaddress.ip_address(host)
+        return [host]
+    except ValueError:
+        pass
+    found: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            found += [r.address for r in await resolver.resolve(host, rdtype)]
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            continue
+        except dns.exception.DNSException as exc:
+            raise TemporaryFailure(f"address lookup for {host} failed: {exc}") from None
+    if not found:
+        raise TemporaryFailure(f"MX host {host} has no address")
+    return found
+
+
+# ------------------------------------------------------------------ outcomes
+@dataclass
+class Outcome:
+    """One recipient's result of one attempt."""
+
+    index: int
+    result: str  # SENT, BOUNCED (permanent), DEFERRED
+    reply: str = ""  # the next hop's reply, or why there was none
+    status: str = ""  # an RFC 3463 code for the notice
+    remote: str = ""  # the host that answered
+    dsn_passed: bool = False  # the next hop offered DSN and got the parameters
+
+
+def _status_of(reply: str, fallback: str) -> str:
+    """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback."""
+    words = reply.split()
+    if len(words) > 1 and words[1][:1] in "245" and words[1].count(".") == 2:
+        return words[1]
+    return fallback
+
+
+class Runner:
+    def __init__(self, settings: Any, stats: SharedStats, resolver: Any = None) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.slot = stats.slot(RUNNER_SLOT)
+        self.queue = Queue(queue_dir_of(settings))
+        self.resolver = resolver
+        self.domains = frozenset(settings.domains)
+        self.mailbox_exists = mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list)
+        self.in_flight: set[str] = set()
+        self.stopping = False
+        self.flush_requested = False
+        self._logger = None
+        self._log_lines = None
+        self.auth = _read_auth(settings.relay_auth_file) if settings.relay_auth_file else None
+
+    # ------------------------------------------------------------ process
+    def run(self) -> int:
+        setproctitle("prefork-smtpd: queue runner (starting)")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A flush before the loop's handler is in place must not end the process.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self.reopen_log()
+        self.loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        if self.resolver is None:
+            self.resolver = make_resolver(self.settings.relay_nameserver)
+        self.store = MaildirStore(self.settings.mail_dir, self.settings.hostname, self.queue.root)
+        try:
+            self.loop.run_until_complete(self.serve())
+        finally:
+            self.loop.close()
+            flush_log(self._logger)
+            close_log(self._logger)
+        return 0
+
+    async def serve(self) -> None:
+        loop = self.loop
+        self.wake = asyncio.Event()
+        self.master_pid = os.getppid()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGQUIT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.stop)
+        loop.add_signal_handler(signal.SIGUSR2, self.flush)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
+        self.limit = asyncio.Semaphore(self.settings.relay_max_connections)
+        self.tasks: set[asyncio.Task] = set()
+        self.log("queue runner started")
+        while not self.stopping:
+            if os.getppid() != self.master_pid:
+                self.log("master is gone; stopping")
+                break
+            self.scan()
+            flush_log(self._logger)
+            try:
+                await asyncio.wait_for(self.wake.wait(), TICK)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+        for task in list(self.tasks):
+            task.cancel()  # unfinished recipients stay in the queue
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.log("queue runner stopped")
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    def flush(self) -> None:
+        """Retry every queued mail now, whatever its backoff says."""
+        self.flush_requested = True
+        self.log("flush: retrying every queued mail now")
+        self.wake.set()
+
+    # ---------------------------------------------------------------- scan
+    def scan(self) -> None:
+        """Start the deliveries that are due; publish the queue's size and age."""
+        now = time.time()
+        flush, self.flush_requested = self.flush_requested, False
+        count, oldest = 0, 0.0  # oldest: the earliest arrival time
+        for queue_id in self.queue.ids():
+            mail = self.queue.load(queue_id)
+            if mail is None:
+                continue
+            count += 1
+            oldest = mail.arrival if not oldest else min(oldest, mail.arrival)
+            if queue_id in self.in_flight or (mail.next_attempt > now and not flush):
+                continue
+            self.in_flight.add(queue_id)
+            task = self.loop.create_task(self.deliver(mail))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        self.slot.set(FIELD["queue_messages"], count)
+        self.slot.set(FIELD["queue_oldest_seconds"], int(max(now - oldest, 0)) if count else 0)
+        setproctitle(f"prefork-smtpd: queue runner [{count} queued, {len(self.in_flight)} in delivery]")
+
+    # ------------------------------------------------------------ delivery
+    async def deliver(self, mail: QueuedMail) -> None:
+        try:
+            async with self.limit:
+                await self._deliver(mail)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001: a bug defers the mail, never loses it
+            self.log(f"{mail.id}: retried later: {exc!r}")
+            fresh = self.queue.load(mail.id)  # what is recorded so far stays recorded
+            if fresh is not None and fresh.pending():
+                self._record_deferred(fresh, [Outcome(i, DEFERRED, str(exc)) for i in fresh.pending()])
+        finally:
+            self.in_flight.discard(mail.id)
+
+    async def _deliver(self, mail: QueuedMail) -> None:
+        try:
+            message = self.queue.message(mail.id)
+        except FileNotFoundError:
+            return  # deleted meanwhile (prefork-smtpd-queue delete)
+        groups: dict[str, list[int]] = defaultdict(list)
+        for index in mail.pending():
+            domain = mail.recipients[index].address.rpartition("@")[2].lower()
+            groups["" if self.settings.relay_host else domain].append(index)
+        outcomes: list[Outcome] = []
+        sent: list[Outcome] = []
+        for domain, indices in groups.items():
+            group = await self._send_group(mail, message, domain, indices)
+            # Durable at once, group by group: a runner killed during the
+            # next group never sends these recipients again.
+            self._record_sent(mail, [o for o in group if o.result == SENT])
+            outcomes += group
+            sent += [o for o in group if o.result == SENT]
+        if sent:
+            await self._relayed_notice(mail, message, [o for o in sent if not o.dsn_passed])
+        now = time.time()
+        failed = [o for o in outcomes if o.result == BOUNCED]
+        deferred = [o for o in outcomes if o.result == DEFERRED]
+        if deferred and now - mail.arrival >= self.settings.queue_lifetime:
+            for o in deferred:
+                o.result, o.status = BOUNCED, "4.4.7"  # RFC 3463: delivery time expired
+                o.reply = f"gave up after {self.settings.queue_lifetime} s in the queue; last reply: {o.reply}"
+            failed, deferred = failed + deferred, []
+        if failed:
+            await self._bounce(mail, message, failed)
+        if deferred:
+            self._record_deferred(mail, deferred)
+        fresh = self.queue.load(mail.id)
+        if fresh is not None and not fresh.pending():
+            self.queue.remove(mail.id)
+            self.log(f"{mail.id}: removed from the queue, every recipient done")
+
+    def _record_sent(self, mail: QueuedMail, sent: list[Outcome]) -> None:
+        if not sent:
+            return
+        self.queue.record(mail.id, [{"r": o.index, "result": SENT, "reply": o.reply, "host": o.remote} for o in sent])
+        self.slot.add(FIELD["deliveries_sent"], len(sent))
+        for o in sent:
+            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> sent via {o.remote}: {o.reply}")
+
+    def _record_deferred(self, mail: QueuedMail, deferred: list[Outcome]) -> None:
+        attempts = mail.attempts + 1
+        wait = min(self.settings.queue_retry_min * 2 ** (attempts - 1), self.settings.queue_retry_max)
+        next_attempt = time.time() + wait
+        reply = deferred[0].reply
+        entries = [{"r": o.index, "result": DEFERRED, "reply": o.reply} for o in deferred]
+        entries.append({"result": DEFERRED, "attempts": attempts, "next": next_attempt, "reply": reply})
+        try:
+            self.queue.record(mail.id, entries)
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        self.slot.add(FIELD["deliveries_deferred"], len(deferred))
+        for o in deferred:
+            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> deferred, retry in {wait} s: {o.reply}")
+
+    async def _send_group(self, mail: QueuedMail, message: bytes, domain: str, indices: list[int]) -> list[Outcome]:
+        """Deliver to one domain's recipients (or all, to the relay host): an outcome for each."""
+        try:
+            hops = await self._next_hops(domain)
+        except PermanentFailure as exc:
+            return [Outcome(i, BOUNCED, str(exc), exc.status) for i in indices]
+        except TemporaryFailure as exc:
+            return [Outcome(i, DEFERRED, str(exc), "4.4.3") for i in indices]
+        last_error = "no next hop"
+        for host, port in hops:
+            try:
+                addresses = [host] if self.settings.relay_host else await host_addresses(host, self.resolver)
+            except TemporaryFailure as exc:
+                last_error = str(exc)
+                continue
+            for address in addresses:
+                try:
+                    return await self._converse(mail, message, address, port, indices, host)
+                except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
+                    # No answer from this address (or it went away): the next
+                    # one, else the whole group is retried later.
+                    last_error = f"{host} [{address}]:{port}: {type(exc).__name__}: {exc}"
+                    self.log(f"{mail.id}: {last_error}")
+        return [Outcome(i, DEFERRED, last_error, "4.4.1") for i in indices]
+
+    async def _next_hops(self, domain: str) -> list[tuple[str, int]]:
+        if self.settings.relay_host:
+            return [parse_host_port(self.settings.relay_host)]
+        return await mx_hosts(domain, self.resolver, self.settings.relay_port)
+
+    def _client(self, host: str, port: int) -> aiosmtplib.SMTP:
+        settings = self.settings
+        options: dict[str, Any] = dict(
+            hostname=host, port=port, local_hostname=settings.hostname, timeout=settings.relay_timeout,
+        )
+        if settings.relay_host and settings.relay_starttls:
+            options.update(start_tls=True, validate_certs=True, cert_bundle=settings.relay_ca_file)
+        else:
+            # Opportunistic, as MTAs do between each other: STARTTLS when offered, unchecked.
+            options.update(start_tls=None, validate_certs=False)
+        if settings.relay_host and self.auth is not None:
+            options.update(username=self.auth[0], password=self.auth[1])
+        return aiosmtplib.SMTP(**options)
+
+    async def _converse(
+        self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str
+    ) -> list[Outcome]:
+        """One SMTP transaction with the next hop at ``address`` (``host``'s): an outcome per recipient."""
+        client = self._client(address, port)
+        await client.connect()
+        try:
+            dsn_offered = client.supports_extension("dsn")
+            options = []
+            if dsn_offered:
+                if mail.ret:
+                    options.append(f"RET={mail.ret}")
+                if mail.envid:
+                    options.append(f"ENVID={xtext_encode(mail.envid)}")
+            try:
+                await client.mail(mail.sender, options=options)
+            except aiosmtplib.SMTPResponseException as exc:
+                return [self._refused(i, exc, host) for i in indices]
+            accepted: list[int] = []
+            outcomes: list[Outcome] = []
+            for index in indices:
+                rcpt = mail.recipients[index]
+                rcpt_options = []
+                if dsn_offered and rcpt.dsn is not None:
+                    if rcpt.dsn.notify_text:
+                        rcpt_options.append(f"NOTIFY={rcpt.dsn.notify_text}")
+                    if rcpt.dsn.orcpt_text:
+                        rcpt_options.append(f"ORCPT={rcpt.dsn.orcpt_text}")
+                try:
+                    await client.rcpt(rcpt.address, options=rcpt_options)
+                    accepted.append(index)
+                except aiosmtplib.SMTPResponseException as exc:
+                    outcomes.append(self._refused(index, exc, host))
+            if not accepted:
+                await client.execute_command(b"RSET")
+                return outcomes
+            try:
+                response = await client.data(message)
+            except aiosmtplib.SMTPResponseException as exc:
+                return outcomes + [self._refused(i, exc, host) for i in accepted]
+            reply = f"{response.code} {response.message}"
+            return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, dsn_offered) for i in accepted]
+        finally:
+            try:
+                await client.quit()
+            except Exception:  # noqa: BLE001: the outcomes are known; the goodbye does not matter
+                client.close()
+
+    @staticmethod
+    def _refused(index: int, exc: aiosmtplib.SMTPResponseException, host: str) -> Outcome:
+        reply = f"{exc.code} {exc.message}"
+        if 500 <= exc.code < 600:
+            return Outcome(index, BOUNCED, reply, _status_of(reply, "5.0.0"), host)
+        return Outcome(index, DEFERRED, reply, _status_of(reply, "4.0.0"), host)
+
+    # -------------------------------------------------------------- notices
+    async def _bounce(self, mail: QueuedMail, message: bytes, failed: list[Outcome]) -> None:
+        """A failure notice (when asked for), durable first; then the recipients are bounced."""
+        wanted = [o for o in failed if _wants(mail, o.index, "FAILURE")]
+        if wanted and mail.sender:
+            await self._send_notice(mail, message, wanted, FAILED)
+        try:
+            self.queue.record(mail.id, [{"r": o.index, "result": BOUNCED, "reply": o.reply} for o in failed])
+        except FileNotFoundError:
+            return
+        self.slot.add(FIELD["deliveries_bounced"], len(failed))
+        for o in failed:
+            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> bounced: {o.reply}")
+
+    async def _relayed_notice(self, mail: QueuedMail, message: bytes, plain: list[Outcome]) -> None:
+        """NOTIFY=SUCCESS to a next hop without DSN: say so now (RFC 3461 5.2.2, "relayed")."""
+        wanted = [o for o in plain if _wants(mail, o.index, "SUCCESS", default=False)]
+        if wanted and mail.sender:
+            try:
+                await self._send_notice(mail, message, wanted, RELAYED)
+            except TemporaryFailure as exc:  # the mail went on; only the courtesy notice is lost
+                self.log(f"{mail.id}: {exc}")
+
+    async def _send_notice(self, mail: QueuedMail, message: bytes, outcomes: list[Outcome], action: str) -> None:
+        now = time.time()
+        statuses = [
+            RecipientStatus(
+                final_recipient=mail.recipients[o.index].address, action=action,
+                status=o.status or ("2.0.0" if action == RELAYED else "5.0.0"),
+                original_recipient=_orcpt(mail, o.index), remote_mta=o.remote or None,
+                diagnostic=o.reply or None, last_attempt=now,
+            )
+            for o in outcomes
+        ]
+        content = build_report(
+            reporting_mta=self.settings.hostname, recipient=mail.sender, statuses=statuses, original=message,
+            ret=mail.ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now,
+        )
+        folder = local_sender_folder(mail.sender, self.domains, self._mailbox_refusal)
+        if folder is not None:
+            to = Recipient(address=mail.sender, folder=folder)
+        elif mail.sender.rpartition("@")[2].lower() in self.domains:
+            self.log(f"{mail.id}: no mailbox for <{mail.sender}>; the {action} notice is dropped")
+            return
+        else:
+            to = Recipient(address=mail.sender, folder="", outside=True)  # queued: relayed like any mail
+        notice = Envelope(helo="localhost", sender="", recipients=[to], chunks=[content], size=len(content))
+        try:
+            notice_id = await self.loop.run_in_executor(None, self.store.deliver, notice, NOTICE_PEER)
+        except DeliveryError as exc:
+            # Not durable: the recipients stay unfinished, and the notice is tried again next pass.
+            raise TemporaryFailure(f"the {action} notice could not be stored: {exc}") from None
+        self.log(f"{mail.id}: {action} notice {notice_id} to <{mail.sender}>")
+
+    def _mailbox_refusal(self, folder: str) -> object | None:
+        if self.mailbox_exists is None or self.mailbox_exists(folder):
+            return None
+        return "no such mailbox"
+
+    # -------------------------------------------------------------- helpers
+    def reopen_log(self) -> None:
+        self._logger = open_log(self.settings.log_file, self.stats, "queue runner", buffered=True)
+        self._log_lines = line_writer(self._logger)
+
+    def log(self, message: str) -> None:
+        if self._log_lines is not None and self.stats.get("logging"):
+            self._log_lines.add_line(message)
+
+
+def _wants(mail: QueuedMail, index: int, what: str, default: bool | None = None) -> bool:
+    rcpt_dsn = mail.recipients[index].dsn
+    if rcpt_dsn is None or rcpt_dsn.notify is None:
+        return default if default is not None else what in ("FAILURE", "DELAY")
+    return what in rcpt_dsn.notify
+
+
+def _orcpt(mail: QueuedMail, index: int) -> tuple[str, str] | None:
+    rcpt_dsn = mail.recipients[index].dsn
+    return rcpt_dsn.orcpt if rcpt_dsn is not None else None
+
+
+def _read_auth(path: str) -> tuple[str, str]:
+    """``user:password`` on the first line of the relay auth file."""
+    with open(path, encoding="utf-8") as f:
+        line = f.readline().rstrip("\r\n")
+    user, colon, password = line.partition(":")
+    if not colon or not user:
+        raise ValueError(f"{path}: expected user:password on its first line")
+    return user, password
+
+
+def run_queue_runner(settings: Any, stats: SharedStats) -> int:
+    return Runner(settings, stats).run()
+

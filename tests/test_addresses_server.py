@@ -1,0 +1,157 @@
+"""Folders, plus-addresses, catch-all and address literals on a real server,
+with real clients (swaks, smtplib) where one speaks the form."""
+
+from __future__ import annotations
+
+import email
+import ipaddress
+import mailbox
+import smtplib
+import subprocess
+
+import psutil
+import pytest
+
+from harness import wait_until
+
+
+def swaks(server, *args: str) -> str:
+    out = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{server.port}", "--helo", "client.example", *args],
+        capture_output=True, text=True, timeout=60,
+    ).stdout
+    return out
+
+
+def delivered(server, folder: str, count: int = 1) -> list[email.message.Message]:
+    wait_until(lambda: len(server.stored(folder)) >= count, what=f"{count} mail in {folder}")
+    return [email.message_from_bytes(p.read_bytes()) for p in server.stored(folder)]
+
+
+def test_folders_address_keeps_people_of_two_domains_apart(start_server):
+    server = start_server("--domain", "a.example", "--domain", "b.example", "--folders", "address")
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("x@a.example", ["Bob@A.Example", "bob@b.example", "carol"], b"Subject: hi\r\n\r\nhello\r\n")
+    (a,) = delivered(server, "a.example/bob")
+    (b,) = delivered(server, "b.example/bob")
+    (c,) = delivered(server, "a.example/carol")  # a bare local part: the first --domain's
+    assert (a["Delivered-To"], b["Delivered-To"], c["Delivered-To"]) == ("Bob@A.Example", "bob@b.example", "carol")
+    assert not (server.mail_dir / "bob").exists()
+    # Python's Maildir reader opens each folder as a mailbox.
+    assert len(mailbox.Maildir(str(server.mail_dir / "a.example" / "bob"), create=False)) == 1
+
+
+def test_catch_all_accepts_every_domain_and_sorts_them(start_server):
+    server = start_server("--domain", "*", "--folders", "address")
+    out = swaks(server, "--from", "app@staging.example", "--to", "user@Shop.Example,user@bank.example",
+                "--body", "hi")
+    assert "<** " not in out, out
+    delivered(server, "shop.example/user")
+    delivered(server, "bank.example/user")
+    # Still no relay: an address literal that is not ours is refused.
+    client = server.client()
+    assert client.cmd("EHLO c")[0] == 250 and client.cmd("MAIL FROM:<a@b.example>")[0] == 250
+    code, text = client.cmd("RCPT TO:<user@[192.0.2.77]>")
+    assert (code, text[:5]) == (550, "5.7.1")
+
+
+def test_catch_all_with_folders_local_mixes_domains_by_local_part(start_server):
+    server = start_server("--domain", "*")
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("app@x.example", ["bob@a.example"], b"Subject: 1\r\n\r\n1\r\n")
+        s.sendmail("app@x.example", ["bob@b.example"], b"Subject: 2\r\n\r\n2\r\n")
+    assert sorted(m["Delivered-To"] for m in delivered(server, "bob", 2)) == ["bob@a.example", "bob@b.example"]
+
+
+def test_plus_addresses_go_to_an_existing_subfolder_or_the_inbox(start_server):
+    server = start_server("--recipient-delimiter", "+", "--mailboxes", "existing")
+    (server.mail_dir / "bob" / ".invoices").mkdir(parents=True)
+    out = swaks(server, "--from", "a@smtpd.com", "--to", "bob+invoices@smtpd.com", "--body", "invoice 1")
+    assert "<** " not in out, out
+    (mail,) = delivered(server, "bob/.invoices")
+    assert mail["Delivered-To"] == "bob+invoices@smtpd.com"
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("a@smtpd.com", ["bob+receipts@smtpd.com"], b"Subject: r\r\n\r\nr\r\n")
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            s.sendmail("a@smtpd.com", ["carol+bob@smtpd.com"], b"Subject: r\r\n\r\nr\r\n")
+    assert refused.value.recipients["carol+bob@smtpd.com"][0] == 550  # carol has no mailbox
+    (mail,) = delivered(server, "bob")
+    assert mail["Delivered-To"] == "bob+receipts@smtpd.com"
+    assert not (server.mail_dir / "bob" / ".receipts").exists()
+
+
+def test_plus_folders_makes_the_subfolder(start_server):
+    server = start_server("--recipient-delimiter", "+", "--plus-folders", "--folders", "address")
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("a@smtpd.com", ["Bob+News@smtpd.com"], b"Subject: n\r\n\r\nn\r\n")
+    (mail,) = delivered(server, "smtpd.com/bob/.news")
+    assert mail["Delivered-To"] == "Bob+News@smtpd.com"
+    box = mailbox.Maildir(str(server.mail_dir / "smtpd.com" / "bob"), create=False)
+    assert box.list_folders() == ["news"]
+
+
+def test_postmaster_is_delivered_whatever_mailboxes_says(start_server):
+    server = start_server("--mailboxes", "existing")
+    client = server.client()
+    assert client.cmd("EHLO c")[0] == 250
+    assert client.cmd("MAIL FROM:<>")[0] == 250
+    assert client.cmd("RCPT TO:<bob@smtpd.com>")[0] == 550
+    assert client.cmd("RCPT TO:<Postmaster>")[0] == 250
+    assert client.cmd("RCPT TO:<POSTMASTER@smtpd.com>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: p\r\n\r\np\r\n.\r\n")
+    assert client.reply()[0] == 250
+    delivered(server, "postmaster")
+
+
+def test_address_literals_of_the_listener_are_ours(start_server):
+    server = start_server()  # listens on 127.0.0.1 only
+    out = swaks(server, "--from", "a@smtpd.com", "--to", "postmaster@[127.0.0.1]", "--body", "hi")
+    assert "<** " not in out, out
+    (mail,) = delivered(server, "postmaster")
+    assert mail["Delivered-To"] == "postmaster@[127.0.0.1]"
+    out = swaks(server, "--from", "a@smtpd.com", "--to", "postmaster@[127.0.0.2]", "--body", "hi")
+    assert "<** 550 5.7.1" in out, out  # loopback, but not an address this listener has
+
+
+def _host_addresses() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    found = []
+    for entries in psutil.net_if_addrs().values():
+        for entry in entries:
+            if entry.family.name in ("AF_INET", "AF_INET6"):
+                found.append(ipaddress.ip_address(entry.address.split("%")[0]))
+    return found
+
+
+def test_a_wildcard_listener_owns_every_address_of_the_host(start_server):
+    server = start_server(listen=None)
+    client = server.client()
+    assert client.cmd("EHLO c")[0] == 250 and client.cmd("MAIL FROM:<>")[0] == 250
+    for address in _host_addresses():
+        literal = f"[{address}]" if address.version == 4 else f"[IPv6:{address}]"
+        assert client.cmd(f"RCPT TO:<bob@{literal}>")[0] == 250, literal
+    assert client.cmd("RCPT TO:<bob@[192.0.2.77]>")[0] == 550
+    assert client.cmd("RCPT TO:<bob@[IPv6:2001:db8::77]>")[0] == 550
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--folders", "domains"], "--folders must be local or address"),
+        (["--recipient-delimiter", "/"], "--recipient-delimiter takes"),
+        (["--folders", "address", "--domain", "bad_domain"], "is not a domain name"),
+    ],
+)
+def test_bad_address_settings_refuse_the_start(start_server, flags, message):
+    server = start_server(*flags, wait=False)
+    assert server.proc.wait(timeout=60) == 2
+    assert message in server.output()
+
+
+def test_address_settings_from_the_config_file(start_server, tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('folders = "address"\nrecipient_delimiter = "+"\nplus_folders = true\ndomain = ["*"]\n')
+    server = start_server("--config", str(config))
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        s.sendmail("a@x.example", ["eve+spam@Any.example"], b"Subject: s\r\n\r\ns\r\n")
+    delivered(server, "any.example/eve/.spam")

@@ -1,0 +1,242 @@
+"""BDAT (RFC 3030) against the real server: raw clients and one that speaks
+as Exchange does (MAIL, RCPT and ``BDAT n LAST`` with the message, pipelined
+in one write; or the message in many chunks).
+
+swaks (20201014, the version Debian ships) has no BDAT and no CHUNKING
+support at all, and smtplib has none either: the client here is our own.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import time
+
+import pytest
+from harness import DOMAIN, Client
+from test_resources import Flood, flood_and_watch, stallable_disk, unread_bytes_at
+
+MB = 1000 * 1000
+MiB = 1024 * 1024
+
+
+class ExchangeLikeClient(Client):
+    """Pipelines each transaction the way Exchange's SMTP send connector does:
+    MAIL, every RCPT and the chunks in one write, then reads the replies."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        code, text = self.cmd("EHLO exchange.example")
+        assert code == 250 and "CHUNKING" in text.split("\n") and "PIPELINING" in text.split("\n"), text
+
+    def send_message(self, sender: str, recipients: list[str], body: bytes, chunk: int | None = None,
+                     params: str = "") -> list[tuple[int, str]]:
+        """The replies to MAIL, each RCPT and each chunk, in order."""
+        chunks = [body] if chunk is None else [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+        out = f"MAIL FROM:<{sender}>{params}\r\n".encode() + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in recipients)
+        for i, data in enumerate(chunks):
+            out += b"BDAT %d%s\r\n" % (len(data), b" LAST" if i == len(chunks) - 1 else b"") + data
+        self.send(out)
+        return [self.reply() for _ in range(1 + len(recipients) + len(chunks))]
+
+
+def body_of(path) -> bytes:
+    """The stored message without our trace headers (the first three lines, one folded)."""
+    data = path.read_bytes()
+    nl = b"\r\n" if data.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
+    lines = data.split(nl)
+    i = 2
+    while lines[i + 1][:1] == b"\t":  # the Received header's folded lines
+        i += 1
+    return nl.join(lines[i + 1 :])
+
+
+def test_ehlo_offers_chunking_and_binarymime(server):
+    c = server.client()
+    code, text = c.cmd("EHLO c.example")
+    assert code == 250 and {"CHUNKING", "BINARYMIME", "8BITMIME", "PIPELINING"} <= set(text.split("\n"))
+
+
+def test_a_body_with_crlf_dot_crlf_inside_is_stored_octet_for_octet(server):
+    body = b"Subject: dots\r\n\r\nfirst\r\n.\r\n..two dots stay two\r\n.\r\nQUIT\r\nlast\r\n"
+    c = ExchangeLikeClient(server.port)
+    before = c.xstat("BYTES")
+    answers = c.send_message(f"a@{DOMAIN}", ["dots"], body)
+    assert [code for code, _ in answers] == [250, 250, 250] and "queued as" in answers[-1][1]
+    assert c.cmd("NOOP")[0] == 250  # in step: QUIT inside the body was data
+    (path,) = server.stored("dots")
+    # Text messages are stored with LF line ends, as DATA's are: the same octets otherwise.
+    assert body_of(path) == body.replace(b"\r\n", b"\n")
+    assert c.xstat("BYTES") == before + len(body)  # XSTAT BYTES counts the BDAT octets
+
+
+def test_exchange_style_one_bdat_last_per_message_and_many_chunks(server):
+    c = ExchangeLikeClient(server.port)
+    messages = []
+    for i in range(5):
+        msg = email.message.EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = f"a@{DOMAIN}", f"ex@{DOMAIN}", f"message {i}"
+        msg.set_content("Hello\n.\n" * (i * 300 + 1))
+        body = msg.as_bytes(policy=email.policy.SMTP)
+        messages.append(body)
+        chunk = None if i % 2 == 0 else 1000  # one BDAT n LAST, or many chunks
+        answers = c.send_message(f"a@{DOMAIN}", [f"ex@{DOMAIN}", "ex2"], body, chunk=chunk)
+        assert all(code == 250 for code, _ in answers), answers
+        if chunk:
+            assert sum("octets received" in text for _, text in answers) == -(-len(body) // chunk) - 1
+    assert c.cmd("QUIT")[0] == 221
+    for folder in ("ex", "ex2"):
+        stored = sorted(body_of(p) for p in server.stored(folder))
+        assert stored == sorted(m.replace(b"\r\n", b"\n") for m in messages)
+        parsed = [email.message_from_bytes(p.read_bytes(), policy=email.policy.default) for p in server.stored(folder)]
+        assert sorted(m["Subject"] for m in parsed) == [f"message {i}" for i in range(5)]
+
+
+def test_binarymime_is_stored_as_received(server):
+    payload = bytes(range(256)) * 20 + b"\r\n.\r\n\n.\n\x00"
+    body = b"Subject: bin\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n" + payload
+    c = ExchangeLikeClient(server.port)
+    answers = c.send_message(f"a@{DOMAIN}", ["bin"], body, chunk=777, params=" BODY=BINARYMIME")
+    assert all(code == 250 for code, _ in answers), answers
+    (path,) = server.stored("bin")
+    data = path.read_bytes()
+    assert data.startswith(b"Return-Path: <a@smtpd.com>\r\nDelivered-To: bin\r\nReceived: ")
+    assert body_of(path) == body
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed["Subject"] == "bin"
+    # and DATA is refused after BODY=BINARYMIME
+    assert c.cmd(f"MAIL FROM:<a@{DOMAIN}> BODY=BINARYMIME")[0] == 250
+    assert c.cmd("RCPT TO:<bin>")[0] == 250
+    assert c.cmd("DATA") == (503, "5.5.1 Error: BODY=BINARYMIME needs BDAT, not DATA")
+
+
+def test_size_limit_across_chunks_and_the_session_stays_in_step(start_server):
+    server = start_server("--max-message-size", "2048")
+    c = ExchangeLikeClient(server.port)
+    chunk = b"x" * 998 + b"\r\n"
+    smuggled = b"RSET\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<evil>\r\nDATA\r\nsmuggled\r\n.\r\n"
+    c.send(
+        b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<big>\r\n"
+        + b"BDAT 1000\r\n" + chunk + b"BDAT 1000\r\n" + chunk + b"BDAT 1000\r\n" + chunk
+        + b"BDAT %d LAST\r\n" % len(smuggled) + smuggled + b"RSET\r\n"
+    )
+    answers = [c.reply() for _ in range(7)]
+    assert [code for code, _ in answers] == [250, 250, 250, 250, 552, 503, 250], answers
+    assert answers[4] == (552, "5.3.4 Error: message size exceeds fixed maximum message size")
+    assert answers[5] == (503, "5.5.1 Error: chunk discarded after a failed chunk; send RSET")
+    assert [code for code, _ in c.send_message(f"a@{DOMAIN}", ["big"], chunk)] == [250, 250, 250]
+    assert len(server.stored("big")) == 1 and server.stored("evil") == []
+
+
+def test_bdat_and_data_are_not_mixed_and_rset_clears_a_failed_chunk(server):
+    c = server.client()
+    c.cmd("EHLO c")
+    assert c.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
+    assert c.cmd("RCPT TO:<mix>")[0] == 250
+    c.send(b"BDAT 4\r\nab\r\n")
+    assert c.reply() == (250, "2.0.0 Ok: 4 octets received")
+    assert c.cmd("DATA") == (503, "5.5.1 Error: DATA after BDAT in one transaction")
+    c.send(b"BDAT 3\r\nab\n")  # a bare LF fails the chunk, and the transaction
+    assert c.reply()[0] == 550
+    c.send(b"BDAT 4 LAST\r\ncd\r\n")
+    assert c.reply()[0] == 503
+    assert c.cmd("RSET")[0] == 250
+    assert c.mail(f"a@{DOMAIN}", ["mix"], b"by DATA")[0] == 250
+    assert len(server.stored("mix")) == 1
+
+
+@pytest.mark.slow
+def test_a_chunk_bigger_than_what_arrives_is_cut_by_the_timeout(start_server):
+    server = start_server("--data-timeout", "2", "--timeout", "30")
+    c = server.client()
+    c.cmd("EHLO c")
+    c.send(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<slow>\r\nBDAT 100 LAST\r\nonly ten\r\n")
+    assert c.reply()[0] == 250 and c.reply()[0] == 250
+    started = time.monotonic()
+    assert c.reply() == (421, "4.4.2 mx.test Error: timeout exceeded")
+    assert c.closed_by_server()
+    assert time.monotonic() - started < 25  # the data timeout, not the command timeout
+    assert server.stored("slow") == []
+
+
+def test_a_bdat_line_without_a_size_is_answered_and_the_connection_closed(server):
+    c = server.client()
+    c.cmd("EHLO c")
+    c.send(b"BDAT ten LAST\r\nRSET\r\n")
+    assert c.reply() == (501, "5.5.4 Syntax: BDAT size [LAST]")
+    assert c.reply()[0] == 421
+    assert c.closed_by_server()
+
+
+def test_chunks_count_against_the_workers_memory_for_message_data(start_server):
+    """A chunked message held between chunks counts like an unfinished DATA."""
+    server = start_server("--max-message-size", str(1 * MiB), "--max-data-memory", str(1 * MiB), workers=1)
+    held = ExchangeLikeClient(server.port)
+    held.send(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<m>\r\nBDAT 600000\r\n" + (b"y" * 998 + b"\r\n") * 600)
+    assert [held.reply()[0] for _ in range(3)] == [250, 250, 250]  # 600 KB held between chunks
+    other = ExchangeLikeClient(server.port)
+    answers = other.send_message(f"a@{DOMAIN}", ["m"], b"small\r\n")
+    assert answers[-1] == (452, "4.3.1 Error: insufficient system storage")  # no room for a max-size message
+    held.send(b"BDAT 0 LAST\r\n")
+    assert held.reply()[0] == 250
+    assert other.cmd("RSET")[0] == 250
+    assert all(code == 250 for code, _ in other.send_message(f"a@{DOMAIN}", ["m"], b"small\r\n"))
+    assert len(server.stored("m")) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.root("mounts a loop device and freezes it")
+def test_bytes_pipelined_behind_a_bdat_last_wait_in_the_kernel(start_server, tmp_path):
+    """While a BDAT message is stored the worker reads nothing more from its client."""
+    with stallable_disk(tmp_path / "disk") as disk:
+        server = start_server("--mail-dir", str(disk.path), "--min-free-space", "0", workers=1)
+        c = ExchangeLikeClient(server.port)
+        assert all(code == 250 for code, _ in c.send_message(f"a@{DOMAIN}", ["r"], b"first\r\n"))
+        assert c.cmd(f"MAIL FROM:<a@{DOMAIN}>")[0] == 250
+        assert c.cmd("RCPT TO:<r>")[0] == 250
+        disk.freeze()
+        c.send(b"BDAT 8 LAST\r\nsecond\r\n")
+        bound = 20 * MB
+        flood = Flood(c.sock, b"NOOP\r\n", total=40 * MB)
+        growth = flood_and_watch(server, flood, bound)
+        assert growth < bound, f"worker grew by {growth / MB:.0f} MB while storing"
+        assert flood.stalled and flood.sent < flood.total, "the worker kept reading while it stored"
+        assert unread_bytes_at(server.port) > 0
+        disk.thaw()
+        c.sock.settimeout(60)
+        code, text = c.reply()
+        assert code == 250 and text.startswith("2.0.0 Ok: queued as"), text
+        assert len(list((disk.path / "r" / "new").iterdir())) == 2
+        c.reset()
+        server.stop()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_raw_client_cutting_headers_and_data_anywhere(server, seed):
+    """The same conversation, sent in pieces cut at random places with pauses."""
+    import random
+
+    rng = random.Random(seed)
+    body = b"Subject: cut\r\n\r\n" + b"".join(b"line %d\r\n.\r\n" % i for i in range(200))
+    chunks = [body[:700], body[700:701], body[701:2000], body[2000:]]
+    stream = b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<cut>\r\n"
+    for i, data in enumerate(chunks):
+        stream += b"BDAT %d%s\r\n" % (len(data), b" LAST" if i == len(chunks) - 1 else b"") + data
+    stream += b"QUIT\r\n"
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    cuts = sorted(rng.sample(range(1, len(stream)), 40))
+    for a, b in zip([0, *cuts], [*cuts, len(stream)]):
+        sock.sendall(stream[a:b])
+        time.sleep(0.002)
+    received = b""
+    while not received.endswith(b"221 2.0.0 mx.test Bye\r\n"):
+        data = sock.recv(65536)
+        assert data, received
+        received += data
+    sock.close()
+    codes = [line[:3] for line in received.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"250", b"250", b"250", b"250", b"221"]
+    (path,) = server.stored("cut")
+    assert body_of(path) == body.replace(b"\r\n", b"\n")

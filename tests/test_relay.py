@@ -1,0 +1,469 @@
+"""Relay end to end: who may relay, the durable queue, the queue runner, its
+retries, bounces and crash safety, against real receiving MTAs on free
+ports (a second prefork-smtpd, or a scripted aiosmtpd where a test needs
+the next hop to answer 4xx or 5xx on cue), and MX lookups against a tiny
+DNS server speaking the real wire protocol (dnspython)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import urllib.request
+
+import psutil
+import pytest
+from harness import free_port, wait_until
+from relay_peers import Receiver, Script, TinyDNS
+
+from prefork_smtpd import dsn
+from prefork_smtpd.queue import Queue
+from prefork_smtpd.runner import PermanentFailure, TemporaryFailure, host_addresses, make_resolver, mx_hosts
+from prefork_smtpd.users import hash_password
+
+MESSAGE = b"From: alice@smtpd.com\r\nSubject: going out\r\n\r\nhello out there\r\n.a dotted line\r\n"
+FAST_RETRIES = ("--queue-retry-min", "1", "--queue-retry-max", "2")
+
+
+@pytest.fixture
+def receiver():
+    receivers: list[Receiver] = []
+
+    def start(script: Script | None = None, **options) -> Receiver:
+        r = Receiver(script, **options)
+        receivers.append(r)
+        return r
+
+    yield start
+    for r in receivers:
+        r.stop()
+
+
+def queue_of(server) -> Queue:
+    return Queue(str(server.root / "queue"))
+
+
+def runner_pid(server) -> int | None:
+    for pid in server.worker_pids():
+        try:
+            if "queue runner" in " ".join(psutil.Process(pid).cmdline()):
+                return pid
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def config(server, line: str) -> list[str]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.config_port), timeout=30) as s:
+        f = s.makefile("rb")
+        s.sendall(line.encode() + b"\r\n")
+        lines = []
+        while True:
+            text = f.readline().decode().rstrip("\r\n")
+            lines.append(text)
+            if text == "OK" or text.startswith("ERR"):
+                return lines
+
+
+def send(server, recipients, rcpt_options=(), mail_options=(), sender="alice@smtpd.com") -> dict:
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        return client.sendmail(sender, recipients, MESSAGE, mail_options=list(mail_options),
+                               rcpt_options=list(rcpt_options))
+
+
+def parse_stored(path) -> email.message.EmailMessage:
+    return email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+
+
+# ---------------------------------------------------------------- who may relay
+def test_no_open_relay_for_an_untrusted_address(start_server):
+    """Neither a default server nor one trusting another network relays for 127.0.0.1."""
+    for flags in ((), ("--relay-networks", "10.0.0.0/8,2001:db8::/32")):
+        server = start_server(*flags)
+        c = server.client()
+        c.cmd("EHLO client.example")
+        assert c.cmd("MAIL FROM:<alice@smtpd.com>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.org>") == (550, "5.7.1 Error: relay access denied; recipient domain not served here")
+        assert c.cmd("RCPT TO:<bob@smtpd.com>")[0] == 250
+        c.close()
+        assert not queue_of(server).ids()
+
+
+def test_a_trusted_network_relays_an_address_literal_never(start_server):
+    server = start_server("--relay-networks", "127.0.0.0/8")
+    c = server.client()
+    c.cmd("EHLO client.example")
+    c.cmd("MAIL FROM:<alice@smtpd.com>")
+    # Not our address: refused as a relay attempt; the queue never aims at a host the client picks.
+    assert c.cmd("RCPT TO:<bob@[192.0.2.1]>")[0] == 550
+    assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    c.close()
+
+
+def test_an_authenticated_user_may_relay_and_an_anonymous_one_may_not(start_server, receiver, tmp_path):
+    hop = receiver()
+    users = tmp_path / "users"
+    users.write_text(f"alice:{hash_password('secret words')}\n")
+    server = start_server("--users", str(users), "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.ehlo()
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            client.sendmail("alice@smtpd.com", ["bob@example.org"], MESSAGE)
+        client.login("alice", "secret words")
+        assert client.sendmail("alice@smtpd.com", ["bob@example.org"], MESSAGE) == {}
+    wait_until(lambda: hop.handler.copies_for("bob@example.org") == 1, what="the relayed mail")
+
+
+# ------------------------------------------------- through a real prefork-smtpd
+def test_mixed_recipients_local_once_and_relayed_once_with_dsn_passed_on(start_server):
+    """A second prefork-smtpd is the next hop: it offers DSN, so NOTIFY, ORCPT and ENVID go on."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    refused = send(
+        server, ["bob@smtpd.com", "carol@example.org"], mail_options=["RET=HDRS", "ENVID=trip+2042"],
+        rcpt_options=["NOTIFY=FAILURE", "ORCPT=rfc822;" + dsn.xtext_encode("Carol+x@Example.org")],
+    )
+    assert refused == {}
+    (local,) = server.stored("bob")
+    wait_until(lambda: hop.stored("carol"), what="the relayed copy at the next hop")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    (relayed,) = hop.stored("carol")
+    msg = parse_stored(relayed)
+    assert msg["Subject"] == "going out" and ".a dotted line" in msg.get_content()
+    assert msg["Original-Envelope-Id"] == "trip 42"  # ENVID passed on, decoded there
+    assert msg["Original-Recipient"] == "rfc822;Carol+x@Example.org"  # ORCPT passed on
+    assert msg["Return-Path"] == "<alice@smtpd.com>"
+    received = msg.get_all("Received")
+    assert any("by mx.test (prefork-smtpd)" in r for r in received) and len(received) == 2  # our hop's trace too
+    assert not hop.stored("bob") and len(server.stored("bob")) == 1
+    assert parse_stored(local)["Subject"] == "going out"
+    wait_until(lambda: server.log_count("sent via 127.0.0.1") == 1, what="the runner's log line")
+    wait_until(lambda: "queued for carol@example.org" in server.log_text(), what="the worker's log line")
+
+
+# --------------------------------------------- scripted next hop: 4xx, 5xx, DSN
+def test_4xx_is_retried_with_backoff_then_delivered_once(start_server, receiver):
+    hop = receiver(Script(rcpt={"slow@example.org": ["451 4.7.1 greylisted", "451 4.7.1 greylisted", "250 ok"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    assert send(server, ["slow@example.org"]) == {}
+    wait_until(lambda: hop.handler.copies_for("slow@example.org") == 1, what="delivery after the retries")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert hop.handler.rcpt_calls["slow@example.org"] == 3
+    wait_until(lambda: server.log_count("deferred, retry in 2 s: 451 4.7.1 greylisted") == 1, what="log")  # doubled
+    assert server.log_count("deferred, retry in 1 s: 451 4.7.1 greylisted") == 1
+    assert not server.stored("alice")  # no bounce, no delay notice
+
+
+def test_5xx_bounces_to_the_local_sender_as_a_parseable_dsn(start_server, receiver):
+    hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user here"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    assert send(server, ["nobody@example.org", "fine@example.org"], mail_options=["ENVID=b1", "RET=FULL"],
+                rcpt_options=["ORCPT=rfc822;nobody@example.org"]) == {}
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce in the sender's mailbox")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert hop.handler.copies_for("fine@example.org") == 1 and hop.handler.copies_for("nobody@example.org") == 0
+    msg = parse_stored(bounce)
+    assert msg["Return-Path"] == "<>" and msg.get_content_type() == "multipart/report"
+    text, status, original = msg.get_payload()
+    per_message, (rcpt,) = status.get_payload()[0], status.get_payload()[1:]
+    assert per_message["Original-Envelope-Id"] == "b1"
+    assert rcpt["Final-Recipient"] == "rfc822; nobody@example.org" and rcpt["Action"] == "failed"
+    assert rcpt["Status"] == "5.1.1" and rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user here"
+    assert rcpt["Remote-MTA"] == "dns; 127.0.0.1"
+    assert original.get_content_type() == "message/rfc822"  # RET=FULL
+    assert original.get_payload()[0]["Subject"] == "going out"
+
+
+def test_notify_never_and_the_null_sender_get_no_bounce(start_server, receiver):
+    hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    send(server, ["nobody@example.org"], rcpt_options=["NOTIFY=NEVER"])
+    send(server, ["nobody@example.org"], sender="")
+    wait_until(lambda: server.log_count("bounced: 550 5.1.1") == 2, what="both bounced")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert not server.stored("alice") and not server.stored("mailer-daemon")
+
+
+def test_lifetime_over_bounces_with_4_4_7(start_server, receiver):
+    hop = receiver(Script(rcpt={"later@example.org": ["452 4.2.2 mailbox full"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--queue-lifetime", "2", *FAST_RETRIES)
+    send(server, ["later@example.org"])
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the expiry bounce")
+    _, (rcpt,) = parse_stored(bounce).get_payload()[1].get_payload()[0], parse_stored(bounce).get_payload()[1].get_payload()[1:]
+    assert rcpt["Status"] == "4.4.7" and "452 4.2.2 mailbox full" in rcpt["Diagnostic-Code"]
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+
+
+def test_relayed_notice_when_the_next_hop_offers_no_dsn(start_server, receiver):
+    hop = receiver()  # aiosmtpd offers no DSN
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    send(server, ["dave@example.org"], rcpt_options=["NOTIFY=SUCCESS"])
+    (notice,) = wait_until(lambda: server.stored("alice"), what="the relayed notice")
+    rcpt = parse_stored(notice).get_payload()[1].get_payload()[1]
+    assert rcpt["Action"] == "relayed"
+    assert hop.handler.received[0].rcpt_options == [[]]  # nothing it does not know was sent
+
+
+# ----------------------------------------------------------------- crash safety
+@pytest.mark.slow
+def test_runner_sigkilled_mid_delivery_retries_only_the_unacknowledged(start_server, receiver):
+    """Two recipient domains, two transactions: the first acknowledged, the runner
+    killed while the second's DATA is held. After the restart only the second is sent."""
+    script = Script(hold_data_for={"second@b.test"})
+    hop = receiver(script)
+    dns_server = TinyDNS({("a.test", "MX"): ["10 mx.a.test."], ("mx.a.test", "A"): ["127.0.0.1"],
+                          ("b.test", "MX"): ["10 mx.b.test."], ("mx.b.test", "A"): ["127.0.0.1"]})
+    try:
+        server = start_server("--relay-networks", "127.0.0.0/8", "--relay-nameserver", f"127.0.0.1:{dns_server.port}",
+                              "--relay-port", str(hop.port), *FAST_RETRIES)
+        send(server, ["first@a.test", "second@b.test"])
+        assert script.held.wait(60), "the second DATA never came"
+        assert hop.handler.copies_for("first@a.test") == 1
+        (queue_id,) = queue_of(server).ids()
+        wait_until(lambda: queue_of(server).load(queue_id).results.get(0, {}).get("result") == "sent",
+                   what="the first recipient recorded as sent")
+        old = runner_pid(server)
+        os.kill(old, signal.SIGKILL)
+        script.release_reply = "250 2.0.0 accepted"  # the dead runner's DATA is answered into the void
+        script.hold_data_for = set()
+        script.release.set()
+        wait_until(lambda: runner_pid(server) not in (None, old), what="the runner's restart")
+        wait_until(lambda: hop.handler.copies_for("second@b.test") == 1, what="the second recipient's delivery")
+        wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+        assert hop.handler.copies_for("first@a.test") == 1  # never sent twice
+        wait_until(lambda: "died: killed by SIGKILL" in server.log_text(), what="the runner's death logged")
+        assert ("mx.a.test.", "A") in dns_server.questions and ("b.test.", "MX") in dns_server.questions
+    finally:
+        dns_server.close()
+
+
+@pytest.mark.slow
+def test_the_whole_server_restarted_with_mail_in_the_queue(start_server, receiver):
+    """Next hop down: mail stays queued across a stop; the restarted server delivers each once."""
+    dead_port = free_port()
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{dead_port}", *FAST_RETRIES)
+    for i in range(5):
+        send(server, [f"r{i}@example.org", f"local{i}@smtpd.com"])
+    assert len(queue_of(server).ids()) == 5
+    wait_until(lambda: server.log_count("Connection refused") + server.log_count("ConnectError") >= 1,
+               what="a failed attempt")
+    assert server.stop() == 0
+    hop = receiver()
+    args = [a if a != f"127.0.0.1:{dead_port}" else f"127.0.0.1:{hop.port}" for a in server.proc.args]
+    restarted = subprocess.Popen(args, cwd=server.root, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: all(hop.handler.copies_for(f"r{i}@example.org") == 1 for i in range(5)),
+                   what="every queued mail delivered", timeout=60)
+        wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+        assert all(len(server.stored(f"local{i}")) == 1 for i in range(5))
+        assert len(hop.handler.received) == 5
+    finally:
+        restarted.terminate()
+        restarted.wait(60)
+
+
+# -------------------------------------------------------------- operating it
+def test_flush_show_metrics_and_the_queue_command(start_server, receiver):
+    hop = receiver(Script(rcpt={"wait@example.org": ["451 4.3.0 later", "250 ok"]}))
+    metrics_port = free_port()
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--queue-retry-min", "3600", "--queue-retry-max", "7200", "--metrics-port", str(metrics_port))
+    send(server, ["wait@example.org"])
+    wait_until(lambda: server.log_count("deferred, retry in 3600 s") == 1, what="the first attempt")
+    (queue_id,) = queue_of(server).ids()
+
+    def shown() -> dict[str, int]:
+        return {line.split("=")[0]: int(line.split("=")[1].split()[0]) for line in config(server, "show=1")[:-1]}
+
+    wait_until(lambda: shown()["queue_messages"] == 1, what="the queue in show=1")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    assert "smtpd_queue_messages 1.0" in metrics and "smtpd_queue_oldest_seconds" in metrics
+    assert 'smtpd_deliveries_total{result="deferred"} 1.0' in metrics
+    out = subprocess.run([sys.executable, "-P", "-m", "prefork_smtpd.cli.metrics", "-P", str(server.port), "--once",
+                          "--json"], capture_output=True, text=True, timeout=60).stdout
+    assert json.loads(out)["queued"] == 1
+    listed = subprocess.run([sys.executable, "-P", "-m", "prefork_smtpd.cli.queue", "--queue-dir",
+                             str(server.root / "queue"), "list"], capture_output=True, text=True, timeout=60).stdout
+    assert queue_id in listed and "<wait@example.org> deferred: 451 4.3.0 later" in listed
+    assert "1 mail in the queue" in listed
+    shown_one = subprocess.run([sys.executable, "-P", "-m", "prefork_smtpd.cli.queue", "--queue-dir",
+                                str(server.root / "queue"), "show", queue_id], capture_output=True, timeout=60).stdout
+    assert b"Subject: going out" in shown_one
+    # flush=1: retried now, not in an hour.
+    assert config(server, "flush=1") == ["OK"]
+    wait_until(lambda: hop.handler.copies_for("wait@example.org") == 1, what="the flushed delivery")
+    wait_until(lambda: shown()["queue_messages"] == 0, what="an empty queue in show=1")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read().decode()
+    assert 'smtpd_deliveries_total{result="sent"} 1.0' in metrics
+
+
+def test_relay_max_connections_bounds_deliveries_at_once(start_server, receiver):
+    for limit, expected in (("1", 1), ("20", 3)):
+        hop = receiver(Script(linger=3.0))  # each DATA waits up to 3 s for a second transaction
+        server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                              "--relay-max-connections", limit, "--queue-retry-min", "3600", "--queue-retry-max", "3600")
+        runner = wait_until(lambda: runner_pid(server), what="the runner")
+        os.kill(runner, signal.SIGSTOP)  # three mails queue up before it looks
+        try:
+            for i in range(3):
+                send(server, [f"m{i}@example.org"])
+        finally:
+            os.kill(runner, signal.SIGCONT)
+        wait_until(lambda: len(hop.handler.received) == 3, what="three deliveries", timeout=60)
+        assert hop.handler.max_active == expected, limit
+
+
+def test_queue_dir_flag_and_a_queue_on_another_file_system(start_server, tmp_path):
+    queue_dir = tmp_path / "elsewhere" / "outbound"
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}",
+                          "--queue-dir", str(queue_dir), "--queue-retry-min", "3600", "--queue-retry-max", "3600")
+    send(server, ["x@example.org"])
+    assert len(Queue(str(queue_dir)).ids()) == 1 and not (server.root / "queue").exists()
+
+
+@pytest.mark.root("mounts a tmpfs")
+def test_a_queue_on_another_file_system_is_refused_at_start(tmp_path):
+    from harness import tmpfs
+
+    with tmpfs(tmp_path / "other", "1m") as other:
+        done = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(tmp_path / "m"),
+                               "--relay-networks", "10.0.0.0/8", "--queue-dir", str(other / "q")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "must be on the mail dir's file system" in done.stderr
+        # A mail dir of its own (a mount point) with the default queue beside it: refused only
+        # when anyone may relay; a server that never relays starts as it always did.
+        mail_dir = other
+        relay = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(mail_dir),
+                                "--relay-networks", "10.0.0.0/8"], capture_output=True, text=True, timeout=60)
+        assert relay.returncode == 2 and f"--queue-dir a folder inside it, e.g. {mail_dir}/.queue" in relay.stderr
+
+
+def test_queue_command_deletes(start_server):
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}",
+                          "--queue-retry-min", "3600", "--queue-retry-max", "7200")
+    send(server, ["x@example.org"])
+    (queue_id,) = queue_of(server).ids()
+    tool = [sys.executable, "-P", "-m", "prefork_smtpd.cli.queue", "--queue-dir", str(server.root / "queue")]
+    done = subprocess.run(tool + ["delete", queue_id], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and f"deleted {queue_id}" in done.stdout
+    assert not queue_of(server).ids()
+    again = subprocess.run(tool + ["delete", queue_id, "../x"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "no queued mail" in again.stderr and "not a queue id" in again.stderr
+
+
+def test_bad_relay_flags_exit_2(tmp_path):
+    for flags, needle in [
+        (("--relay-networks", "10.0.0.0/8,bogus"), "not a network: 'bogus'"),
+        (("--relay-host", "host:99999"), "port out of range"),
+        (("--queue-retry-min", "10", "--queue-retry-max", "5"), "--queue-retry-min must not exceed"),
+        (("--relay-auth-file", str(tmp_path / "missing")), "--relay-auth-file"),
+        (("--queue-lifetime", "0"), "queue_lifetime must be between"),
+    ]:
+        done = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(tmp_path / "m"), *flags],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert done.returncode == 2 and needle in done.stderr, (flags, done.stderr)
+
+
+# ------------------------------------------------------------ MX resolution
+def resolve(coro):
+    return asyncio.run(coro)
+
+
+def test_mx_lookup_against_a_local_dns_server():
+    """dnspython's resolver pointed at TinyDNS: MX order, implicit MX, null MX, NXDOMAIN, A/AAAA."""
+    server = TinyDNS({
+        ("two.test", "MX"): ["20 backup.two.test.", "10 primary.two.test."],
+        ("primary.two.test", "A"): ["192.0.2.1"], ("primary.two.test", "AAAA"): ["2001:db8::1"],
+        ("implicit.test", "A"): ["192.0.2.7"],
+        ("null.test", "MX"): ["0 ."],
+        ("noaddr.test", "TXT"): ['"x"'],
+    })
+    try:
+        resolver = make_resolver(f"127.0.0.1:{server.port}")
+        resolver.lifetime = 10
+        assert resolve(mx_hosts("two.test", resolver, 2525)) == [("primary.two.test", 2525), ("backup.two.test", 2525)]
+        assert resolve(host_addresses("primary.two.test", resolver)) == ["192.0.2.1", "2001:db8::1"]
+        assert resolve(host_addresses("192.0.2.9", resolver)) == ["192.0.2.9"]
+        assert resolve(mx_hosts("implicit.test", resolver)) == [("implicit.test", 25)]  # RFC 5321 5.1
+        with pytest.raises(PermanentFailure) as null:
+            resolve(mx_hosts("null.test", resolver))
+        assert null.value.status == "5.1.10"
+        with pytest.raises(PermanentFailure):
+            resolve(mx_hosts("missing.test", resolver))
+        with pytest.raises(PermanentFailure):
+            resolve(mx_hosts("noaddr.test", resolver))
+        with pytest.raises(TemporaryFailure):
+            resolve(host_addresses("backup.two.test", resolver))  # an MX host without an address: try later
+    finally:
+        server.close()
+
+
+def test_a_dns_timeout_is_temporary():
+    import socket
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        resolver = make_resolver(f"127.0.0.1:{silent.getsockname()[1]}")
+        resolver.lifetime = 0.5
+        with pytest.raises(TemporaryFailure):
+            resolve(mx_hosts("any.test", resolver))
+    finally:
+        silent.close()
+
+
+# ------------------------------------------------- a smarthost with STARTTLS and AUTH
+@pytest.fixture
+def tls_files(tmp_path):
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    return cert, cafile
+
+
+def test_smarthost_requiring_starttls_and_auth(start_server, receiver, tls_files, tmp_path):
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    cert, cafile = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    logins: list[tuple[bytes, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        assert isinstance(auth_data, LoginPassword)
+        ok = auth_data.login == b"relayuser" and auth_data.password == b"relay pass"
+        logins.append((auth_data.login, session.ssl is not None))
+        return AuthResult(success=ok)
+
+    hop = receiver(tls_context=server_context, require_starttls=True, auth_required=True, auth_require_tls=True,
+                   authenticator=authenticator)
+    auth_file = tmp_path / "relay-auth"
+    auth_file.write_text("relayuser:wrong\n")
+    flags = ("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", "--relay-starttls",
+             "--relay-ca-file", str(cafile), "--relay-auth-file", str(auth_file), "--relay-timeout", "3", *FAST_RETRIES)
+    server = start_server(*flags)
+    send(server, ["tls@example.org"])
+    # A wrong password is a temporary failure: retried, never lost.
+    # (aiosmtpd leaves a failed AUTH LOGIN unanswered: --relay-timeout cuts the wait.)
+    wait_until(lambda: server.log_count("tls@example.org> deferred") >= 1, what="the refused login", timeout=60)
+    assert hop.handler.copies_for("tls@example.org") == 0 and len(queue_of(server).ids()) == 1
+    auth_file.write_text("relayuser:relay pass\n")
+    assert config(server, "reload=1") == ["OK"]  # the next runner reads the new file
+    wait_until(lambda: hop.handler.copies_for("tls@example.org") == 1, what="delivery over TLS with AUTH")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert logins and all(over_tls for _, over_tls in logins)  # never a password in the clear
