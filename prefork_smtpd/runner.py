@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import signal
 import ssl
@@ -52,7 +53,7 @@ from setproctitle import setproctitle
 
 from .delivery import DeliveryError, MaildirStore
 from .dsn import xtext_encode
-from .log import close_log, flush_log, line_writer, open_log
+from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .notices import local_sender_folder
 from .policy import mailbox_check
 from .queue import BOUNCED, DEFERRED, SENT, Queue, QueuedMail, queue_dir_of
@@ -193,8 +194,8 @@ class Runner:
         self.in_flight: set[str] = set()
         self.stopping = False
         self.flush_requested = False
-        self._logger = None
-        self._log_lines = None
+        self._logger: logging.Logger | None = None
+        self._log_lines: AppendLineHandler | None = None
         self.auth = _read_auth(settings.relay_auth_file) if settings.relay_auth_file else None
 
     # ------------------------------------------------------------ process

@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Protocol
+from typing import Callable, Protocol
 
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
@@ -233,12 +233,13 @@ class Envelope:
     login: str = ""  # the user who authenticated (Received: ESMTPA)
     dsn: dsn.MailDSN | None = None  # RET=, ENVID= (None: neither given)
     # Two flags MAIL sets on the rare envelope that needs them: class
-    # attributes, not fields, so the usual envelope is built no slower.
+    # attributes, not fields (unannotated, so dataclass leaves them out and
+    # an instance may set its own), so the usual envelope is built no slower.
     # SMTPUTF8 (RFC 6531): addresses and headers may be UTF-8.
-    smtputf8: ClassVar[bool] = False
+    smtputf8 = False
     # BODY=BINARYMIME (RFC 3030 3), sent with BDAT: the chunks are the
     # message octet for octet, any bytes, not CRLF lines; stored as they came.
-    binary: ClassVar[bool] = False
+    binary = False
 
     @property
     def protocol(self) -> str:
@@ -666,13 +667,15 @@ class Session:
         if size > self.limits.max_message_size:
             return self._error(replies.MESSAGE_TOO_BIG)
         if not path.isascii():
-            path = self._utf8_path(path, utf8)
-            if type(path) is not str:
-                return path  # refused
+            decoded = self._utf8_path(path, utf8)
+            if not isinstance(decoded, str):
+                return decoded  # refused
+            path = decoded
         if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
-            path = strip_source_route(path)
-            if path is None:
+            stripped = strip_source_route(path)
+            if stripped is None:
                 return self._syntax_error("MAIL", "5.1.7")
+            path = stripped
         if path != "":
             address = _parse_mailbox(path) if path.isascii() else smtputf8.parse_mailbox(path)
             if address is None:
@@ -716,10 +719,11 @@ class Session:
         assert envelope is not None
         utf8 = not path.isascii()
         if utf8:
-            path = self._utf8_path(path, envelope.smtputf8)
-            if type(path) is not str:
+            decoded = self._utf8_path(path, envelope.smtputf8)
+            if not isinstance(decoded, str):
                 self._rejected_rcpts += 1
-                return path  # refused
+                return decoded  # refused
+            path = decoded
         if len(envelope.recipients) >= self.limits.max_recipients:
             # Not counted as a client error: RFC 5321 4.5.3.1.10 expects
             # clients to retry the rest in another transaction.
@@ -728,10 +732,11 @@ class Session:
             self._log_refusal(reply)
             return reply
         if path[:1] == "@":  # a source route: accepted and ignored (RFC 5321 4.1.2)
-            path = strip_source_route(path)
-            if path is None:
+            stripped = strip_source_route(path)
+            if stripped is None:
                 self._rejected_rcpts += 1
                 return self._syntax_error("RCPT", "5.1.3")
+            path = stripped
         local, at, domain = path.rpartition("@")
         if utf8 and not domain.isascii():
             domain = smtputf8.ascii_domain(domain) or "?"  # a U-label domain: its A-labels (IDNA)
@@ -1124,7 +1129,8 @@ class Session:
     def smtp_BDAT(self, arg: str) -> Reply | None:
         parsed = chunking.parse_bdat(arg)
         if parsed is None:
-            return self._chunk_unframed()
+            self._chunk_unframed()
+            return None
         size, last = parsed
         state = self.state
         refusal = None

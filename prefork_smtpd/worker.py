@@ -753,7 +753,7 @@ class Worker:
             self.tls_failed(peer_text, exc)
             sock.close()
         else:
-            self.tls_completed(transport)  # type: ignore[arg-type]  # uvloop's stub calls it a BaseProtocol
+            self.tls_completed(transport)
 
     def tls_failed(self, peer: str, exc: BaseException) -> None:
         """A handshake that failed: logged with the peer, counted."""
