@@ -8,12 +8,14 @@ only have it from the header.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
 import time
 import urllib.request
 
+import psutil
 import pytest
 import trustme
 from harness import Client, free_port, wait_until
@@ -404,3 +406,36 @@ def test_relay_rights_follow_the_conveyed_address_not_the_balancer(proxy_server)
                  b"RCPT TO:<bob@example.org>\r\nQUIT\r\n") as sock:
         replies = read_all(sock).split(b"\r\n")
     assert any(line.startswith(b"250 2.1.5") for line in replies), replies
+
+
+def test_a_retiring_worker_waits_for_a_proxy_header_it_is_reading(proxy_server):
+    # On a PROXY port the connection is made only once the header is read
+    # (within --proxy-timeout). A worker told to leave (HUP, as a reload
+    # does) while it read one held no connection yet: it left at once and
+    # the balancer's client was dropped without a greeting.
+    server = proxy_server("--proxy-timeout", "120", workers=1)
+    wait_until(lambda: len(server.accepting_workers()) == 1, what="a worker to accept")
+    (worker,) = server.accepting_workers()
+    header = HEADERS["v1"]
+    with connect(server.port, header[:10]) as sock:  # half a header: the worker waits for the rest
+        client_port = sock.getsockname()[1]
+
+        def accepted() -> bool:
+            return any(c.raddr and c.raddr.port == client_port for c in psutil.Process(worker).net_connections("tcp"))
+
+        wait_until(accepted, what="the worker to accept the connection")
+        os.kill(worker, signal.SIGHUP)
+
+        def left_or_leaving() -> bool:
+            try:
+                return "leaving" in " ".join(psutil.Process(worker).cmdline())
+            except psutil.NoSuchProcess:
+                return True
+
+        wait_until(left_or_leaving, what="the worker to take the HUP")
+        sock.sendall(header[10:] + b"NOOP\r\nQUIT\r\n")
+        replies = read_replies(sock, 3)
+        assert replies[0].startswith(b"220 "), replies
+        assert replies[1].startswith(b"250 ") and replies[2].startswith(b"221 "), replies
+    wait_until(lambda: worker not in server.worker_pids(), what="the retired worker to leave")
+    assert server.log_count("[192.0.2.7]:4711 connected (via proxy [127.0.0.1]:")
