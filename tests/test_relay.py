@@ -466,3 +466,62 @@ def test_smarthost_requiring_starttls_and_auth(start_server, receiver, tls_files
     wait_until(lambda: hop.handler.copies_for("tls@example.org") == 1, what="delivery over TLS with AUTH")
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
     assert logins and all(over_tls for _, over_tls in logins)  # never a password in the clear
+
+
+# ------------------------------------------------------ a real Postfix as next hop
+def _postfix_instance_class():
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from postfix import PostfixInstance
+
+    return PostfixInstance
+
+
+@pytest.mark.slow
+@pytest.mark.root("Postfix starts as root")
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/postfix"), reason="Postfix is not installed (run-tests installs it)")
+def test_a_real_postfix_next_hop_stores_the_mail_and_honours_the_dsn_passed_on(start_server):
+    """Postfix (bench/postfix.py's throwaway instance) is the smarthost; it offers DSN, so
+    NOTIFY=SUCCESS, ORCPT and ENVID go on to it, and it is Postfix, not us, that reports the
+    delivery: its "delivered" notice comes back to the sender through its own relayhost, us."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    PostfixInstance = _postfix_instance_class()
+    postfix_port = free_port()
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{postfix_port}",
+                          *FAST_RETRIES)
+    # Not under pytest's tmp_path: its folders are closed to Postfix's users.
+    root = Path(tempfile.mkdtemp(prefix="relay-test-postfix-"))
+    postfix = PostfixInstance(root, postfix_port, domain="example.org", relayhost=f"127.0.0.1:{server.port}")
+    postfix.start()
+    try:
+        refused = send(server, ["b@example.org"], mail_options=["RET=HDRS", "ENVID=trip+2042"],
+                       rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;" + dsn.xtext_encode("B+x@Example.org")])
+        assert refused == {}
+        wait_until(lambda: postfix.stored() == 1, timeout=300, what=f"the mail in Postfix's Maildir: {postfix.log()}")
+        (stored,) = (postfix.maildir / "b" / "new").iterdir()
+        msg = parse_stored(stored)
+        assert msg["Subject"] == "going out" and ".a dotted line" in msg.get_content()
+        assert msg["Return-Path"] == "<alice@smtpd.com>"
+        assert any("by mx.test (prefork-smtpd)" in r for r in msg.get_all("Received"))
+        wait_until(lambda: server.log_count("sent via 127.0.0.1") == 1, what="our runner's log line")
+        wait_until(lambda: not queue_of(server).ids(), what="our queue to empty")
+        # Postfix's own success report, relayed back to us: the DSN parameters reached it.
+        (notice,) = wait_until(lambda: server.stored("alice"), timeout=300,
+                               what=f"Postfix's delivered notice: {postfix.log()}")
+        report = parse_stored(notice)
+        assert report.get_content_type() == "multipart/report"
+        status = report.get_payload()[1].get_payload()
+        per_message, rcpt = status[0], status[1]
+        assert "bench.example" in per_message["Reporting-MTA"]  # Postfix's, not ours
+        assert per_message["Original-Envelope-Id"] == "trip 42"
+        assert rcpt["Action"] == "delivered"
+        assert rcpt["Original-Recipient"].replace(" ", "") == "rfc822;B+x@Example.org"
+        assert rcpt["Final-Recipient"].replace(" ", "").lower() == "rfc822;b@example.org"
+        assert server.log_count("relayed notice") == 0  # Postfix offers DSN: no notice of ours
+    finally:
+        postfix.stop()
+        shutil.rmtree(root, ignore_errors=True)
