@@ -203,6 +203,49 @@ def test_lifetime_over_bounces_with_4_4_7(start_server, receiver):
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
 
 
+def test_delayed_notice_sent_once_per_recipient_even_across_a_runner_restart(start_server, receiver):
+    """The next hop answers 4xx forever. Past --delay-warning-time the sender gets one "delayed"
+    report for the recipients that asked for it (NOTIFY=DELAY, or no NOTIFY: RFC 3461 lets the
+    server choose; we warn), none for NOTIFY=FAILURE; more deferrals and a killed runner send no second one."""
+    later = ["451 4.2.0 try later"]
+    hop = receiver(Script(rcpt={"d@example.org": later, "f@example.org": later, "p@example.org": later}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--delay-warning-time", "1", *FAST_RETRIES)
+    assert send(server, ["d@example.org"], mail_options=["ENVID=slow1"], rcpt_options=["NOTIFY=DELAY,FAILURE"]) == {}
+    assert send(server, ["f@example.org"], rcpt_options=["NOTIFY=FAILURE"]) == {}
+    assert send(server, ["p@example.org"]) == {}
+    notices = wait_until(lambda: len(server.stored("alice")) == 2 and server.stored("alice"), timeout=60,
+                         what="the two delayed notices")
+    recipients = set()
+    for path in notices:
+        msg = parse_stored(path)
+        assert msg["Return-Path"] == "<>" and msg.get_content_type() == "multipart/report"
+        per_message, rcpt = msg.get_payload()[1].get_payload()
+        assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.2.0"
+        assert rcpt["Diagnostic-Code"] == "smtp; 451 4.2.0 try later"
+        recipients.add(rcpt["Final-Recipient"])
+        if rcpt["Final-Recipient"] == "rfc822; d@example.org":
+            assert per_message["Original-Envelope-Id"] == "slow1"
+    assert recipients == {"rfc822; d@example.org", "rfc822; p@example.org"}
+    # Kill the runner: its successor must find the notices recorded, not send them again.
+    old = runner_pid(server)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: runner_pid(server) not in (None, old), timeout=60, what="the runner's restart")
+    calls = hop.handler.rcpt_calls["p@example.org"]
+    wait_until(lambda: hop.handler.rcpt_calls["p@example.org"] >= calls + 2, timeout=60, what="two more deferrals")
+    assert len(server.stored("alice")) == 2
+    assert len(queue_of(server).ids()) == 3  # still queued, still retried
+
+
+def test_delay_warning_time_0_sends_no_delayed_notice(start_server, receiver):
+    hop = receiver(Script(rcpt={"d@example.org": ["451 4.2.0 try later"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--delay-warning-time", "0", *FAST_RETRIES)
+    assert send(server, ["d@example.org"], rcpt_options=["NOTIFY=DELAY,FAILURE"]) == {}
+    wait_until(lambda: hop.handler.rcpt_calls.get("d@example.org", 0) >= 3, timeout=60, what="three deferrals")
+    assert not server.stored("alice") and server.log_count("delayed notice") == 0
+
+
 def test_relayed_notice_when_the_next_hop_offers_no_dsn(start_server, receiver):
     hop = receiver()  # aiosmtpd offers no DSN
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
@@ -367,6 +410,7 @@ def test_bad_relay_flags_exit_2(tmp_path):
         (("--queue-retry-min", "10", "--queue-retry-max", "5"), "--queue-retry-min must not exceed"),
         (("--relay-auth-file", str(tmp_path / "missing")), "--relay-auth-file"),
         (("--queue-lifetime", "0"), "queue_lifetime must be between"),
+        (("--delay-warning-time", "-1"), "delay_warning_time must be between"),
     ]:
         done = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(tmp_path / "m"), *flags],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
