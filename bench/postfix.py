@@ -57,9 +57,13 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-def main_cf(root: Path, domain: str, max_size: int) -> str:
+def main_cf(root: Path, domain: str, max_size: int, relayhost: str | None = None) -> str:
     nobody = pwd.getpwnam("nobody")
-    return f"""\
+    # Mail for any other domain goes to the relay host when one is given
+    # (the relay scenario: clients in mynetworks may relay); brackets: no MX
+    # lookup, the address as it stands.
+    relay = f"relayhost = [{relayhost.rpartition(':')[0]}]:{relayhost.rpartition(':')[2]}\n" if relayhost else ""
+    return relay + f"""\
 compatibility_level = 3.6
 config_directory = {root / 'etc'}
 queue_directory = {root / 'queue'}
@@ -111,7 +115,8 @@ virtual_minimum_uid = 1
 class PostfixInstance:
     """``start()`` it, send mail to ``port``, count ``stored()``, ``stop()``."""
 
-    def __init__(self, root: Path, port: int, domain: str = "smtpd.com", max_size: int = 20 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, port: int, domain: str = "smtpd.com", max_size: int = 20 * 1024 * 1024,
+                 relayhost: str | None = None) -> None:
         self.root = root
         self.port = port
         self.etc = root / "etc"
@@ -137,7 +142,7 @@ class PostfixInstance:
         parts = ["b", "big"] + [f"{i}b" for i in range(101)]
         (self.etc / "vmailbox").write_text("".join(f"{p}@{domain} {p}/\n" for p in parts))
         main = self.etc / "main.cf"
-        main.write_text(main_cf(root, domain, max_size))
+        main.write_text(main_cf(root, domain, max_size, relayhost))
         # Postfix waits until main.cf is a second old before it trusts it.
         old = time.time() - 10
         for f in self.etc.iterdir():

@@ -16,6 +16,9 @@ quoted with the lowest and highest round beside it.
       file system (no fsync), started before the run
   T1  2,000 mails of 1 KiB, 50 sessions, a new connection and STARTTLS per mail
   T2  5,000 mails of 1 KiB, 50 kept TLS sessions
+  R1  relay: 2,000 mails of 1 KiB, 50 kept sessions, to a domain the server
+      does not serve; relayed to one next hop (a prefork-smtpd receiver, the
+      same for every contender) and done when on the receiver's disk
   S4  idle capacity: 20,000 sessions open, greeting p50/p99, worker memory
   S5  no stall: 8 clients upload 50 MiB each while a 9th times NOOPs
   S6  balance: sessions per worker under S2 (max/min)
@@ -88,20 +91,24 @@ class ServerKind:
     stores: bool
     workers: int = 0  # prefork-smtpd only
     tls: bool = False  # T1/T2: STARTTLS offered and required
+    extra: tuple[str, ...] = ()  # more prefork-smtpd flags (the relay scenario's receiver)
 
     @property
     def postfix(self) -> bool:
         return self.name == "Postfix"
 
-    def command(self, port: int, root: Path, max_size: int, tls: "Certificate | None") -> list[str]:
+    def command(self, port: int, root: Path, max_size: int, tls: "Certificate | None",
+                relay_to: int | None = None) -> list[str]:
         if self.name.startswith("prefork-smtpd"):
             cmd = PREFORK + [
                 "--workers", str(self.workers), "-l", "127.0.0.1", "-P", str(port),
                 "-c", str(free_port()), "--mail-dir", str(root / "mail_dir"), "--log-file", str(root / "log.txt"),
-                "--max-message-size", str(max_size),
+                "--max-message-size", str(max_size), *self.extra,
             ]
             if self.tls:
                 cmd += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--require-tls"]
+            if relay_to:
+                cmd += ["--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{relay_to}"]
             return cmd
         if self.name == "aiosmtpd-Mailbox TLS":
             return [sys.executable, str(HERE / "aiosmtpd_tls.py"), str(port), str(tls.cert), str(tls.key),
@@ -124,6 +131,12 @@ class ServerKind:
 PREFORK_KINDS = [ServerKind(f"prefork-smtpd -w{n}", True, n) for n in (1, 2, 4)]
 POSTFIX_KIND = ServerKind("Postfix", True)
 REFERENCES = [ServerKind("aiosmtpd-Mailbox", True), ServerKind("aiosmtpd-Sink", False), ServerKind("smtp-sink", False)]
+# R1's next hop, the same for every contender: prefork-smtpd serving the
+# outside domain, every mail fsynced into its Maildir before its 250. It
+# serves the senders' domain too: prefork-smtpd takes mail only from senders
+# of the domains it serves.
+RELAY_DOMAIN = "relay.example"
+RECEIVER_KIND = ServerKind("prefork-smtpd -w2", True, 2, extra=("--domain", RELAY_DOMAIN, "--domain", "smtpd.com"))
 TLS_KINDS = [ServerKind(f"prefork-smtpd -w{n} TLS", True, n, tls=True) for n in (1, 2)] + [
     ServerKind("aiosmtpd-Mailbox TLS", True, tls=True)]
 
@@ -171,14 +184,17 @@ def tree_cpu(pid: int) -> tuple[float, float]:
 
 
 class RunningServer:
-    def __init__(self, kind: ServerKind, max_size: int = 10 * MiB, tls: Certificate | None = None) -> None:
+    def __init__(self, kind: ServerKind, max_size: int = 10 * MiB, tls: Certificate | None = None,
+                 relay_to: int | None = None) -> None:
+        """``relay_to``: a port on 127.0.0.1 where mail for other domains goes (R1)."""
         self.kind = kind
         self.root = Path(tempfile.mkdtemp(prefix="bench-"))
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.postfix: PostfixInstance | None = None
         if kind.postfix:
-            self.postfix = PostfixInstance(self.root, self.port, max_size=max_size + MiB)
+            self.postfix = PostfixInstance(self.root, self.port, max_size=max_size + MiB,
+                                           relayhost=f"127.0.0.1:{relay_to}" if relay_to else None)
             self.postfix.start()
         else:
             if kind.name.startswith("aiosmtpd-Mailbox"):
@@ -186,7 +202,7 @@ class RunningServer:
 
                 mailbox.Maildir(str(self.root / "maildir"), create=True)  # tmp/, new/, cur/
             self.proc = subprocess.Popen(
-                kind.command(self.port, self.root, max_size, tls), cwd=self.root,
+                kind.command(self.port, self.root, max_size, tls, relay_to), cwd=self.root,
                 stdout=subprocess.DEVNULL, stderr=open(self.root / "stderr.txt", "wb"),
             )
         self.wait_greeting()
@@ -268,6 +284,11 @@ class Throughput:
     recipients: int = 1
     writer: bool = False  # S9: a 50 MiB file rewritten in a loop beside the run
     tls: bool = False  # T1/T2: tls_load.py instead of smtp-source
+    relay: bool = False  # R1: to an outside domain, relayed to a receiver; done when on its disk
+
+    @property
+    def recipient(self) -> str:
+        return f"b@{RELAY_DOMAIN}" if self.relay else "b@smtpd.com"
 
     def describe(self) -> str:
         size = f"{self.size // MiB} MiB" if self.size >= MiB else f"{self.size // 1024} KiB"
@@ -277,6 +298,8 @@ class Throughput:
         text += ", kept" if self.keep else ", new conn."
         if self.writer:
             text += ", + writer"
+        if self.relay:
+            text += ", relayed"
         return text
 
 
@@ -293,6 +316,7 @@ def scenarios(scale: float) -> dict[str, Throughput]:
         "S9": Throughput("S9", sessions=50, mails=n(5000), size=1024, keep=True, writer=True),
         "T1": Throughput("T1", sessions=50, mails=n(2000), size=1024, keep=False, tls=True),
         "T2": Throughput("T2", sessions=50, mails=n(5000), size=1024, keep=True, tls=True),
+        "R1": Throughput("R1", sessions=50, mails=n(2000), size=1024, keep=True, relay=True),
     }
 
 
@@ -345,7 +369,7 @@ class Measurement:
 
 def run_smtp_source(server: RunningServer, sc: Throughput) -> float:
     cmd = [SMTP_SOURCE, "-s", str(sc.sessions), "-m", str(sc.mails), "-l", str(sc.size),
-           "-f", "a@smtpd.com", "-t", "b@smtpd.com", "-M", "client.example"]
+           "-f", "a@smtpd.com", "-t", sc.recipient, "-M", "client.example"]
     if sc.recipients > 1:
         cmd += ["-r", str(sc.recipients)]
     if sc.keep:
@@ -386,7 +410,9 @@ def run_tls_load(server: RunningServer, sc: Throughput, tls: Certificate,
     return start, busiest, sorted({v for r in reports for v in r["tls"]})
 
 
-def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> Measurement:
+def measure(server: RunningServer, sc: Throughput, tls: Certificate | None,
+            receiver: RunningServer | None = None) -> Measurement:
+    """``receiver``: R1's next hop; a mail counts as stored once it is on the receiver's disk."""
     writer = Writer() if sc.writer else None
     try:
         os.sync()  # nobody's dirty pages but the writer's are left for this run to flush
@@ -398,22 +424,24 @@ def measure(server: RunningServer, sc: Throughput, tls: Certificate | None) -> M
             start = run_smtp_source(server, sc)
         acked = time.monotonic() - start
         expected = sc.mails * server.kind.copies(sc.recipients)
+        store = receiver or server  # where a mail is done
         if server.kind.stores:
-            # Postfix delivers after its 250; aiosmtpd may still be writing.
+            # Postfix delivers after its 250; aiosmtpd may still be writing;
+            # a relaying server sends on after its 250.
             deadline = time.monotonic() + 600
-            while server.stored() < expected and time.monotonic() < deadline:
+            while store.stored() < expected and time.monotonic() < deadline:
                 time.sleep(0.02)
-            stored = server.stored()
+            stored = store.stored()
             if stored != expected:
                 raise RuntimeError(f"{server.kind.name} stored {stored} of {expected} in {sc.scenario}: "
-                                   f"{server.failure()}")
+                                   f"{server.failure()} {store.failure() if receiver else ''}")
         in_maildir = time.monotonic() - start
         cpu_after = server.cpu()
     finally:
         writer_rate = writer.stop() if writer else None
     return Measurement(
         acked=sc.mails / acked,
-        stored=sc.mails / (in_maildir if server.kind.postfix else acked),
+        stored=sc.mails / (in_maildir if server.kind.postfix or receiver else acked),
         user_us=1e6 * (cpu_after[0] - cpu_before[0]) / sc.mails,
         system_us=1e6 * (cpu_after[1] - cpu_before[1]) / sc.mails,
         client_cpu=client_cpu, writer_mib_s=writer_rate, tls_versions=versions,
@@ -629,7 +657,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[ServerKind], sc: dict[str, Throughput],
                  args: argparse.Namespace, elapsed: float) -> str:
-    plain = [s for s in results.runs if not sc[s].tls]
+    plain = [s for s in results.runs if not sc[s].tls and not sc[s].relay]
+    relayed = [s for s in results.runs if sc[s].relay]
     tls = [s for s in results.runs if sc[s].tls]
     lines = [
         "# Benchmark results",
@@ -696,19 +725,25 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
         lines += table(["server", "S9 / S2"], rows)
         if writer:
             lines += ["", f"The writer rewrote its file at {spread(writer)} MiB/s during the S9 runs."]
-    lines += ["", "## CPU per mail (server processes only; microseconds, user + system, medians)", ""]
-    rows = []
-    for name, scenario_list in [(k.name, plain) for k in kinds] + [(k.name, tls) for k in tls_kinds]:
-        if not scenario_list:
-            continue
-        row = [name]
-        for s in plain + tls:
-            if s not in scenario_list or not results.values(s, name, "user_us"):
-                row.append("-")
+    for s in relayed:
+        lines += ["", f"## {s}: relay (mails/s; {sc[s].describe()}; next hop: {RECEIVER_KIND.name}"
+                  f" --domain {RELAY_DOMAIN}, fsync before 250)", ""]
+        rows = []
+        for k in relaying(kinds):
+            if not results.values(s, k.name):
                 continue
-            row.append(f"{results.median(s, name, 'user_us'):,.0f} + {results.median(s, name, 'system_us'):,.0f}")
-        rows.append(row)
-    lines += table(["server"] + plain + tls, rows)
+            rows.append([k.name, spread(results.values(s, k.name)), spread(results.values(s, k.name, "stored")),
+                         f"{results.median(s, k.name, 'user_us'):,.0f} + {results.median(s, k.name, 'system_us'):,.0f}"])
+        lines += table(["server", "acknowledged", "all on the next hop's disk",
+                        "CPU per mail, relaying server only (us, user + system)"], rows)
+        postfix = results.median(s, POSTFIX_KIND.name, "stored")
+        if postfix:
+            lines += [""] + table(["prefork-smtpd / Postfix (medians, on the next hop's disk)", s], [
+                [k.name, f"{results.median(s, k.name, 'stored') / postfix:.2f}x"]
+                for k in relaying(kinds) if k.workers and results.median(s, k.name, "stored")])
+    if plain or tls:
+        lines += ["", "## CPU per mail (server processes only; microseconds, user + system, medians)", ""]
+        lines += cpu_table(results, kinds, tls_kinds, plain, tls)
     if results.balance:
         ratios = [max(b) / min(b) for b in results.balance if b and min(b) > 0]
         lines += ["", "## S6: balance (sessions per worker under S2, 4 workers)", ""]
@@ -732,6 +767,22 @@ def write_report(results: Results, kinds: list[ServerKind], tls_kinds: list[Serv
     return "\n".join(lines) + "\n"
 
 
+def cpu_table(results: Results, kinds: list[ServerKind], tls_kinds: list[ServerKind], plain: list[str],
+              tls: list[str]) -> list[str]:
+    rows = []
+    for name, scenario_list in [(k.name, plain) for k in kinds] + [(k.name, tls) for k in tls_kinds]:
+        if not scenario_list:
+            continue
+        row = [name]
+        for s in plain + tls:
+            if s not in scenario_list or not results.values(s, name, "user_us"):
+                row.append("-")
+                continue
+            row.append(f"{results.median(s, name, 'user_us'):,.0f} + {results.median(s, name, 'system_us'):,.0f}")
+        rows.append(row)
+    return table(["server"] + plain + tls, rows)
+
+
 SCENARIO_NOTES = """
 
 What the columns mean:
@@ -751,6 +802,14 @@ What the columns mean:
   certificate verified by the client. Load from two tls_load.py processes of 25 sessions each; the busiest
   one's CPU share of a core says whether the client could have been the limit (near 100% would be).
 - **Ratios**: median of prefork-smtpd over median of the other contender, same scenario.
+- **R1 (relay)**: smtp-source sends to `b@relay.example`, a domain the contender does not serve; it accepts
+  from 127.0.0.0/8 and relays everything to one next hop on 127.0.0.1, a fresh prefork-smtpd serving that
+  domain (and the senders', as it takes mail only from served domains; fsync before `250`), the same for every
+  contender: prefork-smtpd with `--relay-networks 127.0.0.0/8
+  --relay-host 127.0.0.1:PORT` (its queue fsynced before `250`, its queue runner sends on), Postfix with
+  `relayhost = [127.0.0.1]:PORT`, `mynetworks = 127.0.0.0/8`, no DNS. A mail is done when it is in the
+  receiver's Maildir; the clock stops at the last one. **acknowledged**: until the relaying server's last `250`.
+  Both relaying servers share the 2 cores with the receiver.
 - **CPU per mail**: user + system CPU seconds of the server's processes only (psutil over its process tree,
   reaped children included), from just before the load until every mail is stored, divided by the mails.
   For Postfix that is every process of the instance (smtpd, cleanup, qmgr, trivial-rewrite, virtual, ...)
@@ -784,6 +843,11 @@ def plot(results: Results, kinds: list[ServerKind], path: Path) -> bool:
     return True
 
 
+def relaying(kinds: list[ServerKind]) -> list[ServerKind]:
+    """The contenders of R1: those that can relay (prefork-smtpd, Postfix)."""
+    return [k for k in kinds if k.workers or k.postfix]
+
+
 def key(kind: ServerKind) -> str:
     """The short name --servers knows: w1, w2, w4, postfix, aiosmtpd-Mailbox, aiosmtpd-Sink, smtp-sink."""
     if kind.workers:
@@ -794,13 +858,13 @@ def key(kind: ServerKind) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description="prefork-smtpd side-by-side benchmark")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default="S1,S2,S3,S8,S9,T1,T2,S4,S5,S6", help="scenarios to run")
+    p.add_argument("--only", default="S1,S2,S3,S8,S9,T1,T2,R1,S4,S5,S6", help="scenarios to run")
     p.add_argument("--servers", default="w1,w2,w4,postfix,aiosmtpd-Mailbox,aiosmtpd-Sink,smtp-sink",
                    help="contenders: w1, w2, w4 (prefork-smtpd --workers N), postfix, aiosmtpd-Mailbox,"
                    " aiosmtpd-Sink, smtp-sink")
     p.add_argument("--quick", action="store_true", help="a tenth of the mails, smaller S4/S5 (a short run)")
     p.add_argument("--scale", type=float, default=None,
-                   help="multiply the mail counts of S1-S3, S8, S9, T1, T2 (default 1; 0.1 with --quick)")
+                   help="multiply the mail counts of S1-S3, S8, S9, T1, T2, R1 (default 1; 0.1 with --quick)")
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     wanted = set(args.only.split(","))
@@ -819,16 +883,23 @@ def main() -> int:
     try:
         for round_no in range(1, args.rounds + 1):
             for scenario in [s for s in sc if s in wanted]:
-                for kind in tls_kinds if sc[scenario].tls else kinds:
-                    server = RunningServer(kind, tls=cert)
+                for kind in tls_kinds if sc[scenario].tls else relaying(kinds) if sc[scenario].relay else kinds:
+                    # R1: a fresh receiver for each run, started before the relaying server.
+                    receiver = RunningServer(RECEIVER_KIND) if sc[scenario].relay else None
                     try:
-                        m = measure(server, sc[scenario], cert)
-                        if scenario == "S2" and kind.workers == 4 and "S6" in wanted:
-                            results.balance.append(sessions_per_worker(server))
+                        server = RunningServer(kind, tls=cert, relay_to=receiver.port if receiver else None)
+                        try:
+                            m = measure(server, sc[scenario], cert, receiver)
+                            if scenario == "S2" and kind.workers == 4 and "S6" in wanted:
+                                results.balance.append(sessions_per_worker(server))
+                        finally:
+                            server.stop()
                     finally:
-                        server.stop()
+                        if receiver:
+                            receiver.stop()
                     results.add(scenario, kind.name, m)
                     extra = f", in Maildir {m.stored:6.0f}" if kind.postfix else ""
+                    extra = f", on the next hop's disk {m.stored:6.0f}" if receiver else extra
                     extra += f", client CPU {m.client_cpu:.0%}, {'/'.join(m.tls_versions)}" if m.tls_versions else ""
                     print(f"round {round_no} {scenario} {kind.name:<22} {m.acked:8.0f} mails/s{extra},"
                           f" CPU/mail {m.user_us:.0f}+{m.system_us:.0f} us", flush=True)

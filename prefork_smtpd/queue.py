@@ -38,6 +38,7 @@ SENT = "sent"
 BOUNCED = "bounced"
 DEFERRED = "deferred"
 FINISHED = (SENT, BOUNCED)
+DELAY_WARNED = "delay_warned"  # a log line {"delay_warned": [index, ...]}: their "delayed" notice is sent
 FORMAT = 1
 
 
@@ -70,6 +71,7 @@ class QueuedMail:
     attempts: int = 0  # failed attempts so far (for the backoff)
     next_attempt: float = 0.0  # not before this time
     last_reply: str = ""
+    delay_warned: set[int] = field(default_factory=set)  # recipients whose sender got a "delayed" notice
 
     def pending(self) -> list[int]:
         """Indices of recipients not yet finished."""
@@ -148,7 +150,9 @@ class Queue:
                 mail.attempts = max(mail.attempts, int(entry.get("attempts", 0)))
                 mail.next_attempt = max(mail.next_attempt, float(entry.get("next", 0)))
                 mail.last_reply = entry.get("reply", mail.last_reply)
-            if isinstance(index, int):
+            if isinstance(entry.get(DELAY_WARNED), list):
+                mail.delay_warned.update(i for i in entry[DELAY_WARNED] if isinstance(i, int))
+            elif isinstance(index, int):
                 mail.results[index] = entry
         return mail
 

@@ -56,8 +56,8 @@ from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .notices import local_sender_folder
 from .policy import mailbox_check
-from .queue import BOUNCED, DEFERRED, SENT, Queue, QueuedMail, queue_dir_of
-from .report import FAILED, RELAYED, RecipientStatus, build_report
+from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, queue_dir_of
+from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
 from .stats import FIELD, SharedStats
 
@@ -326,6 +326,7 @@ class Runner:
             await self._bounce(mail, message, failed)
         if deferred:
             self._record_deferred(mail, deferred)
+            await self._delay_notice(mail, message, deferred)
         fresh = self.queue.load(mail.id)
         if fresh is not None and not fresh.pending():
             self.queue.remove(mail.id)
@@ -467,6 +468,27 @@ class Runner:
         for o in failed:
             self.log(f"{mail.id}: <{mail.recipients[o.index].address}> bounced: {o.reply}")
 
+    async def _delay_notice(self, mail: QueuedMail, message: bytes, deferred: list[Outcome]) -> None:
+        """One "delayed" notice per recipient (RFC 3461 4.1, NOTIFY=DELAY or no NOTIFY) once it has
+        waited --delay-warning-time; made durable first, then recorded, so it is sent only once
+        (a crash in between sends it again rather than never)."""
+        threshold = self.settings.delay_warning_time
+        if not threshold or not mail.sender or time.time() - mail.arrival < threshold:
+            return
+        wanted = [o for o in deferred if o.index not in mail.delay_warned and _wants(mail, o.index, "DELAY")]
+        if not wanted:
+            return
+        try:
+            await self._send_notice(mail, message, wanted, DELAYED)
+        except TemporaryFailure as exc:  # tried again at the next deferral
+            self.log(f"{mail.id}: {exc}")
+            return
+        try:
+            self.queue.record(mail.id, [{DELAY_WARNED: [o.index for o in wanted]}])
+        except FileNotFoundError:
+            return  # deleted meanwhile
+        mail.delay_warned.update(o.index for o in wanted)
+
     async def _relayed_notice(self, mail: QueuedMail, message: bytes, plain: list[Outcome]) -> None:
         """NOTIFY=SUCCESS to a next hop without DSN: say so now (RFC 3461 5.2.2, "relayed")."""
         wanted = [o for o in plain if _wants(mail, o.index, "SUCCESS", default=False)]
@@ -481,7 +503,7 @@ class Runner:
         statuses = [
             RecipientStatus(
                 final_recipient=mail.recipients[o.index].address, action=action,
-                status=o.status or ("2.0.0" if action == RELAYED else "5.0.0"),
+                status=o.status or {RELAYED: "2.0.0", DELAYED: "4.0.0"}.get(action, "5.0.0"),
                 original_recipient=_orcpt(mail, o.index), remote_mta=o.remote or None,
                 diagnostic=o.reply or None, last_attempt=now,
             )

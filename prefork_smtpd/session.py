@@ -850,8 +850,9 @@ class Session:
 
     @COMMANDS.verb(
         states=COMMAND_STATES,
-        syntax="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS",
-        help="XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters",
+        # Spelled from XSTAT_TEXT, so HELP and the 501 name every statistic there is.
+        syntax="XSTAT " + "|".join(XSTAT_TEXT),
+        help="XSTAT " + "|".join(XSTAT_TEXT) + ": server-wide counters",
     )
     def smtp_XSTAT(self, arg: str) -> Reply | None:
         key = arg.upper()

@@ -396,6 +396,13 @@ REGISTRY: tuple[Setting, ...] = (
         help="longest wait between retries (default {default})",
     ),
     Setting(
+        # Sendmail's Timeout.queuewarn: a sender hears within half a working
+        # day that a mail is stuck, long before the 5-day bounce.
+        "delay_warning_time", int, 4 * 3600, metavar="SECONDS", range=(0, 365 * 86_400),
+        help="after this long in the queue a recipient still deferred gets its sender one \"delayed\" notice"
+        " (NOTIFY=DELAY, or no NOTIFY); 0: never (default {default}, 4 hours)",
+    ),
+    Setting(
         "trusted_proxies", str, None, metavar="CIDR,...", default_doc="none",
         help="addresses allowed to send a PROXY header on --proxy-protocol listeners, comma-separated"
         " networks (10.0.0.0/24,2001:db8::/64; a bare address is one host); others get 421 (default: none)",
@@ -558,6 +565,7 @@ class Settings:
     queue_lifetime: int = REGISTERED
     queue_retry_min: int = REGISTERED
     queue_retry_max: int = REGISTERED
+    delay_warning_time: int = REGISTERED
     trusted_proxies: str | None = REGISTERED
     proxy_timeout: int = REGISTERED
     graceful_timeout: int = REGISTERED

@@ -69,7 +69,7 @@ def test_bench_quick_mode_runs_and_writes_its_report(tmp_path):
     output = tmp_path / "RESULTS.md"
     env = {**os.environ, "PATH": os.environ["PATH"] + ":/usr/sbin"}
     result = subprocess.run(
-        [sys.executable, "-P", str(BENCH / "run.py"), "--quick", "--rounds", "1", "--only", "S2,S8,T2",
+        [sys.executable, "-P", str(BENCH / "run.py"), "--quick", "--rounds", "1", "--only", "S2,S8,T2,R1",
          "--servers", servers, "--output", str(output)],
         capture_output=True, text=True, timeout=600, env=env,
     )
@@ -83,3 +83,8 @@ def test_bench_quick_mode_runs_and_writes_its_report(tmp_path):
     # Every cell measured: a failed contender would have stopped the run.
     throughput = report.split("## Throughput")[1].split("\n\n")[1]
     assert " - " not in throughput
+    # R1: relayed to the receiver, both figures measured, smtp-sink (which cannot relay) left out.
+    relay = report.split("## R1: relay")[1].split("\n\n")[1]
+    assert "| prefork-smtpd -w1 | " in relay and "smtp-sink" not in relay and " - " not in relay
+    if "postfix" in servers:
+        assert "| Postfix | " in relay

@@ -23,7 +23,7 @@ HELP = (
     b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
     b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
     b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
-    b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters\r\n"
+    b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|QUEUE|QUEUEAGE|TLS: server-wide counters\r\n"
     b"214-2.0.0 BDAT size [LAST]: message data in chunks of size octets (RFC 3030)\r\n"
     b"214 2.0.0 End of HELP\r\n"
 )
@@ -136,7 +136,7 @@ def test_an_enabled_verb_is_advertised_listed_and_answered_and_can_wait():
         b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
         b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
         b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
-        b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS: server-wide counters\r\n"
+        b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|QUEUE|QUEUEAGE|TLS: server-wide counters\r\n"
         b"214-2.0.0 BDAT size [LAST]: message data in chunks of size octets (RFC 3030)\r\n"
         b"214-2.0.0 XWAIT: encrypt the session\r\n"
         b"214 2.0.0 End of HELP\r\n"

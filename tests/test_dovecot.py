@@ -21,6 +21,7 @@ import pwd
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import ssl
 import stat
@@ -488,3 +489,27 @@ def test_a_folder_dovecot_made_takes_mail(mail_host):
     client.select("INBOX")
     assert [body for _, body in fetch_all(client, "(BODY.PEEK[])")] == [as_served(raw)]
     client.logout()
+
+
+def test_an_smtputf8_mail_is_served_byte_for_byte(mail_host):
+    """RFC 6531/6532: a UTF-8 sender and UTF-8 headers, stored as sent, read
+    back through Dovecot's IMAP exactly as the store wrote them."""
+    mail_host.add_user("alice@smtpd.com", "alice's password")
+    sender = "jörg@smtpd.com"
+    mail = (
+        f"From: Jörg Müller <{sender}>\r\nTo: alice@smtpd.com\r\nSubject: Grüße, 日本語\r\n"
+        "Message-ID: <utf8@client.test>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Schöne Grüße\r\n"
+    ).encode()
+    with smtplib.SMTP("127.0.0.1", mail_host.smtpd.port, timeout=60) as client:
+        refused = client.sendmail(sender, ["alice@smtpd.com"], mail, mail_options=["SMTPUTF8"])
+    assert refused == {}
+    (stored,) = mail_host.smtpd.stored("alice")
+    raw = stored.read_bytes()
+    assert b"with UTF8SMTP id " in raw and "Subject: Grüße, 日本語\n".encode() in raw
+
+    client = mail_host.imap("alice@smtpd.com", "alice's password")
+    assert client.select("INBOX") == ("OK", [b"1"])
+    ((_, body),) = fetch_all(client, "(BODY.PEEK[])")
+    client.logout()
+    assert body == as_served(raw)

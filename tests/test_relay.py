@@ -204,6 +204,49 @@ def test_lifetime_over_bounces_with_4_4_7(start_server, receiver):
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
 
 
+def test_delayed_notice_sent_once_per_recipient_even_across_a_runner_restart(start_server, receiver):
+    """The next hop answers 4xx forever. Past --delay-warning-time the sender gets one "delayed"
+    report for the recipients that asked for it (NOTIFY=DELAY, or no NOTIFY: RFC 3461 lets the
+    server choose; we warn), none for NOTIFY=FAILURE; more deferrals and a killed runner send no second one."""
+    later = ["451 4.2.0 try later"]
+    hop = receiver(Script(rcpt={"d@example.org": later, "f@example.org": later, "p@example.org": later}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--delay-warning-time", "1", *FAST_RETRIES)
+    assert send(server, ["d@example.org"], mail_options=["ENVID=slow1"], rcpt_options=["NOTIFY=DELAY,FAILURE"]) == {}
+    assert send(server, ["f@example.org"], rcpt_options=["NOTIFY=FAILURE"]) == {}
+    assert send(server, ["p@example.org"]) == {}
+    notices = wait_until(lambda: len(server.stored("alice")) == 2 and server.stored("alice"), timeout=60,
+                         what="the two delayed notices")
+    recipients = set()
+    for path in notices:
+        msg = parse_stored(path)
+        assert msg["Return-Path"] == "<>" and msg.get_content_type() == "multipart/report"
+        per_message, rcpt = msg.get_payload()[1].get_payload()
+        assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.2.0"
+        assert rcpt["Diagnostic-Code"] == "smtp; 451 4.2.0 try later"
+        recipients.add(rcpt["Final-Recipient"])
+        if rcpt["Final-Recipient"] == "rfc822; d@example.org":
+            assert per_message["Original-Envelope-Id"] == "slow1"
+    assert recipients == {"rfc822; d@example.org", "rfc822; p@example.org"}
+    # Kill the runner: its successor must find the notices recorded, not send them again.
+    old = runner_pid(server)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: runner_pid(server) not in (None, old), timeout=60, what="the runner's restart")
+    calls = hop.handler.rcpt_calls["p@example.org"]
+    wait_until(lambda: hop.handler.rcpt_calls["p@example.org"] >= calls + 2, timeout=60, what="two more deferrals")
+    assert len(server.stored("alice")) == 2
+    assert len(queue_of(server).ids()) == 3  # still queued, still retried
+
+
+def test_delay_warning_time_0_sends_no_delayed_notice(start_server, receiver):
+    hop = receiver(Script(rcpt={"d@example.org": ["451 4.2.0 try later"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--delay-warning-time", "0", *FAST_RETRIES)
+    assert send(server, ["d@example.org"], rcpt_options=["NOTIFY=DELAY,FAILURE"]) == {}
+    wait_until(lambda: hop.handler.rcpt_calls.get("d@example.org", 0) >= 3, timeout=60, what="three deferrals")
+    assert not server.stored("alice") and server.log_count("delayed notice") == 0
+
+
 def test_relayed_notice_when_the_next_hop_offers_no_dsn(start_server, receiver):
     hop = receiver()  # aiosmtpd offers no DSN
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
@@ -368,6 +411,7 @@ def test_bad_relay_flags_exit_2(tmp_path):
         (("--queue-retry-min", "10", "--queue-retry-max", "5"), "--queue-retry-min must not exceed"),
         (("--relay-auth-file", str(tmp_path / "missing")), "--relay-auth-file"),
         (("--queue-lifetime", "0"), "queue_lifetime must be between"),
+        (("--delay-warning-time", "-1"), "delay_warning_time must be between"),
     ]:
         done = subprocess.run([sys.executable, "-m", "prefork_smtpd", "--mail-dir", str(tmp_path / "m"), *flags],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -467,3 +511,62 @@ def test_smarthost_requiring_starttls_and_auth(start_server, receiver, tls_files
     wait_until(lambda: hop.handler.copies_for("tls@example.org") == 1, what="delivery over TLS with AUTH")
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
     assert logins and all(over_tls for _, over_tls in logins)  # never a password in the clear
+
+
+# ------------------------------------------------------ a real Postfix as next hop
+def _postfix_instance_class():
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from postfix import PostfixInstance
+
+    return PostfixInstance
+
+
+@pytest.mark.slow
+@pytest.mark.root("Postfix starts as root")
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/postfix"), reason="Postfix is not installed (run-tests installs it)")
+def test_a_real_postfix_next_hop_stores_the_mail_and_honours_the_dsn_passed_on(start_server):
+    """Postfix (bench/postfix.py's throwaway instance) is the smarthost; it offers DSN, so
+    NOTIFY=SUCCESS, ORCPT and ENVID go on to it, and it is Postfix, not us, that reports the
+    delivery: its "delivered" notice comes back to the sender through its own relayhost, us."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    PostfixInstance = _postfix_instance_class()
+    postfix_port = free_port()
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{postfix_port}",
+                          *FAST_RETRIES)
+    # Not under pytest's tmp_path: its folders are closed to Postfix's users.
+    root = Path(tempfile.mkdtemp(prefix="relay-test-postfix-"))
+    postfix = PostfixInstance(root, postfix_port, domain="example.org", relayhost=f"127.0.0.1:{server.port}")
+    postfix.start()
+    try:
+        refused = send(server, ["b@example.org"], mail_options=["RET=HDRS", "ENVID=trip+2042"],
+                       rcpt_options=["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;" + dsn.xtext_encode("B+x@Example.org")])
+        assert refused == {}
+        wait_until(lambda: postfix.stored() == 1, timeout=300, what=f"the mail in Postfix's Maildir: {postfix.log()}")
+        (stored,) = (postfix.maildir / "b" / "new").iterdir()
+        msg = parse_stored(stored)
+        assert msg["Subject"] == "going out" and ".a dotted line" in msg.get_content()
+        assert msg["Return-Path"] == "<alice@smtpd.com>"
+        assert any("by mx.test (prefork-smtpd)" in r for r in msg.get_all("Received"))
+        wait_until(lambda: server.log_count("sent via 127.0.0.1") == 1, what="our runner's log line")
+        wait_until(lambda: not queue_of(server).ids(), what="our queue to empty")
+        # Postfix's own success report, relayed back to us: the DSN parameters reached it.
+        (notice,) = wait_until(lambda: server.stored("alice"), timeout=300,
+                               what=f"Postfix's delivered notice: {postfix.log()}")
+        report = parse_stored(notice)
+        assert report.get_content_type() == "multipart/report"
+        status = report.get_payload()[1].get_payload()
+        per_message, rcpt = status[0], status[1]
+        assert "bench.example" in per_message["Reporting-MTA"]  # Postfix's, not ours
+        assert per_message["Original-Envelope-Id"] == "trip 42"
+        assert rcpt["Action"] == "delivered"
+        assert rcpt["Original-Recipient"].replace(" ", "") == "rfc822;B+x@Example.org"
+        assert rcpt["Final-Recipient"].replace(" ", "").lower() == "rfc822;b@example.org"
+        assert server.log_count("relayed notice") == 0  # Postfix offers DSN: no notice of ours
+    finally:
+        postfix.stop()
+        shutil.rmtree(root, ignore_errors=True)

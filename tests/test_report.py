@@ -92,8 +92,8 @@ def envelope(sender: str, *recipients: Recipient) -> Envelope:
 
 
 def test_success_notice_only_when_asked_and_only_to_a_local_sender():
-    asked = Recipient("b@smtpd.com", "b", dsn.RecipientDSN(notify=frozenset({"SUCCESS"}), orcpt=("rfc822", "B@x")))
-    quiet = Recipient("c@smtpd.com", "c", dsn.RecipientDSN(notify=frozenset({"FAILURE"})))
+    asked = Recipient("b@smtpd.com", "b", dsn=dsn.RecipientDSN(notify=frozenset({"SUCCESS"}), orcpt=("rfc822", "B@x")))
+    quiet = Recipient("c@smtpd.com", "c", dsn=dsn.RecipientDSN(notify=frozenset({"FAILURE"})))
     domains = frozenset({"smtpd.com"})
     allow = lambda folder: None  # noqa: E731
     notice = success_notice(envelope("Alice@smtpd.com", asked, quiet), "Q9", "mx.test", domains, allow, now=1e9)
@@ -102,7 +102,7 @@ def test_success_notice_only_when_asked_and_only_to_a_local_sender():
     assert [b["Final-Recipient"] for b in blocks] == ["rfc822; b@smtpd.com"]
     assert blocks[0]["Original-Recipient"] == "rfc822;B@x" and blocks[0]["Action"] == "delivered"
     assert success_notice(envelope("a@smtpd.com", quiet), "Q", "mx.test", domains, allow) is None
-    outside = Recipient("d@x.org", "", dsn.RecipientDSN(notify=frozenset({"SUCCESS"})), outside=True)
+    outside = Recipient("d@x.org", "", dsn=dsn.RecipientDSN(notify=frozenset({"SUCCESS"})), outside=True)
     assert success_notice(envelope("a@smtpd.com", outside), "Q", "mx.test", domains, allow) is None  # not yet delivered
     assert success_notice(envelope("", asked), "Q", "mx.test", domains, allow) is None  # never to <>
     assert success_notice(envelope("a@elsewhere.org", asked), "Q", "mx.test", domains, allow) is None

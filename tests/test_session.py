@@ -100,7 +100,7 @@ def test_seed_error_scenario_gets_rfc_replies():
     assert code == "501 5.1.7 Syntax: MAIL FROM:<user@domain>"
     assert talk(s, "RCPT TO:") == [503]
     assert talk(s, "INVALID COMMAND") == [500]
-    assert replies(s.feed(b"XSTAT\r\n")) == ["501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|TLS"]
+    assert replies(s.feed(b"XSTAT\r\n")) == ["501 5.5.4 Syntax: XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|QUEUE|QUEUEAGE|TLS"]
 
 
 @pytest.mark.parametrize(
@@ -209,6 +209,20 @@ def test_xstat_reads_the_counters_case_insensitively():
         "250 2.0.0 total mails sent: 5",
     ]
     assert talk(s, "XSTAT FOO") == [501]
+
+
+def test_xstat_help_and_syntax_name_every_statistic_it_answers():
+    from prefork_smtpd.session import XSTAT_TEXT
+
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0))
+    (syntax,) = replies(s.feed(b"XSTAT\r\n"))
+    help_lines = [line for line in replies(s.feed(b"HELP\r\n")) if line.startswith("214-2.0.0 XSTAT ")]
+    assert len(help_lines) == 1
+    for key in XSTAT_TEXT:  # QUEUE and QUEUEAGE among them
+        assert talk(s, f"XSTAT {key}") == [250]
+        assert key in syntax.removeprefix("501 5.5.4 Syntax: XSTAT ").split("|")
+        assert key in help_lines[0].split()[2].rstrip(":").split("|")
+    assert {"QUEUE", "QUEUEAGE"} <= set(XSTAT_TEXT)
 
 
 def test_empty_message():
