@@ -1029,7 +1029,20 @@ class Session:
         if self._size > self.limits.max_message_size:
             self._reject_data(replies.MESSAGE_TOO_BIG)
             return
-        self._chunks.append(seg)
+        self._keep(seg)
+
+    def _keep(self, piece: bytes | memoryview) -> None:
+        """Add a piece to the message. Small pieces (a BDAT chunk of one
+        octet, a read of one line) are gathered into one bytearray: held one
+        object each, they would cost some 40 bytes of memory per octet of
+        message, far beyond what the data memory limit counts."""
+        chunks = self._chunks
+        if len(piece) >= GATHER_BELOW:
+            chunks.append(bytes(piece))  # a view of the read buffer becomes its own copy; bytes stay as they are
+        elif chunks and type(chunks[-1]) is bytearray and len(chunks[-1]) < GATHER_BELOW:
+            chunks[-1] += piece
+        else:
+            chunks.append(bytearray(piece))
 
     def _check_lines(self, seg: bytes) -> bool:
         """Judge a run of whole lines (CRLF, length); True if it may be kept.
@@ -1116,7 +1129,6 @@ class Session:
         elif state is not State.CHUNKS:
             refusal = self._chunk_sequence_error(state)
             self._size = 0  # nothing of it is held
-            self._size = 0  # nothing of it is held
         self._chunk = chunking.Chunk(size, last, refusal)
         self._state_after_refused_chunk = state
         self.state = State.DATA  # the chunk's octets are message data, never commands
@@ -1172,7 +1184,7 @@ class Session:
         assert envelope is not None
         if envelope.binary:
             if self._data_error is None:
-                self._chunks.append(bytes(view[start:stop]))
+                self._keep(view[start:stop])
             return
         # A text message: whole lines are judged and kept as DATA's are; the
         # unfinished last line waits for the rest (a CRLF may straddle reads
@@ -1181,7 +1193,7 @@ class Session:
         if end:
             seg = self._chunk_line + view[start:end]
             if self._check_lines(seg):
-                self._chunks.append(seg)
+                self._keep(seg)
             rest = bytes(view[end:stop])
         else:
             rest = self._chunk_line + view[start:stop]
@@ -1207,7 +1219,7 @@ class Session:
             # A message need not end with CRLF; its last line is judged as it is.
             line, self._chunk_line = self._chunk_line, b""
             if self._check_lines(line):
-                self._chunks.append(line)
+                self._keep(line)
         if self._data_error is None and not chunk.last:
             self.state = State.CHUNKS
             return replies.chunk_received(chunk.size)
@@ -1223,6 +1235,8 @@ class Session:
 # speed (measured: 1.6 ms per MiB, against 25 ms for an anchored regex).
 _NOT_LF_TO_A = bytes(0x0A if i == 0x0A else 0x61 for i in range(256))
 _long_run_cache: dict[int, bytes] = {}
+# Message pieces shorter than this are gathered into one bytearray (Session._keep).
+GATHER_BELOW = 64 * 1024
 
 
 def _admit_every_message() -> Reply | None:
