@@ -836,7 +836,8 @@ class Worker:
         itself is delivered: nothing to retry for the client).
         """
         notice = success_notice(
-            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal
+            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal,
+            names=self.policy.names,
         )
         if notice is None:
             return
