@@ -500,9 +500,13 @@ class Session:
 
     def _line_limit(self, buf: bytes | bytearray, pos: int) -> int:
         """The longest command line allowed at ``pos``: an AUTH line and its
-        answers may be 12288 octets (RFC 4954 4), any other the limit."""
-        if self.state is State.AUTH or buf[pos : pos + 5].upper() in (b"AUTH ", b"AUTH\r"):
+        answers may be 12288 octets (RFC 4954 4), a RCPT line 500 more than
+        the limit for its NOTIFY and ORCPT (RFC 3461 4), any other the limit."""
+        verb = buf[pos : pos + 5].upper()
+        if self.state is State.AUTH or verb in (b"AUTH ", b"AUTH\r"):
             return max(sasl.MAX_AUTH_LINE, self.limits.max_command_line)
+        if verb == b"RCPT ":
+            return self.limits.max_command_line + dsn.RCPT_LINE_EXTENSION
         return self.limits.max_command_line
 
     def _note_line(self, line: bytes) -> None:
