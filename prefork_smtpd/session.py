@@ -739,8 +739,14 @@ class Session:
             self._rejected_rcpts += 1
             return self._error(replies.MAILBOX_NAME_NOT_ALLOWED)
         folder, subfolder = mailbox
-        # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes says.
-        refusal = None if is_postmaster(local) else self.policy.recipient_refusal(folder)
+        refusal = self.policy.recipient_refusal(folder)
+        if refusal is not None and is_postmaster(local):
+            # RFC 5321 4.5.1: postmaster is always there, whatever --mailboxes
+            # says. A domain without a postmaster folder of its own (any domain
+            # under the catch-all) has the host's: naming postmaster at made-up
+            # domains must not make a folder for each.
+            folder, subfolder = self.policy.mailbox(local, "") or mailbox
+            refusal = None
         if refusal is not None:
             self._rejected_rcpts += 1
             return self._error(refusal)
