@@ -664,7 +664,7 @@ def _settle_batch(futures: list[asyncio.Future], results: list[str | DeliveryErr
             future.set_result(result)
 
 
-def _write_all(fd: int, header: bytes, body: list[bytes]) -> None:
+def _write_all(fd: int, header: bytes, body: list[bytes | bytearray]) -> None:
     """Write the header and the body pieces with writev, never joining them."""
     parts = [memoryview(header)] + [memoryview(b) for b in body if b]
     i = 0

@@ -29,6 +29,7 @@ RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
 NOTIFY_VALUES = ("SUCCESS", "FAILURE", "DELAY")
 MAX_ENVID = 100  # characters of the decoded ENVID (RFC 3461 4.4)
 MAX_ORCPT = 500  # characters of the ORCPT parameter value (RFC 3461 4.2)
+RCPT_LINE_EXTENSION = 500  # NOTIFY and ORCPT may lengthen a RCPT line by this much (RFC 3461 4)
 
 # xtext: "+" HEX HEX (upper case) or any of "!" to "~" but "+" and "=".
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")

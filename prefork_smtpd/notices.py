@@ -12,23 +12,37 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from .policy import MailboxNames
 from .report import DELIVERED, RecipientStatus, build_report
-from .session import Envelope, Recipient, folder_for
+from .session import CATCH_ALL, Envelope, Recipient
 
 NOTICE_HELO = "localhost"  # the notice's Received header names the server itself
 
 
-def local_sender_folder(
-    sender: str, domains: frozenset[str], mailbox_refusal: Callable[[str], object | None]
-) -> str | None:
-    """The folder of a sender who is a mailbox here, or None (the null sender, elsewhere, no such box)."""
+def is_local_sender(sender: str, domains: frozenset[str]) -> bool:
+    """Whether mail to the sender would stay here: a served domain, any under
+    the catch-all, or an address literal (MAIL takes only ours)."""
     local, at, domain = sender.rpartition("@")
-    if not at or domain.lower() not in domains:
+    return bool(at) and (domain.lower() in domains or CATCH_ALL in domains or domain[:1] == "[")
+
+
+def local_sender_folder(
+    sender: str, domains: frozenset[str], mailbox_refusal: Callable[[str], object | None],
+    names: MailboxNames | None = None,
+) -> str | None:
+    """The folder of a sender who is a mailbox here, or None (the null sender, elsewhere, no such box).
+
+    The folder mail to the sender gets (``names``: --folders, the recipient
+    delimiter), so a notice lands where the sender's mail does.
+    """
+    if not is_local_sender(sender, domains):
         return None
-    folder = folder_for(local)
-    if folder is None or mailbox_refusal(folder) is not None:
+    local, _, domain = sender.rpartition("@")
+    names = names or MailboxNames()
+    mailbox = names.mailbox(local, "" if domain[:1] == "[" else domain)  # a literal of ours names this host
+    if mailbox is None or mailbox_refusal(mailbox[0]) is not None:
         return None
-    return folder
+    return mailbox[0]
 
 
 def success_notice(
@@ -38,13 +52,14 @@ def success_notice(
     domains: frozenset[str],
     mailbox_refusal: Callable[[str], object | None],
     now: float | None = None,
+    names: MailboxNames | None = None,
 ) -> Envelope | None:
     """The "delivered" DSN for the recipients that asked for one, or None."""
     # Outside recipients are not delivered yet: the queue runner reports on them.
     asking = [r for r in envelope.recipients if not r.outside and r.dsn is not None and r.dsn.wants("SUCCESS")]
     if not asking or not envelope.sender:
         return None  # RFC 3461 6.1: nothing ever goes to the null sender
-    folder = local_sender_folder(envelope.sender, domains, mailbox_refusal)
+    folder = local_sender_folder(envelope.sender, domains, mailbox_refusal, names)
     if folder is None:
         return None
     now = time.time() if now is None else now

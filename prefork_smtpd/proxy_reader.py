@@ -43,6 +43,9 @@ class Conveyed:
 
     client: tuple[str, int] | None  # the client's address and port; None: the proxy's own stands
     note: str  # said after "connected" in the log
+    # A client the header does not name (v1 UNKNOWN, v2 UNSPEC/UNIX): the
+    # proxy's address stands in the log, never for the client's rights.
+    unnamed: bool = False
 
 
 def read_header(
@@ -107,4 +110,4 @@ def conveyed(header: ProxyHeader, proxy: str) -> Conveyed:
         assert port is not None
         mapped = getattr(ipaddress.ip_address(host), "ipv4_mapped", None)
         return Conveyed((str(mapped) if mapped else host, port), via)  # ::ffff:a.b.c.d is a.b.c.d
-    return Conveyed(None, f"{via} {header.family}: no client address, the proxy's stands")
+    return Conveyed(None, f"{via} {header.family}: no client address, the proxy's stands", unnamed=True)

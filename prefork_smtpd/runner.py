@@ -54,8 +54,8 @@ from setproctitle import setproctitle
 from .delivery import DeliveryError, MaildirStore
 from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
-from .notices import local_sender_folder
-from .policy import mailbox_check
+from .notices import is_local_sender, local_sender_folder
+from .policy import mailbox_check, names_from
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
@@ -190,7 +190,8 @@ class Runner:
         self.queue = Queue(queue_dir_of(settings))
         self.resolver = resolver
         self.domains = frozenset(settings.domains)
-        self.mailbox_exists = mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list)
+        self.names = names_from(settings)  # where mail to a local sender goes
+        self.mailbox_exists = mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list, self.names)
         self.in_flight: set[str] = set()
         self.stopping = False
         self.flush_requested = False
@@ -513,10 +514,10 @@ class Runner:
             reporting_mta=self.settings.hostname, recipient=mail.sender, statuses=statuses, original=message,
             ret=mail.ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now,
         )
-        folder = local_sender_folder(mail.sender, self.domains, self._mailbox_refusal)
+        folder = local_sender_folder(mail.sender, self.domains, self._mailbox_refusal, self.names)
         if folder is not None:
             to = Recipient(address=mail.sender, folder=folder)
-        elif mail.sender.rpartition("@")[2].lower() in self.domains:
+        elif is_local_sender(mail.sender, self.domains):  # never queued: it would come back here, or to a literal
             self.log(f"{mail.id}: no mailbox for <{mail.sender}>; the {action} notice is dropped")
             return
         else:

@@ -155,12 +155,15 @@ class SMTPConnection(asyncio.Protocol):
             transport.close()
             return
         context = self.context
+        # Rights that come with an address (relay, AUTH in the clear) go
+        # only to a client at that address: not to one a proxy could not name.
+        own_address = conveyed is None or not conveyed.unnamed
         self.session = Session(
             worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy, context=context,
             tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
             auth=worker.users is not None,
-            auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host),
-            may_relay=in_networks(host, worker.relay_networks),
+            auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host) and own_address,
+            may_relay=own_address and in_networks(host, worker.relay_networks),
         )
         self.session.admit_message = worker.message_admission
         self.deadline = worker.now + worker.live.timeout
@@ -861,7 +864,8 @@ class Worker:
         itself is delivered: nothing to retry for the client).
         """
         notice = success_notice(
-            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal
+            envelope, queue_id, self.settings.hostname, self.domains, self.policy.recipient_refusal,
+            names=self.policy.names,
         )
         if notice is None:
             return

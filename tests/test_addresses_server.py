@@ -104,6 +104,28 @@ def test_postmaster_is_delivered_whatever_mailboxes_says(start_server):
     delivered(server, "postmaster")
 
 
+def test_postmaster_at_made_up_domains_reaches_the_hosts_postmaster(start_server):
+    """Under the catch-all with --mailboxes existing, postmaster@<any domain>
+    is still accepted (RFC 5321 4.5.1), but a domain with no postmaster
+    folder of its own gets the host's: a client cannot make the server
+    create a folder for every domain it makes up."""
+    server = start_server("--domain", "smtpd.com", "--domain", "*", "--folders", "address", "--mailboxes", "existing")
+    (server.mail_dir / "b.example" / "postmaster").mkdir(parents=True)  # a domain with its own
+    client = server.client()
+    assert client.cmd("EHLO c")[0] == 250
+    assert client.cmd("MAIL FROM:<>")[0] == 250
+    for i in range(5):
+        assert client.cmd(f"RCPT TO:<postmaster@made-up-{i}.example>")[0] == 250
+    assert client.cmd("RCPT TO:<bob@made-up-0.example>")[0] == 550
+    assert client.cmd("RCPT TO:<Postmaster@b.example>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: p\r\n\r\np\r\n.\r\n")
+    assert client.reply()[0] == 250
+    delivered(server, "smtpd.com/postmaster")
+    delivered(server, "b.example/postmaster")
+    assert sorted(p.name for p in server.mail_dir.iterdir() if not p.name.startswith(".")) == ["b.example", "smtpd.com"]
+
+
 def test_address_literals_of_the_listener_are_ours(start_server):
     server = start_server()  # listens on 127.0.0.1 only
     out = swaks(server, "--from", "a@smtpd.com", "--to", "postmaster@[127.0.0.1]", "--body", "hi")

@@ -8,6 +8,7 @@ import email.policy
 import smtplib
 
 import pytest
+from harness import wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 from test_session import ready, replies, talk
@@ -178,3 +179,23 @@ def test_raw_client_header_injection_through_envid_is_refused(server):
     (path,) = server.stored("inj")
     data = path.read_bytes()
     assert b"Original-Envelope-Id: ok\n" in data and b"Original-Recipient" not in data
+
+
+def test_notify_and_orcpt_lengthen_the_rcpt_line_by_500(server):
+    """RFC 3461 4: NOTIFY and ORCPT may make RCPT 500 characters longer
+    than the 512 of RFC 5321 4.5.3.1.4. A full-length recipient with a long
+    ORCPT is no "line too long"; a line past even that is."""
+    client = server.client()
+    assert client.cmd("EHLO c.example")[0] == 250
+    assert client.cmd("MAIL FROM:<a@smtpd.com> ENVID=" + "e" * 100 + " RET=FULL")[0] == 250
+    recipient = "r" * 64 + "@smtpd.com"
+    line = f"RCPT TO:<{recipient}> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;{'o' * 400}@{'x' * 60}.example"
+    assert 512 < len(line) + 2 <= 1012
+    assert client.cmd(line) == (250, "2.1.5 Ok")
+    code, text = client.cmd("RCPT TO:<b@smtpd.com> ORCPT=rfc822;" + "o" * 1000)  # beyond the extension
+    assert code == 500 and "too long" in text, (code, text)
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert client.reply()[0] == 250
+    (stored,) = wait_until(lambda: server.stored("r" * 64), what="the mail")
+    assert f"Original-Recipient: rfc822;{'o' * 400}@{'x' * 60}.example" in stored.read_text()

@@ -439,3 +439,15 @@ def test_a_retiring_worker_waits_for_a_proxy_header_it_is_reading(proxy_server):
         assert replies[1].startswith(b"250 ") and replies[2].startswith(b"221 "), replies
     wait_until(lambda: worker not in server.worker_pids(), what="the retired worker to leave")
     assert server.log_count("[192.0.2.7]:4711 connected (via proxy [127.0.0.1]:")
+
+
+def test_a_header_that_names_no_client_gives_no_relay_rights(proxy_server):
+    """PROXY UNKNOWN (v1) says the balancer does not know the client: the
+    connection's own peer (the balancer, in --relay-networks) stands for the
+    log, but its relay rights must not pass to a client nobody can name."""
+    server = proxy_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}")
+    with connect(server.port, encode_v1() + b"EHLO client.example\r\nMAIL FROM:<a@smtpd.com>\r\n"
+                 b"RCPT TO:<bob@example.org>\r\nQUIT\r\n") as sock:
+        replies = read_all(sock).split(b"\r\n")
+    assert b"550 5.7.1 Error: relay access denied; recipient domain not served here" in replies, replies
+    assert not any(line.startswith(b"250 2.1.5") for line in replies), replies

@@ -124,3 +124,17 @@ def test_notify_success_puts_a_delivered_dsn_into_the_local_senders_mailbox(serv
     assert len(server.stored("bob")) == len(server.stored("dave")) == 1
     wait_until(lambda: server.log_count("delivery notice") == 1, what="the notice's log line")
     assert len(server.stored("alice")) == 1
+
+
+def test_the_delivered_notice_goes_to_the_senders_folder_as_mail_to_the_sender_would(start_server):
+    """Under --folders address and a recipient delimiter, mail to
+    alice+trips@smtpd.com lands in smtpd.com/alice: so does the notice the
+    server owes that sender, not a folder alice+trips beside the domains."""
+    server = start_server("--folders", "address", "--recipient-delimiter", "+")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.sendmail("alice+trips@smtpd.com", ["bob@smtpd.com"], ORIGINAL, rcpt_options=["NOTIFY=SUCCESS"])
+    wait_until(lambda: server.log_count("delivery notice") == 1, what="the notice's log line")
+    (notice_path,) = server.stored("smtpd.com/alice")
+    assert parse(notice_path.read_bytes().replace(b"\n", b"\r\n"))["Subject"] == report.SUBJECTS["delivered"]
+    assert len(server.stored("smtpd.com/bob")) == 1
+    assert sorted(p.name for p in server.mail_dir.iterdir() if not p.name.startswith(".")) == ["smtpd.com"]
