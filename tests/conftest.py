@@ -37,15 +37,7 @@ def start_server(tmp_path):
 
     yield start
     for server in servers:
-        workers = server.worker_pids()
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
-        for pid in workers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        server.kill()
 
 
 @pytest.fixture

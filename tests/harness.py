@@ -252,3 +252,16 @@ class Server:
         code = self.proc.wait(timeout=timeout)
         self.stderr.close()
         return code
+
+    def kill(self) -> None:
+        """Tear down at once: the master and every worker it had, even
+        workers the master no longer reaps (it is killed first)."""
+        workers = self.worker_pids()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

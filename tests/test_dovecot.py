@@ -20,7 +20,6 @@ import poplib
 import pwd
 import re
 import shutil
-import signal
 import smtplib
 import socket
 import ssl
@@ -271,15 +270,7 @@ def mail_host():
     finally:
         for server in servers:
             if isinstance(server, Server):
-                workers = server.worker_pids()
-                if server.proc.poll() is None:
-                    server.proc.kill()
-                    server.proc.wait()
-                for pid in workers:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                server.kill()
             else:
                 # Dovecot's master stops its children on TERM.
                 server.terminate()

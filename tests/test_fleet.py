@@ -348,15 +348,7 @@ def fleet(tmp_path):
     finally:
         for part in reversed(started):
             if isinstance(part, Server):
-                workers = part.worker_pids()
-                if part.proc.poll() is None:
-                    part.proc.kill()
-                    part.proc.wait()
-                for pid in workers:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                part.kill()
             else:
                 part.stop()
 
