@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +62,16 @@ def main() -> None:
     parser.add_argument("--mails", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--baseline", help="a folder with another prefork_smtpd package to compare with")
+    parser.add_argument("--dir", default="/var/tmp", help="where the runs' files go (see bench/run.py --dir)")
     args = parser.parse_args()
+    work = bench.use_work_folder(args.dir)
+    try:
+        compare(args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace) -> None:
     trees = {"this tree": None}
     if args.baseline:
         trees = {"baseline": os.path.abspath(args.baseline), "this tree": None}
