@@ -53,7 +53,7 @@ from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
 from .proxy import ProxyResult, parse_networks, trusted
 from .proxy_reader import Conveyed, conveyed, read_header
-from .session import Envelope, Session, State
+from .session import CLOSED, CONNECTED, DATA, READY, WAITING, Envelope, Session
 from .settings import Settings
 from .stats import AUTH_FIELDS, FIELD, TLS_SESSION_FIELDS, AddressTables, LiveSettings, SharedStats, address_key
 from .tls import describe_tls
@@ -72,7 +72,7 @@ AUTH_FAILURES = FIELD["auth_failures"]
 PROXIED = FIELD["proxied"]
 PROXY_FAILURES = FIELD["proxy_failures"]
 
-_IDLE_STATES = (State.CONNECTED, State.READY)
+_IDLE_STATES = (CONNECTED, READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
 # Unsent replies per connection: past WRITE_HIGH the connection stops reading
 # until the client has taken all but WRITE_LOW.
@@ -226,13 +226,13 @@ class SMTPConnection(asyncio.Protocol):
                 if pos < end:
                     self.worker.log(f"{self.peer} dropped {end - pos} bytes sent in the clear after STARTTLS")
                 return  # the rest was sent in the clear behind STARTTLS
-            if self.write_paused or session.state is State.WAITING:
+            if self.write_paused or session.state is WAITING:
                 self.held += view[pos:]
                 return
-            if session.state is State.CLOSED:
+            if session.state is CLOSED:
                 return  # closing: the rest is never answered
             state = session.state
-            step = end - pos if state is State.DATA else COMMAND_SLICE
+            step = end - pos if state is DATA else COMMAND_SLICE
             piece = view[pos : pos + step]
             pos += len(piece)
             events = session.feed(piece)
@@ -248,7 +248,7 @@ class SMTPConnection(asyncio.Protocol):
     def _renew_deadline(self) -> None:
         worker = self.worker
         assert self.session is not None
-        if self.session.state is State.DATA:
+        if self.session.state is DATA:
             self.deadline = worker.now + worker.live.data_timeout
         else:
             self.deadline = worker.now + worker.live.timeout
@@ -325,11 +325,11 @@ class SMTPConnection(asyncio.Protocol):
         """Feed what was held, then read again, unless a reason to wait remains."""
         if self.closed or self.session is None:
             return
-        waiting_verdict = self.session.state is State.WAITING or self.upgrading
+        waiting_verdict = self.session.state is WAITING or self.upgrading
         if self.held and not self.write_paused and not waiting_verdict:
             held, self.held = self.held, bytearray()
             self._feed(held)
-        waiting = self.write_paused or self.session.state is State.WAITING or self.upgrading or self.held or self.closed
+        waiting = self.write_paused or self.session.state is WAITING or self.upgrading or self.held or self.closed
         if self.reading_paused and not waiting:
             self.reading_paused = False
             assert self.transport is not None
@@ -486,7 +486,7 @@ class SMTPConnection(asyncio.Protocol):
         worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthFailed())
 
     def _auth_verdict(self, verdict: Authenticated | AuthFailed | AuthUnavailable) -> None:
-        if self.closed or self.session is None or self.session.state is State.CLOSED:
+        if self.closed or self.session is None or self.session.state is CLOSED:
             return
         events = self.session.resume(verdict)
         self._renew_deadline()
@@ -942,7 +942,7 @@ class Worker:
     def stop_now(self) -> None:
         for conn in list(self.connections):
             if conn.transport is not None:
-                if conn.session is not None and conn.session.state is not State.CLOSED:
+                if conn.session is not None and conn.session.state is not CLOSED:
                     conn.transport.write(conn.session.shutdown_reply())
                 conn.transport.close()
         if not self.finished.done():
