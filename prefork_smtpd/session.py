@@ -523,7 +523,8 @@ class Session:
                 self._note_line(line)
                 reply = self._auth_line(line)
             else:
-                self._note_line(line)
+                self._line = line  # _note_line, inlined: once per command
+                self._line_after_auth = self._after_auth
                 reply = self._command(line)
             if reply is not None:
                 out.append(reply)
@@ -552,7 +553,9 @@ class Session:
         self._line_after_auth = self._after_auth
 
     def _command(self, line: bytes) -> Reply | None:
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        """Answer one line that ends with LF."""
+        cr = line.find(b"\r")
+        if cr < 0 or cr != len(line) - 2:  # no CRLF at the end, or a CR before it (one scan, no slice)
             return self._error(replies.BARE_LINE_END_IN_COMMAND)
         text = line[:-2].decode("latin-1")
         verb, _, arg = text.partition(" ")
@@ -654,7 +657,7 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
-        mail_dsn = dsn.MailDSN()
+        mail_dsn: dsn.MailDSN | None = None  # made at the first RET= or ENVID=
         binary = utf8 = False
         for param in params:
             m = _PARAM.match(param)
@@ -681,12 +684,14 @@ class Session:
                 if value is None:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
             elif key in dsn.MAIL_PARAMETERS:
+                if mail_dsn is None:
+                    mail_dsn = dsn.MailDSN()
                 refusal = mail_dsn.take(key, value)
                 if refusal is not None:
                     return self._error(refusal)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
-        if size > self.limits.max_message_size:
+        if size and size > self.limits.max_message_size:  # (no SIZE=: no look at the limit)
             return self._error(replies.MESSAGE_TOO_BIG)
         if not path.isascii():
             decoded = self._utf8_path(path, utf8)
@@ -711,7 +716,8 @@ class Session:
             self._log_refusal(refusal)
             return refusal
         envelope = self._envelope = Envelope(
-            helo=self.helo, sender=path, tls=self.tls, login=self.login, dsn=mail_dsn if mail_dsn.given else None
+            helo=self.helo, sender=path, tls=self.tls, login=self.login,
+            dsn=mail_dsn if mail_dsn is not None and mail_dsn.given else None,
         )
         if utf8 or binary:
             envelope.smtputf8 = utf8
