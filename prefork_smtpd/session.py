@@ -401,15 +401,16 @@ class Session:
     def greeting(self) -> Reply:
         return replies.greeting(self.hostname)
 
-    def feed(self, data: bytes | memoryview) -> list[Reply | Event]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Reply | Event]:
         """Take bytes from the client; return what the worker must do, in order."""
-        if self.state is CLOSED:
+        state = self.state
+        if state is WAITING:
+            if type(self._awaiting) is not StartTLS:  # sent in the clear behind STARTTLS: dropped (RFC 3207 5)
+                self._buf += data  # kept until the verdict
             return []
-        if type(self._awaiting) is StartTLS:
-            return []  # sent in the clear behind STARTTLS: dropped, never read (RFC 3207 5)
+        if state is CLOSED:
+            return []
         self._buf += data
-        if self.state is WAITING:
-            return []  # kept until the verdict
         out = self._out = []
         self._run()
         return out
@@ -499,8 +500,8 @@ class Session:
                     break  # the rest of the message (or chunk) is yet to come, or it is complete
                 out.append(reply)
                 continue
-            if state is WAITING or state is CLOSED:
-                break
+            if state is WAITING or state is CLOSED or pos == len(buf):
+                break  # (nothing left: outside DATA, no command can be complete)
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) - pos > self.limits.max_command_line and len(buf) - pos > self._line_limit(buf, pos):

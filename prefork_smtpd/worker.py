@@ -219,21 +219,26 @@ class SMTPConnection(asyncio.Protocol):
         """
         session = self.session
         assert session is not None
-        view = memoryview(data)
-        pos, end = 0, len(view)
+        view = None  # made only when the read goes in slices
+        pos, end = 0, len(data)
         while pos < end:
             if self.upgrading:
                 if pos < end:
                     self.worker.log(f"{self.peer} dropped {end - pos} bytes sent in the clear after STARTTLS")
                 return  # the rest was sent in the clear behind STARTTLS
-            if self.write_paused or session.state is WAITING:
-                self.held += view[pos:]
-                return
-            if session.state is CLOSED:
-                return  # closing: the rest is never answered
             state = session.state
-            step = end - pos if state is DATA else COMMAND_SLICE
-            piece = view[pos : pos + step]
+            if self.write_paused or state is WAITING:
+                self.held += memoryview(data)[pos:]
+                return
+            if state is CLOSED:
+                return  # closing: the rest is never answered
+            piece: bytes | bytearray | memoryview
+            if pos == 0 and (state is DATA or end <= COMMAND_SLICE):
+                piece = data  # the usual read, fed whole: no view, no slice
+            else:
+                if view is None:
+                    view = memoryview(data)
+                piece = view[pos : pos + (end - pos if state is DATA else COMMAND_SLICE)]
             pos += len(piece)
             events = session.feed(piece)
             if events or session.state is not state:
@@ -264,43 +269,47 @@ class SMTPConnection(asyncio.Protocol):
         transport = self.transport
         assert session is not None and transport is not None
         worker = self.worker
-        unsent: list[bytes] = []
-        refused_4xx = refused_5xx = 0
-        for event in events:
-            # Told apart by exact type (cheaper than isinstance; type checkers follow it too).
-            if type(event) is Reply:
-                unsent.append(event)
-                code = event[0]
-                if code >= 0x34:  # "4" or "5"
-                    if code == 0x34:
-                        refused_4xx += 1
-                    else:
-                        refused_5xx += 1
-            elif type(event) is LogEvent:
-                worker.log(f"{self.peer} {event.text}")
-            elif type(event) is Close:
-                unsent.append(event.reply)
-                transport.write(b"".join(unsent))
-                unsent = []
-                transport.close()
-            elif type(event) is Deliver:
-                self._deliver(event.envelope)
-            elif type(event) is StartTLS:
-                if unsent:  # the 220 leaves in the clear, before the handshake
+        reply = events[0] if len(events) == 1 else None
+        if type(reply) is Reply and reply[0] < 0x34:
+            transport.write(reply)  # the usual: one positive reply to one command, as it is
+        else:
+            unsent: list[bytes] = []
+            refused_4xx = refused_5xx = 0
+            for event in events:
+                # Told apart by exact type (cheaper than isinstance; type checkers follow it too).
+                if type(event) is Reply:
+                    unsent.append(event)
+                    code = event[0]
+                    if code >= 0x34:  # "4" or "5"
+                        if code == 0x34:
+                            refused_4xx += 1
+                        else:
+                            refused_5xx += 1
+                elif type(event) is LogEvent:
+                    worker.log(f"{self.peer} {event.text}")
+                elif type(event) is Close:
+                    unsent.append(event.reply)
                     transport.write(b"".join(unsent))
                     unsent = []
-                self._start_tls()
-            elif type(event) is CheckCredentials:
-                self._check_credentials(event)
-            elif type(event) is AuthAborted:
-                worker.count_auth(event.mechanism, event.result)
-            else:
-                raise TypeError(f"no worker action for {event!r}")
-        if unsent:
-            transport.write(b"".join(unsent))
-        if refused_4xx or refused_5xx:
-            worker.slot.add(REPLIES_4XX, refused_4xx)
-            worker.slot.add(REPLIES_5XX, refused_5xx)
+                    transport.close()
+                elif type(event) is Deliver:
+                    self._deliver(event.envelope)
+                elif type(event) is StartTLS:
+                    if unsent:  # the 220 leaves in the clear, before the handshake
+                        transport.write(b"".join(unsent))
+                        unsent = []
+                    self._start_tls()
+                elif type(event) is CheckCredentials:
+                    self._check_credentials(event)
+                elif type(event) is AuthAborted:
+                    worker.count_auth(event.mechanism, event.result)
+                else:
+                    raise TypeError(f"no worker action for {event!r}")
+            if unsent:
+                transport.write(b"".join(unsent))
+            if refused_4xx or refused_5xx:
+                worker.slot.add(REPLIES_4XX, refused_4xx)
+                worker.slot.add(REPLIES_5XX, refused_5xx)
         if worker.closing_idle and session.state in _IDLE_STATES:
             transport.write(session.shutdown_reply())
             transport.close()
@@ -390,17 +399,15 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            folders = ",".join(sorted({r.folder for r in envelope.recipients if not r.outside}))
-            outside = [r.address for r in envelope.recipients if r.outside]
-            if outside:
-                folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
             worker.log(
-                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
+                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {_destinations(envelope)}"
+                f" ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
-            worker.send_success_notice(envelope, queue_id)
+            if any([r.dsn is not None for r in envelope.recipients]):  # else no NOTIFY=SUCCESS was asked for
+                worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
@@ -516,6 +523,19 @@ PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext, Conveyed | None], asyn
     SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
     SMTPS: SMTPConnection,  # the worker runs the handshake before the connection is made (context.tls)
 }
+
+
+def _destinations(envelope: Envelope) -> str:
+    """Where a stored mail went, for its log line: ``bob,carol``, and
+    ``queued for <addresses>`` for outside recipients."""
+    recipients = envelope.recipients
+    if len(recipients) == 1 and not recipients[0].outside:
+        return recipients[0].folder  # the usual mail: no set, sort or join to make
+    folders = ",".join(sorted({r.folder for r in recipients if not r.outside}))
+    outside = [r.address for r in recipients if r.outside]
+    if outside:
+        folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
+    return folders
 
 
 def _peer_text(sock: socket.socket) -> str:
