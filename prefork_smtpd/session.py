@@ -1289,11 +1289,6 @@ class Session:
         return reply
 
 
-# Every byte but LF becomes "a": a line of more than ``limit`` octets (LF
-# included) is then a run of ``limit`` "a"s, which bytes.find spots at C
-# speed (measured: 1.6 ms per MiB, against 25 ms for an anchored regex).
-_NOT_LF_TO_A = bytes(0x0A if i == 0x0A else 0x61 for i in range(256))
-_long_run_cache: dict[int, bytes] = {}
 # Message pieces shorter than this are gathered into one bytearray (Session._keep).
 GATHER_BELOW = 64 * 1024
 
@@ -1303,13 +1298,24 @@ def _admit_every_message() -> Reply | None:
 
 
 def has_long_line(seg: bytes, limit: int) -> bool:
-    """True if a line of ``seg`` (made of whole lines) exceeds ``limit`` octets."""
-    if len(seg) <= limit:
+    """True if a line of ``seg`` (made of whole lines) exceeds ``limit`` octets.
+
+    Such a line holds ``limit`` octets or more before its LF. From a line's
+    start, a LF among the next ``limit`` octets ends every line that starts
+    up to it within the limit, so the search jumps past the last such LF
+    (memrchr, at C speed): no copy of ``seg`` is made, and any two jumps
+    cover ``limit`` octets or more (a window of usual lines in one jump).
+    """
+    end = len(seg)
+    if end <= limit:
         return False
-    needle = _long_run_cache.get(limit)
-    if needle is None:
-        needle = _long_run_cache[limit] = b"a" * limit
-    return needle in seg.translate(_NOT_LF_TO_A)
+    start = 0  # a line's start
+    while end - start >= limit:
+        last = seg.rfind(b"\n", start, start + limit)
+        if last < 0:
+            return True  # limit octets from a line's start, and no LF
+        start = last + 1
+    return False
 
 
 def valid_helo_name(name: str) -> bool:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sansio import Wired
 
 from prefork_smtpd import replies
-from prefork_smtpd.session import Limits, Session, State
+from prefork_smtpd.session import Limits, Session, State, has_long_line
 
 # An end of data that is not CRLF . CRLF: each would let a second mail be
 # smuggled past a server that accepts it and into one that does not.
@@ -158,3 +158,27 @@ def test_a_command_line_is_refused_as_bare_exactly_when_its_crlf_is_missing_or_n
     s.feed(b"EHLO c\r\n")
     reply = s.feed(line)
     assert (reply == replies.BARE_LINE_END_IN_COMMAND) == (not framed_right), (line, reply)
+
+
+def has_long_line_by_translation(seg: bytes, limit: int) -> bool:
+    """The search has_long_line replaced: every octet but LF made "a", then a
+    run of ``limit`` "a"s looked for (one copy of the whole run of lines)."""
+    if len(seg) <= limit:
+        return False
+    return b"a" * limit in seg.translate(bytes(0x0A if i == 0x0A else 0x61 for i in range(256)))
+
+
+LINE_PIECES = st.lists(st.sampled_from([b"x", b"xxxxxxx", b"\r\n", b"\n", b"\r", b"."]), max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(LINE_PIECES, st.integers(min_value=1, max_value=30))
+@example([b"xxxxxxx", b"\n"], 7)  # a line of 8 octets, LF included
+@example([b"xxxxxxx", b"\n"], 8)
+@example([b"\n", b"xxxxxxx", b"x", b"\n", b"x", b"\n"], 8)
+def test_a_long_line_is_found_where_the_plain_reading_finds_it(pieces, limit):
+    seg = b"".join(pieces)
+    assert has_long_line(seg, limit) == has_long_line_by_translation(seg, limit), (seg, limit)
+    whole_lines = seg + b"\n"  # as the session passes them: each line with its LF
+    plainly = any(len(line) + 1 > limit for line in whole_lines.split(b"\n")[:-1])
+    assert has_long_line(whole_lines, limit) == plainly, (whole_lines, limit)
