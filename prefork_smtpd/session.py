@@ -74,11 +74,29 @@ class State(enum.Enum):
     WAITING = "waiting"  # an outside verdict is awaited (Session.awaiting)
     CLOSED = "closed"  # QUIT or a fatal error: nothing more is read
 
+    # Members compare by identity, so they may hash by it: Enum.__hash__ is
+    # a Python call (140 ns), made at every command's check of its states.
+    __hash__ = object.__hash__
+
+
+# The states as module constants, which the code below names. In Python
+# 3.11 every ``State.X`` goes through EnumType.__getattr__'s slot (130 ns,
+# ten times a global's), and a mail names states some fifty times.
+CONNECTED = State.CONNECTED
+READY = State.READY
+MAIL = State.MAIL
+RCPT = State.RCPT
+DATA = State.DATA
+CHUNKS = State.CHUNKS
+AUTH = State.AUTH
+WAITING = State.WAITING
+CLOSED = State.CLOSED
+
 
 # Every verb, with its handler, the states it may run in, its syntax and
 # its EHLO keyword: one table (commands.py). The handlers register below, in
 # Session; a verb the table does not know is unknown (500).
-COMMAND_STATES = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKS})
+COMMAND_STATES = frozenset({CONNECTED, READY, MAIL, RCPT, CHUNKS})
 COMMANDS = CommandTable()
 # Known verbs this server does not implement: 502, in any state.
 COMMANDS.not_implemented("EXPN", "TURN", "ETRN", "SEND", "SOML", "SAML", states=COMMAND_STATES)
@@ -102,35 +120,35 @@ COMMANDS.extension(lambda session: sasl.ehlo_keyword(), lambda session: session.
 # The 503 reply for a verb used in a state that does not allow it (any pair
 # missing here gets BAD_SEQUENCE).
 SEQUENCE_ERRORS: dict[tuple[str, State], Reply] = {
-    ("MAIL", State.CONNECTED): replies.NEED_HELO,
-    ("MAIL", State.MAIL): replies.NESTED_MAIL,
-    ("MAIL", State.RCPT): replies.NESTED_MAIL,
-    ("RCPT", State.CONNECTED): replies.NEED_HELO,
-    ("RCPT", State.READY): replies.NEED_MAIL,
-    ("DATA", State.CONNECTED): replies.NEED_HELO,
-    ("DATA", State.READY): replies.NEED_MAIL,
-    ("DATA", State.MAIL): replies.NEED_RCPT,
-    ("STARTTLS", State.CONNECTED): replies.NEED_HELO,
-    ("STARTTLS", State.MAIL): replies.IN_TRANSACTION,
-    ("STARTTLS", State.RCPT): replies.IN_TRANSACTION,
-    ("AUTH", State.CONNECTED): replies.NEED_HELO,
-    ("AUTH", State.MAIL): Reply(sasl.AUTH_NOT_IN_MAIL),
-    ("AUTH", State.RCPT): Reply(sasl.AUTH_NOT_IN_MAIL),
+    ("MAIL", CONNECTED): replies.NEED_HELO,
+    ("MAIL", MAIL): replies.NESTED_MAIL,
+    ("MAIL", RCPT): replies.NESTED_MAIL,
+    ("RCPT", CONNECTED): replies.NEED_HELO,
+    ("RCPT", READY): replies.NEED_MAIL,
+    ("DATA", CONNECTED): replies.NEED_HELO,
+    ("DATA", READY): replies.NEED_MAIL,
+    ("DATA", MAIL): replies.NEED_RCPT,
+    ("STARTTLS", CONNECTED): replies.NEED_HELO,
+    ("STARTTLS", MAIL): replies.IN_TRANSACTION,
+    ("STARTTLS", RCPT): replies.IN_TRANSACTION,
+    ("AUTH", CONNECTED): replies.NEED_HELO,
+    ("AUTH", MAIL): Reply(sasl.AUTH_NOT_IN_MAIL),
+    ("AUTH", RCPT): Reply(sasl.AUTH_NOT_IN_MAIL),
     # Between BDAT chunks only BDAT goes on (or RSET, EHLO, QUIT... end it).
-    ("MAIL", State.CHUNKS): replies.NESTED_MAIL,
-    ("RCPT", State.CHUNKS): replies.CHUNKS_UNDER_WAY,
-    ("DATA", State.CHUNKS): replies.DATA_AFTER_BDAT,  # RFC 3030 2: never both in one transaction
-    ("STARTTLS", State.CHUNKS): replies.IN_TRANSACTION,
-    ("AUTH", State.CHUNKS): Reply(sasl.AUTH_NOT_IN_MAIL),
+    ("MAIL", CHUNKS): replies.NESTED_MAIL,
+    ("RCPT", CHUNKS): replies.CHUNKS_UNDER_WAY,
+    ("DATA", CHUNKS): replies.DATA_AFTER_BDAT,  # RFC 3030 2: never both in one transaction
+    ("STARTTLS", CHUNKS): replies.IN_TRANSACTION,
+    ("AUTH", CHUNKS): Reply(sasl.AUTH_NOT_IN_MAIL),
 }
 
 # BDAT runs in every command state, since its chunk must be read whatever
 # happens (chunking.py); out of sequence, its chunk is read, discarded and
 # answered with the 503 given here for the state.
 CHUNK_SEQUENCE_ERRORS: dict[State, Reply] = {
-    State.CONNECTED: replies.NEED_HELO,
-    State.READY: replies.NEED_MAIL,
-    State.MAIL: replies.NEED_RCPT,
+    CONNECTED: replies.NEED_HELO,
+    READY: replies.NEED_MAIL,
+    MAIL: replies.NEED_RCPT,
 }
 
 # SASL's replies (sasl.py), as the session sends them.
@@ -342,13 +360,13 @@ class Session:
         # in other domains, as an authenticated client may.
         self.may_relay = may_relay
         self.auth_failures = 0
-        self._sasl: sasl.SaslExchange | None = None  # in State.AUTH
+        self._sasl: sasl.SaslExchange | None = None  # in AUTH
         self._checking = ""  # the AUTH being checked, for the log
         self.domains = domains  # lowercase
         self.limits = limits
         self.read_stat = read_stat
         self.policy = policy
-        self.state = State.CONNECTED
+        self.state = CONNECTED
         self.helo = ""
         self.errors = 0  # bad commands so far, for max_errors
         # Asked at DATA: None admits a message, a 4xx reply refuses it (the
@@ -356,7 +374,7 @@ class Session:
         self.admit_message: Callable[[], Reply | None] = _admit_every_message
         self._out: list[Reply | Event] = []  # what the current feed or resume returns
         self._buf = bytearray()
-        # In State.WAITING: the event whose verdict is awaited, and what to do with it.
+        # In WAITING: the event whose verdict is awaited, and what to do with it.
         self._awaiting: Wait | None = None
         self._on_verdict: Callable[[Verdict], Reply | None] | None = None
         self._envelope: Envelope | None = None
@@ -371,34 +389,35 @@ class Session:
         self._size = 0
         self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
-        # BDAT (RFC 3030): the chunk being read (in State.DATA), the unfinished
+        # BDAT (RFC 3030): the chunk being read (in DATA), the unfinished
         # last line of a text message between reads and chunks, and whether
         # a failed chunk ended the transaction (later chunks: discarded).
         self._chunk: chunking.Chunk | None = None
         self._chunk_line = b""
         self._chunk_failed = False
-        self._state_after_refused_chunk = State.CONNECTED  # where a refused chunk leaves the session
+        self._state_after_refused_chunk = CONNECTED  # where a refused chunk leaves the session
 
     # ----------------------------------------------------------------- API
     def greeting(self) -> Reply:
         return replies.greeting(self.hostname)
 
-    def feed(self, data: bytes | memoryview) -> list[Reply | Event]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Reply | Event]:
         """Take bytes from the client; return what the worker must do, in order."""
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is WAITING:
+            if type(self._awaiting) is not StartTLS:  # sent in the clear behind STARTTLS: dropped (RFC 3207 5)
+                self._buf += data  # kept until the verdict
             return []
-        if type(self._awaiting) is StartTLS:
-            return []  # sent in the clear behind STARTTLS: dropped, never read (RFC 3207 5)
+        if state is CLOSED:
+            return []
         self._buf += data
-        if self.state is State.WAITING:
-            return []  # kept until the verdict
         out = self._out = []
         self._run()
         return out
 
     @property
     def awaiting(self) -> Wait | None:
-        """The event whose verdict the session waits for (in State.WAITING)."""
+        """The event whose verdict the session waits for (in WAITING)."""
         return self._awaiting
 
     def resume(self, verdict: Verdict) -> list[Reply | Event]:
@@ -433,7 +452,7 @@ class Session:
     def held_bytes(self) -> int:
         """Message bytes this session holds in memory while it reads DATA or BDAT chunks."""
         state = self.state
-        if (state is State.DATA or state is State.CHUNKS) and self._data_error is None:
+        if (state is DATA or state is CHUNKS) and self._data_error is None:
             return self._size
         return 0
 
@@ -456,12 +475,12 @@ class Session:
 
     def timeout_reply(self) -> Reply:
         """The worker's timer ran out: the 421 to write before it closes."""
-        self.state = State.CLOSED
+        self.state = CLOSED
         return replies.timeout(self.hostname)
 
     def shutdown_reply(self) -> Reply:
         """The worker stops: the 421 to write before it closes."""
-        self.state = State.CLOSED
+        self.state = CLOSED
         return replies.shutting_down(self.hostname)
 
     # ------------------------------------------------------------ framing
@@ -472,7 +491,7 @@ class Session:
         pos = 0
         while True:
             state = self.state
-            if state is State.DATA:
+            if state is DATA:
                 if self._chunk is None:
                     pos, reply = self._consume_data(buf, pos)
                 else:
@@ -481,8 +500,8 @@ class Session:
                     break  # the rest of the message (or chunk) is yet to come, or it is complete
                 out.append(reply)
                 continue
-            if state is State.WAITING or state is State.CLOSED:
-                break
+            if state is WAITING or state is CLOSED or pos == len(buf):
+                break  # (nothing left: outside DATA, no command can be complete)
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) - pos > self.limits.max_command_line and len(buf) - pos > self._line_limit(buf, pos):
@@ -501,11 +520,12 @@ class Session:
                     self._note_line(line)
                 self._skipping_long_line = False
                 reply = self._error(replies.COMMAND_TOO_LONG)
-            elif state is State.AUTH:
+            elif state is AUTH:
                 self._note_line(line)
                 reply = self._auth_line(line)
             else:
-                self._note_line(line)
+                self._line = line  # _note_line, inlined: once per command
+                self._line_after_auth = self._after_auth
                 reply = self._command(line)
             if reply is not None:
                 out.append(reply)
@@ -522,7 +542,7 @@ class Session:
         answers may be 12288 octets (RFC 4954 4), a RCPT line 500 more than
         the limit for its NOTIFY and ORCPT (RFC 3461 4), any other the limit."""
         verb = buf[pos : pos + 5].upper()
-        if self.state is State.AUTH or verb in (b"AUTH ", b"AUTH\r"):
+        if self.state is AUTH or verb in (b"AUTH ", b"AUTH\r"):
             return max(sasl.MAX_AUTH_LINE, self.limits.max_command_line)
         if verb == b"RCPT ":
             return self.limits.max_command_line + dsn.RCPT_LINE_EXTENSION
@@ -534,7 +554,9 @@ class Session:
         self._line_after_auth = self._after_auth
 
     def _command(self, line: bytes) -> Reply | None:
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+        """Answer one line that ends with LF."""
+        cr = line.find(b"\r")
+        if cr < 0 or cr != len(line) - 2:  # no CRLF at the end, or a CR before it (one scan, no slice)
             return self._error(replies.BARE_LINE_END_IN_COMMAND)
         text = line[:-2].decode("latin-1")
         verb, _, arg = text.partition(" ")
@@ -555,7 +577,7 @@ class Session:
         if handler is None or (command.enabled is not None and not command.enabled(self)):
             return self._error(replies.NOT_IMPLEMENTED)
         if self.state not in command.states:
-            if verb == "DATA" and self.state is State.MAIL and self._envelope and self._rejected_rcpts:
+            if verb == "DATA" and self.state is MAIL and self._envelope and self._rejected_rcpts:
                 return self._error(replies.NO_VALID_RECIPIENTS)
             return self._error(SEQUENCE_ERRORS.get((verb, self.state), replies.BAD_SEQUENCE))
         return handler(self, arg)
@@ -574,7 +596,7 @@ class Session:
         self.errors += 1
         if self.errors < self.limits.max_errors:
             return reply
-        self.state = State.CLOSED
+        self.state = CLOSED
         out = self._out
         out.append(reply)
         out.append(LogEvent(f"too many errors ({self.errors}); closing"))
@@ -588,7 +610,7 @@ class Session:
 
     def _wait(self, event: Wait, on_verdict: Callable[[Verdict], Reply | None]) -> None:
         """Stop reading commands until ``resume`` brings a verdict on ``event``."""
-        self.state = State.WAITING
+        self.state = WAITING
         self._awaiting = event
         self._on_verdict = on_verdict
         self._out.append(event)
@@ -600,7 +622,7 @@ class Session:
             return None
         self.helo = name
         self._reset_transaction()
-        self.state = State.READY
+        self.state = READY
         self._out.append(LogEvent(f"{verb} {name}"))
         return name
 
@@ -620,7 +642,7 @@ class Session:
         return replies.hello(self.hostname, name)
 
     @COMMANDS.verb(
-        states={State.READY},
+        states={READY},
         syntax="MAIL FROM:<user@domain>",
         params="[SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
         help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
@@ -636,7 +658,7 @@ class Session:
             return self._syntax_error("MAIL")
         path, params = parsed
         size = 0
-        mail_dsn = dsn.MailDSN()
+        mail_dsn: dsn.MailDSN | None = None  # made at the first RET= or ENVID=
         binary = utf8 = False
         for param in params:
             m = _PARAM.match(param)
@@ -663,12 +685,14 @@ class Session:
                 if value is None:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
             elif key in dsn.MAIL_PARAMETERS:
+                if mail_dsn is None:
+                    mail_dsn = dsn.MailDSN()
                 refusal = mail_dsn.take(key, value)
                 if refusal is not None:
                     return self._error(refusal)
             else:
                 return self._error(replies.unsupported_mail_parameter(key))
-        if size > self.limits.max_message_size:
+        if size and size > self.limits.max_message_size:  # (no SIZE=: no look at the limit)
             return self._error(replies.MESSAGE_TOO_BIG)
         if not path.isascii():
             decoded = self._utf8_path(path, utf8)
@@ -693,17 +717,18 @@ class Session:
             self._log_refusal(refusal)
             return refusal
         envelope = self._envelope = Envelope(
-            helo=self.helo, sender=path, tls=self.tls, login=self.login, dsn=mail_dsn if mail_dsn.given else None
+            helo=self.helo, sender=path, tls=self.tls, login=self.login,
+            dsn=mail_dsn if mail_dsn is not None and mail_dsn.given else None,
         )
         if utf8 or binary:
             envelope.smtputf8 = utf8
             envelope.binary = binary
         self._rejected_rcpts = 0
-        self.state = State.MAIL
+        self.state = MAIL
         return replies.SENDER_OK
 
     @COMMANDS.verb(
-        states={State.MAIL, State.RCPT},
+        states={MAIL, RCPT},
         syntax="RCPT TO:<user@domain>",
         params="[NOTIFY=NEVER|SUCCESS,FAILURE,DELAY] [ORCPT=type;xtext]",
         help="RCPT TO:<user@domain> or RCPT TO:<user>",
@@ -774,7 +799,7 @@ class Session:
             self._rejected_rcpts += 1
             return self._error(refusal)
         envelope.recipients.append(Recipient(address=path, folder=folder, dsn=rcpt_dsn, subfolder=subfolder))
-        self.state = State.RCPT
+        self.state = RCPT
         return replies.RECIPIENT_OK
 
     def _outside_recipient(self, path: str, rcpt_dsn: dsn.RecipientDSN | None) -> Reply | None:
@@ -791,7 +816,7 @@ class Session:
         envelope = self._envelope
         assert envelope is not None
         envelope.recipients.append(Recipient(address=path, folder="", dsn=rcpt_dsn, outside=True))
-        self.state = State.RCPT
+        self.state = RCPT
         return replies.RECIPIENT_OK
 
     def _rcpt_parameters(self, params: list[str]) -> tuple[dsn.RecipientDSN | None, Reply | None]:
@@ -809,7 +834,7 @@ class Session:
                 return None, refusal
         return rcpt_dsn, None
 
-    @COMMANDS.verb(states={State.RCPT}, syntax="DATA")
+    @COMMANDS.verb(states={RCPT}, syntax="DATA")
     def smtp_DATA(self, arg: str) -> Reply | None:
         if arg:
             return self._syntax_error("DATA")
@@ -819,7 +844,7 @@ class Session:
         if refusal is not None:  # the server's shortage, not the client's error
             self._log_refusal(refusal)
             return refusal
-        self.state = State.DATA
+        self.state = DATA
         self._chunks = []
         self._size = 0
         self._data_error = None
@@ -831,8 +856,8 @@ class Session:
         if arg:
             return self._syntax_error("RSET")
         self._reset_transaction()
-        if self.state is not State.CONNECTED:
-            self.state = State.READY
+        if self.state is not CONNECTED:
+            self.state = READY
         return replies.OK
 
     @COMMANDS.verb(states=COMMAND_STATES, syntax="NOOP [string]")
@@ -841,7 +866,7 @@ class Session:
 
     @COMMANDS.verb(states=COMMAND_STATES, syntax="QUIT")
     def smtp_QUIT(self, arg: str) -> None:
-        self.state = State.CLOSED
+        self.state = CLOSED
         self._out.append(Close(replies.bye(self.hostname)))
 
     @COMMANDS.verb(states=COMMAND_STATES, syntax="HELP", ehlo="HELP")
@@ -873,7 +898,7 @@ class Session:
 
     # ----------------------------------------------------- STARTTLS, AUTH
     @COMMANDS.verb(
-        states={State.READY},
+        states={READY},
         syntax="STARTTLS",
         help="STARTTLS: encrypt the session (RFC 3207)",
         enabled=lambda session: session.starttls_offered,
@@ -893,11 +918,11 @@ class Session:
         self.tls = verdict.info
         self.helo = ""
         self._reset_transaction()
-        self.state = State.CONNECTED
+        self.state = CONNECTED
         return None
 
     @COMMANDS.verb(
-        states={State.READY},
+        states={READY},
         syntax="AUTH mechanism [initial-response]",
         help="AUTH PLAIN|LOGIN [initial-response]: log in (RFC 4954)",
         enabled=lambda session: session.auth_offered,
@@ -923,10 +948,10 @@ class Session:
 
     def _sasl_step(self, step: sasl.Step) -> Reply | None:
         if isinstance(step, sasl.Challenge):
-            self.state = State.AUTH
+            self.state = AUTH
             return Reply(step.reply)
         exchange, self._sasl = self._sasl, None
-        self.state = State.READY
+        self.state = READY
         if isinstance(step, sasl.Failure):
             if exchange is not None and exchange.mechanism:  # counted by mechanism (unknown ones are not)
                 result = "cancelled" if step.reply == sasl.CANCELLED else "malformed"
@@ -938,7 +963,7 @@ class Session:
 
     def _checked(self, verdict: Verdict) -> Reply | None:
         """The verdict on a password: 235, 535 (and 421 past the limit) or 454."""
-        self.state = State.READY
+        self.state = READY
         awaited = self._checking
         if isinstance(verdict, Authenticated):
             self.login = verdict.username
@@ -952,7 +977,7 @@ class Session:
         self._log_refusal(AUTH_FAILED, f"AUTH {awaited}")
         if self.auth_failures < self.limits.max_auth_failures:
             return AUTH_FAILED
-        self.state = State.CLOSED
+        self.state = CLOSED
         self._out.append(AUTH_FAILED)
         self._out.append(LogEvent(f"too many failed authentication attempts ({self.auth_failures}); closing"))
         self._out.append(Close(replies.too_many_auth_failures(self.hostname)))
@@ -1113,7 +1138,7 @@ class Session:
             folders = ",".join(sorted({r.folder for r in envelope.recipients}))
             what = f"message from <{envelope.sender}> to {folders}"
             self._reset_transaction()
-            self.state = State.READY
+            self.state = READY
             if reply[0] == 0x34:  # "4": the server's shortage, not the client's error
                 self._log_refusal(reply, what)
                 return reply
@@ -1127,7 +1152,7 @@ class Session:
     def _delivered(self, verdict: Verdict) -> Reply:
         """The store's verdict on the message: the reply to its DATA."""
         self._reset_transaction()
-        self.state = State.READY
+        self.state = READY
         if isinstance(verdict, Stored):
             return replies.queued(verdict.queue_id)
         assert isinstance(verdict, StoreFailed)
@@ -1158,21 +1183,21 @@ class Session:
         size, last = parsed
         state = self.state
         refusal = None
-        if state is State.RCPT:
+        if state is RCPT:
             self._start_chunks()
-        elif state is not State.CHUNKS:
+        elif state is not CHUNKS:
             refusal = self._chunk_sequence_error(state)
             self._size = 0  # nothing of it is held
         self._chunk = chunking.Chunk(size, last, refusal)
         self._state_after_refused_chunk = state
-        self.state = State.DATA  # the chunk's octets are message data, never commands
+        self.state = DATA  # the chunk's octets are message data, never commands
         return None  # answered once the chunk's data is read
 
     def _chunk_sequence_error(self, state: State) -> Reply:
         """The 503 a chunk out of sequence gets, once read."""
-        if state is State.READY and self._chunk_failed:
+        if state is READY and self._chunk_failed:
             return replies.CHUNK_AFTER_FAILURE
-        if state is State.MAIL and self._rejected_rcpts:
+        if state is MAIL and self._rejected_rcpts:
             return replies.NO_VALID_RECIPIENTS
         return CHUNK_SEQUENCE_ERRORS[state]
 
@@ -1181,7 +1206,7 @@ class Session:
         from the commands behind it, so none of it is read; 501, then close."""
         reply = self._syntax_error("BDAT")
         if reply is not None:
-            self.state = State.CLOSED
+            self.state = CLOSED
             self._out.append(reply)
             self._out.append(LogEvent("BDAT without a valid chunk size: the end of its data is unknown; closing"))
             self._out.append(Close(replies.chunk_unframed(self.hostname)))
@@ -1255,20 +1280,15 @@ class Session:
             if self._check_lines(line):
                 self._keep(line)
         if self._data_error is None and not chunk.last:
-            self.state = State.CHUNKS
+            self.state = CHUNKS
             return replies.chunk_received(chunk.size)
         # The message is complete, or refused: as at the end of DATA.
         reply = self._end_of_data()
-        if self.state is State.READY:
+        if self.state is READY:
             self._chunk_failed = True  # chunks already pipelined behind are discarded
         return reply
 
 
-# Every byte but LF becomes "a": a line of more than ``limit`` octets (LF
-# included) is then a run of ``limit`` "a"s, which bytes.find spots at C
-# speed (measured: 1.6 ms per MiB, against 25 ms for an anchored regex).
-_NOT_LF_TO_A = bytes(0x0A if i == 0x0A else 0x61 for i in range(256))
-_long_run_cache: dict[int, bytes] = {}
 # Message pieces shorter than this are gathered into one bytearray (Session._keep).
 GATHER_BELOW = 64 * 1024
 
@@ -1278,13 +1298,24 @@ def _admit_every_message() -> Reply | None:
 
 
 def has_long_line(seg: bytes, limit: int) -> bool:
-    """True if a line of ``seg`` (made of whole lines) exceeds ``limit`` octets."""
-    if len(seg) <= limit:
+    """True if a line of ``seg`` (made of whole lines) exceeds ``limit`` octets.
+
+    Such a line holds ``limit`` octets or more before its LF. From a line's
+    start, a LF among the next ``limit`` octets ends every line that starts
+    up to it within the limit, so the search jumps past the last such LF
+    (memrchr, at C speed): no copy of ``seg`` is made, and any two jumps
+    cover ``limit`` octets or more (a window of usual lines in one jump).
+    """
+    end = len(seg)
+    if end <= limit:
         return False
-    needle = _long_run_cache.get(limit)
-    if needle is None:
-        needle = _long_run_cache[limit] = b"a" * limit
-    return needle in seg.translate(_NOT_LF_TO_A)
+    start = 0  # a line's start
+    while end - start >= limit:
+        last = seg.rfind(b"\n", start, start + limit)
+        if last < 0:
+            return True  # limit octets from a line's start, and no LF
+        start = last + 1
+    return False
 
 
 def valid_helo_name(name: str) -> bool:

@@ -53,7 +53,7 @@ from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
 from .proxy import ProxyResult, parse_networks, trusted
 from .proxy_reader import Conveyed, conveyed, read_header
-from .session import Envelope, Session, State
+from .session import CLOSED, CONNECTED, DATA, READY, WAITING, Envelope, Session
 from .settings import Settings
 from .stats import AUTH_FIELDS, FIELD, TLS_SESSION_FIELDS, AddressTables, LiveSettings, SharedStats, address_key
 from .tls import describe_tls
@@ -72,7 +72,7 @@ AUTH_FAILURES = FIELD["auth_failures"]
 PROXIED = FIELD["proxied"]
 PROXY_FAILURES = FIELD["proxy_failures"]
 
-_IDLE_STATES = (State.CONNECTED, State.READY)
+_IDLE_STATES = (CONNECTED, READY)
 TICK = 0.5  # seconds between housekeeping passes (timeouts, titles)
 # Unsent replies per connection: past WRITE_HIGH the connection stops reading
 # until the client has taken all but WRITE_LOW.
@@ -219,21 +219,26 @@ class SMTPConnection(asyncio.Protocol):
         """
         session = self.session
         assert session is not None
-        view = memoryview(data)
-        pos, end = 0, len(view)
+        view = None  # made only when the read goes in slices
+        pos, end = 0, len(data)
         while pos < end:
             if self.upgrading:
                 if pos < end:
                     self.worker.log(f"{self.peer} dropped {end - pos} bytes sent in the clear after STARTTLS")
                 return  # the rest was sent in the clear behind STARTTLS
-            if self.write_paused or session.state is State.WAITING:
-                self.held += view[pos:]
-                return
-            if session.state is State.CLOSED:
-                return  # closing: the rest is never answered
             state = session.state
-            step = end - pos if state is State.DATA else COMMAND_SLICE
-            piece = view[pos : pos + step]
+            if self.write_paused or state is WAITING:
+                self.held += memoryview(data)[pos:]
+                return
+            if state is CLOSED:
+                return  # closing: the rest is never answered
+            piece: bytes | bytearray | memoryview
+            if pos == 0 and (state is DATA or end <= COMMAND_SLICE):
+                piece = data  # the usual read, fed whole: no view, no slice
+            else:
+                if view is None:
+                    view = memoryview(data)
+                piece = view[pos : pos + (end - pos if state is DATA else COMMAND_SLICE)]
             pos += len(piece)
             events = session.feed(piece)
             if events or session.state is not state:
@@ -248,7 +253,7 @@ class SMTPConnection(asyncio.Protocol):
     def _renew_deadline(self) -> None:
         worker = self.worker
         assert self.session is not None
-        if self.session.state is State.DATA:
+        if self.session.state is DATA:
             self.deadline = worker.now + worker.live.data_timeout
         else:
             self.deadline = worker.now + worker.live.timeout
@@ -264,43 +269,47 @@ class SMTPConnection(asyncio.Protocol):
         transport = self.transport
         assert session is not None and transport is not None
         worker = self.worker
-        unsent: list[bytes] = []
-        refused_4xx = refused_5xx = 0
-        for event in events:
-            # Told apart by exact type (cheaper than isinstance; type checkers follow it too).
-            if type(event) is Reply:
-                unsent.append(event)
-                code = event[0]
-                if code >= 0x34:  # "4" or "5"
-                    if code == 0x34:
-                        refused_4xx += 1
-                    else:
-                        refused_5xx += 1
-            elif type(event) is LogEvent:
-                worker.log(f"{self.peer} {event.text}")
-            elif type(event) is Close:
-                unsent.append(event.reply)
-                transport.write(b"".join(unsent))
-                unsent = []
-                transport.close()
-            elif type(event) is Deliver:
-                self._deliver(event.envelope)
-            elif type(event) is StartTLS:
-                if unsent:  # the 220 leaves in the clear, before the handshake
+        reply = events[0] if len(events) == 1 else None
+        if type(reply) is Reply and reply[0] < 0x34:
+            transport.write(reply)  # the usual: one positive reply to one command, as it is
+        else:
+            unsent: list[bytes] = []
+            refused_4xx = refused_5xx = 0
+            for event in events:
+                # Told apart by exact type (cheaper than isinstance; type checkers follow it too).
+                if type(event) is Reply:
+                    unsent.append(event)
+                    code = event[0]
+                    if code >= 0x34:  # "4" or "5"
+                        if code == 0x34:
+                            refused_4xx += 1
+                        else:
+                            refused_5xx += 1
+                elif type(event) is LogEvent:
+                    worker.log(f"{self.peer} {event.text}")
+                elif type(event) is Close:
+                    unsent.append(event.reply)
                     transport.write(b"".join(unsent))
                     unsent = []
-                self._start_tls()
-            elif type(event) is CheckCredentials:
-                self._check_credentials(event)
-            elif type(event) is AuthAborted:
-                worker.count_auth(event.mechanism, event.result)
-            else:
-                raise TypeError(f"no worker action for {event!r}")
-        if unsent:
-            transport.write(b"".join(unsent))
-        if refused_4xx or refused_5xx:
-            worker.slot.add(REPLIES_4XX, refused_4xx)
-            worker.slot.add(REPLIES_5XX, refused_5xx)
+                    transport.close()
+                elif type(event) is Deliver:
+                    self._deliver(event.envelope)
+                elif type(event) is StartTLS:
+                    if unsent:  # the 220 leaves in the clear, before the handshake
+                        transport.write(b"".join(unsent))
+                        unsent = []
+                    self._start_tls()
+                elif type(event) is CheckCredentials:
+                    self._check_credentials(event)
+                elif type(event) is AuthAborted:
+                    worker.count_auth(event.mechanism, event.result)
+                else:
+                    raise TypeError(f"no worker action for {event!r}")
+            if unsent:
+                transport.write(b"".join(unsent))
+            if refused_4xx or refused_5xx:
+                worker.slot.add(REPLIES_4XX, refused_4xx)
+                worker.slot.add(REPLIES_5XX, refused_5xx)
         if worker.closing_idle and session.state in _IDLE_STATES:
             transport.write(session.shutdown_reply())
             transport.close()
@@ -325,11 +334,11 @@ class SMTPConnection(asyncio.Protocol):
         """Feed what was held, then read again, unless a reason to wait remains."""
         if self.closed or self.session is None:
             return
-        waiting_verdict = self.session.state is State.WAITING or self.upgrading
+        waiting_verdict = self.session.state is WAITING or self.upgrading
         if self.held and not self.write_paused and not waiting_verdict:
             held, self.held = self.held, bytearray()
             self._feed(held)
-        waiting = self.write_paused or self.session.state is State.WAITING or self.upgrading or self.held or self.closed
+        waiting = self.write_paused or self.session.state is WAITING or self.upgrading or self.held or self.closed
         if self.reading_paused and not waiting:
             self.reading_paused = False
             assert self.transport is not None
@@ -390,17 +399,15 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            folders = ",".join(sorted({r.folder for r in envelope.recipients if not r.outside}))
-            outside = [r.address for r in envelope.recipients if r.outside]
-            if outside:
-                folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
             worker.log(
-                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
+                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {_destinations(envelope)}"
+                f" ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
-            worker.send_success_notice(envelope, queue_id)
+            if any([r.dsn is not None for r in envelope.recipients]):  # else no NOTIFY=SUCCESS was asked for
+                worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
         if self.closed:
@@ -486,7 +493,7 @@ class SMTPConnection(asyncio.Protocol):
         worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthFailed())
 
     def _auth_verdict(self, verdict: Authenticated | AuthFailed | AuthUnavailable) -> None:
-        if self.closed or self.session is None or self.session.state is State.CLOSED:
+        if self.closed or self.session is None or self.session.state is CLOSED:
             return
         events = self.session.resume(verdict)
         self._renew_deadline()
@@ -516,6 +523,19 @@ PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext, Conveyed | None], asyn
     SUBMISSION: SMTPConnection,  # the session refuses MAIL until AUTH (context.require_auth)
     SMTPS: SMTPConnection,  # the worker runs the handshake before the connection is made (context.tls)
 }
+
+
+def _destinations(envelope: Envelope) -> str:
+    """Where a stored mail went, for its log line: ``bob,carol``, and
+    ``queued for <addresses>`` for outside recipients."""
+    recipients = envelope.recipients
+    if len(recipients) == 1 and not recipients[0].outside:
+        return recipients[0].folder  # the usual mail: no set, sort or join to make
+    folders = ",".join(sorted({r.folder for r in recipients if not r.outside}))
+    outside = [r.address for r in recipients if r.outside]
+    if outside:
+        folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
+    return folders
 
 
 def _peer_text(sock: socket.socket) -> str:
@@ -942,7 +962,7 @@ class Worker:
     def stop_now(self) -> None:
         for conn in list(self.connections):
             if conn.transport is not None:
-                if conn.session is not None and conn.session.state is not State.CLOSED:
+                if conn.session is not None and conn.session.state is not CLOSED:
                     conn.transport.write(conn.session.shutdown_reply())
                 conn.transport.close()
         if not self.finished.done():

@@ -11,9 +11,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from sansio import Wired
 
-from prefork_smtpd.session import Limits, Session, State
+from prefork_smtpd import replies
+from prefork_smtpd.session import Limits, Session, State, has_long_line
 
 # An end of data that is not CRLF . CRLF: each would let a second mail be
 # smuggled past a server that accepts it and into one that does not.
@@ -134,3 +137,48 @@ def test_refused_message_gets_the_same_reply_at_every_split(body, reply):
     assert final_replies(expected)[-2:] == [reply, b"250 2.0.0"]
     for cut in range(len(HEAD), len(data)):
         assert run(pieces(data, [cut])) == expected, cut
+
+
+# A command line is refused as framed badly exactly when it does not end with
+# CRLF or holds a CR before it: the straightforward reading of RFC 5321 2.3.8,
+# against which the session's one-scan check is compared.
+COMMAND_PIECES = st.lists(st.sampled_from([b"NOOP", b"RSET", b" ", b"x", b"\r", b"\x00"]), max_size=8)
+
+
+@settings(max_examples=500, deadline=None)
+@given(COMMAND_PIECES)
+@example([])  # "\n": an empty line ending with a bare LF
+@example([b"\r"])  # "\r\n": an empty command, framed right
+@example([b"\r", b"\r"])
+@example([b"NOOP", b"\r", b"x", b"\r"])
+def test_a_command_line_is_refused_as_bare_exactly_when_its_crlf_is_missing_or_not_its_only_cr(pieces):
+    line = b"".join(pieces) + b"\n"  # one line: _run cuts at LF
+    framed_right = line.endswith(b"\r\n") and b"\r" not in line[:-2]
+    s = new_session()
+    s.feed(b"EHLO c\r\n")
+    reply = s.feed(line)
+    assert (reply == replies.BARE_LINE_END_IN_COMMAND) == (not framed_right), (line, reply)
+
+
+def has_long_line_by_translation(seg: bytes, limit: int) -> bool:
+    """The search has_long_line replaced: every octet but LF made "a", then a
+    run of ``limit`` "a"s looked for (one copy of the whole run of lines)."""
+    if len(seg) <= limit:
+        return False
+    return b"a" * limit in seg.translate(bytes(0x0A if i == 0x0A else 0x61 for i in range(256)))
+
+
+LINE_PIECES = st.lists(st.sampled_from([b"x", b"xxxxxxx", b"\r\n", b"\n", b"\r", b"."]), max_size=40)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(LINE_PIECES, st.integers(min_value=1, max_value=30))
+@example([b"xxxxxxx", b"\n"], 7)  # a line of 8 octets, LF included
+@example([b"xxxxxxx", b"\n"], 8)
+@example([b"\n", b"xxxxxxx", b"x", b"\n", b"x", b"\n"], 8)
+def test_a_long_line_is_found_where_the_plain_reading_finds_it(pieces, limit):
+    seg = b"".join(pieces)
+    assert has_long_line(seg, limit) == has_long_line_by_translation(seg, limit), (seg, limit)
+    whole_lines = seg + b"\n"  # as the session passes them: each line with its LF
+    plainly = any(len(line) + 1 > limit for line in whole_lines.split(b"\n")[:-1])
+    assert has_long_line(whole_lines, limit) == plainly, (whole_lines, limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from types import SimpleNamespace
 
@@ -11,9 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from prefork_smtpd import replies
 from prefork_smtpd.events import Close, LogEvent
+from prefork_smtpd.listeners import SMTP_CONTEXT
 from prefork_smtpd.session import Limits, Session
-from prefork_smtpd.stats import FIELD
-from prefork_smtpd.worker import SMTPConnection
+from prefork_smtpd.settings import Settings
+from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
+from prefork_smtpd.worker import COMMAND_SLICE, SMTPConnection, Worker
 
 
 class Recorder:
@@ -105,3 +108,58 @@ def test_a_server_counts_refusals_from_replies_but_not_closing_notices(start_ser
     assert c.closed_by_server()
     wait_until(lambda: rejected(mport, "5xx") == 2, what="two 5xx counted")
     assert rejected(mport, "4xx") == 0
+
+
+def test_a_refusal_that_comes_alone_is_counted_too():
+    # The store's 451 comes back from the session as the only event (the
+    # worker logs the failure itself): a lone reply, counted all the same.
+    rec = Recorder()
+    session = Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0)
+    worker = SimpleNamespace(slot=rec, log=rec.log, closing_idle=False)
+    conn = SimpleNamespace(session=session, transport=rec, worker=worker, peer="[192.0.2.1]:25")
+    session.feed(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b>\r\nDATA\r\nhello\r\n.\r\n")
+    events = session.message_failed(replies.LOCAL_ERROR)
+    assert events == [replies.LOCAL_ERROR]
+    SMTPConnection._act(conn, events)
+    assert rec.writes == [replies.LOCAL_ERROR]
+    assert rec.added == {FIELD["replies_4xx"]: 1, FIELD["replies_5xx"]: 0}
+
+
+class SliceCountingTransport(asyncio.Transport):
+    """A peer at 192.0.2.1 whose every write is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name, default=None):
+        return ("192.0.2.1", 4711) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high=None, low=None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("size", [COMMAND_SLICE - 6, COMMAND_SLICE, COMMAND_SLICE + 6, 8 * COMMAND_SLICE])
+def test_a_read_of_pipelined_commands_is_answered_a_slice_at_a_time(tmp_path, size):
+    # A reply can be 50 times its command (HELP): a read goes to the session
+    # in slices of COMMAND_SLICE octets, the replies to each written before
+    # the next is read; a read that fits in one slice goes whole.
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    conn = SMTPConnection(Worker(1, [], settings, stats), SMTP_CONTEXT)
+    transport = SliceCountingTransport()
+    conn.connection_made(transport)
+    conn.data_received(b"EHLO c.example\r\n")
+    del transport.writes[:]
+    commands = b"HELP\r\n" * (size // 6)
+    conn.data_received(commands)
+    assert b"".join(transport.writes).count(b"214 2.0.0 End of HELP\r\n") == size // 6
+    assert len(transport.writes) == -(-size // COMMAND_SLICE)  # one write per slice
