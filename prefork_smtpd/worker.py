@@ -47,7 +47,7 @@ from .events import (
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
 from .notices import success_notice
-from .queue import queue_dir_of
+from .queue import queue_dir_of, wake_runner
 from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
@@ -394,6 +394,7 @@ class SMTPConnection(asyncio.Protocol):
             outside = [r.address for r in envelope.recipients if r.outside]
             if outside:
                 folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
+                wake_runner()
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {folders} ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
