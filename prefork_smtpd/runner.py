@@ -37,6 +37,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import signal
 import ssl
 import time
@@ -63,7 +64,11 @@ from .stats import FIELD, SharedStats
 
 RUNNER_SLOT = 0  # the shared-memory slot no worker uses
 TICK = 1.0  # seconds between checks that the master lives (no look at the queue)
+HOUSEKEEPING = 0.5  # seconds between publishing the queue's figures and writing out log lines
 WAKE_GAP = 0.005  # seconds between looks prompted by wake-ups: a burst of new mail is one look
+QUIT_WAIT = 10.0  # seconds a closing connection waits for the reply to QUIT
+MAX_REPLY = 64 * 1024  # bytes of a reply still incomplete: more is no SMTP server's reply
+MAX_REPLY_LINES = 1000
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
 
@@ -185,12 +190,97 @@ def _status_of(reply: str, fallback: str) -> str:
 
 
 # ---------------------------------------------------------- kept connections
+class ReplyReader(asyncio.Protocol):
+    """A kept connection's replies, once aiosmtplib has done the greeting, EHLO,
+    STARTTLS and AUTH and handed the transport over.
+
+    aiosmtplib reads one reply per command written; with PIPELINING (RFC 2920)
+    several replies come in one read, so they queue up here. A reply is
+    ``(code, text)``, the text's lines joined by newlines as aiosmtplib does.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buffer = bytearray()
+        self.lines: list[bytes] = []  # the lines of a reply still coming
+        self.replies: deque[tuple[int, str]] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.lost: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.lost is None and not self.transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if not self.alive:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        self.transport.write(data)
+
+    async def reply(self, timeout: float) -> tuple[int, str]:
+        while not self.replies:
+            if self.lost is not None:
+                raise self.lost
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.waiter
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the next hop's reply") from None
+            finally:
+                self.waiter = None
+        return self.replies.popleft()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) >= 0:
+            line = bytes(self.buffer[start : end + 1])
+            start = end + 1
+            self.lines.append(line)
+            if line[3:4] != b"-":  # the last line of a reply
+                self._reply_done()
+        del self.buffer[:start]
+        if len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+            self._fail(aiosmtplib.SMTPResponseException(500, "reply too long"))
+            self.transport.close()
+        self._wake()
+
+    def _reply_done(self) -> None:
+        lines, self.lines = self.lines, []
+        try:
+            code = int(lines[0][:3])
+        except ValueError:
+            self._fail(aiosmtplib.SMTPResponseException(500, f"malformed reply {lines[0][:80]!r}"))
+            self.transport.close()
+            return
+        text = "\n".join(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for line in lines)
+        self.replies.append((code, text))
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("the next hop closed the connection"))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected(f"connection lost: {exc}" if exc else "connection lost"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
 @dataclass(eq=False)
 class Connection:
     """One SMTP session to a next hop, kept open between mails."""
 
     key: tuple[str, int]  # (address, port)
-    client: aiosmtplib.SMTP
+    reader: ReplyReader
+    pipelining: bool  # the next hop offers PIPELINING: a transaction's commands go in one write
+    dsn: bool  # the next hop offers DSN
     mails: int = 0  # transactions started on it
     dirty: bool = False  # a transaction may still be open: RSET before the next MAIL
     idle_timer: asyncio.TimerHandle | None = None
@@ -211,7 +301,7 @@ class ConnectionPool:
 
     def __init__(self, open_client, per_destination: int, total: int, mails_per_connection: int,
                  idle_time: float) -> None:
-        self.open_client = open_client  # async (key) -> a connected aiosmtplib.SMTP
+        self.open_client = open_client  # async (key) -> a ready Connection
         self.per_destination = per_destination
         self.total = total
         self.mails_per_connection = mails_per_connection
@@ -226,7 +316,7 @@ class ConnectionPool:
             while dest.idle:
                 conn = dest.idle.pop()
                 self._stop_timer(conn)
-                if conn.client.is_connected:
+                if conn.reader.alive:
                     return conn
                 self._forget(dest, conn)  # the next hop hung up while it was idle
             if dest.count < self.per_destination:
@@ -248,30 +338,30 @@ class ConnectionPool:
         if self.count > self.total:
             self._evict_one_idle(dest)
         try:
-            client = await self.open_client(key)
+            conn = await self.open_client(key)
         except BaseException:
             dest.count -= 1
             self.count -= 1
             self._wake(dest)
             raise
         self.opened += 1
-        return Connection(key, client)
+        return conn
 
     def release(self, conn: Connection, reusable: bool) -> None:
         dest = self.destinations[conn.key]
-        if reusable and conn.mails < self.mails_per_connection and conn.client.is_connected:
+        if reusable and conn.mails < self.mails_per_connection and conn.reader.alive:
             dest.idle.append(conn)
             conn.idle_timer = asyncio.get_running_loop().call_later(self.idle_time, self._expire, conn)
         else:
             self._forget(dest, conn)
-            _close_soon(conn.client, polite=reusable)
+            _close_soon(conn, polite=reusable)
         self._wake(dest)
 
     def close_all(self) -> None:
         for dest in self.destinations.values():
             for conn in dest.idle:
                 self._stop_timer(conn)
-                conn.client.close()
+                conn.reader.transport.close()
             dest.idle.clear()
 
     def _expire(self, conn: Connection) -> None:
@@ -280,7 +370,7 @@ class ConnectionPool:
         if dest is not None and conn in dest.idle:
             dest.idle.remove(conn)
             self._forget(dest, conn)
-            _close_soon(conn.client, polite=True)
+            _close_soon(conn, polite=True)
             self._wake(dest)
 
     def _evict_one_idle(self, needing: _Destination) -> None:
@@ -290,7 +380,7 @@ class ConnectionPool:
                 conn = dest.idle.pop(0)
                 self._stop_timer(conn)
                 self._forget(dest, conn)
-                _close_soon(conn.client, polite=True)
+                _close_soon(conn, polite=True)
                 return
 
     def _forget(self, dest: _Destination, conn: Connection) -> None:
@@ -312,17 +402,21 @@ class ConnectionPool:
                 return
 
 
-def _close_soon(client: aiosmtplib.SMTP, polite: bool) -> None:
-    """QUIT in the background (a goodbye nobody waits for), or just close."""
-    if not polite or not client.is_connected:
-        client.close()
+def _close_soon(conn: Connection, polite: bool) -> None:
+    """QUIT and its reply in the background (a goodbye nobody waits for), or just close."""
+    reader = conn.reader
+    if not polite or not reader.alive:
+        reader.transport.close()
         return
 
     async def goodbye() -> None:
         try:
-            await asyncio.wait_for(client.quit(), 10)
+            reader.send(b"QUIT\r\n")
+            await reader.reply(QUIT_WAIT)
         except Exception:  # noqa: BLE001: the outcomes are recorded; the goodbye does not matter
-            client.close()
+            pass
+        finally:
+            reader.transport.close()
 
     task = asyncio.get_running_loop().create_task(goodbye())
     _goodbyes.add(task)
@@ -330,6 +424,47 @@ def _close_soon(client: aiosmtplib.SMTP, polite: bool) -> None:
 
 
 _goodbyes: set[asyncio.Task] = set()
+
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+def _command(verb_and_address: bytes, options: list[str]) -> bytes:
+    """One command line; a CR or LF inside (never from our sessions) would smuggle another."""
+    line = b" ".join([verb_and_address, *(o.encode("ascii") for o in options)])
+    if b"\r" in line or b"\n" in line:
+        raise ValueError(f"line break inside an SMTP command: {line[:80]!r}")
+    return line + b"\r\n"
+
+
+def _mail_options(mail: QueuedMail, dsn: bool) -> list[str]:
+    options = []
+    if dsn:
+        if mail.ret:
+            options.append(f"RET={mail.ret}")
+        if mail.envid:
+            options.append(f"ENVID={xtext_encode(mail.envid)}")
+    return options
+
+
+def _rcpt_options(mail: QueuedMail, index: int, dsn: bool) -> list[str]:
+    rcpt_dsn = mail.recipients[index].dsn
+    options = []
+    if dsn and rcpt_dsn is not None:
+        if rcpt_dsn.notify_text:
+            options.append(f"NOTIFY={rcpt_dsn.notify_text}")
+        if rcpt_dsn.orcpt_text:
+            options.append(f"ORCPT={rcpt_dsn.orcpt_text}")
+    return options
+
+
+def _data_block(message: bytes) -> bytes:
+    """The message as DATA sends it: CRLF lines, leading dots doubled, the final dot."""
+    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return _LEADING_DOT.sub(b"..", message) + b".\r\n"
 
 
 class _StaleConnection(Exception):
@@ -371,8 +506,7 @@ class Settler:
         if self.last and len(sent) == self.group_size and not (notice_due and mail.sender):
             await runner.removals.remove(mail.id)
             self.removed = True
-            runner._count_sent(mail, sent)
-            runner.log(f"{mail.id}: removed from the queue, every recipient done")
+            runner._count_sent(mail, sent, "; removed from the queue, every recipient done")
         else:
             await runner._record_sent(mail, sent)
 
@@ -473,7 +607,7 @@ class Runner:
             wakeup.drain()  # what a previous runner left unread is covered by the first look
             loop.add_reader(wakeup.read_fd, self._woken, wakeup)
         self.log("queue runner started")
-        next_full = 0.0
+        next_full = next_housekeeping = 0.0
         try:
             while not self.stopping:
                 if os.getppid() != self.master_pid:
@@ -486,8 +620,10 @@ class Runner:
                     self.scan(full=False)
                 self.new_mail = False
                 self.start_due()
-                self.publish()
-                flush_log(self._logger)
+                if time.monotonic() >= next_housekeeping:
+                    self.publish()
+                    flush_log(self._logger)
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING
                 await self._sleep(min(TICK, next_full - time.monotonic(), self._until_due()))
         finally:
             if wakeup is not None:
@@ -587,7 +723,7 @@ class Runner:
                 self.index.pop(mail.id, None)
             else:
                 self.index[mail.id] = fresh
-            self.wake.set()  # the loop publishes the new count and plans the next attempt
+                self.wake.set()  # the loop plans its next attempt
 
     async def _deliver(self, mail: QueuedMail) -> bool:
         """One attempt at every unfinished recipient; True if the mail left the queue."""
@@ -642,10 +778,12 @@ class Runner:
         await self.loop.run_in_executor(None, self.queue.record, mail.id, entries)
         self._count_sent(mail, sent)
 
-    def _count_sent(self, mail: QueuedMail, sent: list[Outcome]) -> None:
+    def _count_sent(self, mail: QueuedMail, sent: list[Outcome], last_words: str = "") -> None:
+        """Counted and logged, a line per recipient (``last_words`` ends the last one)."""
         self.slot.add(FIELD["deliveries_sent"], len(sent))
-        for o in sent:
-            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> sent via {o.remote}: {o.reply}")
+        for n, o in enumerate(sent, 1):
+            ending = last_words if n == len(sent) else ""
+            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> sent via {o.remote}: {o.reply}{ending}")
 
     def _record_deferred(self, mail: QueuedMail, deferred: list[Outcome]) -> None:
         attempts = mail.attempts + 1
@@ -708,11 +846,17 @@ class Runner:
             options.update(username=self.auth[0], password=self.auth[1])
         return aiosmtplib.SMTP(**options)
 
-    async def _open_client(self, key: tuple[str, int]) -> aiosmtplib.SMTP:
-        """A new connection to the next hop at ``key``: greeted, EHLO, STARTTLS and AUTH as configured."""
+    async def _open_client(self, key: tuple[str, int]) -> Connection:
+        """A new connection to the next hop at ``key``: aiosmtplib does the greeting, EHLO,
+        STARTTLS and AUTH as configured, then our reader takes the transport for the mails."""
         client = self._client(*key)
         await client.connect()
-        return client
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost after the greeting")
+        reader = ReplyReader(transport)
+        transport.set_protocol(reader)
+        return Connection(key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"))
 
     async def _converse(
         self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str,
@@ -749,63 +893,76 @@ class Runner:
     async def _transaction(
         self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str
     ) -> list[Outcome]:
-        client = conn.client
+        """MAIL, RCPT..., DATA: in one write when the next hop offers PIPELINING
+        (RFC 2920), else one command at a time; then the message."""
+        reader, timeout = conn.reader, self.settings.relay_timeout
         reused = conn.mails > 0
         conn.mails += 1
-        dsn_offered = client.supports_extension("dsn")
-        options = []
-        if dsn_offered:
-            if mail.ret:
-                options.append(f"RET={mail.ret}")
-            if mail.envid:
-                options.append(f"ENVID={xtext_encode(mail.envid)}")
-        if conn.dirty:  # a transaction left open on this kept connection
-            try:
-                await client.rset()
-            except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-                raise _StaleConnection(exc) from None
+        commands = [b"RSET\r\n"] if conn.dirty else []  # a transaction left open on this kept connection
+        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode("ascii") + b">", _mail_options(mail, conn.dsn)))
+        commands += [
+            _command(b"RCPT TO:<" + mail.recipients[i].address.encode("ascii") + b">", _rcpt_options(mail, i, conn.dsn))
+            for i in indices
+        ]
+        commands.append(b"DATA\r\n")
         conn.dirty = True  # until this transaction is seen to end
         try:
-            await client.mail(mail.sender, options=options)
-        except aiosmtplib.SMTPResponseException as exc:
-            if reused and exc.code == 421:  # closing the kept session: not this mail's fault
-                raise _StaleConnection(exc) from None
-            return [self._refused(i, exc, host) for i in indices]
-        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
-            if reused:
+            if conn.pipelining:
+                reader.send(b"".join(commands))
+            replies = [await self._step(reader, None if conn.pipelining else commands[0], timeout)]
+            if commands[0] == b"RSET\r\n":
+                rset = replies.pop()
+                if rset[0] != 250:
+                    raise aiosmtplib.SMTPResponseException(*rset)
+                replies.append(await self._step(reader, None if conn.pipelining else commands[1], timeout))
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException, ConnectionError) as exc:
+            if reused:  # dead before this mail began: nothing of it was sent
                 raise _StaleConnection(exc) from None
             raise
+        code, text = replies[0]
+        if reused and code == 421:  # closing the kept session: not this mail's fault
+            raise _StaleConnection(aiosmtplib.SMTPResponseException(code, text))
+        mail_refused = code != 250
+        rcpt_commands = commands[-1 - len(indices) : -1]
         accepted: list[int] = []
         outcomes: list[Outcome] = []
-        for index in indices:
-            rcpt = mail.recipients[index]
-            rcpt_options = []
-            if dsn_offered and rcpt.dsn is not None:
-                if rcpt.dsn.notify_text:
-                    rcpt_options.append(f"NOTIFY={rcpt.dsn.notify_text}")
-                if rcpt.dsn.orcpt_text:
-                    rcpt_options.append(f"ORCPT={rcpt.dsn.orcpt_text}")
-            try:
-                await client.rcpt(rcpt.address, options=rcpt_options)
+        for index, command in zip(indices, rcpt_commands):
+            if mail_refused and not conn.pipelining:
+                outcomes.append(self._refused(index, code, text, host))
+                continue
+            rcpt_code, rcpt_text = await self._step(reader, None if conn.pipelining else command, timeout)
+            if mail_refused:
+                outcomes.append(self._refused(index, code, text, host))
+            elif rcpt_code in (250, 251):
                 accepted.append(index)
-            except aiosmtplib.SMTPResponseException as exc:
-                outcomes.append(self._refused(index, exc, host))
+            else:
+                outcomes.append(self._refused(index, rcpt_code, rcpt_text, host))
+        if not conn.pipelining and not accepted:
+            return outcomes  # DATA never sent; RSET before the next mail
+        data_code, data_text = await self._step(reader, None if conn.pipelining else b"DATA\r\n", timeout)
+        if data_code != 354:
+            return outcomes + [self._refused(i, data_code, data_text, host) for i in accepted]
+        reader.send(_data_block(message) if accepted else b".\r\n")  # 354 with nobody to send to: end it empty
+        final_code, final_text = await reader.reply(timeout)
         if not accepted:
-            await client.rset()
-            conn.dirty = False
             return outcomes
-        try:
-            response = await client.data(message)
-        except aiosmtplib.SMTPResponseException as exc:
-            return outcomes + [self._refused(i, exc, host) for i in accepted]
         conn.dirty = False
-        reply = f"{response.code} {response.message}"
-        return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, dsn_offered) for i in accepted]
+        if final_code != 250:
+            return outcomes + [self._refused(i, final_code, final_text, host) for i in accepted]
+        reply = f"{final_code} {final_text}"
+        return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, conn.dsn) for i in accepted]
 
     @staticmethod
-    def _refused(index: int, exc: aiosmtplib.SMTPResponseException, host: str) -> Outcome:
-        reply = f"{exc.code} {exc.message}"
-        if 500 <= exc.code < 600:
+    async def _step(reader: ReplyReader, command: bytes | None, timeout: float) -> tuple[int, str]:
+        """The next reply; ``command`` is written first (None: it went with the pipelined group)."""
+        if command is not None:
+            reader.send(command)
+        return await reader.reply(timeout)
+
+    @staticmethod
+    def _refused(index: int, code: int, text: str, host: str) -> Outcome:
+        reply = f"{code} {text}"
+        if 500 <= code < 600:
             return Outcome(index, BOUNCED, reply, _status_of(reply, "5.0.0"), host)
         return Outcome(index, DEFERRED, reply, _status_of(reply, "4.0.0"), host)
 

@@ -406,7 +406,7 @@ def test_mails_to_one_next_hop_share_kept_connections(start_server):
     sessions = c.xstat("TOTAL") - 1  # this one is not the runner's
     c.close()
     assert 1 <= sessions <= 2, sessions
-    assert server.log_count("removed from the queue, every recipient done") == 8
+    wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 8, what="the log")
 
 
 def test_relay_mails_per_connection_bounds_each_session(start_server, receiver):
@@ -429,7 +429,8 @@ def test_a_4xx_on_a_kept_connection_defers_only_that_mail(start_server, receiver
                                       "m3@example.org": 1}
     others = {r.session for r in hop.handler.received if r.recipients != ["m1@example.org"]}
     assert len(others) == 1  # one kept connection went on after the 451
-    assert server.log_count("<m1@example.org> deferred, retry in 1 s: 451 4.7.1 not now") == 1
+    wait_until(lambda: server.log_count("<m1@example.org> deferred, retry in 1 s: 451 4.7.1 not now") == 1,
+               what="the deferral in the log")
     assert len(hop.handler.received) == 4
 
 
