@@ -434,6 +434,26 @@ def test_a_4xx_on_a_kept_connection_defers_only_that_mail(start_server, receiver
     assert len(hop.handler.received) == 4
 
 
+def test_a_5xx_in_a_pipelined_transaction_bounces_only_that_mail(start_server):
+    """A real prefork-smtpd next hop offers PIPELINING: MAIL, RCPT and DATA go in one write.
+    Its 550 for m1 (no such mailbox) bounces m1 alone; the kept connection goes on (RSET) for the rest."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com", "--mailboxes", "existing")
+    for name in ("m0", "m2", "m3"):
+        for sub in ("cur", "new", "tmp"):
+            (hop.mail_dir / name / sub).mkdir(parents=True)
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(4)])
+    wait_until(lambda: all(len(hop.stored(f"m{i}")) == 1 for i in (0, 2, 3)), what="three mails at the next hop",
+               timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce for m1")
+    assert "m1@example.org" in parse_stored(bounce).as_string()
+    c = hop.client()
+    assert c.xstat("TOTAL") - 1 == 1  # one kept connection for all four
+    c.close()
+    wait_until(lambda: server.log_count("<m1@example.org> bounced: 550") == 1, what="the bounce in the log")
+
+
 def test_a_connection_cut_after_the_250_never_sends_that_mail_twice(start_server, receiver):
     """The next hop hangs up right after accepting m1: m1 is recorded, the others go on once each."""
     hop = receiver(Script(cut_after_data_for={"m1@example.org"}))
