@@ -5,14 +5,22 @@ shared-memory slot 0, watches it, restarts it after a crash and stops it
 with the workers. It owns an asyncio loop (uvloop) and an SMTP client
 (aiosmtplib: asyncio-native, so many deliveries share one thread, with
 STARTTLS, AUTH and EHLO-extension parsing done and kept up to date; the
-standard library's smtplib would need a thread per connection).
+standard library's smtplib would need a thread per connection). aiosmtplib
+opens each connection; a small reply reader (ReplyReader) then carries the
+mails over it, so a transaction's commands can go in one write.
 
-Each pass (every TICK, or at once on SIGUSR2: ``flush=1`` on the config
-port) it looks at the queue (queue.py) and starts a delivery for every mail
-that is due, at most ``--relay-max-connections`` at once. A delivery sends
-the mail's unfinished recipients, grouped by domain, to ``--relay-host``
-or to the domain's MX hosts in order (no MX: the domain itself, RFC 5321
-5.1), then records each recipient's outcome durably:
+It keeps an index of the queue (queue.py): a full look at start and every
+``--queue-scan-interval``, and a look for new files whenever a worker
+writes to the wake-up pipe (queue.Wakeup) after queueing a mail. Every mail
+that is due starts a delivery, at most ``--relay-max-connections`` at once;
+retries are planned from the index; SIGUSR2 (``flush=1`` on the config
+port) makes every mail due now. A delivery sends the mail's unfinished
+recipients, grouped by domain, to ``--relay-host`` or to the domain's MX
+hosts in order (no MX: the domain itself, RFC 5321 5.1), over a kept
+connection (ConnectionPool: at most ``--relay-connections`` per next hop,
+``--relay-mails-per-connection`` mails each, closed after
+``--relay-idle-time`` unused; PIPELINING when offered), then records each
+recipient's outcome durably before that connection carries another mail:
 
 * ``2xx`` (after the end of DATA): sent;
 * ``5xx``, or ``4xx``/no connection past ``--queue-lifetime``: a failure

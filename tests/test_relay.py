@@ -409,6 +409,30 @@ def test_mails_to_one_next_hop_share_kept_connections(start_server):
     wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 8, what="the log")
 
 
+def test_an_unused_connection_is_kept_for_relay_idle_time_then_closed(start_server):
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    kept = start_server(*relay_to(hop.port, "--relay-idle-time", "300"))
+    assert send(kept, ["k@example.org"]) == {}
+    wait_until(lambda: hop.stored("k"), what="the mail at the next hop", timeout=60)
+    wait_until(lambda: not queue_of(kept).ids(), what="the queue to empty")
+    c = hop.client()
+    assert c.xstat("CURRENT") == 2  # ours, and the runner's, idle but open for the next mail
+    c.close()
+    assert kept.stop() == 0  # the runner closes what it kept when it stops
+    short = start_server(*relay_to(hop.port, "--relay-idle-time", "1"))
+    assert send(short, ["s@example.org"]) == {}
+    wait_until(lambda: hop.stored("s"), what="the second mail at the next hop", timeout=60)
+
+    def current() -> int:
+        c = hop.client()
+        try:
+            return c.xstat("CURRENT")
+        finally:
+            c.close()
+
+    wait_until(lambda: current() == 1, what="the idle connection closed", timeout=60)
+
+
 def test_relay_mails_per_connection_bounds_each_session(start_server, receiver):
     hop = receiver()
     server = start_server(*relay_to(hop.port, "--relay-connections", "1", "--relay-mails-per-connection", "3"))
