@@ -319,14 +319,15 @@ class ConnectionPool:
         self.opened = 0  # connections opened so far (for the log and tests)
 
     async def acquire(self, key: tuple[str, int]) -> Connection:
-        dest = self.destinations.setdefault(key, _Destination())
         while True:
+            # Looked up on each turn: a destination left with nothing is dropped (see _forget).
+            dest = self.destinations.setdefault(key, _Destination())
             while dest.idle:
                 conn = dest.idle.pop()
                 self._stop_timer(conn)
                 if conn.reader.alive:
                     return conn
-                self._forget(dest, conn)  # the next hop hung up while it was idle
+                self._forget(dest, conn.key)  # the next hop hung up while it was idle
             if dest.count < self.per_destination:
                 return await self._open(key, dest)
             waiter = asyncio.get_running_loop().create_future()
@@ -341,6 +342,7 @@ class ConnectionPool:
                 raise
 
     async def _open(self, key: tuple[str, int], dest: _Destination) -> Connection:
+        self.destinations.setdefault(key, dest)  # back in, if a dead idle one just emptied it
         dest.count += 1
         self.count += 1
         if self.count > self.total:
@@ -348,8 +350,7 @@ class ConnectionPool:
         try:
             conn = await self.open_client(key)
         except BaseException:
-            dest.count -= 1
-            self.count -= 1
+            self._forget(dest, key)
             self._wake(dest)
             raise
         self.opened += 1
@@ -361,7 +362,7 @@ class ConnectionPool:
             dest.idle.append(conn)
             conn.idle_timer = asyncio.get_running_loop().call_later(self.idle_time, self._expire, conn)
         else:
-            self._forget(dest, conn)
+            self._forget(dest, conn.key)
             _close_soon(conn, polite=reusable)
         self._wake(dest)
 
@@ -377,7 +378,7 @@ class ConnectionPool:
         dest = self.destinations.get(conn.key)
         if dest is not None and conn in dest.idle:
             dest.idle.remove(conn)
-            self._forget(dest, conn)
+            self._forget(dest, conn.key)
             _close_soon(conn, polite=True)
             self._wake(dest)
 
@@ -387,13 +388,16 @@ class ConnectionPool:
             if dest is not needing and dest.idle:
                 conn = dest.idle.pop(0)
                 self._stop_timer(conn)
-                self._forget(dest, conn)
+                self._forget(dest, conn.key)
                 _close_soon(conn, polite=True)
                 return
 
-    def _forget(self, dest: _Destination, conn: Connection) -> None:
+    def _forget(self, dest: _Destination, key: tuple[str, int]) -> None:
+        """One connection fewer (closed, or never opened)."""
         dest.count -= 1
         self.count -= 1
+        if not dest.count and not dest.waiters and self.destinations.get(key) is dest:
+            del self.destinations[key]  # MX delivery meets many next hops: keep only those in use
 
     @staticmethod
     def _stop_timer(conn: Connection) -> None:

@@ -733,3 +733,64 @@ def test_a_real_postfix_next_hop_stores_the_mail_and_honours_the_dsn_passed_on(s
     finally:
         postfix.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------ the connection pool on its own
+class _FakeTransport:
+    """Answers QUIT, as a next hop would."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.reader = None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def write(self, data: bytes) -> None:
+        if data == b"QUIT\r\n":
+            asyncio.get_running_loop().call_soon(self.reader.data_received, b"221 2.0.0 bye\r\n")
+
+
+def test_the_pool_bounds_each_next_hop_and_the_total_and_forgets_unused_ones():
+    from prefork_smtpd.runner import Connection, ConnectionPool, ReplyReader
+
+    async def scenario() -> None:
+        opened: list[tuple[str, int]] = []
+
+        async def open_client(key):
+            opened.append(key)
+            transport = _FakeTransport()
+            transport.reader = ReplyReader(transport)
+            return Connection(key, transport.reader, pipelining=True, dsn=False)
+
+        pool = ConnectionPool(open_client, per_destination=2, total=3, mails_per_connection=2, idle_time=60)
+        a, b = ("a", 25), ("b", 25)
+        first, second = await pool.acquire(a), await pool.acquire(a)
+        third = asyncio.ensure_future(pool.acquire(a))  # a's two are busy: it waits
+        await asyncio.sleep(0)
+        assert not third.done() and opened == [a, a]
+        first.mails = 1
+        pool.release(first, reusable=True)  # handed to the waiter, not a new connection
+        assert await third is first and opened == [a, a]
+        pool.release(second, reusable=True)
+        # A third next hop over the total of 3: a's idle connection is closed to make room.
+        other = await pool.acquire(b)
+        assert pool.count == 3
+        last = await pool.acquire(("c", 25))
+        assert pool.count == 3 and pool.destinations[a].idle == []
+        await asyncio.sleep(0.05)  # QUIT, its reply, then the close
+        assert second.reader.transport.closed
+        first.mails = 2  # its quota: closed, not kept
+        pool.release(first, reusable=True)
+        assert a not in pool.destinations
+        await asyncio.sleep(0.05)
+        assert first.reader.transport.closed
+        for conn in (other, last):
+            pool.release(conn, reusable=False)
+        assert pool.count == 0 and not pool.destinations
+        assert other.reader.transport.closed and last.reader.transport.closed  # not reusable: closed at once
+
+    asyncio.run(scenario())
