@@ -48,7 +48,7 @@ from .log import close_log, open_log
 from .pool import (
     CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, CrashBackoff, WorkerInfo, WorkerPool, clamp_target,
 )
-from .queue import Queue, queue_dir_of
+from .queue import Queue, open_wakeup, queue_dir_of
 from .relayrights import relay_possible
 from .runner import RUNNER_SLOT, run_queue_runner
 from .prometheus import make_renderer
@@ -222,6 +222,7 @@ class Master:
         self.listeners = bind_listeners(settings)
         self.stats = SharedStats()
         self.control.attach(self.stats)
+        open_wakeup()  # before any fork: workers tell the queue runner of new mail through it
         try:
             self.logger = open_log(settings.log_file, self.stats, "")
         except OSError as exc:

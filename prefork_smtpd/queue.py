@@ -209,6 +209,24 @@ class Queue:
             _fsync_dir(folder)
         return found
 
+    def remove_many(self, queue_ids: list[str]) -> None:
+        """Delete finished mails and their logs, one directory flush each for all of them.
+
+        The unlinked queue file is the durable record that every recipient is
+        done: no progress line is needed for a mail finished in one go.
+        """
+        logs = 0
+        for queue_id in queue_ids:
+            for folder in (self.msg_dir, self.state_dir):
+                try:
+                    os.unlink(os.path.join(folder, queue_id))
+                    logs += folder is self.state_dir
+                except FileNotFoundError:
+                    pass
+        _fsync_dir(self.msg_dir)
+        if logs:
+            _fsync_dir(self.state_dir)
+
     def summary(self, now: float | None = None) -> tuple[int, float]:
         """(mails queued, age of the oldest in seconds)."""
         now = time.time() if now is None else now
@@ -220,6 +238,56 @@ class Queue:
                 count += 1
                 oldest = min(oldest, mail.arrival)
         return count, max(now - oldest, 0.0)
+
+
+class Wakeup:
+    """How a worker tells the queue runner "new mail" without waiting for its next scan.
+
+    A pipe the master opens before it forks anyone, so every worker and
+    every runner inherits it: a worker writes one byte after the ``250`` of
+    a mail with outside recipients (one non-blocking write, no lock, no
+    reply); the runner's event loop watches the read end. Nothing a client
+    sends reaches the pipe, and a full pipe already means "look", so a
+    failed write loses nothing.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, b"!")
+        except OSError:  # full (the runner will look anyway) or closed
+            pass
+
+    def drain(self) -> None:
+        """Read every pending byte (one look serves them all)."""
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except OSError:  # empty
+            pass
+
+
+_wakeup: Wakeup | None = None  # the master's, inherited by its children
+
+
+def open_wakeup() -> Wakeup:
+    """In the master, before any fork: the pipe its workers and runner share."""
+    global _wakeup
+    if _wakeup is None:
+        _wakeup = Wakeup()
+    return _wakeup
+
+
+def inherited_wakeup() -> Wakeup | None:
+    return _wakeup
+
+
+def wake_runner() -> None:
+    """A mail was queued: the runner looks now (a no-op outside a master's children)."""
+    if _wakeup is not None:
+        _wakeup.wake()
 
 
 def _fsync_dir(path: str) -> None:

@@ -5,14 +5,22 @@ shared-memory slot 0, watches it, restarts it after a crash and stops it
 with the workers. It owns an asyncio loop (uvloop) and an SMTP client
 (aiosmtplib: asyncio-native, so many deliveries share one thread, with
 STARTTLS, AUTH and EHLO-extension parsing done and kept up to date; the
-standard library's smtplib would need a thread per connection).
+standard library's smtplib would need a thread per connection). aiosmtplib
+opens each connection; a small reply reader (ReplyReader) then carries the
+mails over it, so a transaction's commands can go in one write.
 
-Each pass (every TICK, or at once on SIGUSR2: ``flush=1`` on the config
-port) it looks at the queue (queue.py) and starts a delivery for every mail
-that is due, at most ``--relay-max-connections`` at once. A delivery sends
-the mail's unfinished recipients, grouped by domain, to ``--relay-host``
-or to the domain's MX hosts in order (no MX: the domain itself, RFC 5321
-5.1), then records each recipient's outcome durably:
+It keeps an index of the queue (queue.py): a full look at start and every
+``--queue-scan-interval``, and a look for new files whenever a worker
+writes to the wake-up pipe (queue.Wakeup) after queueing a mail. Every mail
+that is due starts a delivery, at most ``--relay-max-connections`` at once;
+retries are planned from the index; SIGUSR2 (``flush=1`` on the config
+port) makes every mail due now. A delivery sends the mail's unfinished
+recipients, grouped by domain, to ``--relay-host`` or to the domain's MX
+hosts in order (no MX: the domain itself, RFC 5321 5.1), over a kept
+connection (ConnectionPool: at most ``--relay-connections`` per next hop,
+``--relay-mails-per-connection`` mails each, closed after
+``--relay-idle-time`` unused; PIPELINING when offered), then records each
+recipient's outcome durably before that connection carries another mail:
 
 * ``2xx`` (after the end of DATA): sent;
 * ``5xx``, or ``4xx``/no connection past ``--queue-lifetime``: a failure
@@ -37,11 +45,12 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import signal
 import ssl
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiosmtplib
@@ -56,13 +65,19 @@ from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .notices import is_local_sender, local_sender_folder
 from .policy import mailbox_check, names_from
-from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, queue_dir_of
+from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
 from .stats import FIELD, SharedStats
 
 RUNNER_SLOT = 0  # the shared-memory slot no worker uses
-TICK = 1.0  # seconds between looks at the queue
+TICK = 1.0  # seconds between checks that the master lives (no look at the queue)
+HOUSEKEEPING = 0.5  # seconds between publishing the queue's figures and writing out log lines
+WAKE_GAP = 0.005  # seconds between looks prompted by wake-ups: a burst of new mail is one look
+QUIT_WAIT = 10.0  # seconds a closing connection waits for the reply to QUIT
+MAX_REPLY = 64 * 1024  # bytes of a reply still incomplete: more is no SMTP server's reply
+MAX_REPLY_LINES = 1000
+STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
 
 
@@ -182,6 +197,367 @@ def _status_of(reply: str, fallback: str) -> str:
     return fallback
 
 
+# ---------------------------------------------------------- kept connections
+class ReplyReader(asyncio.Protocol):
+    """A kept connection's replies, once aiosmtplib has done the greeting, EHLO,
+    STARTTLS and AUTH and handed the transport over.
+
+    aiosmtplib reads one reply per command written; with PIPELINING (RFC 2920)
+    several replies come in one read, so they queue up here. A reply is
+    ``(code, text)``, the text's lines joined by newlines as aiosmtplib does.
+    """
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buffer = bytearray()
+        self.lines: list[bytes] = []  # the lines of a reply still coming
+        self.replies: deque[tuple[int, str]] = deque()
+        self.waiter: asyncio.Future | None = None
+        self.lost: BaseException | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.lost is None and not self.transport.is_closing()
+
+    def send(self, data: bytes) -> None:
+        if not self.alive:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        self.transport.write(data)
+
+    async def reply(self, timeout: float) -> tuple[int, str]:
+        while not self.replies:
+            if self.lost is not None:
+                raise self.lost
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.waiter
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the next hop's reply") from None
+            finally:
+                self.waiter = None
+        return self.replies.popleft()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        start = 0
+        while (end := self.buffer.find(b"\n", start)) >= 0:
+            line = bytes(self.buffer[start : end + 1])
+            start = end + 1
+            self.lines.append(line)
+            if line[3:4] != b"-":  # the last line of a reply
+                self._reply_done()
+        del self.buffer[:start]
+        if len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+            self._fail(aiosmtplib.SMTPResponseException(500, "reply too long"))
+            self.transport.close()
+        self._wake()
+
+    def _reply_done(self) -> None:
+        lines, self.lines = self.lines, []
+        try:
+            code = int(lines[0][:3])
+        except ValueError:
+            self._fail(aiosmtplib.SMTPResponseException(500, f"malformed reply {lines[0][:80]!r}"))
+            self.transport.close()
+            return
+        text = "\n".join(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for line in lines)
+        self.replies.append((code, text))
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("the next hop closed the connection"))
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected(f"connection lost: {exc}" if exc else "connection lost"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+@dataclass(eq=False)
+class Connection:
+    """One SMTP session to a next hop, kept open between mails."""
+
+    key: tuple[str, int]  # (address, port)
+    reader: ReplyReader
+    pipelining: bool  # the next hop offers PIPELINING: a transaction's commands go in one write
+    dsn: bool  # the next hop offers DSN
+    mails: int = 0  # transactions started on it
+    dirty: bool = False  # a transaction may still be open: RSET before the next MAIL
+    idle_timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Destination:
+    idle: list[Connection] = field(default_factory=list)  # the most recently used last
+    count: int = 0  # open or being opened, busy or idle
+    waiters: deque = field(default_factory=deque)  # futures of deliveries waiting for a connection
+
+
+class ConnectionPool:
+    """Kept SMTP connections, at most ``per_destination`` to one (address, port)
+    and ``total`` in all, each closed after ``mails_per_connection`` mails or
+    ``idle_time`` seconds unused. A delivery borrows one (``acquire``), runs
+    one transaction, and gives it back (``release``), reusable or not."""
+
+    def __init__(self, open_client, per_destination: int, total: int, mails_per_connection: int,
+                 idle_time: float) -> None:
+        self.open_client = open_client  # async (key) -> a ready Connection
+        self.per_destination = per_destination
+        self.total = total
+        self.mails_per_connection = mails_per_connection
+        self.idle_time = idle_time
+        self.destinations: dict[tuple[str, int], _Destination] = {}
+        self.count = 0
+        self.opened = 0  # connections opened so far (for the log and tests)
+
+    async def acquire(self, key: tuple[str, int]) -> Connection:
+        while True:
+            # Looked up on each turn: a destination left with nothing is dropped (see _forget).
+            dest = self.destinations.setdefault(key, _Destination())
+            while dest.idle:
+                conn = dest.idle.pop()
+                self._stop_timer(conn)
+                if conn.reader.alive:
+                    return conn
+                self._forget(dest, conn.key)  # the next hop hung up while it was idle
+            if dest.count < self.per_destination:
+                return await self._open(key, dest)
+            waiter = asyncio.get_running_loop().create_future()
+            dest.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter in dest.waiters:
+                    dest.waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake(dest)  # pass the turn on
+                raise
+
+    async def _open(self, key: tuple[str, int], dest: _Destination) -> Connection:
+        self.destinations.setdefault(key, dest)  # back in, if a dead idle one just emptied it
+        dest.count += 1
+        self.count += 1
+        if self.count > self.total:
+            self._evict_one_idle(dest)
+        try:
+            conn = await self.open_client(key)
+        except BaseException:
+            self._forget(dest, key)
+            self._wake(dest)
+            raise
+        self.opened += 1
+        return conn
+
+    def release(self, conn: Connection, reusable: bool) -> None:
+        dest = self.destinations[conn.key]
+        if reusable and conn.mails < self.mails_per_connection and conn.reader.alive:
+            dest.idle.append(conn)
+            conn.idle_timer = asyncio.get_running_loop().call_later(self.idle_time, self._expire, conn)
+        else:
+            self._forget(dest, conn.key)
+            _close_soon(conn, polite=reusable)
+        self._wake(dest)
+
+    def close_all(self) -> None:
+        for dest in self.destinations.values():
+            for conn in dest.idle:
+                self._stop_timer(conn)
+                conn.reader.transport.close()
+            dest.idle.clear()
+
+    def _expire(self, conn: Connection) -> None:
+        conn.idle_timer = None
+        dest = self.destinations.get(conn.key)
+        if dest is not None and conn in dest.idle:
+            dest.idle.remove(conn)
+            self._forget(dest, conn.key)
+            _close_soon(conn, polite=True)
+            self._wake(dest)
+
+    def _evict_one_idle(self, needing: _Destination) -> None:
+        """Room for one more under ``total``: close the idle connection unused longest elsewhere."""
+        for dest in self.destinations.values():
+            if dest is not needing and dest.idle:
+                conn = dest.idle.pop(0)
+                self._stop_timer(conn)
+                self._forget(dest, conn.key)
+                _close_soon(conn, polite=True)
+                return
+
+    def _forget(self, dest: _Destination, key: tuple[str, int]) -> None:
+        """One connection fewer (closed, or never opened)."""
+        dest.count -= 1
+        self.count -= 1
+        if not dest.count and not dest.waiters and self.destinations.get(key) is dest:
+            del self.destinations[key]  # MX delivery meets many next hops: keep only those in use
+
+    @staticmethod
+    def _stop_timer(conn: Connection) -> None:
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
+
+    @staticmethod
+    def _wake(dest: _Destination) -> None:
+        while dest.waiters:
+            waiter = dest.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def _close_soon(conn: Connection, polite: bool) -> None:
+    """QUIT and its reply in the background (a goodbye nobody waits for), or just close."""
+    reader = conn.reader
+    if not polite or not reader.alive:
+        reader.transport.close()
+        return
+
+    async def goodbye() -> None:
+        try:
+            reader.send(b"QUIT\r\n")
+            await reader.reply(QUIT_WAIT)
+        except Exception:  # noqa: BLE001: the outcomes are recorded; the goodbye does not matter
+            pass
+        finally:
+            reader.transport.close()
+
+    task = asyncio.get_running_loop().create_task(goodbye())
+    _goodbyes.add(task)
+    task.add_done_callback(_goodbyes.discard)
+
+
+_goodbyes: set[asyncio.Task] = set()
+
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+def _command(verb_and_address: bytes, options: list[str]) -> bytes:
+    """One command line; a CR or LF inside (never from our sessions) would smuggle another."""
+    line = b" ".join([verb_and_address, *(o.encode("ascii") for o in options)])
+    if b"\r" in line or b"\n" in line:
+        raise ValueError(f"line break inside an SMTP command: {line[:80]!r}")
+    return line + b"\r\n"
+
+
+def _mail_options(mail: QueuedMail, dsn: bool) -> list[str]:
+    options = []
+    if dsn:
+        if mail.ret:
+            options.append(f"RET={mail.ret}")
+        if mail.envid:
+            options.append(f"ENVID={xtext_encode(mail.envid)}")
+    return options
+
+
+def _rcpt_options(mail: QueuedMail, index: int, dsn: bool) -> list[str]:
+    rcpt_dsn = mail.recipients[index].dsn
+    options = []
+    if dsn and rcpt_dsn is not None:
+        if rcpt_dsn.notify_text:
+            options.append(f"NOTIFY={rcpt_dsn.notify_text}")
+        if rcpt_dsn.orcpt_text:
+            options.append(f"ORCPT={rcpt_dsn.orcpt_text}")
+    return options
+
+
+def _data_block(message: bytes) -> bytes:
+    """The message as DATA sends it: CRLF lines, leading dots doubled, the final dot."""
+    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    return _LEADING_DOT.sub(b"..", message) + b".\r\n"
+
+
+class _StaleConnection(Exception):
+    """A kept connection turned out dead before this mail's first RCPT."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class RecordFailed(Exception):
+    """Outcomes could not be made durable: the mail is retried, the connection dropped."""
+
+
+class Settler:
+    """Makes one transaction's outcomes durable while its connection waits.
+
+    A mail sent whole in one go simply leaves the queue (the unlinked queue
+    file is the durable record, its directory flush shared with the other
+    mails finishing at once); otherwise each sent recipient gets its line in
+    the progress log. Either way it is on disk before the connection carries
+    the next mail, so a runner killed at any point resends at most the mail
+    whose 250 it had not yet recorded.
+    """
+
+    def __init__(self, runner: "Runner", mail: QueuedMail, last: bool, group_size: int) -> None:
+        self.runner = runner
+        self.mail = mail
+        self.last = last
+        self.group_size = group_size
+        self.removed = False
+
+    async def __call__(self, outcomes: list[Outcome]) -> None:
+        sent = [o for o in outcomes if o.result == SENT]
+        if not sent:
+            return
+        runner, mail = self.runner, self.mail
+        notice_due = any(not o.dsn_passed and _wants(mail, o.index, "SUCCESS", default=False) for o in sent)
+        if self.last and len(sent) == self.group_size and not (notice_due and mail.sender):
+            await runner.removals.remove(mail.id)
+            self.removed = True
+            runner._count_sent(mail, sent, "; removed from the queue, every recipient done")
+        else:
+            await runner._record_sent(mail, sent)
+
+
+class BatchedRemovals:
+    """Finished mails leave the queue together: one thread's unlinks and one
+    directory flush for all that finished while the previous flush ran."""
+
+    def __init__(self, queue: Queue, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue = queue
+        self.loop = loop
+        self.pending: list[tuple[str, asyncio.Future]] = []
+        self.drainer: asyncio.Task | None = None
+
+    async def remove(self, queue_id: str) -> None:
+        future = self.loop.create_future()
+        self.pending.append((queue_id, future))
+        if self.drainer is None:
+            self.drainer = self.loop.create_task(self._drain())
+        await asyncio.shield(future)  # a cancelled delivery still sees its mail removed durably or not at all
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                try:
+                    await self.loop.run_in_executor(None, self.queue.remove_many, [q for q, _ in batch])
+                except Exception as exc:  # noqa: BLE001: each waiter retries its mail
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self.drainer = None
+
+
 class Runner:
     def __init__(self, settings: Any, stats: SharedStats, resolver: Any = None) -> None:
         self.settings = settings
@@ -193,6 +569,8 @@ class Runner:
         self.names = names_from(settings)  # where mail to a local sender goes
         self.mailbox_exists = mailbox_check(settings.mailboxes, settings.mail_dir, settings.mailbox_list, self.names)
         self.in_flight: set[str] = set()
+        self.index: dict[str, QueuedMail] = {}  # the queue as last read: id -> envelope and progress
+        self.new_mail = False  # a wake-up came: look for new queue files
         self.stopping = False
         self.flush_requested = False
         self._logger: logging.Logger | None = None
@@ -221,6 +599,7 @@ class Runner:
 
     async def serve(self) -> None:
         loop = self.loop
+        settings = self.settings
         self.wake = asyncio.Event()
         self.master_pid = os.getppid()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
@@ -228,25 +607,61 @@ class Runner:
         loop.add_signal_handler(signal.SIGHUP, self.stop)
         loop.add_signal_handler(signal.SIGUSR2, self.flush)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
-        self.limit = asyncio.Semaphore(self.settings.relay_max_connections)
+        self.limit = asyncio.Semaphore(settings.relay_max_connections)
+        self.pool = ConnectionPool(
+            self._open_client, settings.relay_connections, settings.relay_max_connections,
+            settings.relay_mails_per_connection, settings.relay_idle_time,
+        )
+        self.removals = BatchedRemovals(self.queue, loop)
         self.tasks: set[asyncio.Task] = set()
+        wakeup = inherited_wakeup()
+        if wakeup is not None:
+            wakeup.drain()  # what a previous runner left unread is covered by the first look
+            loop.add_reader(wakeup.read_fd, self._woken, wakeup)
         self.log("queue runner started")
-        while not self.stopping:
-            if os.getppid() != self.master_pid:
-                self.log("master is gone; stopping")
-                break
-            self.scan()
-            flush_log(self._logger)
-            try:
-                await asyncio.wait_for(self.wake.wait(), TICK)
-            except asyncio.TimeoutError:
-                pass
-            self.wake.clear()
+        next_full = next_housekeeping = 0.0
+        try:
+            while not self.stopping:
+                if os.getppid() != self.master_pid:
+                    self.log("master is gone; stopping")
+                    break
+                if time.monotonic() >= next_full or self.flush_requested:
+                    self.scan(full=True)
+                    next_full = time.monotonic() + settings.queue_scan_interval
+                elif self.new_mail:
+                    self.scan(full=False)
+                self.new_mail = False
+                self.start_due()
+                if time.monotonic() >= next_housekeeping:
+                    self.publish()
+                    flush_log(self._logger)
+                    next_housekeeping = time.monotonic() + HOUSEKEEPING
+                await self._sleep(min(TICK, next_full - time.monotonic(), self._until_due()))
+        finally:
+            if wakeup is not None:
+                loop.remove_reader(wakeup.read_fd)
         for task in list(self.tasks):
             task.cancel()  # unfinished recipients stay in the queue
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.pool.close_all()
         self.log("queue runner stopped")
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until a wake-up (new mail, flush, a delivery done, stop) or ``seconds``."""
+        if not self.wake.is_set():
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(seconds, 0.0))
+            except asyncio.TimeoutError:
+                pass
+        if self.new_mail and not self.stopping:
+            await asyncio.sleep(WAKE_GAP)  # the rest of a burst joins this look
+        self.wake.clear()
+
+    def _woken(self, wakeup) -> None:
+        wakeup.drain()
+        self.new_mail = True
+        self.wake.set()
 
     def stop(self) -> None:
         self.stopping = True
@@ -259,32 +674,53 @@ class Runner:
         self.wake.set()
 
     # ---------------------------------------------------------------- scan
-    def scan(self) -> None:
-        """Start the deliveries that are due; publish the queue's size and age."""
-        now = time.time()
-        flush, self.flush_requested = self.flush_requested, False
-        count, oldest = 0, 0.0  # oldest: the earliest arrival time
-        for queue_id in self.queue.ids():
+    def scan(self, full: bool) -> None:
+        """Bring the index up to the queue on disk: every mail again (full), or only the new ones."""
+        ids = self.queue.ids()
+        present = set(ids)
+        for gone in [queue_id for queue_id in self.index if queue_id not in present]:
+            del self.index[gone]
+        for queue_id in ids:
+            if queue_id in self.in_flight or (not full and queue_id in self.index):
+                continue
             mail = self.queue.load(queue_id)
             if mail is None:
-                continue
-            count += 1
-            oldest = mail.arrival if not oldest else min(oldest, mail.arrival)
+                self.index.pop(queue_id, None)
+            else:
+                self.index[queue_id] = mail
+
+    def start_due(self) -> None:
+        """A delivery for every indexed mail that is due and not under way."""
+        now = time.time()
+        flush, self.flush_requested = self.flush_requested, False
+        for queue_id, mail in self.index.items():
             if queue_id in self.in_flight or (mail.next_attempt > now and not flush):
                 continue
             self.in_flight.add(queue_id)
             task = self.loop.create_task(self.deliver(mail))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    def _until_due(self) -> float:
+        """Seconds until the next deferred mail is due (TICK when none waits)."""
+        now = time.time()
+        waits = [mail.next_attempt - now for queue_id, mail in self.index.items() if queue_id not in self.in_flight]
+        return min(waits, default=TICK)
+
+    def publish(self) -> None:
+        """The queue's size and age in the shared counters and the title."""
+        count = len(self.index)
+        oldest = min((mail.arrival for mail in self.index.values()), default=0.0)
         self.slot.set(FIELD["queue_messages"], count)
-        self.slot.set(FIELD["queue_oldest_seconds"], int(max(now - oldest, 0)) if count else 0)
+        self.slot.set(FIELD["queue_oldest_seconds"], int(max(time.time() - oldest, 0)) if count else 0)
         setproctitle(f"prefork-smtpd: queue runner [{count} queued, {len(self.in_flight)} in delivery]")
 
     # ------------------------------------------------------------ delivery
     async def deliver(self, mail: QueuedMail) -> None:
+        gone = False
         try:
             async with self.limit:
-                await self._deliver(mail)
+                gone = await self._deliver(mail)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001: a bug defers the mail, never loses it
@@ -294,23 +730,33 @@ class Runner:
                 self._record_deferred(fresh, [Outcome(i, DEFERRED, str(exc)) for i in fresh.pending()])
         finally:
             self.in_flight.discard(mail.id)
+            fresh = None if gone else self.queue.load(mail.id)
+            if fresh is None:
+                self.index.pop(mail.id, None)
+            else:
+                self.index[mail.id] = fresh
+                self.wake.set()  # the loop plans its next attempt
 
-    async def _deliver(self, mail: QueuedMail) -> None:
+    async def _deliver(self, mail: QueuedMail) -> bool:
+        """One attempt at every unfinished recipient; True if the mail left the queue."""
         try:
             message = self.queue.message(mail.id)
         except FileNotFoundError:
-            return  # deleted meanwhile (prefork-smtpd-queue delete)
+            return True  # deleted meanwhile (prefork-smtpd-queue delete)
         groups: dict[str, list[int]] = defaultdict(list)
         for index in mail.pending():
             domain = mail.recipients[index].address.rpartition("@")[2].lower()
             groups["" if self.settings.relay_host else domain].append(index)
         outcomes: list[Outcome] = []
         sent: list[Outcome] = []
-        for domain, indices in groups.items():
-            group = await self._send_group(mail, message, domain, indices)
-            # Durable at once, group by group: a runner killed during the
-            # next group never sends these recipients again.
-            self._record_sent(mail, [o for o in group if o.result == SENT])
+        for number, (domain, indices) in enumerate(groups.items()):
+            # The mail can leave the queue with this group's transaction when every
+            # group before it was sent and this is the last one.
+            last = number == len(groups) - 1 and len(sent) == len(outcomes)
+            settle = self._settler(mail, last, len(indices))
+            group = await self._send_group(mail, message, domain, indices, settle)
+            if settle.removed:
+                return True
             outcomes += group
             sent += [o for o in group if o.result == SENT]
         if sent:
@@ -330,16 +776,26 @@ class Runner:
             await self._delay_notice(mail, message, deferred)
         fresh = self.queue.load(mail.id)
         if fresh is not None and not fresh.pending():
-            self.queue.remove(mail.id)
+            await self.removals.remove(mail.id)
             self.log(f"{mail.id}: removed from the queue, every recipient done")
+            return True
+        return fresh is None
 
-    def _record_sent(self, mail: QueuedMail, sent: list[Outcome]) -> None:
-        if not sent:
-            return
-        self.queue.record(mail.id, [{"r": o.index, "result": SENT, "reply": o.reply, "host": o.remote} for o in sent])
+    def _settler(self, mail: QueuedMail, last: bool, group_size: int) -> "Settler":
+        """What makes a transaction's outcomes durable, before its connection carries another mail."""
+        return Settler(self, mail, last, group_size)
+
+    async def _record_sent(self, mail: QueuedMail, sent: list[Outcome]) -> None:
+        entries = [{"r": o.index, "result": SENT, "reply": o.reply, "host": o.remote} for o in sent]
+        await self.loop.run_in_executor(None, self.queue.record, mail.id, entries)
+        self._count_sent(mail, sent)
+
+    def _count_sent(self, mail: QueuedMail, sent: list[Outcome], last_words: str = "") -> None:
+        """Counted and logged, a line per recipient (``last_words`` ends the last one)."""
         self.slot.add(FIELD["deliveries_sent"], len(sent))
-        for o in sent:
-            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> sent via {o.remote}: {o.reply}")
+        for n, o in enumerate(sent, 1):
+            ending = last_words if n == len(sent) else ""
+            self.log(f"{mail.id}: <{mail.recipients[o.index].address}> sent via {o.remote}: {o.reply}{ending}")
 
     def _record_deferred(self, mail: QueuedMail, deferred: list[Outcome]) -> None:
         attempts = mail.attempts + 1
@@ -356,7 +812,9 @@ class Runner:
         for o in deferred:
             self.log(f"{mail.id}: <{mail.recipients[o.index].address}> deferred, retry in {wait} s: {o.reply}")
 
-    async def _send_group(self, mail: QueuedMail, message: bytes, domain: str, indices: list[int]) -> list[Outcome]:
+    async def _send_group(
+        self, mail: QueuedMail, message: bytes, domain: str, indices: list[int], settle: "Settler"
+    ) -> list[Outcome]:
         """Deliver to one domain's recipients (or all, to the relay host): an outcome for each."""
         try:
             hops = await self._next_hops(domain)
@@ -373,7 +831,7 @@ class Runner:
                 continue
             for address in addresses:
                 try:
-                    return await self._converse(mail, message, address, port, indices, host)
+                    return await self._converse(mail, message, address, port, indices, host, settle)
                 except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:
                     # No answer from this address (or it went away): the next
                     # one, else the whole group is retried later.
@@ -400,58 +858,123 @@ class Runner:
             options.update(username=self.auth[0], password=self.auth[1])
         return aiosmtplib.SMTP(**options)
 
-    async def _converse(
-        self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str
-    ) -> list[Outcome]:
-        """One SMTP transaction with the next hop at ``address`` (``host``'s): an outcome per recipient."""
-        client = self._client(address, port)
+    async def _open_client(self, key: tuple[str, int]) -> Connection:
+        """A new connection to the next hop at ``key``: aiosmtplib does the greeting, EHLO,
+        STARTTLS and AUTH as configured, then our reader takes the transport for the mails."""
+        client = self._client(*key)
         await client.connect()
+        transport = client.transport
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost after the greeting")
+        reader = ReplyReader(transport)
+        transport.set_protocol(reader)
+        return Connection(key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"))
+
+    async def _converse(
+        self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str,
+        settle: "Settler",
+    ) -> list[Outcome]:
+        """One SMTP transaction with the next hop at ``address`` (``host``'s) over a kept
+        connection: an outcome per recipient, made durable (``settle``) before the
+        connection carries another mail."""
+        for tries_left in range(STALE_RETRIES, -1, -1):
+            conn = await self.pool.acquire((address, port))
+            try:
+                outcomes = await self._transaction(conn, mail, message, indices, host)
+            except _StaleConnection as exc:
+                # A kept connection the next hop had closed: nothing of this mail was
+                # sent over it, so another connection may carry it at once.
+                self.pool.release(conn, reusable=False)
+                if not tries_left:
+                    raise exc.cause from None
+                continue
+            except BaseException:
+                self.pool.release(conn, reusable=False)
+                raise
+            try:
+                await settle(outcomes)
+            except BaseException as exc:
+                self.pool.release(conn, reusable=False)
+                if isinstance(exc, Exception):  # not a lost connection: never tried on another address
+                    raise RecordFailed(f"outcomes not recorded: {exc!r}") from exc
+                raise
+            self.pool.release(conn, reusable=True)
+            return outcomes
+        raise AssertionError("unreachable")
+
+    async def _transaction(
+        self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str
+    ) -> list[Outcome]:
+        """MAIL, RCPT..., DATA: in one write when the next hop offers PIPELINING
+        (RFC 2920), else one command at a time; then the message."""
+        reader, timeout = conn.reader, self.settings.relay_timeout
+        reused = conn.mails > 0
+        conn.mails += 1
+        commands = [b"RSET\r\n"] if conn.dirty else []  # a transaction left open on this kept connection
+        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode("ascii") + b">", _mail_options(mail, conn.dsn)))
+        commands += [
+            _command(b"RCPT TO:<" + mail.recipients[i].address.encode("ascii") + b">", _rcpt_options(mail, i, conn.dsn))
+            for i in indices
+        ]
+        commands.append(b"DATA\r\n")
+        conn.dirty = True  # until this transaction is seen to end
         try:
-            dsn_offered = client.supports_extension("dsn")
-            options = []
-            if dsn_offered:
-                if mail.ret:
-                    options.append(f"RET={mail.ret}")
-                if mail.envid:
-                    options.append(f"ENVID={xtext_encode(mail.envid)}")
-            try:
-                await client.mail(mail.sender, options=options)
-            except aiosmtplib.SMTPResponseException as exc:
-                return [self._refused(i, exc, host) for i in indices]
-            accepted: list[int] = []
-            outcomes: list[Outcome] = []
-            for index in indices:
-                rcpt = mail.recipients[index]
-                rcpt_options = []
-                if dsn_offered and rcpt.dsn is not None:
-                    if rcpt.dsn.notify_text:
-                        rcpt_options.append(f"NOTIFY={rcpt.dsn.notify_text}")
-                    if rcpt.dsn.orcpt_text:
-                        rcpt_options.append(f"ORCPT={rcpt.dsn.orcpt_text}")
-                try:
-                    await client.rcpt(rcpt.address, options=rcpt_options)
-                    accepted.append(index)
-                except aiosmtplib.SMTPResponseException as exc:
-                    outcomes.append(self._refused(index, exc, host))
-            if not accepted:
-                await client.execute_command(b"RSET")
-                return outcomes
-            try:
-                response = await client.data(message)
-            except aiosmtplib.SMTPResponseException as exc:
-                return outcomes + [self._refused(i, exc, host) for i in accepted]
-            reply = f"{response.code} {response.message}"
-            return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, dsn_offered) for i in accepted]
-        finally:
-            try:
-                await client.quit()
-            except Exception:  # noqa: BLE001: the outcomes are known; the goodbye does not matter
-                client.close()
+            if conn.pipelining:
+                reader.send(b"".join(commands))
+            replies = [await self._step(reader, None if conn.pipelining else commands[0], timeout)]
+            if commands[0] == b"RSET\r\n":
+                rset = replies.pop()
+                if rset[0] != 250:
+                    raise aiosmtplib.SMTPResponseException(*rset)
+                replies.append(await self._step(reader, None if conn.pipelining else commands[1], timeout))
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException, ConnectionError) as exc:
+            if reused:  # dead before this mail began: nothing of it was sent
+                raise _StaleConnection(exc) from None
+            raise
+        code, text = replies[0]
+        if reused and code == 421:  # closing the kept session: not this mail's fault
+            raise _StaleConnection(aiosmtplib.SMTPResponseException(code, text))
+        mail_refused = code != 250
+        rcpt_commands = commands[-1 - len(indices) : -1]
+        accepted: list[int] = []
+        outcomes: list[Outcome] = []
+        for index, command in zip(indices, rcpt_commands):
+            if mail_refused and not conn.pipelining:
+                outcomes.append(self._refused(index, code, text, host))
+                continue
+            rcpt_code, rcpt_text = await self._step(reader, None if conn.pipelining else command, timeout)
+            if mail_refused:
+                outcomes.append(self._refused(index, code, text, host))
+            elif rcpt_code in (250, 251):
+                accepted.append(index)
+            else:
+                outcomes.append(self._refused(index, rcpt_code, rcpt_text, host))
+        if not conn.pipelining and not accepted:
+            return outcomes  # DATA never sent; RSET before the next mail
+        data_code, data_text = await self._step(reader, None if conn.pipelining else b"DATA\r\n", timeout)
+        if data_code != 354:
+            return outcomes + [self._refused(i, data_code, data_text, host) for i in accepted]
+        reader.send(_data_block(message) if accepted else b".\r\n")  # 354 with nobody to send to: end it empty
+        final_code, final_text = await reader.reply(timeout)
+        if not accepted:
+            return outcomes
+        conn.dirty = False
+        if final_code != 250:
+            return outcomes + [self._refused(i, final_code, final_text, host) for i in accepted]
+        reply = f"{final_code} {final_text}"
+        return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, conn.dsn) for i in accepted]
 
     @staticmethod
-    def _refused(index: int, exc: aiosmtplib.SMTPResponseException, host: str) -> Outcome:
-        reply = f"{exc.code} {exc.message}"
-        if 500 <= exc.code < 600:
+    async def _step(reader: ReplyReader, command: bytes | None, timeout: float) -> tuple[int, str]:
+        """The next reply; ``command`` is written first (None: it went with the pipelined group)."""
+        if command is not None:
+            reader.send(command)
+        return await reader.reply(timeout)
+
+    @staticmethod
+    def _refused(index: int, code: int, text: str, host: str) -> Outcome:
+        reply = f"{code} {text}"
+        if 500 <= code < 600:
             return Outcome(index, BOUNCED, reply, _status_of(reply, "5.0.0"), host)
         return Outcome(index, DEFERRED, reply, _status_of(reply, "4.0.0"), host)
 
@@ -529,6 +1052,9 @@ class Runner:
             # Not durable: the recipients stay unfinished, and the notice is tried again next pass.
             raise TemporaryFailure(f"the {action} notice could not be stored: {exc}") from None
         self.log(f"{mail.id}: {action} notice {notice_id} to <{mail.sender}>")
+        if to.outside:  # queued: deliver it without waiting for the next full look
+            self.new_mail = True
+            self.wake.set()
 
     def _mailbox_refusal(self, folder: str) -> object | None:
         if self.mailbox_exists is None or self.mailbox_exists(folder):

@@ -381,7 +381,23 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "relay_max_connections", int, 20, metavar="N", range=(1, 10_000),
-        help="outbound deliveries at once (default {default})",
+        help="outbound deliveries and connections at once, all next hops together (default {default})",
+    ),
+    Setting(
+        "relay_connections", int, 4, metavar="N", range=(1, 1000),
+        help="connections kept open in parallel to one next hop (default {default})",
+    ),
+    Setting(
+        "relay_mails_per_connection", int, 100, metavar="N", range=(1, 100_000),
+        help="mails sent over one connection before it is closed (default {default})",
+    ),
+    Setting(
+        "relay_idle_time", int, 2, metavar="SECONDS", range=(1, 300),  # Postfix's smtp_connection_cache_time_limit
+        help="how long an unused connection to a next hop stays open (default {default})",
+    ),
+    Setting(
+        "queue_scan_interval", int, 60, metavar="SECONDS", range=(1, 3600),
+        help="seconds between full looks at the queue; new mail wakes the runner at once (default {default})",
     ),
     Setting(
         "queue_lifetime", int, 5 * 86_400, metavar="SECONDS", range=(1, 365 * 86_400),  # Postfix's maximal_queue_lifetime
@@ -562,6 +578,10 @@ class Settings:
     relay_nameserver: str | None = REGISTERED
     relay_timeout: int = REGISTERED
     relay_max_connections: int = REGISTERED
+    relay_connections: int = REGISTERED
+    relay_mails_per_connection: int = REGISTERED
+    relay_idle_time: int = REGISTERED
+    queue_scan_interval: int = REGISTERED
     queue_lifetime: int = REGISTERED
     queue_retry_min: int = REGISTERED
     queue_retry_max: int = REGISTERED

@@ -47,7 +47,7 @@ from .events import (
 )
 from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext, Listener, proxy_listeners
 from .notices import success_notice
-from .queue import queue_dir_of
+from .queue import queue_dir_of, wake_runner
 from .relayrights import in_networks, relay_networks
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
 from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
@@ -399,6 +399,8 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
+            if any([r.outside for r in envelope.recipients]):
+                wake_runner()  # its queue copy is durable: the runner can start on it now
             worker.log(
                 f"{self.peer} mail {queue_id} from <{envelope.sender}> to {_destinations(envelope)}"
                 f" ({envelope.size} bytes)"

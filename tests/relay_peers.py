@@ -23,6 +23,7 @@ class Received:
     data: bytes
     mail_options: list[str]
     rcpt_options: list[list[str]]
+    session: tuple = ()  # the sending side's (address, port): one per connection
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Script:
     # Each DATA waits up to this long for another transaction to open beside it
     # (to see how many deliveries the sender runs at once).
     linger: float = 0.0
+    linger_until: int = 2  # ... or until this many transactions are open at once
+    # After the 250 for a mail to one of these, the receiver hangs up (once per recipient).
+    cut_after_data_for: set[str] = field(default_factory=set)
 
 
 class ScriptedHandler:
@@ -72,14 +76,20 @@ class ScriptedHandler:
 
     async def handle_DATA(self, server, session, envelope):
         try:
-            return await self._data(envelope)
+            reply = await self._data(envelope, session)
+            cut = self.script.cut_after_data_for & set(envelope.rcpt_tos)
+            if cut and reply.startswith("250"):
+                self.script.cut_after_data_for -= cut
+                # After the reply is written (close() flushes it first).
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return reply
         finally:
             with self.lock:
                 self.active -= 1
 
-    async def _data(self, envelope):
+    async def _data(self, envelope, session):
         deadline = asyncio.get_running_loop().time() + self.script.linger
-        while self.max_active < 2 and asyncio.get_running_loop().time() < deadline:
+        while self.max_active < self.script.linger_until and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         if self.script.hold_data_for & set(envelope.rcpt_tos):
             self.script.held.set()
@@ -89,9 +99,14 @@ class ScriptedHandler:
         with self.lock:
             self.received.append(Received(
                 envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content or envelope.content,
-                list(envelope.mail_options), list(envelope.rcpt_options),
+                list(envelope.mail_options), list(envelope.rcpt_options), tuple(session.peer),
             ))
         return "250 2.0.0 accepted"
+
+    def sessions(self) -> set[tuple]:
+        """The connections that carried a stored mail."""
+        with self.lock:
+            return {r.session for r in self.received}
 
     def copies_for(self, address: str) -> int:
         with self.lock:

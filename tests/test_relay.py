@@ -366,6 +366,141 @@ def test_relay_max_connections_bounds_deliveries_at_once(start_server, receiver)
         assert hop.handler.max_active == expected, limit
 
 
+# ------------------------------------------------ wake-ups and kept connections
+def queue_while_paused(server, recipient_lists) -> None:
+    """Queue several mails while the runner is stopped, so it finds them all at once."""
+    runner = wait_until(lambda: runner_pid(server), what="the runner")
+    os.kill(runner, signal.SIGSTOP)
+    try:
+        for recipients in recipient_lists:
+            assert send(server, recipients) == {}
+    finally:
+        os.kill(runner, signal.SIGCONT)
+
+
+def relay_to(port: int, *flags: str) -> tuple[str, ...]:
+    return ("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{port}", *FAST_RETRIES, *flags)
+
+
+def test_new_mail_wakes_the_idle_runner_without_waiting_for_its_scan(start_server):
+    """The periodic look is an hour away: only the workers' wake-up can start these deliveries."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port, "--queue-scan-interval", "3600"))
+    # Logged before the runner's first look and flushed after it: from here on it is idle.
+    wait_until(lambda: "queue runner started" in server.log_text(), what="the runner's first look")
+    for i in range(2):  # the second one after the runner went idle again
+        assert send(server, [f"carol{i}@example.org"]) == {}
+        wait_until(lambda: hop.stored(f"carol{i}"), what=f"mail {i} at the next hop", timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+
+
+def test_mails_to_one_next_hop_share_kept_connections(start_server):
+    """Eight mails, a real prefork-smtpd next hop: at most --relay-connections sessions carry them."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port, "--relay-connections", "2"))
+    queue_while_paused(server, [[f"r{i}@example.org"] for i in range(8)])
+    wait_until(lambda: all(len(hop.stored(f"r{i}")) == 1 for i in range(8)), what="eight mails at the next hop",
+               timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    c = hop.client()
+    sessions = c.xstat("TOTAL") - 1  # this one is not the runner's
+    c.close()
+    assert 1 <= sessions <= 2, sessions
+    wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 8, what="the log")
+
+
+def test_an_unused_connection_is_kept_for_relay_idle_time_then_closed(start_server):
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    kept = start_server(*relay_to(hop.port, "--relay-idle-time", "300"))
+    assert send(kept, ["k@example.org"]) == {}
+    wait_until(lambda: hop.stored("k"), what="the mail at the next hop", timeout=60)
+    wait_until(lambda: not queue_of(kept).ids(), what="the queue to empty")
+    c = hop.client()
+    assert c.xstat("CURRENT") == 2  # ours, and the runner's, idle but open for the next mail
+    c.close()
+    assert kept.stop() == 0  # the runner closes what it kept when it stops
+    short = start_server(*relay_to(hop.port, "--relay-idle-time", "1"))
+    assert send(short, ["s@example.org"]) == {}
+    wait_until(lambda: hop.stored("s"), what="the second mail at the next hop", timeout=60)
+
+    def current() -> int:
+        c = hop.client()
+        try:
+            return c.xstat("CURRENT")
+        finally:
+            c.close()
+
+    wait_until(lambda: current() == 1, what="the idle connection closed", timeout=60)
+
+
+def test_relay_mails_per_connection_bounds_each_session(start_server, receiver):
+    hop = receiver()
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1", "--relay-mails-per-connection", "3"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(7)])
+    wait_until(lambda: len(hop.handler.received) == 7, what="seven deliveries", timeout=60)
+    assert len(hop.handler.sessions()) == 3  # 3 + 3 + 1
+    assert all(hop.handler.copies_for(f"m{i}@example.org") == 1 for i in range(7))
+
+
+def test_a_4xx_on_a_kept_connection_defers_only_that_mail(start_server, receiver):
+    hop = receiver(Script(rcpt={"m1@example.org": ["451 4.7.1 not now", "250 ok"]}))
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(4)])
+    wait_until(lambda: all(hop.handler.copies_for(f"m{i}@example.org") == 1 for i in range(4)),
+               what="every mail delivered", timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert hop.handler.rcpt_calls == {"m0@example.org": 1, "m1@example.org": 2, "m2@example.org": 1,
+                                      "m3@example.org": 1}
+    others = {r.session for r in hop.handler.received if r.recipients != ["m1@example.org"]}
+    assert len(others) == 1  # one kept connection went on after the 451
+    wait_until(lambda: server.log_count("<m1@example.org> deferred, retry in 1 s: 451 4.7.1 not now") == 1,
+               what="the deferral in the log")
+    assert len(hop.handler.received) == 4
+
+
+def test_a_5xx_in_a_pipelined_transaction_bounces_only_that_mail(start_server):
+    """A real prefork-smtpd next hop offers PIPELINING: MAIL, RCPT and DATA go in one write.
+    Its 550 for m1 (no such mailbox) bounces m1 alone; the kept connection goes on (RSET) for the rest."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com", "--mailboxes", "existing")
+    for name in ("m0", "m2", "m3"):
+        for sub in ("cur", "new", "tmp"):
+            (hop.mail_dir / name / sub).mkdir(parents=True)
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(4)])
+    wait_until(lambda: all(len(hop.stored(f"m{i}")) == 1 for i in (0, 2, 3)), what="three mails at the next hop",
+               timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce for m1")
+    assert "m1@example.org" in parse_stored(bounce).as_string()
+    c = hop.client()
+    assert c.xstat("TOTAL") - 1 == 1  # one kept connection for all four
+    c.close()
+    wait_until(lambda: server.log_count("<m1@example.org> bounced: 550") == 1, what="the bounce in the log")
+
+
+def test_a_connection_cut_after_the_250_never_sends_that_mail_twice(start_server, receiver):
+    """The next hop hangs up right after accepting m1: m1 is recorded, the others go on once each."""
+    hop = receiver(Script(cut_after_data_for={"m1@example.org"}))
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(4)])
+    wait_until(lambda: len(hop.handler.received) == 4, what="four deliveries", timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert all(hop.handler.copies_for(f"m{i}@example.org") == 1 for i in range(4))
+    assert all(calls == 1 for calls in hop.handler.rcpt_calls.values())  # nothing begun twice
+    assert len(hop.handler.sessions()) < 4  # kept connections, cut once
+    assert server.log_count("deferred") == 0  # the dead kept connection was replaced at once
+
+
+def test_relay_connections_bounds_parallel_connections_to_one_next_hop(start_server, receiver):
+    # Each DATA waits up to 3 s for a fourth transaction beside it, which the limit never allows.
+    hop = receiver(Script(linger=3.0, linger_until=4))
+    server = start_server(*relay_to(hop.port, "--relay-connections", "3"))
+    queue_while_paused(server, [[f"m{i}@example.org"] for i in range(7)])
+    wait_until(lambda: len(hop.handler.received) == 7, what="seven deliveries", timeout=90)
+    assert hop.handler.max_active == 3
+    assert len(hop.handler.sessions()) == 3
+
+
 def test_queue_dir_flag_and_a_queue_on_another_file_system(start_server, tmp_path):
     queue_dir = tmp_path / "elsewhere" / "outbound"
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{free_port()}",
@@ -513,6 +648,34 @@ def test_smarthost_requiring_starttls_and_auth(start_server, receiver, tls_files
     assert logins and all(over_tls for _, over_tls in logins)  # never a password in the clear
 
 
+def test_a_kept_connection_to_a_starttls_and_auth_smarthost(start_server, receiver, tls_files, tmp_path):
+    """Several mails over one session: STARTTLS and AUTH once, every mail over TLS."""
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    cert, cafile = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_context)
+    logins: list[bool] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        assert isinstance(auth_data, LoginPassword)
+        logins.append(session.ssl is not None)
+        return AuthResult(success=auth_data.login == b"relayuser" and auth_data.password == b"relay pass")
+
+    hop = receiver(tls_context=server_context, require_starttls=True, auth_required=True, auth_require_tls=True,
+                   authenticator=authenticator)
+    auth_file = tmp_path / "relay-auth"
+    auth_file.write_text("relayuser:relay pass\n")
+    server = start_server(*relay_to(hop.port, "--relay-starttls", "--relay-ca-file", str(cafile),
+                                    "--relay-auth-file", str(auth_file), "--relay-connections", "1"))
+    queue_while_paused(server, [[f"t{i}@example.org"] for i in range(4)])
+    wait_until(lambda: len(hop.handler.received) == 4, what="four deliveries over TLS", timeout=60)
+    assert all(hop.handler.copies_for(f"t{i}@example.org") == 1 for i in range(4))
+    assert len(hop.handler.sessions()) == 1 and logins == [True]
+
+
 # ------------------------------------------------------ a real Postfix as next hop
 def _postfix_instance_class():
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
@@ -570,3 +733,64 @@ def test_a_real_postfix_next_hop_stores_the_mail_and_honours_the_dsn_passed_on(s
     finally:
         postfix.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------ the connection pool on its own
+class _FakeTransport:
+    """Answers QUIT, as a next hop would."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.reader = None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def write(self, data: bytes) -> None:
+        if data == b"QUIT\r\n":
+            asyncio.get_running_loop().call_soon(self.reader.data_received, b"221 2.0.0 bye\r\n")
+
+
+def test_the_pool_bounds_each_next_hop_and_the_total_and_forgets_unused_ones():
+    from prefork_smtpd.runner import Connection, ConnectionPool, ReplyReader
+
+    async def scenario() -> None:
+        opened: list[tuple[str, int]] = []
+
+        async def open_client(key):
+            opened.append(key)
+            transport = _FakeTransport()
+            transport.reader = ReplyReader(transport)
+            return Connection(key, transport.reader, pipelining=True, dsn=False)
+
+        pool = ConnectionPool(open_client, per_destination=2, total=3, mails_per_connection=2, idle_time=60)
+        a, b = ("a", 25), ("b", 25)
+        first, second = await pool.acquire(a), await pool.acquire(a)
+        third = asyncio.ensure_future(pool.acquire(a))  # a's two are busy: it waits
+        await asyncio.sleep(0)
+        assert not third.done() and opened == [a, a]
+        first.mails = 1
+        pool.release(first, reusable=True)  # handed to the waiter, not a new connection
+        assert await third is first and opened == [a, a]
+        pool.release(second, reusable=True)
+        # A third next hop over the total of 3: a's idle connection is closed to make room.
+        other = await pool.acquire(b)
+        assert pool.count == 3
+        last = await pool.acquire(("c", 25))
+        assert pool.count == 3 and pool.destinations[a].idle == []
+        await asyncio.sleep(0.05)  # QUIT, its reply, then the close
+        assert second.reader.transport.closed
+        first.mails = 2  # its quota: closed, not kept
+        pool.release(first, reusable=True)
+        assert a not in pool.destinations
+        await asyncio.sleep(0.05)
+        assert first.reader.transport.closed
+        for conn in (other, last):
+            pool.release(conn, reusable=False)
+        assert pool.count == 0 and not pool.destinations
+        assert other.reader.transport.closed and last.reader.transport.closed  # not reusable: closed at once
+
+    asyncio.run(scenario())
