@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
 import os
 import platform
@@ -95,7 +96,31 @@ def use_work_folder(parent: str) -> Path:
     Path(parent).mkdir(parents=True, exist_ok=True)
     WORK_ROOT = tempfile.mkdtemp(prefix="prefork-smtpd-bench-", dir=parent)
     os.chmod(WORK_ROOT, 0o755)  # Postfix's own users reach their folders below
+    spread_subfolders(WORK_ROOT)
     return Path(WORK_ROOT)
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def spread_subfolders(path: str) -> None:
+    """``chattr +T``: each run's folder goes to a block group of its own.
+
+    ext2/3/4 put a new folder near its parent, unless the parent is marked
+    a top of hierarchies; then the folder goes to a group with inodes to
+    spare, away from where others just deleted files (see use_work_folder).
+    Elsewhere (another file system, no such flag) nothing changes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        value = int.from_bytes(flags[:4], sys.byteorder) | FS_TOPDIR_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, value.to_bytes(4, sys.byteorder) + bytes(4))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def retire(folder: Path) -> None:
