@@ -159,13 +159,13 @@ class SMTPConnection(asyncio.Protocol):
         # only to a client at that address: not to one a proxy could not name.
         own_address = conveyed is None or not conveyed.unnamed
         self.session = Session(
-            worker.settings.hostname, worker.domains, worker.live, worker.stats.xstat, worker.policy, context=context,
+            worker.settings.hostname, worker.domains, worker.live, worker.read_stat, worker.policy, context=context,
             tls=describe_tls(transport.get_extra_info("ssl_object")),  # on an implicit-TLS port
             auth=worker.users is not None,
             auth_without_tls=worker.settings.loopback_auth_without_tls and _is_loopback(host) and own_address,
             may_relay=own_address and in_networks(host, worker.relay_networks),
         )
-        self.session.admit_message = worker.message_admission
+        self.session.admit_message = worker.admit_message
         self.deadline = worker.now + worker.live.timeout
         transport.write(self.session.greeting())
         via = f" ({conveyed.note})" if conveyed is not None else ""
@@ -573,6 +573,9 @@ class Worker:
         self.proxied_kinds = proxy_listeners(settings.proxy_protocol)  # checked at start and on reload
         self.trusted_proxies = parse_networks(settings.trusted_proxies or "")
         self.stats = stats
+        # Bound once here: a method bound per session is one more object every idle session keeps.
+        self.read_stat = stats.xstat
+        self.admit_message = self.message_admission
         self.slot = stats.slot(index)
         self.domains = frozenset(settings.domains)
         self.relay_networks = relay_networks(settings.relay_networks)  # checked at start
