@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, cast
 
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
@@ -385,7 +385,7 @@ class Session:
         # Asked at DATA: None admits a message, a 4xx reply refuses it (the
         # worker's memory for message data is full).
         self.admit_message: Callable[[], Reply | None] = _admit_every_message
-        self._out: list[Reply | Event] = []  # what the current feed or resume returns
+        self._out: list[Reply | Event] = _NO_OUTPUT  # what the current feed or resume returns
         self._buf = bytearray()
         # In WAITING: the event whose verdict is awaited, and what to do with it.
         self._awaiting: Wait | None = None
@@ -398,7 +398,7 @@ class Session:
         self._line_after_auth = False  # it may be an answer to an AUTH challenge
         self._after_auth = False  # no known command since the last AUTH
         # DATA phase
-        self._chunks: list[bytes | bytearray] = []
+        self._chunks: list[bytes | bytearray] = _NO_CHUNKS
         self._size = 0
         self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
@@ -426,6 +426,7 @@ class Session:
         self._buf += data
         out = self._out = []
         self._run()
+        self._out = _NO_OUTPUT  # the caller's now: not kept while the session idles
         return out
 
     @property
@@ -451,6 +452,7 @@ class Session:
             out.append(reply)
         if self._buf:
             self._run()
+        self._out = _NO_OUTPUT
         return out
 
     def message_stored(self, queue_id: str) -> list[Reply | Event]:
@@ -1033,7 +1035,7 @@ class Session:
     def _reset_transaction(self) -> None:
         self._envelope = None
         self._rejected_rcpts = 0
-        self._chunks = []
+        self._chunks = _NO_CHUNKS
         self._chunk_failed = False
 
     # --------------------------------------------------------------- DATA
@@ -1158,7 +1160,7 @@ class Session:
             return self._error(reply, what)
         envelope.chunks = self._chunks
         envelope.size = self._size
-        self._chunks = []
+        self._chunks = _NO_CHUNKS  # the envelope's now
         self._wait(Deliver(envelope), self._delivered)
         return None
 
@@ -1304,6 +1306,14 @@ class Session:
 
 # Message pieces shorter than this are gathered into one bytearray (Session._keep).
 GATHER_BELOW = 64 * 1024
+
+# Shared empty stand-ins for a session's output list and message pieces
+# outside a feed and outside a message, so an idle session holds no list of
+# its own. Empty tuples: appending to them fails loudly, it cannot leak
+# into other sessions. Every feed and resume makes a fresh output list;
+# DATA and the first BDAT chunk make a fresh list of pieces.
+_NO_OUTPUT = cast("list[Reply | Event]", ())
+_NO_CHUNKS = cast("list[bytes | bytearray]", ())
 
 
 def _admit_every_message() -> Reply | None:

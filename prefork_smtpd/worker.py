@@ -81,6 +81,9 @@ WRITE_LOW = 16 * 1024
 # Input fed to the session at once outside DATA: the replies to 1 KiB of
 # pipelined commands stay under 60 KB (HELP, the worst, is 55 times its command).
 COMMAND_SLICE = 1024
+# What a connection holds when it holds nothing: one shared empty value, not a
+# bytearray per connection (20,000 idle sessions would keep 20,000 of them).
+NOTHING_HELD = b""
 DEFER_ACCEPT = 0.002  # seconds a worker over its fair share waits before accepting
 
 
@@ -123,7 +126,7 @@ class SMTPConnection(asyncio.Protocol):
         self.write_paused = False  # our replies wait for the client to read
         self.storing: Envelope | None = None  # a message on its way to disk
         self.reading_paused = False
-        self.held = bytearray()  # input received but not yet fed to the session
+        self.held: bytes | bytearray = NOTHING_HELD  # input received but not yet fed to the session
         self.data_held = 0  # message bytes this connection counts in worker.data_memory
         self.upgrading = False  # a STARTTLS handshake is under way
 
@@ -179,7 +182,7 @@ class SMTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
         self.closed = True
-        self.held = bytearray()
+        self.held = NOTHING_HELD
         if self.storing is None:  # else the message stays in memory until the store is done with it
             worker.data_memory -= self.data_held
             self.data_held = 0
@@ -204,12 +207,20 @@ class SMTPConnection(asyncio.Protocol):
             self.worker.log(f"{self.peer} dropped {len(data)} bytes sent in the clear after STARTTLS")
             return
         if self.held:  # a read that was under way when we paused: keep the order
-            self.held += data
+            self._hold(data)
             return
         self._feed(data)
 
     def eof_received(self) -> bool:
         return False  # close our side too
+
+    def _hold(self, data: bytes | bytearray | memoryview) -> None:
+        """Keep input to feed once the wait is over: the bytearray is made
+        at the first byte held, so a connection that holds nothing has none."""
+        if self.held:
+            self.held += data  # a bytearray: only _hold makes held non-empty
+        elif data:
+            self.held = bytearray(data)
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Feed the session until the data ends or the connection must wait.
@@ -228,7 +239,7 @@ class SMTPConnection(asyncio.Protocol):
                 return  # the rest was sent in the clear behind STARTTLS
             state = session.state
             if self.write_paused or state is WAITING:
-                self.held += memoryview(data)[pos:]
+                self._hold(memoryview(data)[pos:])
                 return
             if state is CLOSED:
                 return  # closing: the rest is never answered
@@ -336,7 +347,7 @@ class SMTPConnection(asyncio.Protocol):
             return
         waiting_verdict = self.session.state is WAITING or self.upgrading
         if self.held and not self.write_paused and not waiting_verdict:
-            held, self.held = self.held, bytearray()
+            held, self.held = self.held, NOTHING_HELD
             self._feed(held)
         waiting = self.write_paused or self.session.state is WAITING or self.upgrading or self.held or self.closed
         if self.reading_paused and not waiting:
@@ -376,7 +387,7 @@ class SMTPConnection(asyncio.Protocol):
         # the message waits in the kernel, and the rest of this read here.
         self.storing = envelope
         self._pause_reading()
-        self.held += self.session.take_unread()
+        self._hold(self.session.take_unread())
         self.deadline = math.inf
         future = self.worker.store_when_room(envelope, self.peer.rpartition(":")[0])
         future.add_done_callback(self._delivered)
@@ -423,7 +434,7 @@ class SMTPConnection(asyncio.Protocol):
         """Hand the transport to TLS; the session resumes once the handshake is done."""
         assert self.transport is not None and self.session is not None
         self.upgrading = True
-        self.held = bytearray()  # sent in the clear behind STARTTLS: dropped
+        self.held = NOTHING_HELD  # sent in the clear behind STARTTLS: dropped
         self.session.take_unread()  # (the session dropped its part already)
         self.deadline = math.inf  # the handshake has its own timeout
         self.worker.loop.create_task(self._upgrade())
@@ -463,7 +474,7 @@ class SMTPConnection(asyncio.Protocol):
         """Check the password in the worker's thread pool; a wrong one is answered late."""
         assert self.session is not None
         self._pause_reading()
-        self.held += self.session.take_unread()
+        self._hold(self.session.take_unread())
         self.deadline = math.inf
         worker = self.worker
         if worker.auth_checks >= worker.settings.max_auth_checks:
