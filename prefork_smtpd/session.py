@@ -386,7 +386,7 @@ class Session:
         # worker's memory for message data is full).
         self.admit_message: Callable[[], Reply | None] = _admit_every_message
         self._out: list[Reply | Event] = _NO_OUTPUT  # what the current feed or resume returns
-        self._buf = bytearray()
+        self._buf = _NO_INPUT  # input not yet answered: a bytearray of its own only while it holds some
         # In WAITING: the event whose verdict is awaited, and what to do with it.
         self._awaiting: Wait | None = None
         self._on_verdict: Callable[[Verdict], Reply | None] | None = None
@@ -419,11 +419,14 @@ class Session:
         state = self.state
         if state is WAITING:
             if type(self._awaiting) is not StartTLS:  # sent in the clear behind STARTTLS: dropped (RFC 3207 5)
-                self._buf += data  # kept until the verdict
+                self._add_input(data)  # kept until the verdict
             return []
         if state is CLOSED:
             return []
-        self._buf += data
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = bytearray(data)
         out = self._out = []
         self._run()
         self._out = _NO_OUTPUT  # the caller's now: not kept while the session idles
@@ -485,7 +488,7 @@ class Session:
         The worker feeds it again, at its own pace, once the verdict is out.
         """
         unread = bytes(self._buf)
-        self._buf.clear()
+        self._buf = _NO_INPUT
         return unread
 
     def timeout_reply(self) -> Reply:
@@ -499,6 +502,12 @@ class Session:
         return replies.shutting_down(self.hostname)
 
     # ------------------------------------------------------------ framing
+    def _add_input(self, data: bytes | bytearray | memoryview) -> None:
+        if self._buf:
+            self._buf += data
+        else:
+            self._buf = bytearray(data)
+
     def _run(self) -> None:
         """Answer every complete command in the buffer, into ``self._out``."""
         out = self._out
@@ -551,6 +560,8 @@ class Session:
                 pos = len(buf)
                 break
         del buf[:pos]
+        if not buf:
+            self._buf = _NO_INPUT  # an idle session keeps no buffer
 
     def _line_limit(self, buf: bytes | bytearray, pos: int) -> int:
         """The longest command line allowed at ``pos``: an AUTH line and its
@@ -1314,6 +1325,9 @@ GATHER_BELOW = 64 * 1024
 # DATA and the first BDAT chunk make a fresh list of pieces.
 _NO_OUTPUT = cast("list[Reply | Event]", ())
 _NO_CHUNKS = cast("list[bytes | bytearray]", ())
+# The input buffer of a session with no input pending: empty bytes, never
+# grown in place (a feed makes a bytearray of its own before adding to it).
+_NO_INPUT = cast(bytearray, b"")
 
 
 def _admit_every_message() -> Reply | None:
