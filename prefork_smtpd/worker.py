@@ -12,6 +12,7 @@ workers it knows only the shared counters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import math
@@ -81,6 +82,11 @@ WRITE_LOW = 16 * 1024
 # Input fed to the session at once outside DATA: the replies to 1 KiB of
 # pipelined commands stay under 60 KB (HELP, the worst, is 55 times its command).
 COMMAND_SLICE = 1024
+# A connection keeps its address's key while open (a tuple and an int, 88
+# bytes): connections from a recent address (a balancer, a busy peer) share
+# one. The cache stays small (some 60 KB), since distinct clients gain nothing.
+shared_address_key = functools.lru_cache(maxsize=256)(address_key)
+
 # What a connection holds when it holds nothing: one shared empty value, not a
 # bytearray per connection (20,000 idle sessions would keep 20,000 of them).
 NOTHING_HELD = b""
@@ -150,7 +156,7 @@ class SMTPConnection(asyncio.Protocol):
             if host.startswith("::ffff:"):  # an IPv4 client on the dual-stack socket
                 host = host[7:]
             self.peer = f"[{host}]:{peername[1]}"
-        refusal = worker.admit(self, address_key(host))
+        refusal = worker.admit(self, shared_address_key(host))
         if refusal is not None:
             slot.add(REJECTED)
             worker.log(f"{self.peer} refused: {refusal}")
