@@ -212,6 +212,10 @@ class ReplyReader(asyncio.Protocol):
         self.buffer = bytearray()
         self.lines: list[bytes] = []  # the lines of a reply still coming
         self.replies: deque[tuple[int, str]] = deque()
+        # Replies the commands sent so far call for and not yet taken: a reply
+        # beyond them was never asked for, and a next hop sending them without
+        # end would grow ``replies`` without end.
+        self.awaited = 0
         self.waiter: asyncio.Future | None = None
         self.lost: BaseException | None = None
 
@@ -219,9 +223,11 @@ class ReplyReader(asyncio.Protocol):
     def alive(self) -> bool:
         return self.lost is None and not self.transport.is_closing()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, replies: int = 1) -> None:
+        """Write ``data``: commands (or a message) that call for ``replies`` replies."""
         if not self.alive:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        self.awaited += replies
         self.transport.write(data)
 
     async def reply(self, timeout: float) -> tuple[int, str]:
@@ -236,6 +242,7 @@ class ReplyReader(asyncio.Protocol):
                 raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the next hop's reply") from None
             finally:
                 self.waiter = None
+        self.awaited -= 1
         return self.replies.popleft()
 
     def data_received(self, data: bytes) -> None:
@@ -247,6 +254,9 @@ class ReplyReader(asyncio.Protocol):
             self.lines.append(line)
             if line[3:4] != b"-":  # the last line of a reply
                 self._reply_done()
+                if self.lost is not None:  # refused: nothing more is read from it
+                    self.buffer.clear()
+                    return
         del self.buffer[:start]
         if len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
             self._fail(aiosmtplib.SMTPResponseException(500, "reply too long"))
@@ -259,6 +269,10 @@ class ReplyReader(asyncio.Protocol):
             code = int(lines[0][:3])
         except ValueError:
             self._fail(aiosmtplib.SMTPResponseException(500, f"malformed reply {lines[0][:80]!r}"))
+            self.transport.close()
+            return
+        if len(self.replies) >= self.awaited:
+            self._fail(aiosmtplib.SMTPResponseException(500, f"a reply nobody asked for: {lines[0][:80]!r}"))
             self.transport.close()
             return
         text = "\n".join(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape") for line in lines)
@@ -920,7 +934,7 @@ class Runner:
         conn.dirty = True  # until this transaction is seen to end
         try:
             if conn.pipelining:
-                reader.send(b"".join(commands))
+                reader.send(b"".join(commands), replies=len(commands))
             replies = [await self._step(reader, None if conn.pipelining else commands[0], timeout)]
             if commands[0] == b"RSET\r\n":
                 rset = replies.pop()

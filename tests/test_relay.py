@@ -794,3 +794,23 @@ def test_the_pool_bounds_each_next_hop_and_the_total_and_forgets_unused_ones():
         assert other.reader.transport.closed and last.reader.transport.closed  # not reusable: closed at once
 
     asyncio.run(scenario())
+
+
+def test_a_next_hop_sending_replies_nobody_asked_for_is_cut_off():
+    """A next hop sending replies without end must not grow the runner's memory without end."""
+    from prefork_smtpd.runner import ReplyReader
+
+    async def scenario() -> None:
+        transport = _FakeTransport()
+        reader = ReplyReader(transport)
+        transport.reader = reader
+        reader.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n", replies=2)
+        reader.data_received(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+        assert await reader.reply(1) == (250, "2.1.0 ok") and await reader.reply(1) == (250, "2.1.5 ok")
+        assert reader.alive
+        reader.data_received(b"250 2.0.0 unasked\r\n" * 10_000)
+        assert len(reader.replies) == 0 and transport.closed and not reader.alive
+        with pytest.raises(Exception, match="nobody asked for"):
+            await reader.reply(1)
+
+    asyncio.run(scenario())
