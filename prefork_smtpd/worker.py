@@ -82,6 +82,12 @@ WRITE_LOW = 16 * 1024
 # Input fed to the session at once outside DATA: the replies to 1 KiB of
 # pipelined commands stay under 60 KB (HELP, the worst, is 55 times its command).
 COMMAND_SLICE = 1024
+# A read at least this large likely left more waiting, and the event loop
+# (libuv) would go on reading the same socket, up to 32 reads of 256 KB,
+# before any other connection's turn: 8 MB of one upload, a few hundred ms
+# of Python, while a NOOP on another connection waits. After such a read a
+# connection steps aside until the loop's next turn.
+FAIR_READ = 64 * 1024
 # A connection keeps its address's key while open (a tuple and an int, 88
 # bytes): connections from a recent address (a balancer, a busy peer) share
 # one. The cache stays small (some 60 KB), since distinct clients gain nothing.
@@ -116,6 +122,7 @@ class SMTPConnection(asyncio.Protocol):
     __slots__ = (
         "worker", "context", "transport", "session", "peer", "deadline", "closed", "address",
         "write_paused", "storing", "reading_paused", "held", "data_held", "upgrading", "conveyed",
+        "stepped_aside",
     )
 
     def __init__(self, worker: "Worker", context: ConnectionContext, conveyed: Conveyed | None = None) -> None:
@@ -135,6 +142,7 @@ class SMTPConnection(asyncio.Protocol):
         self.held: bytes | bytearray = NOTHING_HELD  # input received but not yet fed to the session
         self.data_held = 0  # message bytes this connection counts in worker.data_memory
         self.upgrading = False  # a STARTTLS handshake is under way
+        self.stepped_aside = False  # reading stopped until the loop's next turn (FAIR_READ)
 
     # --------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -216,6 +224,18 @@ class SMTPConnection(asyncio.Protocol):
             self._hold(data)
             return
         self._feed(data)
+        if len(data) >= FAIR_READ and not self.reading_paused and not self.closed and not self.stepped_aside:
+            self.stepped_aside = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.worker.loop.call_soon(self._step_back_in)
+
+    def _step_back_in(self) -> None:
+        """The other connections had their turn: read again, unless paused for a reason of its own."""
+        self.stepped_aside = False
+        if not self.reading_paused and not self.closed:
+            assert self.transport is not None
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -345,7 +365,8 @@ class SMTPConnection(asyncio.Protocol):
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
             assert self.transport is not None
-            self.transport.pause_reading()
+            if not self.stepped_aside:  # else stopped already
+                self.transport.pause_reading()
 
     def _go_on(self) -> None:
         """Feed what was held, then read again, unless a reason to wait remains."""

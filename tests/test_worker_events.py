@@ -16,7 +16,7 @@ from prefork_smtpd.listeners import SMTP_CONTEXT
 from prefork_smtpd.session import Limits, Session
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
-from prefork_smtpd.worker import COMMAND_SLICE, SMTPConnection, Worker
+from prefork_smtpd.worker import COMMAND_SLICE, FAIR_READ, SMTPConnection, Worker
 
 
 class Recorder:
@@ -163,3 +163,45 @@ def test_a_read_of_pipelined_commands_is_answered_a_slice_at_a_time(tmp_path, si
     conn.data_received(commands)
     assert b"".join(transport.writes).count(b"214 2.0.0 End of HELP\r\n") == size // 6
     assert len(transport.writes) == -(-size // COMMAND_SLICE)  # one write per slice
+
+
+class PauseRecordingTransport(SliceCountingTransport):
+    """Keeps the order of pause_reading / resume_reading calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.reading.append("pause")
+
+    def resume_reading(self) -> None:
+        self.reading.append("resume")
+
+
+def test_a_large_read_steps_aside_until_the_loops_next_turn(tmp_path):
+    # The event loop reads one socket up to 32 times in a row while reads fill
+    # its buffer: one upload would keep every other connection of the worker
+    # (a NOOP, a greeting) waiting for hundreds of ms. A read of FAIR_READ
+    # octets or more stops reading until the loop's next turn.
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    worker = Worker(1, [], settings, stats)
+    loop = asyncio.new_event_loop()
+    worker.loop = loop
+    try:
+        conn = SMTPConnection(worker, SMTP_CONTEXT)
+        transport = PauseRecordingTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
+        conn.data_received(b"x" * (FAIR_READ - 2) + b"\r\n")
+        assert transport.reading == ["pause"]  # not another read before the others' turn
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert transport.reading == ["pause", "resume"]
+        conn.data_received(b"small\r\n")  # a small read leaves reading on
+        assert transport.reading == ["pause", "resume"]
+    finally:
+        loop.close()
