@@ -605,38 +605,52 @@ async def upload(port: int, size: int) -> None:
     w.close()
 
 
-async def noop_during_uploads(port: int, uploads: int, size: int) -> list[float]:
+async def uploads(port: int, count: int, size: int) -> None:
+    await asyncio.gather(*[upload(port, size) for _ in range(count)])
+
+
+async def noops_until_told(port: int) -> list[float]:
+    """NOOP round trips, one every 10 ms, until SIGUSR1; says "ready" once connected."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
     await r.readline()
-    tasks = [asyncio.create_task(upload(port, size)) for _ in range(uploads)]
+    done = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, done.set)
+    print("ready", flush=True)
     samples = []
-    while not all(t.done() for t in tasks):
+    while not done.is_set():
         start = time.perf_counter()
         w.write(b"NOOP\r\n")
         await w.drain()
         await r.readline()
         samples.append(time.perf_counter() - start)
         await asyncio.sleep(0.01)
-    for t in tasks:
-        t.result()
     w.close()
     return samples
 
 
-def no_stall(kind: ServerKind, uploads: int, size: int) -> dict:
+def no_stall(kind: ServerKind, count: int, size: int) -> dict:
     server = RunningServer(kind, max_size=size + 10 * MiB)
+    # The probe and the uploads run in two processes of their own: sharing
+    # one event loop, the probe's reply would wait behind the uploads' own
+    # writes, and the figure would be the client's, not the server's.
+    probe_code = ("import asyncio, json, sys; sys.path.insert(0, %r); import run; "
+                  "print(json.dumps(asyncio.run(run.noops_until_told(%d))))") % (str(HERE), server.port)
+    upload_code = ("import asyncio, sys; sys.path.insert(0, %r); import run; "
+                   "asyncio.run(run.uploads(%d, %d, %d))") % (str(HERE), server.port, count, size)
+    probe = subprocess.Popen([sys.executable, "-c", probe_code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     try:
-        # The probe runs in a child process, so the uploads' Python work in
-        # this process cannot slow the probe itself.
-        code = (
-            "import asyncio, json, sys; sys.path.insert(0, %r); import run; "
-            "print(json.dumps(asyncio.run(run.noop_during_uploads(%d, %d, %d))))"
-        ) % (str(HERE), server.port, uploads, size)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-800:])
-        samples = sorted(json.loads(out.stdout))
-        if kind.stores and server.stored() != uploads:
+        if probe.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"NOOP probe failed: {probe.stderr.read()[-800:]}")
+        up = subprocess.run([sys.executable, "-c", upload_code], capture_output=True, text=True, timeout=1800)
+        probe.send_signal(signal.SIGUSR1)
+        out, err = probe.communicate(timeout=60)
+        if up.returncode != 0:
+            raise RuntimeError(up.stderr[-800:])
+        if probe.returncode != 0:
+            raise RuntimeError(err[-800:])
+        samples = sorted(json.loads(out))
+        if kind.stores and server.stored() != count:
             raise RuntimeError("not every upload was stored")
         return {
             "server": kind.name, "noops": len(samples),
@@ -644,6 +658,9 @@ def no_stall(kind: ServerKind, uploads: int, size: int) -> dict:
             "max_ms": 1000 * samples[-1],
         }
     finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
         server.stop()
 
 
