@@ -93,6 +93,31 @@ def test_exchange_style_one_bdat_last_per_message_and_many_chunks(server):
         assert sorted(m["Subject"] for m in parsed) == [f"message {i}" for i in range(5)]
 
 
+def test_transactions_pipelined_in_one_write_with_big_chunks_keep_their_order(server):
+    # Reads far above the worker's fair share reach the session a piece per
+    # turn of the loop; pieces end anywhere (inside a chunk, across a BDAT
+    # line, behind a BDAT LAST whose message is being stored) and every
+    # octet must still land in its own message, in order.
+    c = ExchangeLikeClient(server.port)
+    bodies, out = [], b""
+    for i in range(3):
+        lines = b"".join(b"line %d of message %d: BDAT 5 LAST / MAIL FROM:<x@y>\r\n" % (n, i) for n in range(9000))
+        body = b"Subject: big %d\r\n\r\n" % i + lines
+        bodies.append(body)
+        cut = 300_001 + 7 * i
+        out += f"MAIL FROM:<a@{DOMAIN}>\r\nRCPT TO:<big@{DOMAIN}>\r\n".encode()
+        out += b"BDAT %d\r\n" % cut + body[:cut] + b"BDAT %d LAST\r\n" % (len(body) - cut) + body[cut:]
+    c.send(out)
+    c.sock.settimeout(60)
+    for i in range(3):
+        answers = [c.reply() for _ in range(4)]
+        assert [code for code, _ in answers] == [250] * 4, answers
+        assert "queued as" in answers[-1][1]
+    assert c.cmd("QUIT")[0] == 221
+    stored = sorted(body_of(p) for p in server.stored("big"))
+    assert stored == sorted(b.replace(b"\r\n", b"\n") for b in bodies)
+
+
 def test_binarymime_is_stored_as_received(server):
     payload = bytes(range(256)) * 20 + b"\r\n.\r\n\n.\n\x00"
     body = b"Subject: bin\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n" + payload

@@ -205,3 +205,34 @@ def test_a_large_read_steps_aside_until_the_loops_next_turn(tmp_path):
         assert transport.reading == ["pause", "resume"]
     finally:
         loop.close()
+
+
+def test_a_read_bigger_than_the_fair_share_reaches_the_session_a_piece_per_turn(tmp_path):
+    # A 256 KB read fed whole would keep the worker's other sessions waiting
+    # for all of it: the session gets FAIR_READ octets per turn of the loop,
+    # in order, and the socket is read again only once the last piece is in.
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    worker = Worker(1, [], settings, stats)
+    loop = asyncio.new_event_loop()
+    worker.loop = loop
+    try:
+        conn = SMTPConnection(worker, SMTP_CONTEXT)
+        transport = PauseRecordingTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
+        line = b"y" * 62 + b"\r\n"  # 64 octets: the pieces end at line ends
+        read = line * (3 * FAIR_READ // len(line) + 20)  # three pieces and a bit
+        conn.data_received(read)
+        fed = [conn.session.held_bytes]
+        for _ in range(3):
+            assert transport.reading == ["pause"]  # no read while pieces wait
+            loop.call_soon(loop.stop)
+            loop.run_forever()
+            fed.append(conn.session.held_bytes)
+        assert fed == [FAIR_READ, 2 * FAIR_READ, 3 * FAIR_READ, len(read)]
+        assert transport.reading == ["pause", "resume"]
+    finally:
+        loop.close()
