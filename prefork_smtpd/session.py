@@ -1063,22 +1063,39 @@ class Session:
         Works on whole runs of complete lines with bytes methods (C speed),
         never byte by byte. A CR LF pair is never split between two runs, so
         every CR and LF of the stream is judged with its neighbour.
+
+        One search for a line starting with "." answers two questions: with
+        none, the data neither ends here nor has a line to unstuff (the
+        usual read of a big message, scanned once instead of twice).
         """
         end = -1
-        if self._at_line_start and buf.startswith(b".\r\n", pos):
-            seg_end, end = pos, pos + 3
-        else:
-            i = buf.find(b"\r\n.\r\n", pos)
-            if i >= 0:
-                seg_end, end = i + 2, i + 5
+        stuffed = True
+        if self._at_line_start and buf.startswith(b".", pos):
+            if buf.startswith(b".\r\n", pos):
+                seg_end, end = pos, pos + 3
             else:
+                i = buf.find(b"\r\n.\r\n", pos)
+                if i >= 0:
+                    seg_end, end = i + 2, i + 5
+                else:
+                    seg_end = buf.rfind(b"\n", pos) + 1
+        else:
+            dot = buf.find(b"\r\n.", pos)
+            if dot < 0:
+                stuffed = False
                 seg_end = buf.rfind(b"\n", pos) + 1
-                if seg_end == 0:
-                    if len(buf) - pos > self.limits.max_text_line:
-                        return self._drop_endless_line(buf, pos), None
-                    return pos, None  # wait for the end of the line
+            else:
+                i = buf.find(b"\r\n.\r\n", dot)
+                if i >= 0:
+                    seg_end, end = i + 2, i + 5
+                else:
+                    seg_end = buf.rfind(b"\n", pos) + 1
+        if end < 0 and seg_end == 0:
+            if len(buf) - pos > self.limits.max_text_line:
+                return self._drop_endless_line(buf, pos), None
+            return pos, None  # wait for the end of the line
         if seg_end > pos:
-            self._absorb(buf, pos, seg_end)
+            self._absorb(buf, pos, seg_end, stuffed)
         if end < 0:
             return seg_end, None
         return end, self._end_of_data()
@@ -1097,15 +1114,18 @@ class Session:
         self._at_line_start = False
         return keep
 
-    def _absorb(self, buf: bytearray, start: int, stop: int) -> None:
-        """Check and keep one run of lines (it ends with LF, or at a dropped head)."""
+    def _absorb(self, buf: bytearray, start: int, stop: int, stuffed: bool = True) -> None:
+        """Check and keep one run of lines (it ends with LF, or at a dropped head).
+
+        ``stuffed=False``: the caller found no line starting with "." in it.
+        """
         seg = bytes(memoryview(buf)[start:stop])  # one copy (a bytearray slice would make two)
         self._at_line_start = seg.endswith(b"\r\n")
         if not self._check_lines(seg):
             return
         # No error so far: every run so far ended with CRLF, so seg starts
         # a line. Undo dot-stuffing: every line that starts with "." loses it.
-        if b"\r\n." in seg:
+        if stuffed and b"\r\n." in seg:
             seg = seg.replace(b"\r\n.", b"\r\n")
         if seg[:1] == b".":
             seg = seg[1:]
