@@ -33,6 +33,9 @@ recipient's outcome durably before that connection carries another mail:
 A mail all of whose recipients are finished is removed. DSN parameters go
 on to a next hop that offers DSN; one that does not gets the mail plain, and
 recipients with NOTIFY=SUCCESS get a "relayed" notice.
+A mail that needs SMTPUTF8 (RFC 6531) goes with it to a next hop that
+offers it; one that does not never gets a UTF-8 address (those recipients
+bounce, 5.6.7), see ``smtputf8_terms``.
 
 Signals: TERM and QUIT stop it (deliveries in flight are cut; their
 recipients stay unfinished and are retried), USR2 flushes, USR1 reopens the
@@ -303,6 +306,8 @@ class Connection:
     reader: ReplyReader
     pipelining: bool  # the next hop offers PIPELINING: a transaction's commands go in one write
     dsn: bool  # the next hop offers DSN
+    smtputf8: bool = False  # the next hop offers SMTPUTF8 (RFC 6531): UTF-8 addresses and headers
+    eightbitmime: bool = False  # the next hop offers 8BITMIME (RFC 6152)
     mails: int = 0  # transactions started on it
     dirty: bool = False  # a transaction may still be open: RSET before the next MAIL
     idle_timer: asyncio.TimerHandle | None = None
@@ -483,6 +488,48 @@ def _rcpt_options(mail: QueuedMail, index: int, dsn: bool) -> list[str]:
         if rcpt_dsn.orcpt_text:
             options.append(f"ORCPT={rcpt_dsn.orcpt_text}")
     return options
+
+
+def smtputf8_terms(
+    mail: QueuedMail, message: bytes, indices: list[int], smtputf8_offered: bool, eightbitmime_offered: bool
+) -> tuple[list[int], list[tuple[int, str, str]], list[str]]:
+    """How a mail that needs SMTPUTF8 goes to a next hop with this offer:
+    (the recipients it can go to, (recipient, status, reason) for each it
+    cannot, the MAIL parameters to add).
+
+    * SMTPUTF8 offered: every recipient, with ``SMTPUTF8`` (RFC 6531 3.4);
+      the addresses go as UTF-8.
+    * Not offered: a non-ASCII address must not be sent nor downgraded (RFC
+      6531 3.2), so a recipient whose address, or the sender's, is non-ASCII
+      fails for good, ``5.6.7``. The others (ASCII addresses, the mail
+      flagged for its headers) go on if their header block is ASCII after
+      all (nothing needs SMTPUTF8, and RFC 6531 3.4 says not to ask for it),
+      or with ``BODY=8BITMIME`` when the next hop offers 8BITMIME: UTF-8
+      header values are 8-bit text, which such a next hop takes, and mail
+      with a raw UTF-8 Subject but no SMTPUTF8 is accepted and relayed so
+      today. A next hop offering neither would get octets it said it cannot
+      take: those recipients fail, ``5.6.9`` ("UTF-8 header message cannot
+      be transferred", IANA's enhanced status codes).
+    """
+    if smtputf8_offered:
+        return indices, [], ["SMTPUTF8"]
+    sender_ascii = mail.sender.isascii()
+    refusals = [
+        (i, "5.6.7", "non-ASCII addresses not permitted by the next hop (it does not offer SMTPUTF8)")
+        for i in indices
+        if not (sender_ascii and mail.recipients[i].address.isascii())
+    ]
+    if len(refusals) == len(indices):
+        return [], refusals, []
+    refused = {i for i, _, _ in refusals}
+    sendable = [i for i in indices if i not in refused]
+    end = message.find(b"\r\n\r\n")
+    if (message if end < 0 else message[:end]).isascii():
+        return sendable, refusals, []
+    if eightbitmime_offered:
+        return sendable, refusals, ["BODY=8BITMIME"]
+    reason = "UTF-8 header message not permitted by the next hop (it offers neither SMTPUTF8 nor 8BITMIME)"
+    return [], refusals + [(i, "5.6.9", reason) for i in sendable], []
 
 
 def _data_block(message: bytes) -> bytes:
@@ -882,7 +929,10 @@ class Runner:
             raise aiosmtplib.SMTPServerDisconnected("connection lost after the greeting")
         reader = ReplyReader(transport)
         transport.set_protocol(reader)
-        return Connection(key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"))
+        return Connection(
+            key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"),
+            smtputf8=client.supports_extension("smtputf8"), eightbitmime=client.supports_extension("8bitmime"),
+        )
 
     async def _converse(
         self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str,
@@ -917,17 +967,33 @@ class Runner:
         raise AssertionError("unreachable")
 
     async def _transaction(
-        self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str
+        self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str,
+        utf8_options: list[str] | None = None,
     ) -> list[Outcome]:
         """MAIL, RCPT..., DATA: in one write when the next hop offers PIPELINING
-        (RFC 2920), else one command at a time; then the message."""
+        (RFC 2920), else one command at a time; then the message.
+
+        A mail that needs SMTPUTF8 first meets the next hop's offer
+        (``smtputf8_terms``): the recipients it cannot take are refused here,
+        nothing sent; the others go with ``utf8_options`` on MAIL."""
+        if mail.smtputf8 and utf8_options is None:
+            sendable, refusals, utf8_options = smtputf8_terms(mail, message, indices, conn.smtputf8, conn.eightbitmime)
+            refused = [Outcome(i, BOUNCED, reason, status, host) for i, status, reason in refusals]
+            if not sendable:
+                return refused
+            return refused + await self._transaction(conn, mail, message, sendable, host, utf8_options)
+        # Addresses go as UTF-8 only in a mail that met the next hop's offer above.
+        encoding = "ascii" if utf8_options is None else "utf-8"
         reader, timeout = conn.reader, self.settings.relay_timeout
         reused = conn.mails > 0
         conn.mails += 1
         commands = [b"RSET\r\n"] if conn.dirty else []  # a transaction left open on this kept connection
-        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode("ascii") + b">", _mail_options(mail, conn.dsn)))
+        mail_options = _mail_options(mail, conn.dsn)
+        if utf8_options:
+            mail_options[:0] = utf8_options
+        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode(encoding) + b">", mail_options))
         commands += [
-            _command(b"RCPT TO:<" + mail.recipients[i].address.encode("ascii") + b">", _rcpt_options(mail, i, conn.dsn))
+            _command(b"RCPT TO:<" + mail.recipients[i].address.encode(encoding) + b">", _rcpt_options(mail, i, conn.dsn))
             for i in indices
         ]
         commands.append(b"DATA\r\n")
