@@ -76,7 +76,80 @@ def commands(wire: bytes) -> list[bytes]:
     return [line for line in wire.split(b"\r\n") if line[:5] in (b"MAIL ", b"RCPT ")]
 
 
+# ------------------------------------------------------ a next hop that offers SMTPUTF8
+def test_utf8_addresses_go_with_smtputf8_in_one_attempt(start_server, receiver):
+    hop = receiver()  # aiosmtpd: SMTPUTF8 offered, no PIPELINING (one command at a time)
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [
+        (f"{JOERG}@smtpd.com", [f"{USER}@example.org", "bob@example.org"], UTF8_HEADERS, ["SMTPUTF8"]),
+        # ASCII addresses, UTF-8 headers: flagged all the same, and it goes with SMTPUTF8 too.
+        ("alice@smtpd.com", ["carol@example.org"], UTF8_HEADERS, ["SMTPUTF8"]),
+    ])
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
+    assert commands(hop.wire()) == [
+        f"MAIL FROM:<{JOERG}@smtpd.com> SMTPUTF8".encode(),
+        f"RCPT TO:<{USER}@example.org>".encode(),
+        b"RCPT TO:<bob@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> SMTPUTF8",
+        b"RCPT TO:<carol@example.org>",
+    ]
+    first, second = hop.handler.received
+    assert first.sender == f"{JOERG}@smtpd.com" and first.recipients == [f"{USER}@example.org", "bob@example.org"]
+    assert first.mail_options == ["SMTPUTF8"] and UTF8_HEADERS in first.data
+    assert second.recipients == ["carol@example.org"] and second.mail_options == ["SMTPUTF8"]
+    assert hop.handler.rcpt_calls == {f"{USER}@example.org": 1, "bob@example.org": 1, "carol@example.org": 1}
+    wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 2, what="the log")
+    assert server.log_count("deferred") == 0 and server.log_count("bounced") == 0
+    assert not server.stored(JOERG) and not server.stored("alice")  # no notice of any kind
+
+
+def test_utf8_through_a_real_prefork_smtpd_next_hop_with_dsn_passed_on(start_server):
+    """The second prefork-smtpd offers SMTPUTF8, DSN and PIPELINING: one write carries
+    MAIL ... SMTPUTF8 RET= ENVID=, the UTF-8 RCPT with NOTIFY and DATA."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        assert client.sendmail(f"{JOERG}@smtpd.com", [f"{USER}@example.org"], UTF8_HEADERS,
+                               mail_options=["SMTPUTF8", "RET=HDRS", "ENVID=trip"],
+                               rcpt_options=["NOTIFY=FAILURE"]) == {}
+    (relayed,) = wait_until(lambda: hop.stored(USER), what="the mail at the next hop", timeout=60)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    stored = email.message_from_bytes(relayed.read_bytes(), policy=email.policy.SMTPUTF8)
+    assert stored["Return-Path"] == f"<{JOERG}@smtpd.com>" and stored["Delivered-To"] == f"{USER}@example.org"
+    assert stored["Subject"] == "Gr\u00fc\u00dfe aus K\u00f6ln"
+    assert stored["Original-Envelope-Id"] == "trip"  # the DSN parameters went along
+    assert " with UTF8SMTP id " in stored.get_all("Received")[0]  # the next hop saw SMTPUTF8 on MAIL
+    wait_until(lambda: server.log_count("sent via") == 1, what="the log")
+    assert server.log_count("deferred") == 0
+
+
 # ------------------------------------------------ a next hop that does not offer SMTPUTF8
+def test_without_smtputf8_a_utf8_recipient_bounces_once_with_5_6_7_and_nothing_else_is_hurt(start_server, receiver):
+    hop = receiver(enable_SMTPUTF8=False)  # offers 8BITMIME
+    server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
+    queue_while_paused(server, [
+        ("alice@smtpd.com", ["a@example.org"], ASCII_HEADERS, []),
+        ("alice@smtpd.com", [f"{JOERG}@example.org", "bob@example.org"], UTF8_HEADERS, ["SMTPUTF8"]),
+        ("alice@smtpd.com", ["c@example.org"], ASCII_HEADERS, []),
+    ])
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
+    # jörg never reached the next hop; bob did, the UTF-8 headers as 8BITMIME; the plain mails as before.
+    assert commands(hop.wire()) == [
+        b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<a@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<bob@example.org>",
+        b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<c@example.org>",
+    ]
+    assert [r.recipients for r in hop.handler.received] == [["a@example.org"], ["bob@example.org"], ["c@example.org"]]
+    assert len(hop.handler.sessions()) == 1  # one kept connection carried all three
+    (notice,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    (rcpt,) = statuses(parsed(notice))
+    assert rcpt["Action"] == "failed" and rcpt["Status"] == "5.6.7"
+    assert NOT_OFFERED in rcpt["Diagnostic-Code"]
+    wait_until(lambda: server.log_count(f"<{JOERG}@example.org> bounced: {NOT_OFFERED}") == 1, what="the log")
+    wait_until(lambda: server.log_count("bounced") == 1, what="the log")
+    assert server.log_count("deferred") == 0
+
+
 def test_without_smtputf8_a_utf8_sender_bounces_every_recipient_and_nothing_is_sent(start_server, receiver):
     hop = receiver(enable_SMTPUTF8=False)
     server = start_server(*relay_to(hop.port))
