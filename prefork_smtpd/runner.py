@@ -71,6 +71,7 @@ from .policy import mailbox_check, names_from
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
+from .smtputf8 import ascii_domain
 from .stats import FIELD, SharedStats
 
 RUNNER_SLOT = 0  # the shared-memory slot no worker uses
@@ -499,10 +500,12 @@ def smtputf8_terms(
 
     * SMTPUTF8 offered: every recipient, with ``SMTPUTF8`` (RFC 6531 3.4);
       the addresses go as UTF-8.
-    * Not offered: a non-ASCII address must not be sent nor downgraded (RFC
-      6531 3.2), so a recipient whose address, or the sender's, is non-ASCII
-      fails for good, ``5.6.7``. The others (ASCII addresses, the mail
-      flagged for its headers) go on if their header block is ASCII after
+    * Not offered: a non-ASCII local part must not be sent nor downgraded
+      (RFC 6531 3.2), so a recipient whose local part, or the sender's, is
+      non-ASCII fails for good, ``5.6.7``. A domain in U-labels is no such
+      obstacle: it goes in its A-labels (``_a_label_form``; RFC 5890 names
+      the same domain either way). The others (the mail flagged for its
+      headers, or for such a domain) go on if their header block is ASCII after
       all (nothing needs SMTPUTF8, and RFC 6531 3.4 says not to ask for it),
       or with ``BODY=8BITMIME`` when the next hop offers 8BITMIME: UTF-8
       header values are 8-bit text, which such a next hop takes, and mail
@@ -513,11 +516,11 @@ def smtputf8_terms(
     """
     if smtputf8_offered:
         return indices, [], ["SMTPUTF8"]
-    sender_ascii = mail.sender.isascii()
+    sender_ascii = _a_label_form(mail.sender) is not None
     refusals = [
         (i, "5.6.7", "non-ASCII addresses not permitted by the next hop (it does not offer SMTPUTF8)")
         for i in indices
-        if not (sender_ascii and mail.recipients[i].address.isascii())
+        if not (sender_ascii and _a_label_form(mail.recipients[i].address) is not None)
     ]
     if len(refusals) == len(indices):
         return [], refusals, []
@@ -530,6 +533,29 @@ def smtputf8_terms(
         return sendable, refusals, ["BODY=8BITMIME"]
     reason = "UTF-8 header message not permitted by the next hop (it offers neither SMTPUTF8 nor 8BITMIME)"
     return [], refusals + [(i, "5.6.9", reason) for i in sendable], []
+
+
+def _a_label_form(address: str) -> str | None:
+    """The address in ASCII, a U-label domain in its A-labels; None if its local part is UTF-8."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    ace = ascii_domain(domain)
+    return None if ace is None else f"{local}@{ace}"
+
+
+def _utf8_form(address: str) -> bytes:
+    return address.encode("utf-8")
+
+
+def _as_a_labels(address: str) -> bytes:
+    """For a next hop without SMTPUTF8 (smtputf8_terms let only such addresses through)."""
+    form = _a_label_form(address)
+    if form is None:
+        raise ValueError(f"a UTF-8 local part for a next hop without SMTPUTF8: {address!r}")
+    return form.encode("ascii")
 
 
 def _data_block(message: bytes) -> bytes:
@@ -982,8 +1008,8 @@ class Runner:
             if not sendable:
                 return refused
             return refused + await self._transaction(conn, mail, message, sendable, host, utf8_options)
-        # Addresses go as UTF-8 only in a mail that met the next hop's offer above.
-        encoding = "ascii" if utf8_options is None else "utf-8"
+        # Addresses go as UTF-8, or with A-label domains, only in a mail that met the next hop's offer above.
+        encode = None if utf8_options is None else _utf8_form if "SMTPUTF8" in utf8_options else _as_a_labels
         reader, timeout = conn.reader, self.settings.relay_timeout
         reused = conn.mails > 0
         conn.mails += 1
@@ -991,9 +1017,16 @@ class Runner:
         mail_options = _mail_options(mail, conn.dsn)
         if utf8_options:
             mail_options[:0] = utf8_options
-        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode(encoding) + b">", mail_options))
+        sender = mail.sender.encode("ascii") if encode is None else encode(mail.sender)
+        commands.append(_command(b"MAIL FROM:<" + sender + b">", mail_options))
+        recipients = mail.recipients
         commands += [
-            _command(b"RCPT TO:<" + mail.recipients[i].address.encode(encoding) + b">", _rcpt_options(mail, i, conn.dsn))
+            _command(
+                b"RCPT TO:<"
+                + (recipients[i].address.encode("ascii") if encode is None else encode(recipients[i].address))
+                + b">",
+                _rcpt_options(mail, i, conn.dsn),
+            )
             for i in indices
         ]
         commands.append(b"DATA\r\n")

@@ -26,6 +26,7 @@ UTF8_HEADERS = (
     "From: J\u00f6rg <j\u00f6rg@smtpd.com>\r\nSubject: Gr\u00fc\u00dfe aus K\u00f6ln\r\n\r\nHall\u00f6chen\r\n"
 ).encode()
 ASCII_HEADERS = b"From: alice@smtpd.com\r\nSubject: plain\r\n\r\nHall\xc3\xb6chen in the body only\r\n"
+BOOKS, BOOKS_ACE = "b\u00fccher.example", "xn--bcher-kva.example"  # bücher.example, in U-labels and A-labels
 NOT_OFFERED = "non-ASCII addresses not permitted by the next hop"
 
 
@@ -129,17 +130,20 @@ def test_without_smtputf8_a_utf8_recipient_bounces_once_with_5_6_7_and_nothing_e
     server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
     queue_while_paused(server, [
         ("alice@smtpd.com", ["a@example.org"], ASCII_HEADERS, []),
-        ("alice@smtpd.com", [f"{JOERG}@example.org", "bob@example.org"], UTF8_HEADERS, ["SMTPUTF8"]),
+        ("alice@smtpd.com", [f"{JOERG}@example.org", "bob@example.org", f"dora@{BOOKS}"], UTF8_HEADERS, ["SMTPUTF8"]),
         ("alice@smtpd.com", ["c@example.org"], ASCII_HEADERS, []),
     ])
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
-    # jörg never reached the next hop; bob did, the UTF-8 headers as 8BITMIME; the plain mails as before.
+    # jörg never reached the next hop; bob and dora (her domain in A-labels) did, the UTF-8
+    # headers as 8BITMIME; the plain mails as before.
     assert commands(hop.wire()) == [
         b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<a@example.org>",
-        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<bob@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<bob@example.org>", f"RCPT TO:<dora@{BOOKS_ACE}>".encode(),
         b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<c@example.org>",
     ]
-    assert [r.recipients for r in hop.handler.received] == [["a@example.org"], ["bob@example.org"], ["c@example.org"]]
+    assert [r.recipients for r in hop.handler.received] == [
+        ["a@example.org"], ["bob@example.org", f"dora@{BOOKS_ACE}"], ["c@example.org"],
+    ]
     assert len(hop.handler.sessions()) == 1  # one kept connection carried all three
     (notice,) = wait_until(lambda: server.stored("alice"), what="the bounce")
     (rcpt,) = statuses(parsed(notice))
@@ -225,6 +229,16 @@ def test_smtputf8_terms(sender, message, smtputf8, eightbit, expected):
     sendable, refusals, options = smtputf8_terms(_mail(sender, f"{USER}@y.org", "b@y.org"), message, [0, 1],
                                                  smtputf8, eightbit)
     assert (sendable, [(i, status) for i, status, _ in refusals], options) == expected
+
+
+def test_a_label_form():
+    from prefork_smtpd.runner import _a_label_form
+
+    assert _a_label_form("bob@example.org") == "bob@example.org"
+    assert _a_label_form(f"dora@{BOOKS}") == f"dora@{BOOKS_ACE}"
+    assert _a_label_form(f"dora@B\u00dcCHER.example") == f"dora@{BOOKS_ACE}"
+    assert _a_label_form(f"{JOERG}@example.org") is None and _a_label_form(f"{JOERG}@{BOOKS}") is None
+    assert _a_label_form("bob@" + "\u00fc" * 70 + ".example") is None  # a label too long: no A-labels
 
 
 def test_the_queue_records_the_smtputf8_flag_and_infers_it_from_addresses(tmp_path):
