@@ -72,6 +72,10 @@ class QueuedMail:
     next_attempt: float = 0.0  # not before this time
     last_reply: str = ""
     delay_warned: set[int] = field(default_factory=set)  # recipients whose sender got a "delayed" notice
+    # SMTPUTF8 (RFC 6531): received with the parameter, or an address is
+    # non-ASCII (a queue file written before the flag was recorded). The
+    # runner looks at the next hop's offer before sending such a mail.
+    smtputf8: bool = False
 
     def pending(self) -> list[int]:
         """Indices of recipients not yet finished."""
@@ -99,6 +103,8 @@ def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
             if r.outside
         ],
     }
+    if envelope.smtputf8:  # only then: the usual header stays as it was
+        header["utf8"] = True
     return (json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
 
 
@@ -144,6 +150,11 @@ class Queue:
             )
         except (ValueError, KeyError, TypeError):
             return None
+        mail.smtputf8 = (
+            header.get("utf8") is True
+            or not mail.sender.isascii()
+            or not all(r.address.isascii() for r in mail.recipients)
+        )
         for entry in self._progress(queue_id):
             index = entry.get("r")
             if entry.get("result") == DEFERRED:

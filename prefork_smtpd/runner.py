@@ -33,6 +33,9 @@ recipient's outcome durably before that connection carries another mail:
 A mail all of whose recipients are finished is removed. DSN parameters go
 on to a next hop that offers DSN; one that does not gets the mail plain, and
 recipients with NOTIFY=SUCCESS get a "relayed" notice.
+A mail that needs SMTPUTF8 (RFC 6531) goes with it to a next hop that
+offers it; one that does not never gets a UTF-8 address (those recipients
+bounce, 5.6.7), see ``smtputf8_terms``.
 
 Signals: TERM and QUIT stop it (deliveries in flight are cut; their
 recipients stay unfinished and are retried), USR2 flushes, USR1 reopens the
@@ -68,6 +71,7 @@ from .policy import mailbox_check, names_from
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
+from .smtputf8 import ascii_domain
 from .stats import FIELD, SharedStats
 
 RUNNER_SLOT = 0  # the shared-memory slot no worker uses
@@ -303,6 +307,8 @@ class Connection:
     reader: ReplyReader
     pipelining: bool  # the next hop offers PIPELINING: a transaction's commands go in one write
     dsn: bool  # the next hop offers DSN
+    smtputf8: bool = False  # the next hop offers SMTPUTF8 (RFC 6531): UTF-8 addresses and headers
+    eightbitmime: bool = False  # the next hop offers 8BITMIME (RFC 6152)
     mails: int = 0  # transactions started on it
     dirty: bool = False  # a transaction may still be open: RSET before the next MAIL
     idle_timer: asyncio.TimerHandle | None = None
@@ -483,6 +489,73 @@ def _rcpt_options(mail: QueuedMail, index: int, dsn: bool) -> list[str]:
         if rcpt_dsn.orcpt_text:
             options.append(f"ORCPT={rcpt_dsn.orcpt_text}")
     return options
+
+
+def smtputf8_terms(
+    mail: QueuedMail, message: bytes, indices: list[int], smtputf8_offered: bool, eightbitmime_offered: bool
+) -> tuple[list[int], list[tuple[int, str, str]], list[str]]:
+    """How a mail that needs SMTPUTF8 goes to a next hop with this offer:
+    (the recipients it can go to, (recipient, status, reason) for each it
+    cannot, the MAIL parameters to add).
+
+    * SMTPUTF8 offered: every recipient, with ``SMTPUTF8`` (RFC 6531 3.4);
+      the addresses go as UTF-8.
+    * Not offered: a non-ASCII local part must not be sent nor downgraded
+      (RFC 6531 3.2), so a recipient whose local part, or the sender's, is
+      non-ASCII fails for good, ``5.6.7``. A domain in U-labels is no such
+      obstacle: it goes in its A-labels (``_a_label_form``; RFC 5890 names
+      the same domain either way). The others (the mail flagged for its
+      headers, or for such a domain) go on if their header block is ASCII after
+      all (nothing needs SMTPUTF8, and RFC 6531 3.4 says not to ask for it),
+      or with ``BODY=8BITMIME`` when the next hop offers 8BITMIME: UTF-8
+      header values are 8-bit text, which such a next hop takes, and mail
+      with a raw UTF-8 Subject but no SMTPUTF8 is accepted and relayed so
+      today. A next hop offering neither would get octets it said it cannot
+      take: those recipients fail, ``5.6.9`` ("UTF-8 header message cannot
+      be transferred", IANA's enhanced status codes).
+    """
+    if smtputf8_offered:
+        return indices, [], ["SMTPUTF8"]
+    sender_ascii = _a_label_form(mail.sender) is not None
+    refusals = [
+        (i, "5.6.7", "non-ASCII addresses not permitted by the next hop (it does not offer SMTPUTF8)")
+        for i in indices
+        if not (sender_ascii and _a_label_form(mail.recipients[i].address) is not None)
+    ]
+    if len(refusals) == len(indices):
+        return [], refusals, []
+    refused = {i for i, _, _ in refusals}
+    sendable = [i for i in indices if i not in refused]
+    end = message.find(b"\r\n\r\n")
+    if (message if end < 0 else message[:end]).isascii():
+        return sendable, refusals, []
+    if eightbitmime_offered:
+        return sendable, refusals, ["BODY=8BITMIME"]
+    reason = "UTF-8 header message not permitted by the next hop (it offers neither SMTPUTF8 nor 8BITMIME)"
+    return [], refusals + [(i, "5.6.9", reason) for i in sendable], []
+
+
+def _a_label_form(address: str) -> str | None:
+    """The address in ASCII, a U-label domain in its A-labels; None if its local part is UTF-8."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    ace = ascii_domain(domain)
+    return None if ace is None else f"{local}@{ace}"
+
+
+def _utf8_form(address: str) -> bytes:
+    return address.encode("utf-8")
+
+
+def _as_a_labels(address: str) -> bytes:
+    """For a next hop without SMTPUTF8 (smtputf8_terms let only such addresses through)."""
+    form = _a_label_form(address)
+    if form is None:
+        raise ValueError(f"a UTF-8 local part for a next hop without SMTPUTF8: {address!r}")
+    return form.encode("ascii")
 
 
 def _data_block(message: bytes) -> bytes:
@@ -882,7 +955,10 @@ class Runner:
             raise aiosmtplib.SMTPServerDisconnected("connection lost after the greeting")
         reader = ReplyReader(transport)
         transport.set_protocol(reader)
-        return Connection(key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"))
+        return Connection(
+            key, reader, client.supports_extension("pipelining"), client.supports_extension("dsn"),
+            smtputf8=client.supports_extension("smtputf8"), eightbitmime=client.supports_extension("8bitmime"),
+        )
 
     async def _converse(
         self, mail: QueuedMail, message: bytes, address: str, port: int, indices: list[int], host: str,
@@ -917,17 +993,40 @@ class Runner:
         raise AssertionError("unreachable")
 
     async def _transaction(
-        self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str
+        self, conn: Connection, mail: QueuedMail, message: bytes, indices: list[int], host: str,
+        utf8_options: list[str] | None = None,
     ) -> list[Outcome]:
         """MAIL, RCPT..., DATA: in one write when the next hop offers PIPELINING
-        (RFC 2920), else one command at a time; then the message."""
+        (RFC 2920), else one command at a time; then the message.
+
+        A mail that needs SMTPUTF8 first meets the next hop's offer
+        (``smtputf8_terms``): the recipients it cannot take are refused here,
+        nothing sent; the others go with ``utf8_options`` on MAIL."""
+        if mail.smtputf8 and utf8_options is None:
+            sendable, refusals, utf8_options = smtputf8_terms(mail, message, indices, conn.smtputf8, conn.eightbitmime)
+            refused = [Outcome(i, BOUNCED, reason, status, host) for i, status, reason in refusals]
+            if not sendable:
+                return refused
+            return refused + await self._transaction(conn, mail, message, sendable, host, utf8_options)
+        # Addresses go as UTF-8, or with A-label domains, only in a mail that met the next hop's offer above.
+        encode = None if utf8_options is None else _utf8_form if "SMTPUTF8" in utf8_options else _as_a_labels
         reader, timeout = conn.reader, self.settings.relay_timeout
         reused = conn.mails > 0
         conn.mails += 1
         commands = [b"RSET\r\n"] if conn.dirty else []  # a transaction left open on this kept connection
-        commands.append(_command(b"MAIL FROM:<" + mail.sender.encode("ascii") + b">", _mail_options(mail, conn.dsn)))
+        mail_options = _mail_options(mail, conn.dsn)
+        if utf8_options:
+            mail_options[:0] = utf8_options
+        sender = mail.sender.encode("ascii") if encode is None else encode(mail.sender)
+        commands.append(_command(b"MAIL FROM:<" + sender + b">", mail_options))
+        recipients = mail.recipients
         commands += [
-            _command(b"RCPT TO:<" + mail.recipients[i].address.encode("ascii") + b">", _rcpt_options(mail, i, conn.dsn))
+            _command(
+                b"RCPT TO:<"
+                + (recipients[i].address.encode("ascii") if encode is None else encode(recipients[i].address))
+                + b">",
+                _rcpt_options(mail, i, conn.dsn),
+            )
             for i in indices
         ]
         commands.append(b"DATA\r\n")

@@ -833,7 +833,9 @@ class Session:
         if not (self.login or self.may_relay):
             self._rejected_rcpts += 1
             return self._error(replies.RELAY_DENIED)
-        address = _parse_mailbox(path)
+        # A UTF-8 address (only in an SMTPUTF8 transaction: checked before) is
+        # queued too: the queue runner sends it on with SMTPUTF8, or bounces it.
+        address = _parse_mailbox(path) if path.isascii() else smtputf8.parse_mailbox(path)
         if address is None or len(address[0]) > MAX_LOCAL_PART or address[1].startswith("["):
             # Only a domain name is relayed to: an address literal would
             # point the queue at any host the client likes.

@@ -13,6 +13,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 from harness import free_port
 
 
@@ -113,17 +114,48 @@ class ScriptedHandler:
             return sum(r.recipients.count(address) for r in self.received)
 
 
+class _WireTap(SMTP):
+    """aiosmtpd's SMTP server, keeping every octet the sending side wrote."""
+
+    def __init__(self, handler, wire: list[bytes], **options) -> None:
+        super().__init__(handler, **options)
+        self._wire = wire
+
+    def data_received(self, data: bytes) -> None:
+        self._wire.append(bytes(data))  # list.append: safe from the controller's thread
+        super().data_received(data)
+
+
+class _TappedController(Controller):
+    def __init__(self, handler, wire: list[bytes], **options) -> None:
+        super().__init__(handler, **options)
+        self._wire = wire
+
+    def factory(self):
+        return _WireTap(self.handler, self._wire, **self.SMTP_kwargs)
+
+
 class Receiver:
-    """An aiosmtpd server on a free port, answering as its script says."""
+    """An aiosmtpd server on a free port, answering as its script says.
+
+    It offers SMTPUTF8 and 8BITMIME unless told otherwise
+    (``enable_SMTPUTF8=False``; ``decode_data=True`` drops 8BITMIME);
+    ``wire()`` is every octet it was sent."""
 
     def __init__(self, script: Script | None = None, **controller_options) -> None:
         self.script = script or Script()
         self.handler = ScriptedHandler(self.script)
         self.port = free_port()
-        self.controller = Controller(
-            self.handler, hostname="127.0.0.1", port=self.port, decode_data=False, **controller_options
+        self._wire: list[bytes] = []
+        controller_options.setdefault("decode_data", False)
+        self.controller = _TappedController(
+            self.handler, self._wire, hostname="127.0.0.1", port=self.port, **controller_options
         )
         self.controller.start()
+
+    def wire(self) -> bytes:
+        """What the sending side wrote, all connections in the order it arrived."""
+        return b"".join(list(self._wire))
 
     def stop(self) -> None:
         self.script.release.set()
