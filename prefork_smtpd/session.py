@@ -467,6 +467,14 @@ class Session:
         return self.resume(StoreFailed(reply))
 
     @property
+    def data_due(self) -> int:
+        """Octets of input certain to be message data, in DATA: the rest of a
+        BDAT chunk (commands may follow it in the same read); for DATA, as
+        many as come (the session stops at its end to wait for the store)."""
+        chunk = self._chunk
+        return UNBOUNDED if chunk is None else chunk.left
+
+    @property
     def held_bytes(self) -> int:
         """Message bytes this session holds in memory while it reads DATA or BDAT chunks."""
         state = self.state
@@ -1336,6 +1344,9 @@ class Session:
             self._chunk_failed = True  # chunks already pipelined behind are discarded
         return reply
 
+
+# What Session.data_due says of DATA: more than any read.
+UNBOUNDED = 1 << 62
 
 # Message pieces shorter than this are gathered into one bytearray (Session._keep).
 GATHER_BELOW = 64 * 1024

@@ -296,13 +296,16 @@ class SMTPConnection(asyncio.Protocol):
                 return
             if state is CLOSED:
                 return  # closing: the rest is never answered
+            # Message data goes whole; so does a BDAT chunk's, but the
+            # commands behind it (more chunk lines) go in slices as others.
+            span = COMMAND_SLICE if state is not DATA else session.data_due + COMMAND_SLICE
             piece: bytes | bytearray | memoryview
-            if pos == 0 and (state is DATA or end <= COMMAND_SLICE):
+            if pos == 0 and end <= span:
                 piece = data  # the usual read, fed whole: no view, no slice
             else:
                 if view is None:
                     view = memoryview(data)
-                piece = view[pos : pos + (end - pos if state is DATA else COMMAND_SLICE)]
+                piece = view[pos : pos + span]
             pos += len(piece)
             events = session.feed(piece)
             if events or session.state is not state:

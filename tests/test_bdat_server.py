@@ -14,8 +14,8 @@ import socket
 import time
 
 import pytest
-from harness import DOMAIN, Client
-from test_resources import Flood, flood_and_watch, stallable_disk, unread_bytes_at
+from harness import DOMAIN, Client, wait_until
+from test_resources import Flood, flood_and_watch, raw_client, stallable_disk, unread_bytes_at, worker_rss
 
 MB = 1000 * 1000
 MiB = 1024 * 1024
@@ -265,3 +265,63 @@ def test_a_raw_client_cutting_headers_and_data_anywhere(server, seed):
     assert codes == [b"220", b"250", b"250", b"250", b"250", b"250", b"250", b"250", b"221"]
     (path,) = server.stored("cut")
     assert body_of(path) == body.replace(b"\r\n", b"\n")
+
+
+def chunking_client(port: int) -> socket.socket:
+    """A raw client with the smallest receive buffer, in a transaction: BDAT chunks go into a message."""
+    sock = raw_client(port)
+    sock.settimeout(20)
+    sock.sendall(f"EHLO x\r\nMAIL FROM:<a@{DOMAIN}>\r\nRCPT TO:<r>\r\n".encode())
+    file = sock.makefile("rb")
+    codes = []
+    while len(codes) < 4:  # the greeting, EHLO's, MAIL's and RCPT's (the last lines of each)
+        line = file.readline()
+        if line[3:4] == b" ":
+            codes.append(int(line[:3]))
+    file.close()
+    assert codes == [220, 250, 250, 250], codes
+    return sock
+
+
+@pytest.mark.slow
+def test_pipelined_small_chunks_never_read_cost_little_each(start_server):
+    """24 clients pipeline one-octet BDAT chunks and never read: under half a MB each.
+
+    Each 9-octet ``BDAT 1`` and its octet earn a 34-octet reply, and once a
+    chunk's octets straddle the end of a command slice the session is in
+    DATA; the rest of the read went to the session whole, chunk lines and
+    all, and was answered in one go: 256 KB read, a MB of replies. Only
+    the chunk's own octets go whole now; the commands behind it go in
+    slices, as any others, and the worker stops reading as it does for them.
+    The message is cut at 64 KiB (what it holds is bounded apart, by
+    --max-data-memory); the chunks after it are discarded with a 503.
+    """
+    server = start_server("--max-message-size", str(64 * 1024), workers=1)
+    clients = 24
+    bound = clients * MB // 2
+    socks = [chunking_client(server.port) for _ in range(clients)]
+    floods = [Flood(sock, b"BDAT 1\r\nx", total=20 * MB) for sock in socks]
+    before = worker_rss(server)
+    peak = 0
+
+    def over_or_done() -> bool:
+        nonlocal peak
+        peak = max(peak, worker_rss(server) - before)
+        return peak > bound or not any(f.is_alive() for f in floods)
+
+    for flood in floods:
+        flood.start()
+    try:
+        wait_until(over_or_done, timeout=180, interval=0.05, what="the floods to end")
+    finally:
+        for flood in floods:
+            flood.stop.set()
+        for flood in floods:
+            flood.join(10)
+    print(f"worker RSS growth: {peak / MB:.1f} MB for {clients} clients pipelining chunks, never reading")
+    assert peak < bound, f"worker grew by {peak / MB:.0f} MB"
+    assert all(f.stalled and f.sent < f.total for f in floods), "the worker kept reading from clients that never read"
+    other = server.client()
+    assert other.cmd("NOOP")[0] == 250  # the worker still serves others
+    for sock in socks:
+        sock.close()
