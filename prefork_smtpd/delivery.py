@@ -52,7 +52,12 @@ name (``a.example/bob``, ``--folders address``), each part checked by the
 session's policy; a plus-address may add a Maildir++ subfolder
 (``bob/.invoices``), used when it exists or the store is told to make
 such folders (``plus_folders``); one made gets the ``maildirfolder`` file
-Maildir++ readers (Dovecot) expect. Every part is opened with O_NOFOLLOW.
+Maildir++ readers (Dovecot) expect. The store makes none in a mailbox that
+holds ``max_plus_folders`` Maildir++ subfolders already: a sender could
+otherwise spend inodes one made-up tag at a time. The mail goes to the
+mailbox itself then. The count is taken only when a folder would be
+made, once per mailbox and batch; a mailbox found full is taken as full
+for PLUS_FULL_RECHECK seconds without a new count. Every part is opened with O_NOFOLLOW.
 
 Files use LF line endings, as Maildir readers (mutt, Dovecot, Python's
 ``mailbox``) expect; the SMTP session already refused bare CR and LF, so the
@@ -77,6 +82,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import format_datetime
+from typing import Callable
 
 from .dsn import recorded_headers
 from .queue import MSG, queue_file_header
@@ -91,6 +97,7 @@ FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
 MAILDIRFOLDER = "maildirfolder"  # marks a Maildir++ subfolder (Dovecot, Courier)
+PLUS_FULL_RECHECK = 60.0  # seconds a mailbox at max_plus_folders stays full without a new count
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -180,13 +187,20 @@ class _Job:
 
 
 class MaildirStore:
-    def __init__(self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False) -> None:
+    def __init__(
+        self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False,
+        max_plus_folders: int = 100, note: Callable[[str], None] | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
         # Where the copy for outside recipients goes (queue.py), in the same
         # batch as the local copies: all of one mail is durable, or none.
         self.queue_dir = queue_dir
         self.plus_folders = plus_folders  # make a plus-address's Maildir++ subfolder if missing
+        self.max_plus_folders = max_plus_folders  # ... unless its mailbox holds this many
+        self.full_mailboxes: dict[str, float] = {}  # mailbox -> when it was counted at max_plus_folders
+        # What the store has to say (a folder not made): called from its thread.
+        self.note = note if note is not None else _say_nothing
         # Maildir forbids "/" and ":" in the host part of a file name.
         self._host_part = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._sequence = itertools.count()
@@ -317,7 +331,9 @@ class MaildirStore:
         if not rcpt.subfolder:
             return rcpt.folder
         path = f"{rcpt.folder}/{rcpt.subfolder}"
-        return path if self.plus_folders or dirs.is_folder(path) else rcpt.folder
+        if dirs.is_folder(path) or (self.plus_folders and dirs.may_make_plus_folder(rcpt.folder, rcpt.subfolder)):
+            return path
+        return rcpt.folder
 
     def _write_queue_copy(self, job: _Job, dirs: "_BatchDirs", number: int) -> None:
         """The queue file (queue.py): its envelope line, a Received header, the message as received."""
@@ -384,6 +400,7 @@ class _BatchDirs:
     def __init__(self, store: MaildirStore) -> None:
         self.store = store
         self.new_fds: dict[str, int] = {}
+        self.plus_counts: dict[str, int] = {}  # mailbox -> its Maildir++ subfolders, once counted in this batch
         self.queue_fd = -1
         self.root = _open_or_make_root(store.root)
         try:
@@ -431,6 +448,41 @@ class _BatchDirs:
             return False
         return True
 
+    def may_make_plus_folder(self, mailbox: str, subfolder: str) -> bool:
+        """Whether the store may make ``subfolder`` in ``mailbox`` (max_plus_folders);
+        one it may make is counted at once, so a batch cannot pass the limit."""
+        store = self.store
+        count = self.plus_counts.get(mailbox)
+        if count is None:
+            full_since = store.full_mailboxes.get(mailbox)
+            if full_since is not None and time.monotonic() - full_since < PLUS_FULL_RECHECK:
+                count = store.max_plus_folders
+            else:
+                count = self._count_plus_folders(mailbox)
+                if count >= store.max_plus_folders:
+                    store.full_mailboxes[mailbox] = time.monotonic()
+        if count >= store.max_plus_folders:
+            self.plus_counts[mailbox] = count
+            store.note(
+                f"{mailbox}: plus-folder {subfolder} not made, {mailbox} has {count} (--max-plus-folders):"
+                " stored in its inbox"
+            )
+            return False
+        self.plus_counts[mailbox] = count + 1
+        return True
+
+    def _count_plus_folders(self, mailbox: str) -> int:
+        """The Maildir++ subfolders (``.name`` directories) in ``mailbox``: one listing."""
+        try:
+            fd = _open_path(self.root, mailbox, self.store.root)
+        except (FileNotFoundError, NotADirectoryError):
+            return 0  # a mailbox yet to be made
+        try:
+            with os.scandir(fd) as entries:
+                return sum(1 for e in entries if e.name[:1] == "." and e.is_dir(follow_symlinks=False))
+        finally:
+            os.close(fd)
+
     def _check_folder(self, folder: str, folder_fd: int) -> None:
         """Once per folder and process: tmp/new/cur are real, on the spool's file system."""
         path = os.path.join(self.store.root, folder)
@@ -468,6 +520,10 @@ class _BatchDirs:
             os.close(fd)
         os.close(self.spool)
         os.close(self.root)
+
+
+def _say_nothing(text: str) -> None:
+    pass
 
 
 def _open_or_make_root(path: str) -> int:

@@ -294,6 +294,13 @@ REGISTRY: tuple[Setting, ...] = (
         help="with --recipient-delimiter: make the Maildir++ subfolder bob/.invoices for bob+invoices@"
         " (default: off, only a subfolder that exists is used)",
     ),
+    Setting(
+        # A user's folders by hand or by tag rarely pass a few dozen; a sender
+        # making up tags gets 100 folders (500 inodes) per mailbox, no more.
+        "max_plus_folders", int, 100, metavar="N", range=(0, 100_000),
+        help="with --plus-folders: Maildir++ subfolders a mailbox may hold (its own count too) before the"
+        " server makes no more; mail for a new tag then goes to the inbox (default {default})",
+    ),
     Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
     # -------------------------------------------------- TLS and AUTH (reload re-reads the files)
     Setting(
@@ -557,6 +564,7 @@ class Settings:
     folders: str = REGISTERED
     recipient_delimiter: str | None = REGISTERED
     plus_folders: bool = REGISTERED
+    max_plus_folders: int = REGISTERED
     log_file: str = REGISTERED
     tls_cert: str | None = REGISTERED
     tls_key: str | None = REGISTERED

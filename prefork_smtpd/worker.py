@@ -684,7 +684,8 @@ class Worker:
         asyncio.set_event_loop(self.loop)
         store = MaildirStore(
             self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings),
-            plus_folders=self.settings.plus_folders,
+            plus_folders=self.settings.plus_folders, max_plus_folders=self.settings.max_plus_folders,
+            note=functools.partial(self.loop.call_soon_threadsafe, self.log),  # it speaks from its thread
         )
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:

@@ -90,6 +90,27 @@ def test_plus_folders_makes_the_subfolder(start_server):
     assert box.list_folders() == ["news"]
 
 
+def test_plus_folders_stop_at_max_plus_folders_and_the_rest_go_to_the_inbox(start_server):
+    """A sender cannot make a folder per tag without end: past --max-plus-folders
+    (the mailbox's own Maildir++ folders count too) a new tag's mail is the
+    mailbox's, in its inbox, and the folder not made is logged."""
+    server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "3")
+    (server.mail_dir / "bob" / ".Sent").mkdir(parents=True)  # the user's own, made by a mail reader
+    tags = ["a", "b", "c", "d", "e"]
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        for tag in tags:
+            s.sendmail("a@smtpd.com", [f"bob+{tag}@smtpd.com"], f"Subject: {tag}\r\n\r\n{tag}\r\n".encode())
+        s.sendmail("a@smtpd.com", ["bob+f@smtpd.com", "bob+g@smtpd.com"], b"Subject: fg\r\n\r\nfg\r\n")
+        s.sendmail("a@smtpd.com", ["bob+a@smtpd.com"], b"Subject: a2\r\n\r\na2\r\n")  # its folder exists
+    box = mailbox.Maildir(str(server.mail_dir / "bob"), create=False)
+    assert sorted(box.list_folders()) == ["Sent", "a", "b"]
+    assert sorted(m["Subject"] for m in delivered(server, "bob/.a", 2)) == ["a", "a2"]
+    inbox = sorted(m["Subject"] for m in delivered(server, "bob", 4))
+    assert inbox == ["c", "d", "e", "fg"]  # one copy for the two tags of one mail
+    wait_until(lambda: server.log_count("not made") == 5, what="the folders not made in the log")
+    assert "bob: plus-folder .c not made, bob has 3 (--max-plus-folders): stored in its inbox" in server.log_text()
+
+
 def test_postmaster_is_delivered_whatever_mailboxes_says(start_server):
     server = start_server("--mailboxes", "existing")
     client = server.client()
