@@ -74,8 +74,11 @@ def success_notice(
     content = build_report(
         reporting_mta=hostname, recipient=envelope.sender, statuses=statuses, original=envelope.content,
         ret=None, envid=mail_dsn.envid if mail_dsn is not None else None, arrival=now, queue_id=queue_id, now=now,
+        utf8=envelope.smtputf8,
     )
-    return Envelope(
+    notice = Envelope(
         helo=NOTICE_HELO, sender="", recipients=[Recipient(address=envelope.sender, folder=folder)],
         chunks=[content], size=len(content),
     )
+    notice.smtputf8 = envelope.smtputf8  # RFC 6533: the notice of an SMTPUTF8 mail is one too
+    return notice

@@ -66,6 +66,7 @@ class QueuedMail:
     ret: str | None = None
     envid: str | None = None
     size: int = 0
+    smtputf8: bool = False  # received as SMTPUTF8 (RFC 6531): its notices are SMTPUTF8 too (RFC 6533)
     # From the progress log: recipient index -> (result, detail).
     results: dict[int, dict] = field(default_factory=dict)
     attempts: int = 0  # failed attempts so far (for the backoff)
@@ -146,7 +147,7 @@ class Queue:
             mail = QueuedMail(
                 id=queue_id, sender=header["sender"], recipients=[_recipient(r) for r in header["rcpts"]],
                 arrival=float(header["arrival"]), ret=header.get("ret"), envid=header.get("envid"),
-                size=int(header.get("size", 0)),
+                size=int(header.get("size", 0)), smtputf8=header.get("utf8") is True,
             )
         except (ValueError, KeyError, TypeError):
             return None

@@ -17,6 +17,12 @@ The message has three parts (RFC 3462, RFC 3464 2):
    (``RET=HDRS``, no RET: this server's choice, and always for a success
    notice, RFC 3461 4.3).
 
+The notice of an SMTPUTF8 mail (``utf8``) is itself one, as RFC 6533
+has it: its header and text in UTF-8, ``message/global-delivery-status``
+with a UTF-8 address as ``utf-8;`` (unitext), and the original as
+``message/global`` or ``message/global-headers``. Any other notice is
+ASCII: nothing in it can be other than ASCII.
+
 Lines end with CRLF, as the session hands messages to the store.
 """
 
@@ -73,12 +79,13 @@ def build_report(
     arrival: float | None = None,
     queue_id: str = "",
     now: float | None = None,
+    utf8: bool = False,
 ) -> bytes:
     """The notice to ``recipient`` (the original sender), CRLF lines.
 
     ``original`` is the message as received (CRLF lines); the action of the
     notice's subject is that of the first status (a caller builds one notice
-    per kind of action).
+    per kind of action). ``utf8``: the original was an SMTPUTF8 mail.
     """
     if not statuses:
         raise ValueError("a report needs at least one recipient")
@@ -103,7 +110,7 @@ def build_report(
         "This is a MIME-encapsulated delivery status notification.",
         "",
         f"--{boundary}",
-        "Content-Type: text/plain; charset=us-ascii",
+        f"Content-Type: text/plain; charset={'utf-8' if utf8 else 'us-ascii'}",
         "",
         f"This is the mail system at host {reporting_mta}.",
         "",
@@ -113,7 +120,8 @@ def build_report(
     for status in statuses:
         reply = f": {_one_line(status.diagnostic)}" if status.diagnostic else ""
         lines.append(f"<{status.final_recipient}>: {status.action} ({status.status}){reply}")
-    lines += ["", f"--{boundary}", "Content-Type: message/delivery-status", ""]
+    kind = "global-delivery-status" if utf8 else "delivery-status"
+    lines += ["", f"--{boundary}", f"Content-Type: message/{kind}", ""]
     lines += _per_message_fields(reporting_mta, envid, arrival, queue_id)
     for status in statuses:
         lines.append("")
@@ -121,13 +129,15 @@ def build_report(
     lines += ["", f"--{boundary}"]
     if whole:
         eight_bit = any(b > 0x7F for b in original)
-        lines += ["Content-Type: message/rfc822", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
+        kind = "message/global" if utf8 else "message/rfc822"
+        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
         tail = original if original.endswith(b"\r\n") or not original else original + b"\r\n"
     else:
         eight_bit = any(b > 0x7F for b in header)
-        lines += ["Content-Type: text/rfc822-headers", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
+        kind = "message/global-headers" if utf8 else "text/rfc822-headers"
+        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
         tail = header
-    head = ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+    head = ("\r\n".join(lines) + "\r\n").encode("utf-8" if utf8 else "ascii", "replace")
     return head + tail + f"\r\n--{boundary}--\r\n".encode("ascii")
 
 
@@ -149,7 +159,7 @@ def _per_recipient_fields(status: RecipientStatus) -> list[str]:
     if status.original_recipient is not None:
         fields.append(f"Original-Recipient: {status.original_recipient[0]};{status.original_recipient[1]}")
     fields += [
-        f"Final-Recipient: rfc822; {status.final_recipient}",
+        f"Final-Recipient: {_address_type(status.final_recipient)}; {status.final_recipient}",
         f"Action: {status.action}",
         f"Status: {status.status}",
     ]
@@ -162,6 +172,11 @@ def _per_recipient_fields(status: RecipientStatus) -> list[str]:
     if status.will_retry_until is not None:
         fields.append(f"Will-Retry-Until: {_date(status.will_retry_until)}")
     return fields
+
+
+def _address_type(address: str) -> str:
+    """RFC 6533 3: a UTF-8 address is of type utf-8 (only an SMTPUTF8 mail has one)."""
+    return "rfc822" if address.isascii() else "utf-8"
 
 
 def _split_header(message: bytes) -> tuple[bytes, bytes]:

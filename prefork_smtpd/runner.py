@@ -1148,7 +1148,7 @@ class Runner:
         ]
         content = build_report(
             reporting_mta=self.settings.hostname, recipient=mail.sender, statuses=statuses, original=message,
-            ret=mail.ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now,
+            ret=mail.ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now, utf8=mail.smtputf8,
         )
         folder = local_sender_folder(mail.sender, self.domains, self._mailbox_refusal, self.names)
         if folder is not None:
@@ -1159,6 +1159,7 @@ class Runner:
         else:
             to = Recipient(address=mail.sender, folder="", outside=True)  # queued: relayed like any mail
         notice = Envelope(helo="localhost", sender="", recipients=[to], chunks=[content], size=len(content))
+        notice.smtputf8 = mail.smtputf8  # RFC 6533: the notice of an SMTPUTF8 mail is one too
         try:
             notice_id = await self.loop.run_in_executor(None, self.store.deliver, notice, NOTICE_PEER)
         except DeliveryError as exc:

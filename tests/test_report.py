@@ -138,3 +138,28 @@ def test_the_delivered_notice_goes_to_the_senders_folder_as_mail_to_the_sender_w
     assert parse(notice_path.read_bytes().replace(b"\n", b"\r\n"))["Subject"] == report.SUBJECTS["delivered"]
     assert len(server.stored("smtpd.com/bob")) == 1
     assert sorted(p.name for p in server.mail_dir.iterdir() if not p.name.startswith(".")) == ["smtpd.com"]
+
+
+def test_the_notice_of_an_smtputf8_mail_carries_its_utf8_addresses(start_server):
+    """RFC 6533: the "delivered" notice of an SMTPUTF8 mail names its UTF-8
+    sender and recipient as they are (no "?" in their place), in a
+    message/global-delivery-status part, and is itself an SMTPUTF8 mail."""
+    server = start_server()
+    sender, recipient = "J\u00f6rg@smtpd.com", "\u7528\u6237@smtpd.com"  # Jörg, 用户
+    original = f"From: {sender}\r\nTo: {recipient}\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHall\u00f6\r\n".encode()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.ehlo()
+        client.sendmail(sender, [recipient], original, mail_options=["SMTPUTF8"], rcpt_options=["NOTIFY=SUCCESS"])
+    wait_until(lambda: server.log_count("delivery notice") == 1, what="the notice's log line")
+    (notice_path,) = server.stored("j\u00f6rg")
+    data = notice_path.read_bytes()
+    notice = email.message_from_bytes(data.replace(b"\n", b"\r\n"), policy=email.policy.SMTPUTF8)
+    assert notice["To"] == sender and f"To: <{sender}>\n".encode() in data
+    assert " with UTF8SMTP id " in notice["Received"]
+    text, status, headers = notice.get_payload()
+    assert f"<{recipient}>: delivered (2.0.0)".encode() in text.get_payload(decode=True)
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert f"Final-Recipient: utf-8; {recipient}".encode() in data
+    assert headers.get_content_type() == "message/global-headers"
+    assert "Subject: Gr\u00fc\u00dfe".encode() in data
+    assert b"?" not in data.replace(b"Subject: Gr\xc3\xbc\xc3\x9fe", b"")  # nothing replaced by "?"
