@@ -467,16 +467,17 @@ class SMTPConnection(asyncio.Protocol):
         else:
             worker.slot.add(MAILS)
             worker.slot.add(BYTES, envelope.size)
-            if any([r.outside for r in envelope.recipients]):
+            destinations, queued, dsn_asked = _stored_mail_facts(envelope)
+            if queued:
                 wake_runner()  # its queue copy is durable: the runner can start on it now
             worker.log(
-                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {_destinations(envelope)}"
+                f"{self.peer} mail {queue_id} from <{envelope.sender}> to {destinations}"
                 f" ({envelope.size} bytes)"
                 + (f" {envelope.tls.log_fields()}" if envelope.tls is not None else "")
                 + (f" login={envelope.login!r}" if envelope.login else "")
             )
             events = session.message_stored(queue_id)
-            if any([r.dsn is not None for r in envelope.recipients]):  # else no NOTIFY=SUCCESS was asked for
+            if dsn_asked:  # else no NOTIFY=SUCCESS was asked for
                 worker.send_success_notice(envelope, queue_id)
         worker.data_memory -= self.data_held  # the store is done with the message
         self.data_held = 0
@@ -595,17 +596,30 @@ PROTOCOLS: dict[str, Callable[[Worker, ConnectionContext, Conveyed | None], asyn
 }
 
 
-def _destinations(envelope: Envelope) -> str:
-    """Where a stored mail went, for its log line: ``bob,carol``, and
-    ``queued for <addresses>`` for outside recipients."""
+def _stored_mail_facts(envelope: Envelope) -> tuple[str, bool, bool]:
+    """What a stored mail's recipients say, in one walk: where it went, for
+    its log line (``bob,carol``, and ``queued for <addresses>`` for outside
+    recipients); whether any went to the queue; whether any gave DSN
+    parameters (a success notice may be owed)."""
     recipients = envelope.recipients
-    if len(recipients) == 1 and not recipients[0].outside:
-        return recipients[0].folder  # the usual mail: no set, sort or join to make
-    folders = ",".join(sorted({r.folder for r in recipients if not r.outside}))
-    outside = [r.address for r in recipients if r.outside]
+    if len(recipients) == 1:
+        rcpt = recipients[0]
+        if not rcpt.outside:  # the usual mail: no set, sort or join to make
+            return rcpt.folder, False, rcpt.dsn is not None
+    folders: set[str] = set()
+    outside: list[str] = []
+    dsn_asked = False
+    for rcpt in recipients:
+        if rcpt.outside:
+            outside.append(rcpt.address)
+        else:
+            folders.add(rcpt.folder)
+        if rcpt.dsn is not None:
+            dsn_asked = True
+    destinations = ",".join(sorted(folders))
     if outside:
-        folders += (" and " if folders else "") + f"queued for {', '.join(outside)}"
-    return folders
+        destinations += (" and " if destinations else "") + f"queued for {', '.join(outside)}"
+    return destinations, bool(outside), dsn_asked
 
 
 def _peer_text(sock: socket.socket) -> str:
