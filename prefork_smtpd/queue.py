@@ -66,17 +66,17 @@ class QueuedMail:
     ret: str | None = None
     envid: str | None = None
     size: int = 0
-    smtputf8: bool = False  # received as SMTPUTF8 (RFC 6531): its notices are SMTPUTF8 too (RFC 6533)
+    # SMTPUTF8 (RFC 6531): received with the parameter, or an address is
+    # non-ASCII (a queue file written before the flag was recorded). The
+    # runner looks at the next hop's offer before sending such a mail, and
+    # its notices are SMTPUTF8 mails too (RFC 6533).
+    smtputf8: bool = False
     # From the progress log: recipient index -> (result, detail).
     results: dict[int, dict] = field(default_factory=dict)
     attempts: int = 0  # failed attempts so far (for the backoff)
     next_attempt: float = 0.0  # not before this time
     last_reply: str = ""
     delay_warned: set[int] = field(default_factory=set)  # recipients whose sender got a "delayed" notice
-    # SMTPUTF8 (RFC 6531): received with the parameter, or an address is
-    # non-ASCII (a queue file written before the flag was recorded). The
-    # runner looks at the next hop's offer before sending such a mail.
-    smtputf8: bool = False
 
     def pending(self) -> list[int]:
         """Indices of recipients not yet finished."""
@@ -147,7 +147,7 @@ class Queue:
             mail = QueuedMail(
                 id=queue_id, sender=header["sender"], recipients=[_recipient(r) for r in header["rcpts"]],
                 arrival=float(header["arrival"]), ret=header.get("ret"), envid=header.get("envid"),
-                size=int(header.get("size", 0)), smtputf8=header.get("utf8") is True,
+                size=int(header.get("size", 0)),
             )
         except (ValueError, KeyError, TypeError):
             return None
