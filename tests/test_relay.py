@@ -814,3 +814,45 @@ def test_a_next_hop_sending_replies_nobody_asked_for_is_cut_off():
             await reader.reply(1)
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------- SMTPUTF8
+def send_utf8(server, sender: str, recipient: str) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        client.ehlo()
+        message = f"From: {sender}\r\nSubject: Gr\u00fc\u00dfe\r\n\r\nHall\u00f6\r\n".encode()
+        assert client.sendmail(sender, [recipient], message, mail_options=["SMTPUTF8"]) == {}
+
+
+def test_a_utf8_sender_is_relayed_with_smtputf8_to_a_hop_that_offers_it(start_server):
+    """A second prefork-smtpd offers SMTPUTF8: MAIL carries it, the address goes as UTF-8."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    send_utf8(server, "J\u00f6rg@smtpd.com", "bob@example.org")
+    (relayed,) = wait_until(lambda: hop.stored("bob"), what="the relayed copy at the next hop")
+    msg = email.message_from_bytes(relayed.read_bytes(), policy=email.policy.SMTPUTF8)
+    assert msg["Return-Path"] == "<J\u00f6rg@smtpd.com>" and msg["Subject"] == "Gr\u00fc\u00dfe"
+    assert " with UTF8SMTP id " in msg.get_all("Received")[1]  # the hop's trace of our relay
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+
+
+def test_the_bounce_of_an_smtputf8_mail_names_its_utf8_sender_as_it_is(start_server, receiver):
+    """A hop without SMTPUTF8 cannot take a UTF-8 address (RFC 6531 3.4): the
+    mail bounces with 5.6.7, and the notice (RFC 6533) is an SMTPUTF8 mail
+    with the sender as it is, no "?" for the ö."""
+    hop = receiver(enable_SMTPUTF8=False)
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)
+    sender = "J\u00f6rg@smtpd.com"
+    send_utf8(server, sender, "bob@example.org")
+    (bounce,) = wait_until(lambda: server.stored("j\u00f6rg"), what="the bounce in the sender's mailbox")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    assert hop.handler.copies_for("bob@example.org") == 0
+    data = bounce.read_bytes()
+    msg = email.message_from_bytes(data, policy=email.policy.SMTPUTF8)
+    assert f"To: <{sender}>\n".encode() in data and msg["To"] == sender
+    assert " with UTF8SMTP id " in msg["Received"]
+    text, status, headers = msg.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert b"Final-Recipient: rfc822; bob@example.org\nAction: failed\nStatus: 5.6.7\n" in data
+    assert headers.get_content_type() == "message/global-headers"
+    assert b"?" not in data
