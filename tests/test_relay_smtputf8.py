@@ -67,9 +67,20 @@ def parsed(path) -> email.message.EmailMessage:
 
 
 def statuses(notice) -> list:
-    """The per-recipient groups of a delivery status notice."""
+    """The per-recipient groups of a delivery status notice.
+
+    The notice of an SMTPUTF8 mail carries them in a message/global-delivery-status
+    part (RFC 6533), which the email package reads as one message: its blocks are parsed here.
+    """
     _, status = notice.get_payload()[:2]
-    return status.get_payload()[1:]
+    if status.get_content_type() == "message/delivery-status":
+        return status.get_payload()[1:]
+    assert status.get_content_type() == "message/global-delivery-status"
+    # Parsed as if it held one message: its "headers" are the per-message
+    # block, its "body" the per-recipient ones.
+    (inner,) = status.get_payload()
+    text = inner.as_string().replace("\r\n", "\n")
+    return [email.message_from_string(block) for block in text.strip().split("\n\n")][1:]
 
 
 def commands(wire: bytes) -> list[bytes]:
