@@ -251,9 +251,13 @@ class ServerPolicy(Policy):
         self.mailbox_exists = mailbox_exists
         self.space = space
         self.names = names or MailboxNames()
-        self.mailbox = self.names.mailbox  # type: ignore[method-assign]  # no extra call on each RCPT
         self._addresses = addresses  # looked up at the first address literal, then kept
         self._own: frozenset[IPAddress] | None = None
+
+    def mailbox(self, local_part: str, domain: str) -> Mailbox | None:
+        # A method, not the names' bound method set on the instance (one
+        # call less per RCPT): a compiled class takes no attribute of that name.
+        return self.names.mailbox(local_part, domain)
 
     def owns_address(self, address: IPAddress) -> bool:
         if self._own is None:

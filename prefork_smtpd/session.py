@@ -37,7 +37,7 @@ import enum
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, cast
+from typing import Callable, ClassVar, Protocol, TypeVar
 
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
@@ -61,6 +61,14 @@ from .events import (
 )
 from .listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
 from .tls import TLSSessionInfo
+
+_T = TypeVar("_T")
+try:  # read by mypyc when it compiles this module (hatch_build.py); a no-op at run time
+    from mypy_extensions import mypyc_attr
+except ImportError:  # not installed: a plain install needs nothing of mypy
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        return lambda cls: cls
 
 
 class State(enum.Enum):
@@ -275,6 +283,8 @@ class Envelope:
         return b"".join(self.chunks)
 
 
+# Subclassed by code that may stay interpreted (tests): allowed when compiled.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Policy:
     """Questions the session asks its server about a transaction.
 
@@ -327,10 +337,12 @@ def folder_for(local_part: str) -> str | None:
     return local_part.lower()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Session:
     # The verbs this session answers. A subclass that adds verbs registers
     # them on a copy: ``commands = COMMANDS.copy()``, then ``@commands.verb``.
-    commands = COMMANDS
+    # A ClassVar, so that compiled code too reads the subclass's table.
+    commands: ClassVar[CommandTable] = COMMANDS
 
     # One Session per open connection, and most of them idle: slots keep an
     # idle session's attributes in one small block instead of a dict (with
@@ -385,8 +397,9 @@ class Session:
         # Asked at DATA: None admits a message, a 4xx reply refuses it (the
         # worker's memory for message data is full).
         self.admit_message: Callable[[], Reply | None] = _admit_every_message
-        self._out: list[Reply | Event] = _NO_OUTPUT  # what the current feed or resume returns
-        self._buf = _NO_INPUT  # input not yet answered: a bytearray of its own only while it holds some
+        self._out: list[Reply | Event] | tuple[()] = _NO_OUTPUT  # what the current feed or resume returns
+        # Input not yet answered: a bytearray of its own only while it holds some.
+        self._buf: bytearray | bytes = _NO_INPUT
         # In WAITING: the event whose verdict is awaited, and what to do with it.
         self._awaiting: Wait | None = None
         self._on_verdict: Callable[[Verdict], Reply | None] | None = None
@@ -398,7 +411,7 @@ class Session:
         self._line_after_auth = False  # it may be an answer to an AUTH challenge
         self._after_auth = False  # no known command since the last AUTH
         # DATA phase
-        self._chunks: list[bytes | bytearray] = _NO_CHUNKS
+        self._chunks: list[bytes | bytearray] | tuple[()] = _NO_CHUNKS
         self._size = 0
         self._data_error: Reply | None = None
         self._at_line_start = True  # the data consumed so far ends with a real CRLF
@@ -520,6 +533,7 @@ class Session:
         """Answer every complete command in the buffer, into ``self._out``."""
         out = self._out
         buf = self._buf
+        assert type(out) is list and type(buf) is bytearray  # within a feed or resume, with input
         pos = 0
         while True:
             state = self.state
@@ -632,22 +646,31 @@ class Session:
             return reply
         self.state = CLOSED
         out = self._out
+        assert type(out) is list  # within a feed or resume
         out.append(reply)
         out.append(LogEvent(f"too many errors ({self.errors}); closing"))
         out.append(Close(replies.too_many_errors(self.hostname)))
         return None
 
+    def _emit(self, item: Reply | Event) -> None:
+        """Add to what the current feed or resume returns."""
+        out = self._out
+        assert type(out) is list  # only a feed or resume has an output list
+        out.append(item)
+
     def _log_refusal(self, reply: Reply, what: str | None = None) -> None:
         if what is None:
             what = describe_command(self._line, self._line_after_auth)
-        self._out.append(LogEvent(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}"))
+        self._emit(LogEvent(f"refused {what}: {reply[:-2].decode('ascii', 'replace')}"))
 
     def _wait(self, event: Wait, on_verdict: Callable[[Verdict], Reply | None]) -> None:
         """Stop reading commands until ``resume`` brings a verdict on ``event``."""
         self.state = WAITING
         self._awaiting = event
         self._on_verdict = on_verdict
-        self._out.append(event)
+        out = self._out
+        assert type(out) is list  # within a feed or resume (inlined _emit: once per mail)
+        out.append(event)
 
     # ----------------------------------------------------------- commands
     def _hello(self, arg: str, verb: str) -> str | None:
@@ -657,7 +680,7 @@ class Session:
         self.helo = name
         self._reset_transaction()
         self.state = READY
-        self._out.append(LogEvent(f"{verb} {name}"))
+        self._emit(LogEvent(f"{verb} {name}"))
         return name
 
     @COMMANDS.verb(states=COMMAND_STATES, syntax="EHLO hostname (a domain or an address literal)")
@@ -903,7 +926,7 @@ class Session:
     @COMMANDS.verb(states=COMMAND_STATES, syntax="QUIT")
     def smtp_QUIT(self, arg: str) -> None:
         self.state = CLOSED
-        self._out.append(Close(replies.bye(self.hostname)))
+        self._emit(Close(replies.bye(self.hostname)))
 
     @COMMANDS.verb(states=COMMAND_STATES, syntax="HELP", ehlo="HELP")
     def smtp_HELP(self, arg: str) -> Reply | None:
@@ -944,7 +967,7 @@ class Session:
             return self._syntax_error("STARTTLS")
         if self.tls is not None:
             return self._error(replies.TLS_ALREADY_ACTIVE)
-        self._out.append(replies.READY_FOR_TLS)
+        self._emit(replies.READY_FOR_TLS)
         self._wait(StartTLS(), self._tls_started)
         return None
 
@@ -991,7 +1014,7 @@ class Session:
         if isinstance(step, sasl.Failure):
             if exchange is not None and exchange.mechanism:  # counted by mechanism (unknown ones are not)
                 result = "cancelled" if step.reply == sasl.CANCELLED else "malformed"
-                self._out.append(AuthAborted(exchange.mechanism, result))
+                self._emit(AuthAborted(exchange.mechanism, result))
             return self._error(Reply(step.reply))
         self._checking = f"{step.mechanism} as {step.username!r}"  # for the log; never the password
         self._wait(CheckCredentials(step.mechanism, step.username, step.password), self._checked)
@@ -1003,7 +1026,7 @@ class Session:
         awaited = self._checking
         if isinstance(verdict, Authenticated):
             self.login = verdict.username
-            self._out.append(LogEvent(f"authenticated as {verdict.username!r} ({awaited})"))
+            self._emit(LogEvent(f"authenticated as {verdict.username!r} ({awaited})"))
             return AUTH_SUCCEEDED
         if isinstance(verdict, AuthUnavailable):
             self._log_refusal(replies.AUTH_TEMPORARY_FAILURE, f"AUTH {awaited}")
@@ -1014,9 +1037,9 @@ class Session:
         if self.auth_failures < self.limits.max_auth_failures:
             return AUTH_FAILED
         self.state = CLOSED
-        self._out.append(AUTH_FAILED)
-        self._out.append(LogEvent(f"too many failed authentication attempts ({self.auth_failures}); closing"))
-        self._out.append(Close(replies.too_many_auth_failures(self.hostname)))
+        self._emit(AUTH_FAILED)
+        self._emit(LogEvent(f"too many failed authentication attempts ({self.auth_failures}); closing"))
+        self._emit(Close(replies.too_many_auth_failures(self.hostname)))
         return None
 
     def _owns(self, sender: str) -> bool:
@@ -1151,6 +1174,7 @@ class Session:
         object each, they would cost some 40 bytes of memory per octet of
         message, far beyond what the data memory limit counts."""
         chunks = self._chunks
+        assert type(chunks) is list  # a message is being read
         if len(piece) >= GATHER_BELOW:
             chunks.append(bytes(piece))  # a view of the read buffer becomes its own copy; bytes stay as they are
         elif chunks and type(chunks[-1]) is bytearray and len(chunks[-1]) < GATHER_BELOW:
@@ -1199,7 +1223,9 @@ class Session:
                 self._log_refusal(reply, what)
                 return reply
             return self._error(reply, what)
-        envelope.chunks = self._chunks
+        chunks = self._chunks
+        assert type(chunks) is list  # a message was read
+        envelope.chunks = chunks
         envelope.size = self._size
         self._chunks = _NO_CHUNKS  # the envelope's now
         self._wait(Deliver(envelope), self._delivered)
@@ -1263,9 +1289,9 @@ class Session:
         reply = self._syntax_error("BDAT")
         if reply is not None:
             self.state = CLOSED
-            self._out.append(reply)
-            self._out.append(LogEvent("BDAT without a valid chunk size: the end of its data is unknown; closing"))
-            self._out.append(Close(replies.chunk_unframed(self.hostname)))
+            self._emit(reply)
+            self._emit(LogEvent("BDAT without a valid chunk size: the end of its data is unknown; closing"))
+            self._emit(Close(replies.chunk_unframed(self.hostname)))
         return None
 
     def _start_chunks(self) -> None:
@@ -1355,12 +1381,13 @@ GATHER_BELOW = 64 * 1024
 # outside a feed and outside a message, so an idle session holds no list of
 # its own. Empty tuples: appending to them fails loudly, it cannot leak
 # into other sessions. Every feed and resume makes a fresh output list;
-# DATA and the first BDAT chunk make a fresh list of pieces.
-_NO_OUTPUT = cast("list[Reply | Event]", ())
-_NO_CHUNKS = cast("list[bytes | bytearray]", ())
+# DATA and the first BDAT chunk make a fresh list of pieces. (Typed as
+# what they are: compiled code checks every value against its type.)
+_NO_OUTPUT: tuple[()] = ()
+_NO_CHUNKS: tuple[()] = ()
 # The input buffer of a session with no input pending: empty bytes, never
 # grown in place (a feed makes a bytearray of its own before adding to it).
-_NO_INPUT = cast(bytearray, b"")
+_NO_INPUT = b""
 
 
 def _admit_every_message() -> Reply | None:

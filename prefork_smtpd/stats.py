@@ -27,7 +27,7 @@ import secrets
 import socket
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .sasl import MECHANISMS as AUTH_MECHANISMS
 from .settings import SHARED
@@ -304,10 +304,10 @@ class AddressTables:
     """
 
     SLOTS = 16384  # a power of two
-    MAX_ENTRIES = SLOTS * 3 // 4  # 12,288 distinct addresses per worker
+    MAX_ENTRIES: ClassVar[int] = SLOTS * 3 // 4  # 12,288 distinct addresses per worker
     ENTRY_WORDS = 3
     HEADER_WORDS = 8
-    REGION_WORDS = HEADER_WORDS + SLOTS * ENTRY_WORDS  # 384 KiB per worker
+    REGION_WORDS: ClassVar[int] = HEADER_WORDS + SLOTS * ENTRY_WORDS  # 384 KiB per worker
 
     def __init__(self, words: memoryview, base: int) -> None:
         self.words = words

@@ -8,6 +8,7 @@ name or is refused, and two different mailboxes never share a folder.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import socket
@@ -122,12 +123,11 @@ def test_the_catch_all_does_not_make_every_literal_ours():
 def test_own_addresses_of_a_wildcard_listener_are_the_hosts(monkeypatch):
     import psutil
 
-    Addr = type("Addr", (), {})
+    # psutil's own entries are named tuples of these fields.
+    Addr = collections.namedtuple("Addr", "family address netmask broadcast ptp")
 
     def entry(family, address):
-        e = Addr()
-        e.family, e.address = family, address
-        return e
+        return Addr(family, address, None, None, None)
 
     monkeypatch.setattr(psutil, "net_if_addrs", lambda: {
         "lo": [entry(socket.AF_INET, "127.0.0.1"), entry(socket.AF_INET6, "::1")],
