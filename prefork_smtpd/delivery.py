@@ -189,7 +189,7 @@ class _Job:
 class MaildirStore:
     def __init__(
         self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False,
-        max_plus_folders: int = 100, note: Callable[[str], None] | None = None,
+        max_plus_folders: int = 100, note: Callable[[str], object] | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname

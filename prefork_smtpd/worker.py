@@ -225,7 +225,7 @@ class SMTPConnection(asyncio.Protocol):
             return
         self._take(data)
 
-    def _take(self, data: bytes | bytearray) -> int:
+    def _take(self, data: bytes | bytearray | memoryview) -> int:
         """Feed at most FAIR_READ octets now and hold the rest; after that
         much, step aside: no more reading, nor feeding, until the loop's
         next turn. Returns how many octets were fed.
@@ -241,7 +241,9 @@ class SMTPConnection(asyncio.Protocol):
             view = memoryview(data)
             data, rest = view[:FAIR_READ], view[FAIR_READ:]
         self._feed(data)
-        if rest is not None and not self.closed and not self.upgrading and self.session.state is not CLOSED:
+        session = self.session
+        assert session is not None
+        if rest is not None and not self.closed and not self.upgrading and session.state is not CLOSED:
             self._hold(rest)  # after what _feed itself held: the order is kept
         if len(data) >= FAIR_READ and not self.reading_paused and not self.closed and not self.stepped_aside:
             self.stepped_aside = True
@@ -275,7 +277,7 @@ class SMTPConnection(asyncio.Protocol):
         elif data:
             self.held = bytearray(data)
 
-    def _feed(self, data: bytes | bytearray) -> None:
+    def _feed(self, data: bytes | bytearray | memoryview) -> None:
         """Feed the session until the data ends or the connection must wait.
 
         Commands go in slices (a reply can be 50 times the size of its
