@@ -285,7 +285,7 @@ def chunking_client(port: int) -> socket.socket:
 
 @pytest.mark.slow
 def test_pipelined_small_chunks_never_read_cost_little_each(start_server):
-    """24 clients pipeline one-octet BDAT chunks and never read: under half a MB each.
+    """24 clients pipeline one-octet BDAT chunks and never read: the worker stops reading them.
 
     Each 9-octet ``BDAT 1`` and its octet earn a 34-octet reply, and once a
     chunk's octets straddle the end of a command slice the session is in
@@ -298,7 +298,14 @@ def test_pipelined_small_chunks_never_read_cost_little_each(start_server):
     """
     server = start_server("--max-message-size", str(64 * 1024), workers=1)
     clients = 24
-    bound = clients * MB // 2
+    # Each client costs a read's worth held (up to 256 KB), replies up to the
+    # write limit, and whatever the allocator keeps of freed read buffers:
+    # RSS measured 0.1-1 MB a client, as much as the old answers-at-once
+    # cost, so it cannot tell the two apart. The exact bound on the replies
+    # is checked in test_worker_events.py (..._stop_at_the_write_limit);
+    # here: memory stays within a bound, every sender stalls, and the worker
+    # serves others.
+    bound = 2 * clients * MB
     socks = [chunking_client(server.port) for _ in range(clients)]
     floods = [Flood(sock, b"BDAT 1\r\nx", total=20 * MB) for sock in socks]
     before = worker_rss(server)

@@ -16,7 +16,7 @@ from prefork_smtpd.listeners import SMTP_CONTEXT
 from prefork_smtpd.session import Limits, Session
 from prefork_smtpd.settings import Settings
 from prefork_smtpd.stats import CONTROL, FIELD, SharedStats
-from prefork_smtpd.worker import COMMAND_SLICE, FAIR_READ, SMTPConnection, Worker
+from prefork_smtpd.worker import COMMAND_SLICE, FAIR_READ, WRITE_HIGH, SMTPConnection, Worker
 
 
 class Recorder:
@@ -234,5 +234,56 @@ def test_a_read_bigger_than_the_fair_share_reaches_the_session_a_piece_per_turn(
             fed.append(conn.session.held_bytes)
         assert fed == [FAIR_READ, 2 * FAIR_READ, 3 * FAIR_READ, len(read)]
         assert transport.reading == ["pause", "resume"]
+    finally:
+        loop.close()
+
+
+class NeverReadingPeer(PauseRecordingTransport):
+    """A client that reads nothing: the worker is told to stop writing once
+    ``high`` octets of replies wait, as uvloop tells it (pause_writing)."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__()
+        self.high = high
+        self.waiting = 0
+        self.protocol: SMTPConnection | None = None
+
+    def write(self, data) -> None:
+        super().write(data)
+        self.waiting += len(data)
+        if self.waiting > self.high and self.protocol is not None and not self.protocol.write_paused:
+            self.protocol.pause_writing()
+
+
+def test_replies_to_chunk_lines_pipelined_in_one_read_stop_at_the_write_limit(tmp_path):
+    # One-octet BDAT chunks earn a 34-octet reply for 9 octets sent. Once a
+    # chunk's octet lay past the end of a command slice, the rest of the
+    # read went to the session whole and every chunk line in it was answered
+    # at once: 242 KB of replies for a 64 KiB piece, to a client that reads
+    # none. The chunk lines go in command slices now, and the worker stops
+    # at the write limit as it does for other commands.
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    worker = Worker(1, [], settings, stats)
+    loop = asyncio.new_event_loop()
+    worker.loop = loop
+    try:
+        conn = SMTPConnection(worker, SMTP_CONTEXT)
+        high = WRITE_HIGH
+        transport = NeverReadingPeer(high)
+        conn.connection_made(transport)
+        transport.protocol = conn
+        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\n")
+        transport.waiting = 0
+        conn.data_received(b"BDAT 1\r\nx" * (256 * 1024 // 9))
+        assert conn.write_paused and conn.reading_paused
+        one_slice = -(-COMMAND_SLICE // 9) * len(b"250 2.0.0 Ok: 1 octets received\r\n")  # at most, per slice
+        # The limit, and what the slices around the crossing added (a slice
+        # that ends inside a chunk's octets is followed by one that starts
+        # with them): 69 KB at most, against 447 KB when the rest of the
+        # piece went whole.
+        assert transport.waiting <= high + 2 * one_slice, transport.waiting
     finally:
         loop.close()
