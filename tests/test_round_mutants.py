@@ -1,0 +1,359 @@
+"""What the hand-planted mutants of the relay and fair-read round found
+unchecked: the queue runner's connection pool, its batched removals and
+the settling of a transaction's outcomes, the wake-up pipe, and the
+worker's fair read. The pool, the removals and the pipe are driven
+directly (fake transports, a fake queue, a real pipe); the rest through
+real servers and a real next hop.
+
+(The table of mutants is at the end of this docstring.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from types import SimpleNamespace
+
+import pytest
+from harness import wait_until
+from relay_peers import Receiver, TinyDNS
+from test_relay import FAST_RETRIES, queue_of, relay_to, send
+from test_worker_events import PauseRecordingTransport
+
+from prefork_smtpd.listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
+from prefork_smtpd.queue import Wakeup
+from prefork_smtpd.runner import BatchedRemovals, Connection, ConnectionPool, ReplyReader, Runner
+from prefork_smtpd.settings import Settings
+from prefork_smtpd.stats import CONTROL, SharedStats
+from prefork_smtpd.worker import FAIR_READ, SMTPConnection, Worker
+
+
+# ------------------------------------------------------------ the pool
+class FakeTransport:
+    """A next hop's end of a kept connection: answers QUIT, records its close."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.reader: ReplyReader | None = None
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def write(self, data: bytes) -> None:
+        if data == b"QUIT\r\n":
+            assert self.reader is not None
+            asyncio.get_running_loop().call_soon(self.reader.data_received, b"221 2.0.0 bye\r\n")
+
+
+def pool_of(per_destination: int, total: int, idle_time: float = 60, mails: int = 100):
+    """A pool whose connections are fake, and the list of keys it opened connections to."""
+    opened: list[tuple[str, int]] = []
+
+    async def open_client(key):
+        opened.append(key)
+        transport = FakeTransport()
+        transport.reader = ReplyReader(transport)
+        return Connection(key, transport.reader, pipelining=True, dsn=False)
+
+    return ConnectionPool(open_client, per_destination, total, mails, idle_time), opened
+
+
+A, B, C = ("192.0.2.1", 25), ("192.0.2.2", 25), ("192.0.2.3", 25)
+
+
+def test_room_for_another_next_hop_is_made_by_closing_the_idle_connection_unused_longest():
+    async def scenario() -> None:
+        pool, _ = pool_of(per_destination=2, total=3)
+        older, newer = await pool.acquire(A), await pool.acquire(A)
+        pool.release(older, reusable=True)
+        pool.release(newer, reusable=True)  # A: two idle, ``older`` unused longest
+        await pool.acquire(B)  # three in all: nothing closed yet
+        assert pool.destinations[A].idle == [older, newer]
+        await pool.acquire(C)  # a fourth: one idle connection goes
+        assert pool.destinations[A].idle == [newer]
+        await asyncio.sleep(0.05)  # QUIT, its reply, the close
+        assert older.reader.transport.closed and not newer.reader.transport.closed
+        assert pool.count == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_taken_again_is_closed_idle_time_after_its_last_use_not_its_first():
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        pool, opened = pool_of(per_destination=1, total=4, idle_time=2.0)
+        conn = await pool.acquire(A)
+        pool.release(conn, reusable=True)
+        first_deadline = conn.idle_timer.when()
+        assert await pool.acquire(A) is conn  # taken again before its idle time ran out
+        await asyncio.sleep(0.5)
+        pool.release(conn, reusable=True)  # unused from now: closed 2 s from now, not at first_deadline
+        # Timers run in the order of their deadlines, however late the loop is:
+        # this look comes after the first deadline and before the new one.
+        seen = loop.create_future()
+
+        def look() -> None:
+            dest = pool.destinations.get(A)
+            seen.set_result((dest is not None and conn in dest.idle, conn.reader.transport.closed))
+
+        loop.call_at(first_deadline + 0.01, look)
+        assert await seen == (True, False)
+        assert await pool.acquire(A) is conn and opened == [A]
+        pool.release(conn, reusable=False)
+
+    asyncio.run(scenario())
+
+
+def test_a_delivery_cancelled_as_its_turn_came_passes_the_turn_on():
+    async def scenario() -> None:
+        pool, opened = pool_of(per_destination=1, total=4)
+        conn = await pool.acquire(A)
+        first = asyncio.ensure_future(pool.acquire(A))
+        second = asyncio.ensure_future(pool.acquire(A))
+        await asyncio.sleep(0)  # both wait: A's one connection is busy
+        pool.release(conn, reusable=True)  # the first waiter's turn...
+        first.cancel()  # ... but it is cancelled (its mail is stopped) before it runs
+        got = await asyncio.wait_for(second, 10)  # the second takes the turn instead of waiting for ever
+        assert got is conn and first.cancelled() and opened == [A]
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_connection_the_next_hop_closed_is_never_handed_out():
+    async def scenario() -> None:
+        pool, opened = pool_of(per_destination=1, total=4)
+        conn = await pool.acquire(A)
+        conn.mails = 1
+        pool.release(conn, reusable=True)
+        conn.reader.connection_lost(None)  # the next hop hung up while it was idle
+        fresh = await pool.acquire(A)
+        assert fresh is not conn and fresh.reader.alive and opened == [A, A]
+        assert pool.count == 1 and pool.destinations[A].idle == []
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------- batched removals
+class GatedQueue:
+    """A queue whose removals wait at a gate, so several pile up behind one."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.gate = threading.Event()
+        self.batches: list[list[str]] = []
+        self.active = self.most_active = 0
+        self.lock = threading.Lock()
+        self.fail = fail
+
+    def remove_many(self, queue_ids: list[str]) -> None:
+        with self.lock:
+            self.batches.append(list(queue_ids))
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            assert self.gate.wait(30)
+            if self.fail:
+                raise OSError(28, "No space left on device")
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_mails_finishing_during_a_removal_go_together_in_the_next_one():
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        queue = GatedQueue()
+        removals = BatchedRemovals(queue, loop)
+        first = asyncio.ensure_future(removals.remove("m1"))
+        while not queue.batches:  # m1's removal is under way in a thread
+            await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(removals.remove(q)) for q in ("m2", "m3")]
+        await asyncio.sleep(0.1)  # they wait for m1's flush rather than start their own
+        queue.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), 30)
+        assert queue.batches == [["m1"], ["m2", "m3"]]
+        assert queue.most_active == 1  # one removal at a time: one directory flush serves a batch
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_removal_fails_every_mail_of_its_batch():
+    async def scenario() -> None:
+        queue = GatedQueue(fail=True)
+        queue.gate.set()
+        removals = BatchedRemovals(queue, asyncio.get_running_loop())
+        results = await asyncio.gather(removals.remove("m1"), removals.remove("m2"), return_exceptions=True)
+        # Not "removed": the delivery keeps the mail and tries again, never counts it done.
+        assert [type(r) for r in results] == [OSError, OSError]
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------- the wake-up pipe
+def test_wake_ups_nobody_reads_never_block_nor_fail_a_worker_and_one_drain_reads_them_all():
+    wakeup = Wakeup()
+    failures: list[BaseException] = []
+
+    def worker_wakes() -> None:
+        try:
+            for _ in range(70_000):  # more than a pipe holds (64 KiB)
+                wakeup.wake()
+        except BaseException as exc:  # noqa: BLE001: reported below
+            failures.append(exc)
+
+    try:
+        thread = threading.Thread(target=worker_wakes, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "a worker blocked on a full wake-up pipe"
+        assert failures == []
+        wakeup.drain()
+        with pytest.raises(BlockingIOError):  # empty: the drain took every byte
+            os.read(wakeup.read_fd, 1)
+    finally:
+        os.close(wakeup.read_fd)
+        os.close(wakeup.write_fd)
+
+
+def test_the_runner_woken_empties_the_pipe_and_looks_for_new_mail():
+    # A byte left in the pipe would wake the runner's loop again at once, and
+    # again, a look at the queue directory at every turn for nothing.
+    wakeup = Wakeup()
+    try:
+        for _ in range(3):
+            wakeup.wake()
+        runner = SimpleNamespace(new_mail=False, wake=asyncio.Event())
+        Runner._woken(runner, wakeup)
+        assert runner.new_mail and runner.wake.is_set()
+        with pytest.raises(BlockingIOError):
+            os.read(wakeup.read_fd, 1)
+    finally:
+        os.close(wakeup.read_fd)
+        os.close(wakeup.write_fd)
+
+
+def test_mail_with_a_local_recipient_too_wakes_the_runner_for_its_outside_one(start_server):
+    """The periodic look is an hour away: the worker must wake the runner for
+    a mail with any outside recipient, not only for one with no local one."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port, "--queue-scan-interval", "3600"))
+    wait_until(lambda: "queue runner started" in server.log_text(), what="the runner's first look")
+    assert send(server, ["bob@smtpd.com", "carol@example.org"]) == {}
+    wait_until(lambda: hop.stored("carol"), what="the outside copy at the next hop", timeout=60)
+    assert len(server.stored("bob")) == 1
+
+
+# ------------------------------------------------ settling a transaction
+def test_a_mail_to_two_domains_leaves_the_queue_only_once_both_are_sent(start_server):
+    """Two outside domains, one transaction each (MX delivery, both MX hosts
+    at one next hop): the first transaction, all its recipients sent, must
+    not take the mail out of the queue before the second domain has it."""
+    hop = Receiver()
+    dns = TinyDNS({
+        ("one.test", "MX"): ["10 mx.one.test."], ("mx.one.test", "A"): ["127.0.0.1"],
+        ("two.test", "MX"): ["10 mx.two.test."], ("mx.two.test", "A"): ["127.0.0.1"],
+    })
+    try:
+        server = start_server("--relay-networks", "127.0.0.0/8", "--relay-nameserver", f"127.0.0.1:{dns.port}",
+                              "--relay-port", str(hop.port), *FAST_RETRIES)
+        assert send(server, ["a@one.test", "b@two.test"]) == {}
+        wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
+        assert hop.handler.copies_for("a@one.test") == 1
+        assert hop.handler.copies_for("b@two.test") == 1
+        assert len(hop.handler.received) == 2  # one transaction per domain
+        wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 1, what="the log")
+    finally:
+        dns.close()
+        hop.stop()
+
+
+# ------------------------------------------------------- the fair read
+class NoHandshake(SMTPConnection):
+    """A connection whose STARTTLS hands the transport to nobody (no TLS here)."""
+
+    async def _upgrade(self) -> None:
+        pass
+
+
+def built_connection(tmp_path, context=SMTP_CONTEXT, in_data=True):
+    """A worker's connection, built in this process, its transport recording
+    pauses and resumes; and a function that runs one turn of its loop."""
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    worker = Worker(1, [], settings, stats)
+    loop = asyncio.new_event_loop()
+    worker.loop = loop
+    conn = NoHandshake(worker, context)
+    transport = PauseRecordingTransport()
+    conn.connection_made(transport)
+    if in_data:
+        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
+
+    def next_turn() -> None:
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+    return conn, transport, next_turn, loop
+
+
+@pytest.fixture
+def connection(tmp_path):
+    conn, transport, next_turn, loop = built_connection(tmp_path)
+    try:
+        yield conn, transport, next_turn
+    finally:
+        loop.close()
+
+
+def test_every_large_read_steps_aside_not_only_the_first(connection):
+    conn, transport, next_turn = connection
+    for turn in range(1, 4):
+        conn.data_received(b"x" * (FAIR_READ - 2) + b"\r\n")
+        assert transport.reading == ["pause", "resume"] * (turn - 1) + ["pause"]
+        next_turn()
+        assert transport.reading == ["pause", "resume"] * turn
+
+
+def test_a_client_not_reading_its_replies_keeps_reading_stopped_after_the_step_aside(connection):
+    # Stepped aside, then the replies back up (pause_writing): the loop's
+    # next turn must neither feed the rest nor read again; the end of the
+    # back-up feeds the rest and reads again.
+    conn, transport, next_turn = connection
+    line = b"y" * 62 + b"\r\n"
+    read = line * (FAIR_READ // len(line) + 20)  # a piece and a bit
+    conn.data_received(read)
+    assert transport.reading == ["pause"] and conn.session.held_bytes == FAIR_READ
+    conn.pause_writing()
+    for _ in range(3):
+        next_turn()
+        assert transport.reading == ["pause"] and conn.session.held_bytes == FAIR_READ
+    conn.resume_writing()
+    assert transport.reading == ["pause", "resume"] and conn.session.held_bytes == len(read)
+
+
+def test_replies_backing_up_stop_reading_at_once(connection):
+    conn, transport, _ = connection
+    conn.pause_writing()  # no step aside under way: the transport itself must stop reading
+    assert transport.reading == ["pause"]
+    conn.resume_writing()
+    assert transport.reading == ["pause", "resume"]
+
+
+def test_a_large_read_with_starttls_inside_keeps_nothing_of_what_follows_it(tmp_path):
+    # RFC 3207 5 (CVE-2011-0411): what follows STARTTLS in the same read was
+    # sent in the clear; none of it may wait to be fed once TLS is up, not
+    # even the part of a large read beyond its first fair piece.
+    conn, transport, next_turn, loop = built_connection(tmp_path, ConnectionContext(tls=TLS_STARTTLS), in_data=False)
+    try:
+        conn.data_received(b"EHLO c.example\r\nSTARTTLS\r\n" + b"RCPT TO:<evil@example.org>\r\n" * 4000)
+        assert b"".join(transport.writes).endswith(b"220 2.0.0 Ready to start TLS\r\n")
+        assert conn.upgrading and not conn.held
+        next_turn()
+        assert not conn.held
+    finally:
+        loop.close()
