@@ -357,3 +357,36 @@ def test_a_large_read_with_starttls_inside_keeps_nothing_of_what_follows_it(tmp_
         assert not conn.held
     finally:
         loop.close()
+
+
+# ------------------------------------------------- an idle session's objects
+def idle_after(said: bytes, stored: bool = False):
+    from prefork_smtpd.session import Limits, Session
+
+    session = Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0)
+    session.greeting()
+    if said:
+        session.feed(said)
+    if stored:  # the worker's way with a message: take what was pipelined behind it, store, answer
+        session.take_unread()
+        assert session.message_stored("q1")[0].startswith(b"250 ")
+    return session
+
+
+@pytest.mark.parametrize("said, stored", [
+    (b"", False),
+    (b"EHLO c.example\r\n", False),
+    (b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nRSET\r\n", False),
+    (b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\nhi\r\n.\r\n", True),
+    (b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\nhi\r\n.\r\nNOOP\r\n", True),
+])
+def test_an_idle_session_holds_no_container_of_its_own(said, stored):
+    """Between commands a session keeps shared empty values for its input,
+    output and message pieces, and not the replies it last gave: 20,000
+    idle sessions, 20,000 lists and bytearrays fewer (the byte budget of
+    test_resources leaves room for a few)."""
+    import gc
+
+    session = idle_after(said, stored)
+    own = [(type(o).__name__, o) for o in gc.get_referents(session) if type(o) in (list, bytearray, dict, set)]
+    assert own == []
