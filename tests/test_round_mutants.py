@@ -390,3 +390,23 @@ def test_an_idle_session_holds_no_container_of_its_own(said, stored):
     session = idle_after(said, stored)
     own = [(type(o).__name__, o) for o in gc.get_referents(session) if type(o) in (list, bytearray, dict, set)]
     assert own == []
+
+
+# ------------------------------------------------------------ the DATA scan
+@pytest.mark.parametrize("cut", [None, 5, 6])
+def test_a_bare_lf_opening_a_read_is_judged_even_when_an_endless_line_follows(cut):
+    # A read that opens with a bare LF, then a line longer than the limit
+    # with no end yet: the LF is a line of its own, judged now, and the worst
+    # reason (the bare line ending) is the reply, however the reads are cut.
+    from sansio import Wired
+
+    from prefork_smtpd import replies
+    from prefork_smtpd.session import Limits, Session
+
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0))
+    s.feed(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
+    body = b"abc\r\n\n" + b"x" * 1200
+    pieces = [body] if cut is None else [body[:cut], body[cut:]]
+    for piece in pieces:
+        assert s.feed(piece) == b""
+    assert s.feed(b"\r\n.\r\n") == replies.BARE_LINE_END_IN_DATA
