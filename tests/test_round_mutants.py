@@ -410,3 +410,20 @@ def test_a_bare_lf_opening_a_read_is_judged_even_when_an_endless_line_follows(cu
     for piece in pieces:
         assert s.feed(piece) == b""
     assert s.feed(b"\r\n.\r\n") == replies.BARE_LINE_END_IN_DATA
+
+
+def test_input_fed_while_the_message_is_stored_is_answered_after_the_verdict():
+    # The read ended exactly at the final dot: nothing is left in the session's
+    # input, which is then the shared empty value. What comes while the store
+    # works is kept in a buffer of its own and answered after the 250.
+    from sansio import Wired
+
+    from prefork_smtpd.session import Limits, Session, State
+
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(), lambda key: 0))
+    s.feed(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\nhi\r\n.\r\n")
+    assert s.state is State.WAITING
+    assert s.feed(b"NOOP\r\n") == b"" and s.feed(b"RSET\r\n") == b""
+    out = s.session.message_stored("q1")
+    assert [r[:4] for r in out] == [b"250 ", b"250 ", b"250 "] and b"q1" in out[0]
+    assert s.state is State.READY
