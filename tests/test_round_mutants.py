@@ -427,3 +427,15 @@ def test_input_fed_while_the_message_is_stored_is_answered_after_the_verdict():
     out = s.session.message_stored("q1")
     assert [r[:4] for r in out] == [b"250 ", b"250 ", b"250 "] and b"q1" in out[0]
     assert s.state is State.READY
+
+
+# ------------------------------------------------------------ SMTPUTF8 terms
+def test_the_null_sender_is_no_obstacle_to_a_next_hop_without_smtputf8():
+    # A notice or bounce (MAIL FROM:<>) with UTF-8 headers, to an ASCII
+    # address: "" has no local part to downgrade, so it goes as 8BITMIME.
+    from test_relay_smtputf8 import UTF8_HEADERS, _mail
+
+    from prefork_smtpd.runner import _a_label_form, smtputf8_terms
+
+    assert _a_label_form("") == ""
+    assert smtputf8_terms(_mail("", "b@y.org"), UTF8_HEADERS, [0], False, True) == ([0], [], ["BODY=8BITMIME"])
