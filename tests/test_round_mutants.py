@@ -270,6 +270,20 @@ def test_a_mail_to_two_domains_leaves_the_queue_only_once_both_are_sent(start_se
         hop.stop()
 
 
+def test_a_success_notice_passed_on_leaves_the_mail_nothing_to_record(start_server):
+    """NOTIFY=SUCCESS to a next hop that offers DSN: the next hop owes the
+    notice, not us, so the mail sent whole leaves the queue at once (its
+    unlinked file the record), with no progress line written first."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port))
+    assert send(server, ["carol@example.org"], rcpt_options=["NOTIFY=SUCCESS"]) == {}
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
+    assert len(hop.stored("carol")) == 1
+    wait_until(lambda: server.log_count("sent via 127.0.0.1") == 1, what="the runner's log line")
+    assert server.log_count("; removed from the queue, every recipient done") == 1  # in the same step
+    assert not server.stored("alice")  # no relayed notice of ours
+
+
 # ------------------------------------------------------- the fair read
 class NoHandshake(SMTPConnection):
     """A connection whose STARTTLS hands the transport to nobody (no TLS here)."""
