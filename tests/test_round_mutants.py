@@ -166,13 +166,13 @@ def test_room_for_another_next_hop_is_made_by_closing_the_idle_connection_unused
 def test_a_connection_taken_again_is_closed_idle_time_after_its_last_use_not_its_first():
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        pool, opened = pool_of(per_destination=1, total=4, idle_time=2.0)
+        pool, opened = pool_of(per_destination=1, total=4, idle_time=1.0)
         conn = await pool.acquire(A)
         pool.release(conn, reusable=True)
         first_deadline = conn.idle_timer.when()
         assert await pool.acquire(A) is conn  # taken again before its idle time ran out
-        await asyncio.sleep(0.5)
-        pool.release(conn, reusable=True)  # unused from now: closed 2 s from now, not at first_deadline
+        await asyncio.sleep(0.3)
+        pool.release(conn, reusable=True)  # unused from now: closed 1 s from now, not at first_deadline
         # Timers run in the order of their deadlines, however late the loop is:
         # this look comes after the first deadline and before the new one.
         seen = loop.create_future()
