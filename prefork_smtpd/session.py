@@ -1104,25 +1104,18 @@ class Session:
         end = -1
         stuffed = True
         if self._at_line_start and buf.startswith(b".", pos):
+            dot = pos  # the first line starts with "."
             if buf.startswith(b".\r\n", pos):
                 seg_end, end = pos, pos + 3
-            else:
-                i = buf.find(b"\r\n.\r\n", pos)
-                if i >= 0:
-                    seg_end, end = i + 2, i + 5
-                else:
-                    seg_end = buf.rfind(b"\n", pos) + 1
         else:
             dot = buf.find(b"\r\n.", pos)
-            if dot < 0:
-                stuffed = False
-                seg_end = buf.rfind(b"\n", pos) + 1
+            stuffed = dot >= 0
+        if end < 0:
+            i = buf.find(b"\r\n.\r\n", dot) if stuffed else -1
+            if i >= 0:
+                seg_end, end = i + 2, i + 5
             else:
-                i = buf.find(b"\r\n.\r\n", dot)
-                if i >= 0:
-                    seg_end, end = i + 2, i + 5
-                else:
-                    seg_end = buf.rfind(b"\n", pos) + 1
+                seg_end = buf.rfind(b"\n", pos) + 1
         if end < 0 and seg_end == 0:
             if len(buf) - pos > self.limits.max_text_line:
                 return self._drop_endless_line(buf, pos), None
