@@ -100,14 +100,12 @@ import pytest
 from harness import wait_until
 from relay_peers import Receiver, TinyDNS
 from test_relay import FAST_RETRIES, queue_of, relay_to, send
-from test_worker_events import PauseRecordingTransport
+from test_worker_events import PauseRecordingTransport, local_worker
 
 from prefork_smtpd.listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
 from prefork_smtpd.queue import Wakeup
 from prefork_smtpd.runner import BatchedRemovals, Connection, ConnectionPool, ReplyReader, Runner
-from prefork_smtpd.settings import Settings
-from prefork_smtpd.stats import CONTROL, SharedStats
-from prefork_smtpd.worker import FAIR_READ, SMTPConnection, Worker
+from prefork_smtpd.worker import FAIR_READ, SMTPConnection
 
 
 # ------------------------------------------------------------ the pool
@@ -376,11 +374,7 @@ class NoHandshake(SMTPConnection):
 def built_connection(tmp_path, context=SMTP_CONTEXT, in_data=True):
     """A worker's connection, built in this process, its transport recording
     pauses and resumes; and a function that runs one turn of its loop."""
-    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
-    stats = SharedStats()
-    for name in CONTROL:
-        stats.set(name, getattr(settings, name))
-    worker = Worker(1, [], settings, stats)
+    worker = local_worker(tmp_path)
     loop = asyncio.new_event_loop()
     worker.loop = loop
     conn = NoHandshake(worker, context)

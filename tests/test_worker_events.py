@@ -125,6 +125,15 @@ def test_a_refusal_that_comes_alone_is_counted_too():
     assert rec.added == {FIELD["replies_4xx"]: 1, FIELD["replies_5xx"]: 0}
 
 
+def local_worker(tmp_path) -> Worker:
+    """A worker built in this process: no fork, no listener, no loop yet."""
+    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
+    stats = SharedStats()
+    for name in CONTROL:
+        stats.set(name, getattr(settings, name))
+    return Worker(1, [], settings, stats)
+
+
 class SliceCountingTransport(asyncio.Transport):
     """A peer at 192.0.2.1 whose every write is kept."""
 
@@ -150,11 +159,7 @@ def test_a_read_of_pipelined_commands_is_answered_a_slice_at_a_time(tmp_path, si
     # A reply can be 50 times its command (HELP): a read goes to the session
     # in slices of COMMAND_SLICE octets, the replies to each written before
     # the next is read; a read that fits in one slice goes whole.
-    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
-    stats = SharedStats()
-    for name in CONTROL:
-        stats.set(name, getattr(settings, name))
-    conn = SMTPConnection(Worker(1, [], settings, stats), SMTP_CONTEXT)
+    conn = SMTPConnection(local_worker(tmp_path), SMTP_CONTEXT)
     transport = SliceCountingTransport()
     conn.connection_made(transport)
     conn.data_received(b"EHLO c.example\r\n")
@@ -184,11 +189,7 @@ def test_a_large_read_steps_aside_until_the_loops_next_turn(tmp_path):
     # its buffer: one upload would keep every other connection of the worker
     # (a NOOP, a greeting) waiting for hundreds of ms. A read of FAIR_READ
     # octets or more stops reading until the loop's next turn.
-    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
-    stats = SharedStats()
-    for name in CONTROL:
-        stats.set(name, getattr(settings, name))
-    worker = Worker(1, [], settings, stats)
+    worker = local_worker(tmp_path)
     loop = asyncio.new_event_loop()
     worker.loop = loop
     try:
@@ -211,11 +212,7 @@ def test_a_read_bigger_than_the_fair_share_reaches_the_session_a_piece_per_turn(
     # A 256 KB read fed whole would keep the worker's other sessions waiting
     # for all of it: the session gets FAIR_READ octets per turn of the loop,
     # in order, and the socket is read again only once the last piece is in.
-    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
-    stats = SharedStats()
-    for name in CONTROL:
-        stats.set(name, getattr(settings, name))
-    worker = Worker(1, [], settings, stats)
+    worker = local_worker(tmp_path)
     loop = asyncio.new_event_loop()
     worker.loop = loop
     try:
@@ -262,11 +259,7 @@ def test_replies_to_chunk_lines_pipelined_in_one_read_stop_at_the_write_limit(tm
     # at once: 242 KB of replies for a 64 KiB piece, to a client that reads
     # none. The chunk lines go in command slices now, and the worker stops
     # at the write limit as it does for other commands.
-    settings = Settings(mail_dir=str(tmp_path), log_file=str(tmp_path / "log.txt"))
-    stats = SharedStats()
-    for name in CONTROL:
-        stats.set(name, getattr(settings, name))
-    worker = Worker(1, [], settings, stats)
+    worker = local_worker(tmp_path)
     loop = asyncio.new_event_loop()
     worker.loop = loop
     try:
