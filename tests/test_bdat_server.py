@@ -14,8 +14,8 @@ import socket
 import time
 
 import pytest
-from harness import DOMAIN, Client, wait_until
-from test_resources import Flood, flood_and_watch, raw_client, stallable_disk, unread_bytes_at, worker_rss
+from harness import DOMAIN, Client
+from test_resources import Flood, flood_and_watch, floods_and_watch, raw_client, stallable_disk, unread_bytes_at
 
 MB = 1000 * 1000
 MiB = 1024 * 1024
@@ -308,23 +308,7 @@ def test_pipelined_small_chunks_never_read_cost_little_each(start_server):
     bound = 2 * clients * MB
     socks = [chunking_client(server.port) for _ in range(clients)]
     floods = [Flood(sock, b"BDAT 1\r\nx", total=20 * MB) for sock in socks]
-    before = worker_rss(server)
-    peak = 0
-
-    def over_or_done() -> bool:
-        nonlocal peak
-        peak = max(peak, worker_rss(server) - before)
-        return peak > bound or not any(f.is_alive() for f in floods)
-
-    for flood in floods:
-        flood.start()
-    try:
-        wait_until(over_or_done, timeout=180, interval=0.05, what="the floods to end")
-    finally:
-        for flood in floods:
-            flood.stop.set()
-        for flood in floods:
-            flood.join(10)
+    peak = floods_and_watch(server, floods, bound)
     print(f"worker RSS growth: {peak / MB:.1f} MB for {clients} clients pipelining chunks, never reading")
     assert peak < bound, f"worker grew by {peak / MB:.0f} MB"
     assert all(f.stalled and f.sent < f.total for f in floods), "the worker kept reading from clients that never read"

@@ -14,8 +14,7 @@ import smtplib
 
 import pytest
 from harness import wait_until
-from relay_peers import Receiver, Script
-from test_relay import queue_of, relay_to, runner_pid
+from test_relay import queue_of, receiver, relay_to, runner_pid  # receiver: the next hops, a fixture
 
 from prefork_smtpd.queue import Queue, QueuedMail, QueuedRecipient, queue_file_header
 from prefork_smtpd.session import Envelope, Recipient
@@ -28,20 +27,6 @@ UTF8_HEADERS = (
 ASCII_HEADERS = b"From: alice@smtpd.com\r\nSubject: plain\r\n\r\nHall\xc3\xb6chen in the body only\r\n"
 BOOKS, BOOKS_ACE = "b\u00fccher.example", "xn--bcher-kva.example"  # bücher.example, in U-labels and A-labels
 NOT_OFFERED = "non-ASCII addresses not permitted by the next hop"
-
-
-@pytest.fixture
-def receiver():
-    receivers: list[Receiver] = []
-
-    def start(script: Script | None = None, **options) -> Receiver:
-        r = Receiver(script, **options)
-        receivers.append(r)
-        return r
-
-    yield start
-    for r in receivers:
-        r.stop()
 
 
 def send_utf8(server, sender, recipients, message=UTF8_HEADERS, mail_options=("SMTPUTF8",), rcpt_options=()):

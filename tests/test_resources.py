@@ -105,20 +105,28 @@ class Flood(threading.Thread):
 
 def flood_and_watch(server, flood: Flood, bound: int) -> int:
     """Run ``flood``; return the worker's RSS growth, cutting the flood short past ``bound``."""
+    return floods_and_watch(server, [flood], bound, timeout=120)
+
+
+def floods_and_watch(server, floods: list[Flood], bound: int, timeout: float = 180) -> int:
+    """Run ``floods`` at once; return the worker's peak RSS growth, cutting them short past ``bound``."""
     before = worker_rss(server)
     peak = 0
 
     def over_or_done() -> bool:
         nonlocal peak
         peak = max(peak, worker_rss(server) - before)
-        return peak > bound or not flood.is_alive()
+        return peak > bound or not any(f.is_alive() for f in floods)
 
-    flood.start()
+    for flood in floods:
+        flood.start()
     try:
-        wait_until(over_or_done, timeout=120, interval=0.05, what="the flood to end")
+        wait_until(over_or_done, timeout=timeout, interval=0.05, what="the floods to end")
     finally:
-        flood.stop.set()
-        flood.join(10)
+        for flood in floods:
+            flood.stop.set()
+        for flood in floods:
+            flood.join(10)
     return max(peak, worker_rss(server) - before)
 
 
@@ -160,23 +168,7 @@ def test_many_clients_that_never_read_cost_little_each(start_server):
     bound = clients * MB // 2
     socks = [raw_client(server.port) for _ in range(clients)]
     floods = [Flood(sock, b"HELP\r\n", total=20 * MB) for sock in socks]
-    before = worker_rss(server)
-    peak = 0
-
-    def over_or_done() -> bool:
-        nonlocal peak
-        peak = max(peak, worker_rss(server) - before)
-        return peak > bound or not any(f.is_alive() for f in floods)
-
-    for flood in floods:
-        flood.start()
-    try:
-        wait_until(over_or_done, timeout=180, interval=0.05, what="the floods to end")
-    finally:
-        for flood in floods:
-            flood.stop.set()
-        for flood in floods:
-            flood.join(10)
+    peak = floods_and_watch(server, floods, bound)
     print(f"worker RSS growth: {peak / MB:.1f} MB for {clients} clients that never read")
     assert peak < bound, f"worker grew by {peak / MB:.0f} MB"
     assert all(f.stalled for f in floods)
