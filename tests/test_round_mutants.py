@@ -100,9 +100,9 @@ import pytest
 from harness import wait_until
 from relay_peers import Receiver, TinyDNS
 from test_relay import FAST_RETRIES, queue_of, relay_to, send
-from test_worker_events import PauseRecordingTransport, local_worker
+from test_worker_events import built_connection
 
-from prefork_smtpd.listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
+from prefork_smtpd.listeners import TLS_STARTTLS, ConnectionContext
 from prefork_smtpd.queue import Wakeup
 from prefork_smtpd.runner import BatchedRemovals, Connection, ConnectionPool, ReplyReader, Runner
 from prefork_smtpd.worker import FAIR_READ, SMTPConnection
@@ -371,28 +371,9 @@ class NoHandshake(SMTPConnection):
         pass
 
 
-def built_connection(tmp_path, context=SMTP_CONTEXT, in_data=True):
-    """A worker's connection, built in this process, its transport recording
-    pauses and resumes; and a function that runs one turn of its loop."""
-    worker = local_worker(tmp_path)
-    loop = asyncio.new_event_loop()
-    worker.loop = loop
-    conn = NoHandshake(worker, context)
-    transport = PauseRecordingTransport()
-    conn.connection_made(transport)
-    if in_data:
-        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
-
-    def next_turn() -> None:
-        loop.call_soon(loop.stop)
-        loop.run_forever()
-
-    return conn, transport, next_turn, loop
-
-
 @pytest.fixture
 def connection(tmp_path):
-    conn, transport, next_turn, loop = built_connection(tmp_path)
+    conn, transport, next_turn, loop = built_connection(tmp_path, conn_class=NoHandshake)
     try:
         yield conn, transport, next_turn
     finally:
@@ -437,7 +418,7 @@ def test_a_large_read_with_starttls_inside_keeps_nothing_of_what_follows_it(tmp_
     # RFC 3207 5 (CVE-2011-0411): what follows STARTTLS in the same read was
     # sent in the clear; none of it may wait to be fed once TLS is up, not
     # even the part of a large read beyond its first fair piece.
-    conn, transport, next_turn, loop = built_connection(tmp_path, ConnectionContext(tls=TLS_STARTTLS), in_data=False)
+    conn, transport, next_turn, loop = built_connection(tmp_path, ConnectionContext(tls=TLS_STARTTLS), in_data=False, conn_class=NoHandshake)
     try:
         conn.data_received(b"EHLO c.example\r\nSTARTTLS\r\n" + b"RCPT TO:<evil@example.org>\r\n" * 4000)
         assert b"".join(transport.writes).endswith(b"220 2.0.0 Ready to start TLS\r\n")

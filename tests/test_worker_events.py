@@ -184,23 +184,35 @@ class PauseRecordingTransport(SliceCountingTransport):
         self.reading.append("resume")
 
 
+def built_connection(tmp_path, context=SMTP_CONTEXT, in_data=True, conn_class=SMTPConnection):
+    """A worker's connection, built in this process, its transport recording
+    pauses and resumes; and a function that runs one turn of its loop."""
+    worker = local_worker(tmp_path)
+    loop = asyncio.new_event_loop()
+    worker.loop = loop
+    conn = conn_class(worker, context)
+    transport = PauseRecordingTransport()
+    conn.connection_made(transport)
+    if in_data:
+        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
+
+    def next_turn() -> None:
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+
+    return conn, transport, next_turn, loop
+
+
 def test_a_large_read_steps_aside_until_the_loops_next_turn(tmp_path):
     # The event loop reads one socket up to 32 times in a row while reads fill
     # its buffer: one upload would keep every other connection of the worker
     # (a NOOP, a greeting) waiting for hundreds of ms. A read of FAIR_READ
     # octets or more stops reading until the loop's next turn.
-    worker = local_worker(tmp_path)
-    loop = asyncio.new_event_loop()
-    worker.loop = loop
+    conn, transport, next_turn, loop = built_connection(tmp_path)
     try:
-        conn = SMTPConnection(worker, SMTP_CONTEXT)
-        transport = PauseRecordingTransport()
-        conn.connection_made(transport)
-        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
         conn.data_received(b"x" * (FAIR_READ - 2) + b"\r\n")
         assert transport.reading == ["pause"]  # not another read before the others' turn
-        loop.call_soon(loop.stop)
-        loop.run_forever()
+        next_turn()
         assert transport.reading == ["pause", "resume"]
         conn.data_received(b"small\r\n")  # a small read leaves reading on
         assert transport.reading == ["pause", "resume"]
@@ -212,22 +224,15 @@ def test_a_read_bigger_than_the_fair_share_reaches_the_session_a_piece_per_turn(
     # A 256 KB read fed whole would keep the worker's other sessions waiting
     # for all of it: the session gets FAIR_READ octets per turn of the loop,
     # in order, and the socket is read again only once the last piece is in.
-    worker = local_worker(tmp_path)
-    loop = asyncio.new_event_loop()
-    worker.loop = loop
+    conn, transport, next_turn, loop = built_connection(tmp_path)
     try:
-        conn = SMTPConnection(worker, SMTP_CONTEXT)
-        transport = PauseRecordingTransport()
-        conn.connection_made(transport)
-        conn.data_received(b"EHLO c.example\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\nDATA\r\n")
         line = b"y" * 62 + b"\r\n"  # 64 octets: the pieces end at line ends
         read = line * (3 * FAIR_READ // len(line) + 20)  # three pieces and a bit
         conn.data_received(read)
         fed = [conn.session.held_bytes]
         for _ in range(3):
             assert transport.reading == ["pause"]  # no read while pieces wait
-            loop.call_soon(loop.stop)
-            loop.run_forever()
+            next_turn()
             fed.append(conn.session.held_bytes)
         assert fed == [FAIR_READ, 2 * FAIR_READ, 3 * FAIR_READ, len(read)]
         assert transport.reading == ["pause", "resume"]
