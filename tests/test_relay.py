@@ -736,7 +736,7 @@ def test_a_real_postfix_next_hop_stores_the_mail_and_honours_the_dsn_passed_on(s
 
 
 # ------------------------------------------------ the connection pool on its own
-class _FakeTransport:
+class FakeNextHop:
     """Answers QUIT, as a next hop would."""
 
     def __init__(self) -> None:
@@ -762,7 +762,7 @@ def test_the_pool_bounds_each_next_hop_and_the_total_and_forgets_unused_ones():
 
         async def open_client(key):
             opened.append(key)
-            transport = _FakeTransport()
+            transport = FakeNextHop()
             transport.reader = ReplyReader(transport)
             return Connection(key, transport.reader, pipelining=True, dsn=False)
 
@@ -801,7 +801,7 @@ def test_a_next_hop_sending_replies_nobody_asked_for_is_cut_off():
     from prefork_smtpd.runner import ReplyReader
 
     async def scenario() -> None:
-        transport = _FakeTransport()
+        transport = FakeNextHop()
         reader = ReplyReader(transport)
         transport.reader = reader
         reader.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n", replies=2)

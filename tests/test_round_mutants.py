@@ -100,6 +100,7 @@ import pytest
 from harness import wait_until
 from relay_peers import Receiver, TinyDNS
 from test_relay import FAST_RETRIES, queue_of, relay_to, send
+from test_relay import FakeNextHop
 from test_worker_events import built_connection
 
 from prefork_smtpd.listeners import TLS_STARTTLS, ConnectionContext
@@ -109,32 +110,13 @@ from prefork_smtpd.worker import FAIR_READ, SMTPConnection
 
 
 # ------------------------------------------------------------ the pool
-class FakeTransport:
-    """A next hop's end of a kept connection: answers QUIT, records its close."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.reader: ReplyReader | None = None
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def write(self, data: bytes) -> None:
-        if data == b"QUIT\r\n":
-            assert self.reader is not None
-            asyncio.get_running_loop().call_soon(self.reader.data_received, b"221 2.0.0 bye\r\n")
-
-
 def pool_of(per_destination: int, total: int, idle_time: float = 60, mails: int = 100):
     """A pool whose connections are fake, and the list of keys it opened connections to."""
     opened: list[tuple[str, int]] = []
 
     async def open_client(key):
         opened.append(key)
-        transport = FakeTransport()
+        transport = FakeNextHop()
         transport.reader = ReplyReader(transport)
         return Connection(key, transport.reader, pipelining=True, dsn=False)
 
