@@ -223,44 +223,15 @@ class SMTPConnection(asyncio.Protocol):
         if self.held:  # a read that was under way when we paused: keep the order
             self._hold(data)
             return
-        self._take(data)
-
-    def _take(self, data: bytes | bytearray | memoryview) -> int:
-        """Feed at most FAIR_READ octets now and hold the rest; after that
-        much, step aside: no more reading, nor feeding, until the loop's
-        next turn. Returns how many octets were fed.
-
-        libuv reads a busy socket 256 KB at a time, and again and again
-        while each read fills its buffer. Fed whole, one upload's reads
-        would keep every other session of the worker waiting for
-        milliseconds of parsing; in pieces, a command on another
-        connection waits for one piece at most.
-        """
-        rest = None
-        if len(data) > FAIR_READ:
-            view = memoryview(data)
-            data, rest = view[:FAIR_READ], view[FAIR_READ:]
         self._feed(data)
-        session = self.session
-        assert session is not None
-        if rest is not None and not self.closed and not self.upgrading and session.state is not CLOSED:
-            self._hold(rest)  # after what _feed itself held: the order is kept
         if len(data) >= FAIR_READ and not self.reading_paused and not self.closed and not self.stepped_aside:
             self.stepped_aside = True
             assert self.transport is not None
             self.transport.pause_reading()
             self.worker.loop.call_soon(self._step_back_in)
-        return len(data)
 
     def _step_back_in(self) -> None:
-        """The loop's next turn: feed the next piece held, if any (and stay
-        aside one more turn after a full one), else read again; unless
-        paused for a reason of its own, whose end feeds what is held."""
-        if self.held and not self.reading_paused and not self.closed:
-            held, self.held = self.held, NOTHING_HELD
-            if self._take(held) >= FAIR_READ and not self.reading_paused and not self.closed:
-                self.worker.loop.call_soon(self._step_back_in)  # still aside
-                return
+        """The other connections had their turn: read again, unless paused for a reason of its own."""
         self.stepped_aside = False
         if not self.reading_paused and not self.closed:
             assert self.transport is not None

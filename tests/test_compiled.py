@@ -80,12 +80,15 @@ def test_the_compiled_modules_pass_the_session_and_worker_tests(tmp_path):
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    Path(site, "outer-packages.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
     install = subprocess.run(
         [python, "-m", "pip", "install", "-q", "--no-deps", wheel], capture_output=True, text=True,
     )
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    # Only now: pip, seeing this environment's prefork_smtpd (as run-tests
+    # installs it, not editable) through the .pth, would take the compiled
+    # wheel as installed already.
+    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    Path(site, "outer-packages.pth").write_text("".join(f"{path}\n" for path in sorted(ours)))
 
     # Every module meant to be compiled is, in the package that the tests import.
     where = subprocess.run(

@@ -220,26 +220,6 @@ def test_a_large_read_steps_aside_until_the_loops_next_turn(tmp_path):
         loop.close()
 
 
-def test_a_read_bigger_than_the_fair_share_reaches_the_session_a_piece_per_turn(tmp_path):
-    # A 256 KB read fed whole would keep the worker's other sessions waiting
-    # for all of it: the session gets FAIR_READ octets per turn of the loop,
-    # in order, and the socket is read again only once the last piece is in.
-    conn, transport, next_turn, loop = built_connection(tmp_path)
-    try:
-        line = b"y" * 62 + b"\r\n"  # 64 octets: the pieces end at line ends
-        read = line * (3 * FAIR_READ // len(line) + 20)  # three pieces and a bit
-        conn.data_received(read)
-        fed = [conn.session.held_bytes]
-        for _ in range(3):
-            assert transport.reading == ["pause"]  # no read while pieces wait
-            next_turn()
-            fed.append(conn.session.held_bytes)
-        assert fed == [FAIR_READ, 2 * FAIR_READ, 3 * FAIR_READ, len(read)]
-        assert transport.reading == ["pause", "resume"]
-    finally:
-        loop.close()
-
-
 class NeverReadingPeer(PauseRecordingTransport):
     """A client that reads nothing: the worker is told to stop writing once
     ``high`` octets of replies wait, as uvloop tells it (pause_writing)."""
