@@ -546,6 +546,10 @@ def _a_label_form(address: str) -> str | None:
     return None if ace is None else f"{local}@{ace}"
 
 
+def _ascii_form(address: str) -> bytes:
+    return address.encode("ascii")
+
+
 def _utf8_form(address: str) -> bytes:
     return address.encode("utf-8")
 
@@ -1009,7 +1013,7 @@ class Runner:
                 return refused
             return refused + await self._transaction(conn, mail, message, sendable, host, utf8_options)
         # Addresses go as UTF-8, or with A-label domains, only in a mail that met the next hop's offer above.
-        encode = None if utf8_options is None else _utf8_form if "SMTPUTF8" in utf8_options else _as_a_labels
+        encode = _ascii_form if utf8_options is None else _utf8_form if "SMTPUTF8" in utf8_options else _as_a_labels
         reader, timeout = conn.reader, self.settings.relay_timeout
         reused = conn.mails > 0
         conn.mails += 1
@@ -1017,16 +1021,10 @@ class Runner:
         mail_options = _mail_options(mail, conn.dsn)
         if utf8_options:
             mail_options[:0] = utf8_options
-        sender = mail.sender.encode("ascii") if encode is None else encode(mail.sender)
-        commands.append(_command(b"MAIL FROM:<" + sender + b">", mail_options))
+        commands.append(_command(b"MAIL FROM:<" + encode(mail.sender) + b">", mail_options))
         recipients = mail.recipients
         commands += [
-            _command(
-                b"RCPT TO:<"
-                + (recipients[i].address.encode("ascii") if encode is None else encode(recipients[i].address))
-                + b">",
-                _rcpt_options(mail, i, conn.dsn),
-            )
+            _command(b"RCPT TO:<" + encode(recipients[i].address) + b">", _rcpt_options(mail, i, conn.dsn))
             for i in indices
         ]
         commands.append(b"DATA\r\n")

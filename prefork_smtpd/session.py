@@ -436,10 +436,7 @@ class Session:
             return []
         if state is CLOSED:
             return []
-        if self._buf:
-            self._buf += data
-        else:
-            self._buf = bytearray(data)
+        self._add_input(data)
         out = self._out = []
         self._run()
         self._out = _NO_OUTPUT  # the caller's now: not kept while the session idles
@@ -1140,7 +1137,7 @@ class Session:
         self._at_line_start = False
         return keep
 
-    def _absorb(self, buf: bytearray, start: int, stop: int, stuffed: bool = True) -> None:
+    def _absorb(self, buf: bytearray, start: int, stop: int, stuffed: bool) -> None:
         """Check and keep one run of lines (it ends with LF, or at a dropped head).
 
         ``stuffed=False``: the caller found no line starting with "." in it.
