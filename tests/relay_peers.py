@@ -41,6 +41,8 @@ class Script:
     # (to see how many deliveries the sender runs at once).
     linger: float = 0.0
     linger_until: int = 2  # ... or until this many transactions are open at once
+    # When given, every DATA waits until it is set: the test sees how many are open, then opens it.
+    gate: threading.Event | None = None
     # After the 250 for a mail to one of these, the receiver hangs up (once per recipient).
     cut_after_data_for: set[str] = field(default_factory=set)
 
@@ -91,6 +93,8 @@ class ScriptedHandler:
     async def _data(self, envelope, session):
         deadline = asyncio.get_running_loop().time() + self.script.linger
         while self.max_active < self.script.linger_until and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        while self.script.gate is not None and not self.script.gate.is_set():
             await asyncio.sleep(0.05)
         if self.script.hold_data_for & set(envelope.rcpt_tos):
             self.script.held.set()
@@ -159,6 +163,8 @@ class Receiver:
 
     def stop(self) -> None:
         self.script.release.set()
+        if self.script.gate is not None:
+            self.script.gate.set()
         self.controller.stop()
 
 

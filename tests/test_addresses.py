@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import os
+import shutil
 import socket
 import string
 
@@ -400,6 +401,40 @@ def test_plus_folders_makes_the_maildir_plus_plus_subfolder(tmp_path):
     # Python's Maildir++ reader sees the subfolder and the message in it.
     box = mailbox.Maildir(str(tmp_path / "bob"), create=False)
     assert box.list_folders() == ["lists.python"] and box.get_folder("lists.python").keys() == [qid]
+
+
+def test_a_mailbox_found_full_is_counted_again_only_after_plus_full_recheck(tmp_path, monkeypatch):
+    """A mailbox counted at --max-plus-folders is taken as full, without a new
+    listing, for PLUS_FULL_RECHECK seconds: a folder the user removes frees a
+    slot only after that; then a new tag gets its folder again."""
+    from prefork_smtpd.delivery import PLUS_FULL_RECHECK, MaildirStore
+
+    now = [1000.0]
+    monkeypatch.setattr("prefork_smtpd.delivery.time.monotonic", lambda: now[0])
+    notes: list[str] = []
+    store = MaildirStore(str(tmp_path), "mx.test", plus_folders=True, max_plus_folders=2, note=notes.append)
+    bob = tmp_path / "bob"
+
+    def deliver_tag(tag: str) -> str:
+        return store.deliver(store_envelope((f"bob+{tag}", "bob", f".{tag}")), "[x]")
+
+    deliver_tag("a"), deliver_tag("b")
+    full = deliver_tag("c")  # bob holds 2: counted full at 1000
+    assert new_files(bob) == [full] and store.full_mailboxes == {"bob": 1000.0}
+    shutil.rmtree(bob / ".b")  # the user deletes a folder in a mail reader
+
+    now[0] = 1000.0 + PLUS_FULL_RECHECK - 0.5  # still within the window: no new count
+    inside = deliver_tag("d")
+    assert not (bob / ".d").exists() and sorted(new_files(bob)) == sorted([full, inside])
+    assert notes[-1] == "bob: plus-folder .d not made, bob has 2 (--max-plus-folders): stored in its inbox"
+
+    now[0] = 1000.0 + PLUS_FULL_RECHECK + 0.5  # past it: counted again, one slot is free
+    after = deliver_tag("e")
+    assert new_files(bob / ".e") == [after] and sorted(new_files(bob)) == sorted([full, inside])
+    assert sorted(p.name for p in bob.iterdir() if p.name.startswith(".")) == [".a", ".e"]
+    deliver_tag("f")  # counted again (bob was not found full since): full, a new window from now
+    assert not (bob / ".f").exists() and store.full_mailboxes == {"bob": now[0]}
+    assert len(notes) == 3  # c, d, f
 
 
 def test_a_link_on_the_way_to_a_folder_is_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import ipaddress
 import mailbox
+import shutil
 import smtplib
 import subprocess
 
@@ -109,6 +110,52 @@ def test_plus_folders_stop_at_max_plus_folders_and_the_rest_go_to_the_inbox(star
     assert inbox == ["c", "d", "e", "fg"]  # one copy for the two tags of one mail
     wait_until(lambda: server.log_count("not made") == 5, what="the folders not made in the log")
     assert "bob: plus-folder .c not made, bob has 3 (--max-plus-folders): stored in its inbox" in server.log_text()
+
+
+# Loaded by the server's interpreter at start (PYTHONPATH): the store's
+# monotonic clock reads the number in a file the test writes, so the test
+# moves it past PLUS_FULL_RECHECK without waiting. Workers are forked and keep it.
+FROZEN_CLOCK = """
+import os, time, types
+import prefork_smtpd.delivery as delivery
+_clock_file = os.environ["TEST_DELIVERY_CLOCK"]
+_time = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+_time.monotonic = lambda: float(open(_clock_file).read())
+delivery.time = _time
+"""
+
+
+def test_a_full_mailbox_is_counted_again_after_plus_full_recheck(start_server, tmp_path):
+    """A folder the user removes frees a slot under --max-plus-folders only once
+    PLUS_FULL_RECHECK seconds have passed since the mailbox was counted full."""
+    from prefork_smtpd.delivery import PLUS_FULL_RECHECK
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FROZEN_CLOCK)
+    clock = tmp_path / "clock"
+    clock.write_text("1000")
+    # One worker: the time a mailbox was found full is kept per worker.
+    server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "2", workers=1,
+                          env={"PYTHONPATH": str(site), "TEST_DELIVERY_CLOCK": str(clock)})
+    bob = server.mail_dir / "bob"
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as s:
+        def send(tag: str) -> None:
+            s.sendmail("a@smtpd.com", [f"bob+{tag}@smtpd.com"], f"Subject: {tag}\r\n\r\n{tag}\r\n".encode())
+
+        for tag in ("a", "b", "c"):  # c: bob holds 2, found full at 1000
+            send(tag)
+        shutil.rmtree(bob / ".b")  # the user deletes a folder
+        clock.write_text(str(1000 + PLUS_FULL_RECHECK - 0.5))
+        send("d")  # within the window: still taken as full
+        clock.write_text(str(1000 + PLUS_FULL_RECHECK + 0.5))
+        send("e")  # past it: counted again, one slot free
+    box = mailbox.Maildir(str(bob), create=False)
+    assert sorted(box.list_folders()) == ["a", "e"]
+    assert [m["Subject"] for m in delivered(server, "bob/.e")] == ["e"]
+    assert sorted(m["Subject"] for m in delivered(server, "bob", 2)) == ["c", "d"]
+    wait_until(lambda: server.log_count("not made") == 2, what="the folders not made in the log")
+    assert "bob: plus-folder .d not made, bob has 2 (--max-plus-folders): stored in its inbox" in server.log_text()
 
 
 def test_postmaster_is_delivered_whatever_mailboxes_says(start_server):

@@ -16,6 +16,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import psutil
@@ -350,9 +351,18 @@ def test_flush_show_metrics_and_the_queue_command(start_server, receiver):
     assert 'smtpd_deliveries_total{result="sent"} 1.0' in metrics
 
 
+def connections_to(pid: int, port: int) -> int:
+    """The process's TCP sockets to ``port``, whatever their state (connecting or open)."""
+    return sum(1 for c in psutil.Process(pid).net_connections(kind="tcp") if c.raddr and c.raddr.port == port)
+
+
 def test_relay_max_connections_bounds_deliveries_at_once(start_server, receiver):
-    for limit, expected in (("1", 1), ("20", 3)):
-        hop = receiver(Script(linger=3.0))  # each DATA waits up to 3 s for a second transaction
+    """Three mails found in one look: the runner starts a delivery for each at
+    once, as many as --relay-max-connections lets through. The next hop holds
+    every DATA until the test has counted the deliveries open at once."""
+    for limit, at_once in (("1", 1), ("20", 3)):
+        gate = threading.Event()
+        hop = receiver(Script(gate=gate))
         server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
                               "--relay-max-connections", limit, "--queue-retry-min", "3600", "--queue-retry-max", "3600")
         runner = wait_until(lambda: runner_pid(server), what="the runner")
@@ -362,8 +372,15 @@ def test_relay_max_connections_bounds_deliveries_at_once(start_server, receiver)
                 send(server, [f"m{i}@example.org"])
         finally:
             os.kill(runner, signal.SIGCONT)
+        wait_until(lambda: hop.handler.active >= at_once, what=f"{at_once} transactions open", timeout=60)
+        # The three deliveries begin in one turn of the runner's loop; a transaction
+        # open at the next hop took round trips after that turn: every socket the
+        # runner opened at once exists by now, held ones included.
+        assert connections_to(runner, hop.port) == at_once, limit
+        assert hop.handler.active == at_once, limit
+        gate.set()
         wait_until(lambda: len(hop.handler.received) == 3, what="three deliveries", timeout=60)
-        assert hop.handler.max_active == expected, limit
+        assert hop.handler.max_active == at_once, limit
 
 
 # ------------------------------------------------ wake-ups and kept connections
