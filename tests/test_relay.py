@@ -509,10 +509,17 @@ def test_a_connection_cut_after_the_250_never_sends_that_mail_twice(start_server
 
 
 def test_relay_connections_bounds_parallel_connections_to_one_next_hop(start_server, receiver):
-    # Each DATA waits up to 3 s for a fourth transaction beside it, which the limit never allows.
-    hop = receiver(Script(linger=3.0, linger_until=4))
+    # The next hop holds every DATA until the test has counted the transactions
+    # open at once: three, and no fourth connection however long it waits.
+    gate = threading.Event()
+    hop = receiver(Script(gate=gate))
     server = start_server(*relay_to(hop.port, "--relay-connections", "3"))
     queue_while_paused(server, [[f"m{i}@example.org"] for i in range(7)])
+    wait_until(lambda: hop.handler.active >= 3, what="three transactions open", timeout=60)
+    runner = wait_until(lambda: runner_pid(server), what="the runner")
+    assert connections_to(runner, hop.port) == 3
+    assert hop.handler.active == 3
+    gate.set()
     wait_until(lambda: len(hop.handler.received) == 7, what="seven deliveries", timeout=90)
     assert hop.handler.max_active == 3
     assert len(hop.handler.sessions()) == 3
