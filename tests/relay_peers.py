@@ -37,11 +37,8 @@ class Script:
     held: threading.Event = field(default_factory=threading.Event)  # a DATA is being held
     release: threading.Event = field(default_factory=threading.Event)
     release_reply: str = "451 4.3.0 try again"  # what a held DATA gets once released
-    # Each DATA waits up to this long for another transaction to open beside it
-    # (to see how many deliveries the sender runs at once).
-    linger: float = 0.0
-    linger_until: int = 2  # ... or until this many transactions are open at once
-    # When given, every DATA waits until it is set: the test sees how many are open, then opens it.
+    # When given, every DATA waits until it is set: the test sees how many
+    # deliveries the sender runs at once, then opens it.
     gate: threading.Event | None = None
     # After the 250 for a mail to one of these, the receiver hangs up (once per recipient).
     cut_after_data_for: set[str] = field(default_factory=set)
@@ -91,9 +88,6 @@ class ScriptedHandler:
                 self.active -= 1
 
     async def _data(self, envelope, session):
-        deadline = asyncio.get_running_loop().time() + self.script.linger
-        while self.max_active < self.script.linger_until and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
         while self.script.gate is not None and not self.script.gate.is_set():
             await asyncio.sleep(0.05)
         if self.script.hold_data_for & set(envelope.rcpt_tos):

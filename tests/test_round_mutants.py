@@ -88,7 +88,8 @@ session.py, the DATA scan and the shared empty values
 
 P9 failed once in test_relay_max_connections_bounds_deliveries_at_once,
 a test with no delivery waiting in the pool: its 3-second linger window
-is timing-bound under load; run again, P9 survived the old tests.
+was timing-bound under load (it now holds each DATA until the test has
+counted); run again, P9 survived the old tests.
 """
 
 from __future__ import annotations
