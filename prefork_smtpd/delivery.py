@@ -91,6 +91,10 @@ from .session import Envelope, Recipient
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 IOV_BATCH = 512  # pieces per writev (the system allows 1024)
 MAX_BATCH = 64  # messages per group commit
+# A batch waits for the clients the last one answered (BatchCommitter) at most
+# this share of the time the last batch took, and at most GATHER_MAX seconds.
+GATHER_SHARE = 0.5
+GATHER_MAX = 0.010
 SYNCFS_FROM = 3  # files (or directories) in a batch from which syncfs beats fsyncs
 SPOOL = ".tmp"  # under mail_dir: where every copy is written before its rename into new/
 FOLDER_MODE = 0o700
@@ -643,6 +647,19 @@ class BatchCommitter:
     not one by one: a thread woken by the first would start a batch of one
     (and take the GIL from the loop) while the loop still had the others in
     hand. Gathered, they form one batch and cost one wake-up.
+
+    A batch also waits, briefly, for the clients the last batch answered.
+    Without that, when flushes are slow (a neighbour keeps the disk busy),
+    the sessions split into two groups that take turns: the mails that came
+    in during batch k make batch k+1 at once, and the clients that batch k
+    answered send their next mail a moment later, only to wait for all of
+    batch k+1 before their own batch. So after a batch, the next one
+    gathers until as many mails are in hand as the last batch held plus
+    those already queued (each answered client is expected back), for at
+    most GATHER_SHARE of the time the last batch took (GATHER_MAX at the
+    most): one longer batch instead of two in turn. A lone client is never
+    kept waiting (its own mail makes the count), and the wait is bounded by
+    the flush it saves.
     """
 
     def __init__(self, store: MaildirStore, loop: asyncio.AbstractEventLoop, threads: int) -> None:
@@ -677,27 +694,48 @@ class BatchCommitter:
             thread.join()
 
     def _run(self) -> None:
+        expected = 0  # mails the last batch's clients and the queue should bring (see the class's text)
+        took = 0.0  # seconds the last batch took
         while True:
             first = self.queue.get()
             if first is None:
                 return
             batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.queue.put(None)  # leave the stop mark for this thread's next turn
-                    break
-                batch.append(item)
+            if self._take(batch, 0.0) and expected > len(batch):
+                self._take(batch, min(GATHER_MAX, took * GATHER_SHARE), want=expected)
+            started = time.monotonic()
             try:
                 results = self.store.deliver_batch([(envelope, peer) for envelope, peer, _ in batch])
             except Exception as exc:  # a bug must fail the batch's mails, never acknowledge them
                 results = [DeliveryError(f"internal error: {exc!r}", False)] * len(batch)
+            took = time.monotonic() - started
+            expected = min(MAX_BATCH, len(batch) + self.queue.qsize())
             # One hand-over to the loop per batch, not per message: each one
             # takes the GIL back from the loop and may wake it.
             self.loop.call_soon_threadsafe(_settle_batch, [future for _, _, future in batch], results)
+
+
+    def _take(self, batch: list, wait: float, want: int = MAX_BATCH) -> bool:
+        """Add queued mails to ``batch`` until it holds ``want``, waiting up to
+        ``wait`` seconds for more; False if the stop mark came (left queued for
+        this thread's next turn)."""
+        deadline = time.monotonic() + wait
+        while len(batch) < want:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                try:
+                    item = self.queue.get(timeout=remaining)
+                except queue.Empty:
+                    return True
+            if item is None:
+                self.queue.put(None)  # leave the stop mark for this thread's next turn
+                return False
+            batch.append(item)
+        return True
 
 
 def _sync_file_system(jobs: list[_Job], fd: int) -> None:

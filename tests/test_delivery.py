@@ -6,6 +6,7 @@ import asyncio
 import email
 import errno
 import mailbox
+import math
 import os
 import threading
 import time
@@ -454,6 +455,63 @@ def test_the_messages_of_one_loop_turn_form_one_batch():
     store = Recording()
     assert asyncio.run(main(store)) == ["id-0", "id-1", "id-2"]
     assert store.batches == [3]
+
+
+async def submit_in_turns(store: GatedStore, comes_back: bool) -> list:
+    """Message 0 is held in the store while message 1 queues; then 0 is
+    answered, and (if ``comes_back``) its client sends message 2 at once."""
+    loop = asyncio.get_running_loop()
+    committer = BatchCommitter(store, loop, 1)
+    try:
+        futures = [committer.submit(numbered(0), "[::1]")]
+        assert await loop.run_in_executor(None, store.entered.wait, 20)
+        futures.append(committer.submit(numbered(1), "[::1]"))
+        await loop.run_in_executor(None, wait_until, lambda: committer.queue.qsize() == 1, 20)
+        answered = asyncio.Event()
+        if comes_back:
+            futures[0].add_done_callback(lambda _: futures.append(committer.submit(numbered(2), "[::1]")))
+        futures[0].add_done_callback(lambda _: answered.set())
+        store.go.set()
+        await asyncio.wait_for(answered.wait(), 20)
+        return await asyncio.wait_for(asyncio.gather(*futures), 20)
+    finally:
+        committer.close()
+
+
+def test_a_batch_waits_for_the_client_the_last_batch_answered(monkeypatch):
+    # Message 1 came in during batch [0]; 0's client is back at once with
+    # message 2: one batch [1, 2], not [1] then [2] (sessions taking turns).
+    monkeypatch.setattr(delivery, "GATHER_SHARE", math.inf)
+    monkeypatch.setattr(delivery, "GATHER_MAX", 30.0)  # more than the test waits: only the count ends it
+    store = GatedStore()
+    assert asyncio.run(submit_in_turns(store, comes_back=True)) == ["id-0", "id-1", "id-2"]
+    assert store.batches == [1, 2]
+
+
+def test_the_wait_for_answered_clients_is_bounded():
+    # 0's client does not come back: message 1 goes after at most GATHER_MAX.
+    store = GatedStore()
+    assert asyncio.run(submit_in_turns(store, comes_back=False)) == ["id-0", "id-1"]
+    assert store.batches == [1, 1]
+
+
+def test_a_lone_client_never_waits_for_a_batch(monkeypatch):
+    # Its own mail is all the last batch's answer brings back: no wait at all,
+    # even with a gathering time far past the test's own timeout.
+    monkeypatch.setattr(delivery, "GATHER_SHARE", math.inf)
+    monkeypatch.setattr(delivery, "GATHER_MAX", 60.0)
+    store = GatedStore()
+    store.go.set()
+
+    async def main():
+        committer = BatchCommitter(store, asyncio.get_running_loop(), 1)
+        try:
+            return [await asyncio.wait_for(committer.submit(numbered(n), "[::1]"), 20) for n in range(3)]
+        finally:
+            committer.close()
+
+    assert asyncio.run(main()) == ["id-0", "id-1", "id-2"]
+    assert store.batches == [1, 1, 1]
 
 
 def test_a_store_made_before_a_fork_names_the_childs_files_with_the_childs_pid(tmp_path):
