@@ -4,8 +4,9 @@
 
 Without the variable (the default, and every editable install) the wheel is
 pure Python and the build needs nothing but hatchling. With it, the build
-environment also gets mypy (whose mypyc does the compiling) and setuptools
-(which drives the C compiler), and the wheel carries the compiled modules
+environment also gets mypy (whose mypyc does the compiling), setuptools
+(which drives the C compiler) and what mypyc's type check needs (the
+package's dependencies, the stubs of psutil), and the wheel carries the compiled modules
 beside their sources: Python imports a compiled module before its ``.py``.
 If the compiling fails (no C compiler, no Python headers), the build warns
 and the wheel stays pure Python. bench/RESULTS.md, "Compiled ahead of
@@ -41,6 +42,12 @@ COMPILED = [
 ]
 # The same mypy the test suite pins (pyproject.toml, the test extra).
 BUILD_REQUIRES = ["mypy==2.4.1", "setuptools>=70"]
+# mypyc type-checks the modules before it compiles them, so the build
+# environment also needs what they import: the package's dependencies and
+# the stubs of the one without its own types (the test extra's ``types-*``).
+# pip builds the wheel before it installs the dependencies: without these a
+# fresh install would fail the check and fall back to pure Python.
+STUBS_PREFIX = "types-"
 
 
 def wanted() -> bool:
@@ -49,7 +56,11 @@ def wanted() -> bool:
 
 class CustomBuildHook(BuildHookInterface):
     def dependencies(self) -> list[str]:
-        return list(BUILD_REQUIRES) if wanted() and self.target_name == "wheel" else []
+        if not wanted() or self.target_name != "wheel":
+            return []
+        metadata = self.metadata.core
+        stubs = [r for r in metadata.optional_dependencies.get("test", []) if r.startswith(STUBS_PREFIX)]
+        return [*BUILD_REQUIRES, *metadata.dependencies, *stubs]
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if not wanted() or self.target_name != "wheel":
