@@ -79,7 +79,10 @@ TICK = 1.0  # seconds between checks that the master lives (no look at the queue
 HOUSEKEEPING = 0.5  # seconds between publishing the queue's figures and writing out log lines
 WAKE_GAP = 0.005  # seconds between looks prompted by wake-ups: a burst of new mail is one look
 QUIT_WAIT = 10.0  # seconds a closing connection waits for the reply to QUIT
-MAX_REPLY = 64 * 1024  # bytes of a reply still incomplete: more is no SMTP server's reply
+# Bytes of one reply, its lines together (aiosmtplib allows 32 KiB for the
+# greeting and EHLO): more is no SMTP server's reply, and a reply is kept,
+# quoted in notices, recorded and logged.
+MAX_REPLY = 64 * 1024
 MAX_REPLY_LINES = 1000
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
@@ -215,6 +218,7 @@ class ReplyReader(asyncio.Protocol):
         self.transport: Any = transport
         self.buffer = bytearray()
         self.lines: list[bytes] = []  # the lines of a reply still coming
+        self.lines_size = 0  # their bytes
         self.replies: deque[tuple[int, str]] = deque()
         # Replies the commands sent so far call for and not yet taken: a reply
         # beyond them was never asked for, and a next hop sending them without
@@ -256,19 +260,25 @@ class ReplyReader(asyncio.Protocol):
             line = bytes(self.buffer[start : end + 1])
             start = end + 1
             self.lines.append(line)
+            self.lines_size += len(line)
+            if self.lines_size > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+                break  # however short each line, the reply is too long
             if line[3:4] != b"-":  # the last line of a reply
                 self._reply_done()
                 if self.lost is not None:  # refused: nothing more is read from it
                     self.buffer.clear()
                     return
         del self.buffer[:start]
-        if len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+        if self.lines_size + len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+            self.buffer.clear()
+            self.lines, self.lines_size = [], 0
             self._fail(aiosmtplib.SMTPResponseException(500, "reply too long"))
             self.transport.close()
         self._wake()
 
     def _reply_done(self) -> None:
         lines, self.lines = self.lines, []
+        self.lines_size = 0
         try:
             code = int(lines[0][:3])
         except ValueError:

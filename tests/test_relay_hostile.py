@@ -1,0 +1,140 @@
+"""The queue runner against a hostile next hop: replies of any size and
+shape, written raw on a real socket, and what they may do to the runner's
+memory, its notices and its log."""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import threading
+
+import pytest
+from harness import wait_until
+from test_relay import queue_of, relay_to
+
+MESSAGE = b"From: alice@smtpd.com\r\nSubject: going out\r\n\r\nhello out there\r\n"
+LINE_LIMIT = 998  # octets of a line of a message, CRLF aside (RFC 5322 2.1.1)
+
+
+class HostileHop:
+    """A next hop that answers every command from a script of raw bytes:
+    whatever a test gives it is written as it is, however long or odd."""
+
+    def __init__(self, *, rcpt: bytes = b"250 2.1.5 ok\r\n", end_of_data: bytes = b"250 2.0.0 queued\r\n") -> None:
+        self.replies = {
+            b"EHLO": b"250-hop.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            b"MAIL": b"250 2.1.0 ok\r\n",
+            b"RCPT": rcpt,
+            b"DATA": b"354 go on\r\n",
+            b"QUIT": b"221 2.0.0 bye\r\n",
+        }
+        self.end_of_data = end_of_data
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            try:
+                conn.sendall(b"220 hop.example ESMTP\r\n")
+                in_data = False
+                for line in lines:
+                    if in_data:
+                        if line == b".\r\n":
+                            in_data = False
+                            conn.sendall(self.end_of_data)
+                        continue
+                    verb = line[:4].upper()
+                    conn.sendall(self.replies.get(verb, b"250 2.0.0 ok\r\n"))
+                    in_data = verb == b"DATA"
+                    if verb == b"QUIT":
+                        return
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def hostile_hop():
+    hops: list[HostileHop] = []
+
+    def start(**replies: bytes) -> HostileHop:
+        hop = HostileHop(**replies)
+        hops.append(hop)
+        return hop
+
+    yield start
+    for hop in hops:
+        hop.close()
+
+
+def send(server, recipient: str = "bob@example.org") -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        assert client.sendmail("alice@smtpd.com", [recipient], MESSAGE) == {}
+
+
+def multi_line(code: bytes, lines: int, width: int) -> bytes:
+    """A reply of ``lines`` lines of ``width`` octets of text each, then a last line."""
+    text = b"5.1.1 " + b"x" * (width - 6)
+    return b"".join(code + b"-" + text + b"\r\n" for _ in range(lines)) + code + b" 5.1.1 the end\r\n"
+
+
+def test_a_reply_bigger_than_max_reply_in_all_is_cut_off_and_the_mail_deferred(start_server, hostile_hop):
+    """Every line of this reply is short, yet the reply is 1 MB: more than
+    any SMTP server's reply (MAX_REPLY counts the whole of it). The runner
+    cuts the next hop off and tries again later; it never quotes a
+    megabyte in a bounce, the queue file and the log."""
+    hop = hostile_hop(rcpt=multi_line(b"550", 200, 5000))
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    wait_until(lambda: server.log_count("reply too long") >= 1, what="the reply cut off")
+    wait_until(lambda: server.log_count("deferred, retry in") >= 1, what="the mail deferred")
+    assert server.log_count("bounced") == 0 and not server.stored("alice")  # no bounce quoting it
+    assert queue_of(server).ids()  # still queued, for a next hop that behaves
+    assert max(len(line) for line in server.log_text().splitlines()) < 2000
+
+
+@pytest.mark.parametrize("excess", [0, 1])
+def test_max_reply_bounds_a_whole_reply_exactly(excess):
+    """A reply of exactly MAX_REPLY bytes is read; one byte more is "reply too long",
+    whether it comes in one read or a line at a time."""
+    import asyncio
+
+    from test_relay import FakeNextHop
+
+    from prefork_smtpd.runner import MAX_REPLY, ReplyReader
+
+    last = b"550 5.1.1 end\r\n"
+    body_line = b"550-" + b"y" * 996 + b"\r\n"  # 1000 bytes
+    count, rest = divmod(MAX_REPLY - len(last), len(body_line))
+    reply = body_line * count + b"550-" + b"z" * (rest - 6 + excess) + b"\r\n" + last
+    assert len(reply) == MAX_REPLY + excess
+
+    async def scenario(pieces: list[bytes]) -> None:
+        transport = FakeNextHop()
+        reader = transport.reader = ReplyReader(transport)
+        reader.send(b"RCPT TO:<b@example.org>\r\n")
+        for piece in pieces:
+            reader.data_received(piece)
+        if excess:
+            with pytest.raises(Exception, match="reply too long"):
+                await reader.reply(1)
+            assert transport.closed and not reader.lines and not reader.buffer
+        else:
+            code, text = await reader.reply(1)
+            assert code == 550 and text.endswith("5.1.1 end") and reader.alive
+
+    asyncio.run(scenario([reply]))
+    asyncio.run(scenario(reply.splitlines(keepends=True)))
