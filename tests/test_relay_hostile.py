@@ -4,6 +4,8 @@ memory, its notices and its log."""
 
 from __future__ import annotations
 
+import email
+import email.policy
 import smtplib
 import socket
 import threading
@@ -104,6 +106,22 @@ def test_a_reply_bigger_than_max_reply_in_all_is_cut_off_and_the_mail_deferred(s
     assert server.log_count("bounced") == 0 and not server.stored("alice")  # no bounce quoting it
     assert queue_of(server).ids()  # still queued, for a next hop that behaves
     assert max(len(line) for line in server.log_text().splitlines()) < 2000
+
+
+def test_a_long_reply_is_quoted_in_the_bounce_on_lines_within_the_line_limit(start_server, hostile_hop):
+    """A 550 of 40 KB (within MAX_REPLY) bounces the mail; the notice quotes
+    its start, and no line of the notice is over 998 octets, so it stays a
+    well-formed message for any reader and any next hop."""
+    hop = hostile_hop(rcpt=multi_line(b"550", 40, 1000))
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    data = bounce.read_bytes()
+    assert max(len(line) for line in data.split(b"\n")) <= LINE_LIMIT
+    notice = email.message_from_bytes(data, policy=email.policy.default)
+    status = notice.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; bob@example.org" and status["Status"] == "5.1.1"
+    assert status["Diagnostic-Code"].startswith("smtp; 550 5.1.1 xxxx") and status["Diagnostic-Code"].endswith("...")
 
 
 @pytest.mark.parametrize("excess", [0, 1])
