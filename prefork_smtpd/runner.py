@@ -86,6 +86,11 @@ MAX_REPLY = 64 * 1024
 MAX_REPLY_LINES = 1000
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
+# Line breaks and other controls in a log line, shown escaped (as repr does).
+_LOG_ESCAPES = str.maketrans(
+    {chr(c): f"\\x{c:02x}" for c in (*range(32), 0x7F, 0x85)}
+    | {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
 
 
 class TemporaryFailure(Exception):
@@ -1190,7 +1195,9 @@ class Runner:
 
     def log(self, message: str) -> None:
         if self._log_lines is not None and self.stats.get("logging"):
-            self._log_lines.add_line(message)
+            # A next hop's words (its replies, a reply's lines joined by LF)
+            # are logged: escaped, they cannot start a line of their own.
+            self._log_lines.add_line(message.translate(_LOG_ESCAPES))
 
 
 def _wants(mail: QueuedMail, index: int, what: str, default: bool | None = None) -> bool:

@@ -124,6 +124,21 @@ def test_a_long_reply_is_quoted_in_the_bounce_on_lines_within_the_line_limit(sta
     assert status["Diagnostic-Code"].startswith("smtp; 550 5.1.1 xxxx") and status["Diagnostic-Code"].endswith("...")
 
 
+def test_a_multi_line_reply_cannot_forge_a_line_of_the_log(start_server, hostile_hop):
+    """The lines of a next hop's reply end up in log lines of their own
+    unless escaped: a next hop could then write any line it likes into our
+    log (a "sent" that never was). Escaped, the reply stays in its one line."""
+    forged = b"2030-01-01 00:00:00 : queue runner: FORGED: <bob@example.org> sent via hop.example"
+    hop = hostile_hop(rcpt=b"550-5.1.1 no such user\r\n550 " + forged + b"\r\n")
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    wait_until(lambda: server.log_count("bounced") == 1, what="the bounce logged")
+    lines = server.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("2030-01-01")]
+    (bounced,) = [line for line in lines if "bounced" in line]
+    assert bounced.endswith("5.1.1 no such user\\n" + forged.decode())
+
+
 @pytest.mark.parametrize("excess", [0, 1])
 def test_max_reply_bounds_a_whole_reply_exactly(excess):
     """A reply of exactly MAX_REPLY bytes is read; one byte more is "reply too long",
