@@ -86,6 +86,8 @@ MAX_REPLY = 64 * 1024
 MAX_REPLY_LINES = 1000
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
+# class "." subject "." detail (RFC 3463 2), ASCII digits only (re's \d takes any digit).
+_ENHANCED_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
 # Line breaks and other controls in a log line, shown escaped (as repr does).
 _LOG_ESCAPES = str.maketrans(
     {chr(c): f"\\x{c:02x}" for c in (*range(32), 0x7F, 0x85)}
@@ -202,9 +204,13 @@ class Outcome:
 
 
 def _status_of(reply: str, fallback: str) -> str:
-    """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback."""
-    words = reply.split()
-    if len(words) > 1 and words[1][:1] in "245" and words[1].count(".") == 2:
+    """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback.
+
+    Only a code as RFC 3463 writes it, of the reply's class (RFC 2034 4):
+    it goes into the Status field of a notice as it is.
+    """
+    words = reply.split(maxsplit=2)
+    if len(words) > 1 and _ENHANCED_CODE.match(words[1]) and words[1][0] == words[0][:1]:
         return words[1]
     return fallback
 

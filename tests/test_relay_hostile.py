@@ -171,3 +171,23 @@ def test_max_reply_bounds_a_whole_reply_exactly(excess):
 
     asyncio.run(scenario([reply]))
     asyncio.run(scenario(reply.splitlines(keepends=True)))
+
+
+@pytest.mark.parametrize("reply, status", [
+    (b"550 5.1.1 no such user\r\n", "5.1.1"),  # as it should be
+    (b"550 5.\x1b[31m.1 colours\r\n", "5.0.0"),  # not digits: a control sequence in the notice
+    (b"550 5.1234.1 too many digits\r\n", "5.0.0"),  # RFC 3463: 1*3 digits each
+    (b"550 2.1.5 all is well\r\n", "5.0.0"),  # a refusal cannot have a success's code
+])
+def test_a_bounce_takes_the_enhanced_code_of_a_reply_only_when_it_is_one(start_server, hostile_hop, reply, status):
+    """The Status field of a notice is an RFC 3463 code whose class is the
+    reply's (RFC 2034 4); anything else a next hop puts there gives way to
+    the reply's class with .0.0."""
+    hop = hostile_hop(rcpt=reply)
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    data = bounce.read_bytes()
+    assert data.isascii() and b"\x1b" not in data
+    notice = email.message_from_bytes(data, policy=email.policy.default)
+    assert notice.get_payload()[1].get_payload()[1]["Status"] == status
