@@ -206,11 +206,12 @@ class Outcome:
 def _status_of(reply: str, fallback: str) -> str:
     """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback.
 
-    Only a code as RFC 3463 writes it, of the reply's class (RFC 2034 4):
-    it goes into the Status field of a notice as it is.
+    Only a code as RFC 3463 writes it, of the fallback's class (a refusal's
+    5, a deferral's 4; RFC 2034 4 has the reply's class agree): it goes
+    into the Status field of a notice as it is.
     """
     words = reply.split(maxsplit=2)
-    if len(words) > 1 and _ENHANCED_CODE.match(words[1]) and words[1][0] == words[0][:1]:
+    if len(words) > 1 and _ENHANCED_CODE.match(words[1]) and words[1][0] == fallback[0]:
         return words[1]
     return fallback
 
