@@ -22,12 +22,15 @@ class HostileHop:
     """A next hop that answers every command from a script of raw bytes:
     whatever a test gives it is written as it is, however long or odd."""
 
-    def __init__(self, *, rcpt: bytes = b"250 2.1.5 ok\r\n", end_of_data: bytes = b"250 2.0.0 queued\r\n") -> None:
+    def __init__(
+        self, *, rcpt: bytes = b"250 2.1.5 ok\r\n", data: bytes = b"354 go on\r\n",
+        end_of_data: bytes = b"250 2.0.0 queued\r\n",
+    ) -> None:
         self.replies = {
             b"EHLO": b"250-hop.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
             b"MAIL": b"250 2.1.0 ok\r\n",
             b"RCPT": rcpt,
-            b"DATA": b"354 go on\r\n",
+            b"DATA": data,
             b"QUIT": b"221 2.0.0 bye\r\n",
         }
         self.end_of_data = end_of_data
@@ -58,7 +61,7 @@ class HostileHop:
                         continue
                     verb = line[:4].upper()
                     conn.sendall(self.replies.get(verb, b"250 2.0.0 ok\r\n"))
-                    in_data = verb == b"DATA"
+                    in_data = verb == b"DATA" and self.replies[b"DATA"].startswith(b"354")
                     if verb == b"QUIT":
                         return
             except OSError:
@@ -191,3 +194,16 @@ def test_a_bounce_takes_the_enhanced_code_of_a_reply_only_when_it_is_one(start_s
     assert data.isascii() and b"\x1b" not in data
     notice = email.message_from_bytes(data, policy=email.policy.default)
     assert notice.get_payload()[1].get_payload()[1]["Status"] == status
+
+
+def test_a_delay_notice_never_takes_a_success_code_for_its_status(start_server, hostile_hop):
+    """A next hop answering DATA with 250 instead of 354 sent nothing: the mail
+    is deferred, and the "delayed" notice says 4.0.0, not the reply's 2.0.0."""
+    hop = hostile_hop(data=b"250 2.0.0 sure\r\n")
+    server = start_server(*relay_to(hop.port, "--delay-warning-time", "1"))
+    send(server)
+    (notice,) = wait_until(lambda: server.stored("alice"), timeout=60, what="the delayed notice")
+    status = email.message_from_bytes(notice.read_bytes(), policy=email.policy.default).get_payload()[1]
+    rcpt = status.get_payload()[1]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.0.0"
+    assert rcpt["Diagnostic-Code"] == "smtp; 250 2.0.0 sure"
