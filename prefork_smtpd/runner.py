@@ -251,12 +251,16 @@ class ReplyReader(asyncio.Protocol):
         self.transport.write(data)
 
     async def reply(self, timeout: float) -> tuple[int, str]:
+        """The next reply, within ``timeout`` in all: each read wakes us,
+        and a next hop sending an octet at a time must not start the clock again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not self.replies:
             if self.lost is not None:
                 raise self.lost
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = loop.create_future()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     await self.waiter
             except TimeoutError:
                 raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the next hop's reply") from None

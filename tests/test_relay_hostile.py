@@ -9,6 +9,8 @@ import email.policy
 import smtplib
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 from harness import wait_until
@@ -23,7 +25,7 @@ class HostileHop:
     whatever a test gives it is written as it is, however long or odd."""
 
     def __init__(
-        self, *, rcpt: bytes = b"250 2.1.5 ok\r\n", data: bytes = b"354 go on\r\n",
+        self, *, rcpt: bytes | Callable[[socket.socket], None] = b"250 2.1.5 ok\r\n", data: bytes = b"354 go on\r\n",
         end_of_data: bytes = b"250 2.0.0 queued\r\n",
     ) -> None:
         self.replies = {
@@ -60,7 +62,11 @@ class HostileHop:
                             conn.sendall(self.end_of_data)
                         continue
                     verb = line[:4].upper()
-                    conn.sendall(self.replies.get(verb, b"250 2.0.0 ok\r\n"))
+                    reply = self.replies.get(verb, b"250 2.0.0 ok\r\n")
+                    if callable(reply):
+                        reply(conn)  # a reply that takes its time
+                    else:
+                        conn.sendall(reply)
                     in_data = verb == b"DATA" and self.replies[b"DATA"].startswith(b"354")
                     if verb == b"QUIT":
                         return
@@ -207,3 +213,27 @@ def test_a_delay_notice_never_takes_a_success_code_for_its_status(start_server, 
     rcpt = status.get_payload()[1]
     assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.0.0"
     assert rcpt["Diagnostic-Code"] == "smtp; 250 2.0.0 sure"
+
+
+def test_a_reply_that_trickles_in_gets_relay_timeout_in_all(start_server, hostile_hop):
+    """--relay-timeout is the time for each step of a delivery. A next hop
+    sending its reply an octet at a time, each well within the timeout,
+    must not make a step last for ever: the reply is given up on
+    --relay-timeout after it was awaited, and the mail deferred."""
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        conn.sendall(b"550-5.1.1 ")
+        while not stop.wait(0.2):  # an octet every 0.2 s, for as long as the runner listens
+            conn.sendall(b"x")
+
+    hop = hostile_hop(rcpt=trickle)
+    server = start_server(*relay_to(hop.port, "--relay-timeout", "2"))
+    try:
+        send(server)
+        started = time.monotonic()
+        wait_until(lambda: server.log_count("SMTPReadTimeoutError") >= 1, timeout=30, what="the step given up")
+        wait_until(lambda: server.log_count("deferred, retry in") >= 1, what="the mail deferred")
+        print(f"given up after {time.monotonic() - started:.1f} s")
+    finally:
+        stop.set()
