@@ -56,8 +56,10 @@ Maildir++ readers (Dovecot) expect. The store makes none in a mailbox that
 holds ``max_plus_folders`` Maildir++ subfolders already: a sender could
 otherwise spend inodes one made-up tag at a time. The mail goes to the
 mailbox itself then. The count is taken only when a folder would be
-made, once per mailbox and batch; a mailbox found full is taken as full
-for PLUS_FULL_RECHECK seconds without a new count. Every part is opened with O_NOFOLLOW.
+made, and the folder made, under a lock on the mailbox, so that
+deliveries in other threads and workers cannot pass the limit together;
+a mailbox found full is taken as full for PLUS_FULL_RECHECK seconds
+without a new count. Every part is opened with O_NOFOLLOW.
 
 Files use LF line endings, as Maildir readers (mutt, Dovecot, Python's
 ``mailbox``) expect; the SMTP session already refused bare CR and LF, so the
@@ -71,6 +73,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import fcntl
 import itertools
 import os
 import queue
@@ -404,7 +407,7 @@ class _BatchDirs:
     def __init__(self, store: MaildirStore) -> None:
         self.store = store
         self.new_fds: dict[str, int] = {}
-        self.plus_counts: dict[str, int] = {}  # mailbox -> its Maildir++ subfolders, once counted in this batch
+        self.full: dict[str, int] = {}  # mailbox -> its Maildir++ subfolders, once found full in this batch
         self.queue_fd = -1
         self.root = _open_or_make_root(store.root)
         try:
@@ -453,39 +456,41 @@ class _BatchDirs:
         return True
 
     def may_make_plus_folder(self, mailbox: str, subfolder: str) -> bool:
-        """Whether the store may make ``subfolder`` in ``mailbox`` (max_plus_folders);
-        one it may make is counted at once, so a batch cannot pass the limit."""
+        """Make ``subfolder`` in ``mailbox`` unless the mailbox holds
+        max_plus_folders already (then False: the mail goes to the inbox).
+
+        Counted and made under a lock on the mailbox (flock): deliveries in
+        other threads and workers making folders in it at once would each
+        count the same folders, see room for one more, and together pass the
+        limit. The count is one listing per folder made (at most
+        max_plus_folders of them), or none while the mailbox is known full.
+        """
         store = self.store
-        count = self.plus_counts.get(mailbox)
-        if count is None:
+        if mailbox in self.full:
+            count = store.max_plus_folders
+        else:
             full_since = store.full_mailboxes.get(mailbox)
             if full_since is not None and time.monotonic() - full_since < PLUS_FULL_RECHECK:
                 count = store.max_plus_folders
             else:
-                count = self._count_plus_folders(mailbox)
-                if count >= store.max_plus_folders:
-                    store.full_mailboxes[mailbox] = time.monotonic()
-        if count >= store.max_plus_folders:
-            self.plus_counts[mailbox] = count
-            store.note(
-                f"{mailbox}: plus-folder {subfolder} not made, {mailbox} has {count} (--max-plus-folders):"
-                " stored in its inbox"
-            )
-            return False
-        self.plus_counts[mailbox] = count + 1
-        return True
-
-    def _count_plus_folders(self, mailbox: str) -> int:
-        """The Maildir++ subfolders (``.name`` directories) in ``mailbox``: one listing."""
-        try:
-            fd = _open_path(self.root, mailbox, self.store.root)
-        except (FileNotFoundError, NotADirectoryError):
-            return 0  # a mailbox yet to be made
-        try:
-            with os.scandir(fd) as entries:
-                return sum(1 for e in entries if e.name[:1] == "." and e.is_dir(follow_symlinks=False))
-        finally:
-            os.close(fd)
+                fd = _open_path(self.root, mailbox, store.root, make=True)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # released with the descriptor
+                    if _exists(fd, subfolder):
+                        return True  # made meanwhile by another delivery
+                    count = _count_plus_folders(fd)
+                    if count < store.max_plus_folders:
+                        _make_dir(fd, subfolder)
+                        return True
+                finally:
+                    os.close(fd)
+                store.full_mailboxes[mailbox] = time.monotonic()
+            self.full[mailbox] = count
+        store.note(
+            f"{mailbox}: plus-folder {subfolder} not made, {mailbox} has {count} (--max-plus-folders):"
+            " stored in its inbox"
+        )
+        return False
 
     def _check_folder(self, folder: str, folder_fd: int) -> None:
         """Once per folder and process: tmp/new/cur are real, on the spool's file system."""
@@ -595,6 +600,20 @@ def _open_path(root_fd: int, folder: str, root_path: str, make: bool = False) ->
             os.close(fd)
         raise
     return fd
+
+
+def _exists(parent_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _count_plus_folders(mailbox_fd: int) -> int:
+    """The Maildir++ subfolders (``.name`` directories) in a mailbox: one listing."""
+    with os.scandir(mailbox_fd) as entries:
+        return sum(1 for e in entries if e.name[:1] == "." and e.is_dir(follow_symlinks=False))
 
 
 def _make_dir(parent_fd: int, name: str) -> None:

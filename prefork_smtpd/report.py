@@ -39,6 +39,9 @@ FAILED = "failed"
 DELAYED = "delayed"
 RELAYED = "relayed"  # passed to a next hop that does not offer DSN (RFC 3464 2.3.3)
 ACTIONS = (DELIVERED, FAILED, DELAYED, RELAYED)
+# Characters of a remote reply quoted in a notice: its line (with an
+# address of at most 320 octets) stays within 998 octets.
+DIAGNOSTIC_MAX = 500
 
 SUBJECTS = {
     FAILED: "Undelivered Mail Returned to Sender",
@@ -190,8 +193,13 @@ def _split_header(message: bytes) -> tuple[bytes, bytes]:
 
 
 def _one_line(text: str) -> str:
-    """A remote reply folded onto one printable line: it is quoted in a header field."""
-    return " ".join("".join(c if " " <= c <= "~" else " " for c in text).split())
+    """A remote reply folded onto one printable line: it is quoted in a header field.
+
+    Cut at DIAGNOSTIC_MAX characters: a reply may be 64 KiB, and no line
+    of a message may be over 998 octets (RFC 5322 2.1.1).
+    """
+    line = " ".join("".join(c if " " <= c <= "~" else " " for c in text).split())
+    return line if len(line) <= DIAGNOSTIC_MAX else line[: DIAGNOSTIC_MAX - 3] + "..."
 
 
 def _date(when: float) -> str:

@@ -79,10 +79,20 @@ TICK = 1.0  # seconds between checks that the master lives (no look at the queue
 HOUSEKEEPING = 0.5  # seconds between publishing the queue's figures and writing out log lines
 WAKE_GAP = 0.005  # seconds between looks prompted by wake-ups: a burst of new mail is one look
 QUIT_WAIT = 10.0  # seconds a closing connection waits for the reply to QUIT
-MAX_REPLY = 64 * 1024  # bytes of a reply still incomplete: more is no SMTP server's reply
+# Bytes of one reply, its lines together (aiosmtplib allows 32 KiB for the
+# greeting and EHLO): more is no SMTP server's reply, and a reply is kept,
+# quoted in notices, recorded and logged.
+MAX_REPLY = 64 * 1024
 MAX_REPLY_LINES = 1000
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
+# class "." subject "." detail (RFC 3463 2), ASCII digits only (re's \d takes any digit).
+_ENHANCED_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+# Line breaks and other controls in a log line, shown escaped (as repr does).
+_LOG_ESCAPES = str.maketrans(
+    {chr(c): f"\\x{c:02x}" for c in (*range(32), 0x7F, 0x85)}
+    | {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
 
 
 class TemporaryFailure(Exception):
@@ -194,9 +204,14 @@ class Outcome:
 
 
 def _status_of(reply: str, fallback: str) -> str:
-    """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback."""
-    words = reply.split()
-    if len(words) > 1 and words[1][:1] in "245" and words[1].count(".") == 2:
+    """The enhanced code of a reply ("550 5.1.1 ..."), else a fallback.
+
+    Only a code as RFC 3463 writes it, of the fallback's class (a refusal's
+    5, a deferral's 4; RFC 2034 4 has the reply's class agree): it goes
+    into the Status field of a notice as it is.
+    """
+    words = reply.split(maxsplit=2)
+    if len(words) > 1 and _ENHANCED_CODE.match(words[1]) and words[1][0] == fallback[0]:
         return words[1]
     return fallback
 
@@ -215,6 +230,7 @@ class ReplyReader(asyncio.Protocol):
         self.transport: Any = transport
         self.buffer = bytearray()
         self.lines: list[bytes] = []  # the lines of a reply still coming
+        self.lines_size = 0  # their bytes
         self.replies: deque[tuple[int, str]] = deque()
         # Replies the commands sent so far call for and not yet taken: a reply
         # beyond them was never asked for, and a next hop sending them without
@@ -235,12 +251,16 @@ class ReplyReader(asyncio.Protocol):
         self.transport.write(data)
 
     async def reply(self, timeout: float) -> tuple[int, str]:
+        """The next reply, within ``timeout`` in all: each read wakes us,
+        and a next hop sending an octet at a time must not start the clock again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not self.replies:
             if self.lost is not None:
                 raise self.lost
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = loop.create_future()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     await self.waiter
             except TimeoutError:
                 raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for the next hop's reply") from None
@@ -256,19 +276,25 @@ class ReplyReader(asyncio.Protocol):
             line = bytes(self.buffer[start : end + 1])
             start = end + 1
             self.lines.append(line)
+            self.lines_size += len(line)
+            if self.lines_size > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+                break  # however short each line, the reply is too long
             if line[3:4] != b"-":  # the last line of a reply
                 self._reply_done()
                 if self.lost is not None:  # refused: nothing more is read from it
                     self.buffer.clear()
                     return
         del self.buffer[:start]
-        if len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+        if self.lines_size + len(self.buffer) > MAX_REPLY or len(self.lines) > MAX_REPLY_LINES:
+            self.buffer.clear()
+            self.lines, self.lines_size = [], 0
             self._fail(aiosmtplib.SMTPResponseException(500, "reply too long"))
             self.transport.close()
         self._wake()
 
     def _reply_done(self) -> None:
         lines, self.lines = self.lines, []
+        self.lines_size = 0
         try:
             code = int(lines[0][:3])
         except ValueError:
@@ -1180,7 +1206,9 @@ class Runner:
 
     def log(self, message: str) -> None:
         if self._log_lines is not None and self.stats.get("logging"):
-            self._log_lines.add_line(message)
+            # A next hop's words (its replies, a reply's lines joined by LF)
+            # are logged: escaped, they cannot start a line of their own.
+            self._log_lines.add_line(message.translate(_LOG_ESCAPES))
 
 
 def _wants(mail: QueuedMail, index: int, what: str, default: bool | None = None) -> bool:

@@ -1078,6 +1078,9 @@ class Session:
         self._rejected_rcpts = 0
         self._chunks = _NO_CHUNKS
         self._chunk_failed = False
+        # A text chunk's unfinished last line (up to max_text_line octets),
+        # left by a transaction that ended without LAST (RSET, MAIL, EHLO).
+        self._chunk_line = b""
 
     # --------------------------------------------------------------- DATA
     # The message ends at the first CR LF "." CR LF of the byte stream, the

@@ -31,6 +31,7 @@ import unicodedata
 
 MAX_LOCAL_PART = 64  # octets, RFC 5321 4.5.3.1.1
 MAX_FOLDER = 255  # octets: a file name (NAME_MAX)
+MAX_DOMAIN = 255  # octets, RFC 5321 4.5.3.1.2
 
 # RFC 5322 atext without "/" (as session._ATEXT), plus any non-ASCII
 # character (RFC 6532 3.2's UTF8-non-ascii); which of those are allowed is
@@ -91,12 +92,20 @@ def folder_for(local: str) -> str | None:
 
 
 def ascii_domain(domain: str) -> str | None:
-    """A domain with U-labels as its A-labels (IDNA), for the served-domain check."""
+    """A domain with U-labels as its A-labels (IDNA), for the served-domain check.
+
+    At most 255 octets as written, too (RFC 6531 3.3: RFC 5321's limits
+    count octets of UTF-8): IDNA maps characters such as U+200B to nothing,
+    so a short A-label form may stand for a domain of any length, which
+    would be relayed and quoted in notices as written.
+    """
+    if len(domain.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
+        return None
     try:
         ace = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return None
-    if len(ace) > 255 or not _ASCII_DOMAIN.match(ace):
+    if len(ace) > MAX_DOMAIN or not _ASCII_DOMAIN.match(ace):
         return None
     return ace.lower()
 

@@ -9,6 +9,7 @@ import mailbox
 import shutil
 import smtplib
 import subprocess
+import threading
 
 import psutil
 import pytest
@@ -156,6 +157,69 @@ def test_a_full_mailbox_is_counted_again_after_plus_full_recheck(start_server, t
     assert sorted(m["Subject"] for m in delivered(server, "bob", 2)) == ["c", "d"]
     wait_until(lambda: server.log_count("not made") == 2, what="the folders not made in the log")
     assert "bob: plus-folder .d not made, bob has 2 (--max-plus-folders): stored in its inbox" in server.log_text()
+
+
+# Loaded by the server's interpreter at start (PYTHONPATH): a delivery
+# thread listing a folder by descriptor (the store's count of plus-folders)
+# takes its listing, notes it in a file, then waits a second before going
+# on: the time another delivery has to count the same folders.
+SLOW_COUNT = """
+import os, threading, time
+_scandir = os.scandir
+_marker = os.environ["TEST_COUNT_MARKER"]
+
+class _Listing:
+    def __init__(self, entries):
+        self.entries = entries
+    def __enter__(self):
+        return iter(self.entries)
+    def __exit__(self, *exc):
+        return False
+    def __iter__(self):
+        return iter(self.entries)
+
+def scandir(path="."):
+    if not isinstance(path, int) or not threading.current_thread().name.startswith("delivery"):
+        return _scandir(path)
+    with _scandir(path) as entries:
+        listing = _Listing(list(entries))
+    with open(_marker, "a") as f:
+        f.write("counted\\n")
+    time.sleep(1.0)
+    return listing
+
+os.scandir = scandir
+"""
+
+
+def test_max_plus_folders_holds_for_deliveries_that_count_at_once(start_server, tmp_path):
+    """Two deliveries (two threads here; two workers alike) making a folder
+    in one mailbox at once: each counted the folders, then made its own, so
+    both saw room for one more and the mailbox passed --max-plus-folders.
+    Counted and made under a lock on the mailbox, the second counts the
+    first's folder: one folder, and the other mail in the inbox."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_COUNT)
+    marker = tmp_path / "counted"
+    server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "1",
+                          "--delivery-threads", "2", workers=1,
+                          env={"PYTHONPATH": str(site), "TEST_COUNT_MARKER": str(marker)})
+    (server.mail_dir / "bob").mkdir(parents=True)  # a mailbox to count in
+
+    def send(tag: str) -> None:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as s:
+            s.sendmail("a@smtpd.com", [f"bob+{tag}@smtpd.com"], f"Subject: {tag}\r\n\r\n{tag}\r\n".encode())
+
+    first = threading.Thread(target=send, args=("a",))
+    first.start()
+    wait_until(marker.exists, what="the first delivery counting bob's folders")
+    send("b")  # while the first one has counted and not yet made its folder
+    first.join()
+    folders = sorted(p.name for p in (server.mail_dir / "bob").iterdir() if p.name.startswith("."))
+    assert len(folders) == 1, folders
+    assert len(server.stored(f"bob/{folders[0]}")) == 1 and len(server.stored("bob")) == 1
+    wait_until(lambda: server.log_count("not made") == 1, what="the folder not made in the log")
 
 
 def test_postmaster_is_delivered_whatever_mailboxes_says(start_server):

@@ -14,10 +14,10 @@ import socket
 import time
 
 import pytest
-from harness import DOMAIN, Client
+from harness import DOMAIN, Client, raise_fd_limit, wait_until
 from test_resources import (
     RETURNING_ALLOCATOR, Flood, flood_and_watch, floods_and_watch, raw_client, stallable_disk, unread_bytes_at,
-    worker_anonymous, worker_rests_with_input_waiting,
+    worker_anonymous, worker_rests_with_input_waiting, worker_rss,
 )
 
 from prefork_smtpd.worker import WRITE_HIGH
@@ -214,6 +214,38 @@ def test_chunks_count_against_the_workers_memory_for_message_data(start_server):
     assert other.cmd("RSET")[0] == 250
     assert all(code == 250 for code, _ in other.send_message(f"a@{DOMAIN}", ["m"], b"small\r\n"))
     assert len(server.stored("m")) == 2
+
+
+def test_a_chunked_transaction_ended_without_last_leaves_no_line_behind(start_server):
+    """A text chunk that ends inside a line leaves that line waiting for its
+    end (up to --max-text-line octets). A transaction ended by RSET (or QUIT,
+    MAIL, EHLO) must drop it: kept, every idle connection could park a
+    line of 1 MiB that no limit counts (max_data_memory counts messages)."""
+    raise_fd_limit(CONNECTIONS + 256)
+    server = start_server("--max-text-line", str(MiB), "--max-message-size", str(2 * MiB), workers=1)
+    probe = ExchangeLikeClient(server.port)
+    line = b"x" * (MiB - 2)  # no LF: the unfinished line, within --max-text-line
+
+    def park() -> ExchangeLikeClient:
+        client = ExchangeLikeClient(server.port)
+        client.send(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<m>\r\nBDAT %d\r\n" % len(line) + line + b"RSET\r\n")
+        assert [client.reply()[0] for _ in range(4)] == [250, 250, 250, 250]
+        return client
+
+    for client in [park() for _ in range(10)]:  # code loaded, caches filled
+        client.close()
+    wait_until(lambda: probe.xstat("CURRENT") == 1, what="the warm-up sessions to end")
+    before = worker_rss(server)
+    clients = [park() for _ in range(CONNECTIONS)]
+    grown = worker_rss(server) - before
+    for client in clients:
+        client.close()
+    probe.close()
+    print(f"worker RSS growth: {grown / MiB:.1f} MiB for {CONNECTIONS} idle sessions")
+    assert grown < CONNECTIONS * MiB / 4, f"{grown / MiB:.1f} MiB for {CONNECTIONS} idle sessions"
+
+
+CONNECTIONS = 200
 
 
 @pytest.mark.slow

@@ -508,7 +508,11 @@ def retained_per_object(make: Callable[[], object], count: int = 1000) -> float:
 IDLE_SESSION_OBJECTS = 512  # bytes: about 330 greeted, 450 after EHLO; with a dict per Session, 2,000 and more
 
 
-@pytest.mark.parametrize("said", [b"", b"EHLO client.example\r\n", b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRSET\r\nNOOP\r\n"])
+@pytest.mark.parametrize("said", [
+    b"", b"EHLO client.example\r\n", b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRSET\r\nNOOP\r\n",
+    # a chunked transaction ended by RSET inside a line of its chunk
+    b"EHLO c\r\nMAIL FROM:<a@smtpd.com>\r\nRCPT TO:<m>\r\nBDAT 900\r\n" + b"x" * 900 + b"RSET\r\n",
+])
 def test_an_idle_session_holds_few_bytes(said):
     """A greeted session (or one between transactions) keeps no dict, empty buffer or last replies of its own."""
     domains, limits = frozenset({DOMAIN}), Limits()  # the worker's, shared by its sessions

@@ -123,3 +123,25 @@ def test_received_says_utf8smtps_and_utf8smtpsa(tls_server, files):  # noqa: F81
         for p in server.stored(USER)
     )
     assert protocols == ["UTF8SMTPS", "UTF8SMTPSA"]
+
+
+def test_a_utf8_domain_counts_octets_as_written_not_its_a_labels(start_server):
+    """IDNA maps U+200B (and U+FEFF, U+00AD...) to nothing: "b\u00fc" + 300 of them
+    + "cher.example" is xn--bcher-kva.example in A-labels, 20 characters, yet
+    900 octets as written, and as written it would be relayed and quoted in
+    notices. RFC 5321's 255 octets count the domain as written (RFC 6531 3.3)."""
+    server = start_server("--relay-networks", "127.0.0.0/8")
+    labels = ".".join(["\u00fc" * 10] * 11) + ".example"  # 238 octets of UTF-8
+    at_limit = labels + ".abcdefghijklmnop"
+    assert len(at_limit.encode()) == 255
+    c = server.client()
+    c.cmd("EHLO client.example")
+    assert c.cmd(f"MAIL FROM:<alice@{DOMAIN}> SMTPUTF8")[0] == 250
+    assert c.cmd(f"RCPT TO:<bob@{at_limit}>".encode())[0] == 250
+    for domain in (at_limit + "q", "b\u00fc" + "\u200b" * 300 + "cher.example"):
+        code, text = c.cmd(f"RCPT TO:<bob@{domain}>".encode())
+        assert (code, text[:5]) == (501, "5.1.3")
+    assert c.cmd("RSET")[0] == 250
+    code, text = c.cmd(f"MAIL FROM:<alice@{labels}.{'q' * 20}> SMTPUTF8".encode())  # 259 octets
+    assert (code, text[:5]) == (501, "5.1.7")
+    c.close()

@@ -1,0 +1,239 @@
+"""The queue runner against a hostile next hop: replies of any size and
+shape, written raw on a real socket, and what they may do to the runner's
+memory, its notices and its log."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from harness import wait_until
+from test_relay import queue_of, relay_to
+
+MESSAGE = b"From: alice@smtpd.com\r\nSubject: going out\r\n\r\nhello out there\r\n"
+LINE_LIMIT = 998  # octets of a line of a message, CRLF aside (RFC 5322 2.1.1)
+
+
+class HostileHop:
+    """A next hop that answers every command from a script of raw bytes:
+    whatever a test gives it is written as it is, however long or odd."""
+
+    def __init__(
+        self, *, rcpt: bytes | Callable[[socket.socket], None] = b"250 2.1.5 ok\r\n", data: bytes = b"354 go on\r\n",
+        end_of_data: bytes = b"250 2.0.0 queued\r\n",
+    ) -> None:
+        self.replies = {
+            b"EHLO": b"250-hop.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            b"MAIL": b"250 2.1.0 ok\r\n",
+            b"RCPT": rcpt,
+            b"DATA": data,
+            b"QUIT": b"221 2.0.0 bye\r\n",
+        }
+        self.end_of_data = end_of_data
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
+
+    def _talk(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            try:
+                conn.sendall(b"220 hop.example ESMTP\r\n")
+                in_data = False
+                for line in lines:
+                    if in_data:
+                        if line == b".\r\n":
+                            in_data = False
+                            conn.sendall(self.end_of_data)
+                        continue
+                    verb = line[:4].upper()
+                    reply = self.replies.get(verb, b"250 2.0.0 ok\r\n")
+                    if callable(reply):
+                        reply(conn)  # a reply that takes its time
+                    else:
+                        conn.sendall(reply)
+                    in_data = verb == b"DATA" and self.replies[b"DATA"].startswith(b"354")
+                    if verb == b"QUIT":
+                        return
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def hostile_hop():
+    hops: list[HostileHop] = []
+
+    def start(**replies: bytes) -> HostileHop:
+        hop = HostileHop(**replies)
+        hops.append(hop)
+        return hop
+
+    yield start
+    for hop in hops:
+        hop.close()
+
+
+def send(server, recipient: str = "bob@example.org") -> None:
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        assert client.sendmail("alice@smtpd.com", [recipient], MESSAGE) == {}
+
+
+def multi_line(code: bytes, lines: int, width: int) -> bytes:
+    """A reply of ``lines`` lines of ``width`` octets of text each, then a last line."""
+    text = b"5.1.1 " + b"x" * (width - 6)
+    return b"".join(code + b"-" + text + b"\r\n" for _ in range(lines)) + code + b" 5.1.1 the end\r\n"
+
+
+def test_a_reply_bigger_than_max_reply_in_all_is_cut_off_and_the_mail_deferred(start_server, hostile_hop):
+    """Every line of this reply is short, yet the reply is 1 MB: more than
+    any SMTP server's reply (MAX_REPLY counts the whole of it). The runner
+    cuts the next hop off and tries again later; it never quotes a
+    megabyte in a bounce, the queue file and the log."""
+    hop = hostile_hop(rcpt=multi_line(b"550", 200, 5000))
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    wait_until(lambda: server.log_count("reply too long") >= 1, what="the reply cut off")
+    wait_until(lambda: server.log_count("deferred, retry in") >= 1, what="the mail deferred")
+    assert server.log_count("bounced") == 0 and not server.stored("alice")  # no bounce quoting it
+    assert queue_of(server).ids()  # still queued, for a next hop that behaves
+    assert max(len(line) for line in server.log_text().splitlines()) < 2000
+
+
+def test_a_long_reply_is_quoted_in_the_bounce_on_lines_within_the_line_limit(start_server, hostile_hop):
+    """A 550 of 40 KB (within MAX_REPLY) bounces the mail; the notice quotes
+    its start, and no line of the notice is over 998 octets, so it stays a
+    well-formed message for any reader and any next hop."""
+    hop = hostile_hop(rcpt=multi_line(b"550", 40, 1000))
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    data = bounce.read_bytes()
+    assert max(len(line) for line in data.split(b"\n")) <= LINE_LIMIT
+    notice = email.message_from_bytes(data, policy=email.policy.default)
+    status = notice.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; bob@example.org" and status["Status"] == "5.1.1"
+    assert status["Diagnostic-Code"].startswith("smtp; 550 5.1.1 xxxx") and status["Diagnostic-Code"].endswith("...")
+
+
+def test_a_multi_line_reply_cannot_forge_a_line_of_the_log(start_server, hostile_hop):
+    """The lines of a next hop's reply end up in log lines of their own
+    unless escaped: a next hop could then write any line it likes into our
+    log (a "sent" that never was). Escaped, the reply stays in its one line."""
+    forged = b"2030-01-01 00:00:00 : queue runner: FORGED: <bob@example.org> sent via hop.example"
+    hop = hostile_hop(rcpt=b"550-5.1.1 no such user\r\n550 " + forged + b"\r\n")
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    wait_until(lambda: server.log_count("bounced") == 1, what="the bounce logged")
+    lines = server.log_text().splitlines()
+    assert not [line for line in lines if line.startswith("2030-01-01")]
+    (bounced,) = [line for line in lines if "bounced" in line]
+    assert bounced.endswith("5.1.1 no such user\\n" + forged.decode())
+
+
+@pytest.mark.parametrize("excess", [0, 1])
+def test_max_reply_bounds_a_whole_reply_exactly(excess):
+    """A reply of exactly MAX_REPLY bytes is read; one byte more is "reply too long",
+    whether it comes in one read or a line at a time."""
+    import asyncio
+
+    from test_relay import FakeNextHop
+
+    from prefork_smtpd.runner import MAX_REPLY, ReplyReader
+
+    last = b"550 5.1.1 end\r\n"
+    body_line = b"550-" + b"y" * 996 + b"\r\n"  # 1000 bytes
+    count, rest = divmod(MAX_REPLY - len(last), len(body_line))
+    reply = body_line * count + b"550-" + b"z" * (rest - 6 + excess) + b"\r\n" + last
+    assert len(reply) == MAX_REPLY + excess
+
+    async def scenario(pieces: list[bytes]) -> None:
+        transport = FakeNextHop()
+        reader = transport.reader = ReplyReader(transport)
+        reader.send(b"RCPT TO:<b@example.org>\r\n")
+        for piece in pieces:
+            reader.data_received(piece)
+        if excess:
+            with pytest.raises(Exception, match="reply too long"):
+                await reader.reply(1)
+            assert transport.closed and not reader.lines and not reader.buffer
+        else:
+            code, text = await reader.reply(1)
+            assert code == 550 and text.endswith("5.1.1 end") and reader.alive
+
+    asyncio.run(scenario([reply]))
+    asyncio.run(scenario(reply.splitlines(keepends=True)))
+
+
+@pytest.mark.parametrize("reply, status", [
+    (b"550 5.1.1 no such user\r\n", "5.1.1"),  # as it should be
+    (b"550 5.\x1b[31m.1 colours\r\n", "5.0.0"),  # not digits: a control sequence in the notice
+    (b"550 5.1234.1 too many digits\r\n", "5.0.0"),  # RFC 3463: 1*3 digits each
+    (b"550 2.1.5 all is well\r\n", "5.0.0"),  # a refusal cannot have a success's code
+])
+def test_a_bounce_takes_the_enhanced_code_of_a_reply_only_when_it_is_one(start_server, hostile_hop, reply, status):
+    """The Status field of a notice is an RFC 3463 code whose class is the
+    reply's (RFC 2034 4); anything else a next hop puts there gives way to
+    the reply's class with .0.0."""
+    hop = hostile_hop(rcpt=reply)
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    data = bounce.read_bytes()
+    assert data.isascii() and b"\x1b" not in data
+    notice = email.message_from_bytes(data, policy=email.policy.default)
+    assert notice.get_payload()[1].get_payload()[1]["Status"] == status
+
+
+def test_a_delay_notice_never_takes_a_success_code_for_its_status(start_server, hostile_hop):
+    """A next hop answering DATA with 250 instead of 354 sent nothing: the mail
+    is deferred, and the "delayed" notice says 4.0.0, not the reply's 2.0.0."""
+    hop = hostile_hop(data=b"250 2.0.0 sure\r\n")
+    server = start_server(*relay_to(hop.port, "--delay-warning-time", "1"))
+    send(server)
+    (notice,) = wait_until(lambda: server.stored("alice"), timeout=60, what="the delayed notice")
+    status = email.message_from_bytes(notice.read_bytes(), policy=email.policy.default).get_payload()[1]
+    rcpt = status.get_payload()[1]
+    assert rcpt["Action"] == "delayed" and rcpt["Status"] == "4.0.0"
+    assert rcpt["Diagnostic-Code"] == "smtp; 250 2.0.0 sure"
+
+
+def test_a_reply_that_trickles_in_gets_relay_timeout_in_all(start_server, hostile_hop):
+    """--relay-timeout is the time for each step of a delivery. A next hop
+    sending its reply an octet at a time, each well within the timeout,
+    must not make a step last for ever: the reply is given up on
+    --relay-timeout after it was awaited, and the mail deferred."""
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        conn.sendall(b"550-5.1.1 ")
+        while not stop.wait(0.2):  # an octet every 0.2 s, for as long as the runner listens
+            conn.sendall(b"x")
+
+    hop = hostile_hop(rcpt=trickle)
+    server = start_server(*relay_to(hop.port, "--relay-timeout", "2"))
+    try:
+        send(server)
+        started = time.monotonic()
+        wait_until(lambda: server.log_count("SMTPReadTimeoutError") >= 1, timeout=30, what="the step given up")
+        wait_until(lambda: server.log_count("deferred, retry in") >= 1, what="the mail deferred")
+        print(f"given up after {time.monotonic() - started:.1f} s")
+    finally:
+        stop.set()
