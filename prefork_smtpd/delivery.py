@@ -481,6 +481,7 @@ class _BatchDirs:
                     count = _count_plus_folders(fd)
                     if count < store.max_plus_folders:
                         _make_dir(fd, subfolder)
+                        fsync(fd)  # its entry durable before mail goes in it, as _open_dir makes one
                         return True
                 finally:
                     os.close(fd)

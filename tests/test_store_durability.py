@@ -163,6 +163,38 @@ FLUSHES = {
 }
 
 
+def plus_envelope(*folders: str) -> Envelope:
+    """A message to Maildir++ subfolders: "bob/.invoices" is bob+invoices."""
+    message = envelope(*folders)
+    message.recipients = [Recipient(f"{f}@smtpd.com", *f.split("/")) for f in folders]
+    return message
+
+
+# Plus-addresses whose subfolders --plus-folders makes: the new folder's entry
+# in its mailbox is durable before the mail in it is acknowledged.
+PLUS_SHAPES = {
+    "one copy": [("bob/.a",)],
+    "two subfolders": [("bob/.a", "bob/.b")],
+    "many copies": [("bob/.a",), ("bob/.b",), ("ann/.c",), ("bob/.a",)],
+}
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new mailbox", "existing mailbox"])
+@pytest.mark.parametrize("shape", list(PLUS_SHAPES))
+def test_a_plus_folder_made_for_a_mail_is_durable_before_the_return(tmp_path, monkeypatch, shape, fresh):
+    store = MaildirStore(str(tmp_path), "mx.test", plus_folders=True)
+    if not fresh:  # the mailboxes exist; their subfolders do not
+        store.deliver_batch([(envelope("bob", "ann"), "[::1]")])
+    recorder = Recorder()
+    recorder.install(monkeypatch)
+    results = store.deliver_batch([(plus_envelope(*folders), "[::1]") for folders in PLUS_SHAPES[shape]])
+    assert all(isinstance(r, str) for r in results), results
+    subfolders = {f for folders in PLUS_SHAPES[shape] for f in folders}
+    made = [path for kind, path, _ in recorder.events if kind == "mkdir"]
+    assert {os.path.relpath(p, tmp_path) for p in made} >= subfolders  # the recorder saw them made
+    assert violations(recorder.events) == []
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_each_batch_takes_the_fewest_flushes(tmp_path, monkeypatch, shape):
     """Group commit: two flushes per batch however many mails, plain fsyncs for one or two."""
