@@ -120,7 +120,7 @@ def test_the_readme_names_every_setting_and_every_config_port_parameter():
     port_table = re.search(r"^\| parameter \| range \| effect \|\n((?:\|.*\n)+)", text, re.MULTILINE)
     assert port_table, "the config port's table is missing from README.md"
     port_rows = re.findall(r"^\| `([a-z_]+)`", port_table.group(1), re.MULTILINE)
-    assert [r for r in port_rows if r not in ("show", "flush", "reload", "token")] == list(S.PARAMETERS)
+    assert [r for r in port_rows if r not in ("show", "reload", "token")] == list(S.PARAMETERS)
     for setting in S.REGISTRY:
         assert setting.long_flags[0] in text, setting.name
 
