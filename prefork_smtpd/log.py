@@ -17,7 +17,8 @@ counted, never waited for (that would stall the event loop); once the
 writer has worked the backlog down to half the bound, one line says how
 many were dropped since when, and lines flow again. Critical lines (a
 crash) always go out: they are few, no client can make them at will, and
-they are the ones that say why a process died.
+they are the ones that say why a process died. A reopen (logrotate's
+USR1) leaves the old file to its writer and does not wait for it.
 """
 
 from __future__ import annotations
@@ -158,20 +159,29 @@ class AppendLineHandler(logging.Handler):
             pass  # a full or vanished log disk must not stop the mail service
 
     def _write_loop(self) -> None:
-        assert self._writes is not None
-        while (data := self._writes.get()) is not None:
+        writes = self._writes  # its own reference: close() lets go of the handler's
+        assert writes is not None
+        while (data := writes.get()) is not None:
             self._write(data)
             self.written_bytes += len(data)  # this thread's own total: no other thread writes it
+        os.close(self.fd)  # the writer owns the file: it may outlive close()
+        self.fd = -1
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Write out what is left and close the file. ``wait``: until it is
+        written (a process about to exit). Otherwise (a reopen after
+        logrotate) the writer finishes on its own and closes the file
+        itself: a log that cannot be written must not stall the event loop
+        that reopens it."""
         if self.dropped:
             self._resume(closing=True)
         self.flush()
         if self._writes is not None:
-            self._writes.put(None)  # the writer empties the queue, then stops
-            self._writer.join()
+            self._writes.put(None)  # the writer empties the queue, closes the file, then stops
+            if wait:
+                self._writer.join()
             self._writes = None
-        if self.fd >= 0:
+        elif not self.buffered and self.fd >= 0:  # a buffered handler's file is its writer's to close
             os.close(self.fd)
             self.fd = -1
         super().close()
@@ -205,7 +215,10 @@ def open_log(
     fresh = AppendLineHandler(path, prefix, stats, buffered, max_backlog, slot)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, AppendLineHandler):
+            handler.close(wait=False)  # its writer finishes the old file on its own
+        else:
+            handler.close()
     logger.addHandler(fresh)
     logger.setLevel(logging.INFO)
     logger.propagate = False

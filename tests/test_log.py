@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 
 from harness import wait_until
 
-from prefork_smtpd.log import FLUSH_AT, LOG_LINES_DROPPED, AppendLineHandler
+from prefork_smtpd.log import FLUSH_AT, LOG_LINES_DROPPED, AppendLineHandler, close_log, line_writer, open_log
 from prefork_smtpd.stats import SharedStats
 
 BOUND = 256 * 1024
@@ -105,3 +106,43 @@ def test_an_unbuffered_log_never_drops(tmp_path):
     handler.close()
     assert len((tmp_path / "log.txt").read_text().splitlines()) == 2000
     assert handler.dropped == 0
+
+
+def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
+    """logrotate's USR1 makes a worker reopen its log from the event loop:
+    a writer blocked on the old file must not hold the loop. The old
+    writer finishes the old file on its own, then closes it."""
+    path, reader = stalled_log(tmp_path)
+    stats = SharedStats()
+    logger = open_log(str(path), stats, "worker 1", buffered=True, max_backlog=BOUND)
+    old = line_writer(logger)
+    sent = [f"before the rotation {n} " + "x" * 80 for n in range(5000)]  # 600 KB: the writer blocks
+    for message in sent:
+        old.add_line(message)
+    old.flush()
+    reopened = threading.Thread(target=open_log, args=(str(tmp_path / "new.txt"), stats, "worker 1", True, BOUND))
+    reopened.start()
+    reopened.join(10)
+    try:
+        assert not reopened.is_alive(), "reopening the log waited for the blocked writer"
+        assert line_writer(logger) is not old
+        received = bytearray()
+
+        def old_file_closed() -> bool:
+            try:
+                chunk = os.read(reader, 65536)
+            except BlockingIOError:
+                return False
+            received.extend(chunk)
+            return not chunk  # end of file: the old writer wrote everything and closed it
+
+        wait_until(old_file_closed, timeout=30, interval=0.01, what="the old writer to finish")
+        kept = [line.split(" : worker 1: ", 1)[1] for line in received.decode().splitlines()]
+        dropped = DROP_LINE.fullmatch(kept[-1] + "\n")
+        assert dropped, f"the last line of the old file is not the drop line: {kept[-1]!r}"
+        assert kept[:-1] == sent[: len(kept) - 1] and len(kept) - 1 + int(dropped.group(1)) == len(sent)
+        assert old.fd == -1
+    finally:
+        os.close(reader)
+        reopened.join(30)
+        close_log(logger)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import threading
 import urllib.request
@@ -131,6 +132,12 @@ def test_a_log_that_cannot_be_written_costs_the_worker_at_most_the_bound(start_s
         assert refused == 4 * BAD_COMMANDS, "the worker stopped answering"
         assert len(server.stored("bob")) == 1
         assert send_mail(server) == 250  # and after it, the log still stalled
+        # logrotate's USR1: the worker reopens its log, without waiting for
+        # the old file's blocked writer, and serves on.
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGUSR1)
+        assert send_mail(server) == 250
+        assert len(server.stored("bob")) == 3
 
         # The log is read again: the worker's writer catches up, and its
         # next tick logs how many lines were lost.
