@@ -8,6 +8,17 @@ whenever its buffer passes 32 KiB, and the write itself happens on a
 background thread: on a journalling file system an append can wait behind
 another process's big flush, and that wait must not stall the event loop.
 The master, whose lines are few, writes each one at once.
+
+What waits for the writer is bounded (``max_backlog`` bytes, queued and
+gathered together): clients make the lines, so a log that cannot be
+written (a stalled disk or network file system, a full pipe) must not let
+them grow a worker without limit. Past the bound, lines are dropped and
+counted, never waited for (that would stall the event loop); once the
+writer has worked the backlog down to half the bound, one line says how
+many were dropped since when, and lines flow again. Critical lines (a
+crash) always go out: they are few, no client can make them at will, and
+they are the ones that say why a process died. A reopen (logrotate's
+USR1) leaves the old file to its writer and does not wait for it.
 """
 
 from __future__ import annotations
@@ -15,19 +26,26 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 
-from .stats import SharedStats
+from .settings import BY_NAME
+from .stats import FIELD, SharedStats, Slot
 
 LOGGER_NAME = "prefork_smtpd"
 FLUSH_AT = 32 * 1024
+DEFAULT_MAX_BACKLOG: int = BY_NAME["max_log_backlog"].default
+LOG_LINES_DROPPED = FIELD["log_lines_dropped"]
 
 
 class AppendLineHandler(logging.Handler):
     """Formats records into lines and appends them with one write per flush."""
 
-    def __init__(self, path: str, prefix: str, stats: SharedStats, buffered: bool) -> None:
+    def __init__(
+        self, path: str, prefix: str, stats: SharedStats, buffered: bool,
+        max_backlog: int = DEFAULT_MAX_BACKLOG, slot: Slot | None = None,
+    ) -> None:
         super().__init__()
         self.path = path
         self.prefix = prefix
@@ -35,6 +53,20 @@ class AppendLineHandler(logging.Handler):
         self.buffered = buffered
         self.pending: list[str] = []
         self.pending_size = 0
+        # The backlog: gathered lines (pending_size, in characters) plus the
+        # bytes handed to the writer and not yet written. The two running
+        # totals each have one writer (this thread; the writer thread), so
+        # their difference needs no lock.
+        self.max_backlog = max_backlog
+        self.queued_bytes = 0
+        self.written_bytes = 0
+        # pending_size may grow to ``room`` before add_line looks again: the
+        # bound less what was queued when it last looked (the writer only
+        # makes more room since). -1 while dropping: every line looks.
+        self.room = max_backlog if buffered else sys.maxsize
+        self.dropped = 0  # lines dropped since dropped_since (0: none)
+        self.dropped_since = 0.0
+        self.slot = slot  # where the dropped lines are counted for XSTAT and /metrics
         self._second = -1
         self._stamp = ""
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -45,11 +77,12 @@ class AppendLineHandler(logging.Handler):
             self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.stats.get("logging") == 0 and record.levelno < logging.CRITICAL:
+        critical = record.levelno >= logging.CRITICAL
+        if self.stats.get("logging") == 0 and not critical:
             return  # the live switch; critical lines (crashes) always go out
-        self.add_line(record.getMessage(), record.created)
+        self.add_line(record.getMessage(), record.created, critical)
 
-    def add_line(self, message: str, created: float | None = None) -> None:
+    def add_line(self, message: str, created: float | None = None, critical: bool = False) -> None:
         """Append one line. Workers call this directly for per-session events:
         a Logger call costs about 10 us a line, this about 1 us."""
         second = int(time.time() if created is None else created)
@@ -57,19 +90,63 @@ class AppendLineHandler(logging.Handler):
             self._second = second
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         line = f"{self._stamp} : {self.prefix}{message}\n"
+        size = len(line)
+        if self.pending_size + size > self.room and not critical and not self._admits(size):
+            return
         self.pending.append(line)
-        self.pending_size += len(line)
+        self.pending_size += size
         if not self.buffered or self.pending_size >= FLUSH_AT:
             self.flush()
 
+    def backlog(self) -> int:
+        """Bytes waiting for the writer: gathered and queued."""
+        return self.pending_size + self.queued_bytes - self.written_bytes
+
+    def _admits(self, size: int) -> bool:
+        """The slow path of add_line, past ``room``: take the line if the
+        backlog has room for it now, else count it dropped."""
+        if self.dropped and not self._resume():
+            self._drop()
+            return False
+        self.room = self.max_backlog - (self.queued_bytes - self.written_bytes)
+        if self.pending_size + size <= self.room:
+            return True
+        self.dropped_since = time.time()
+        self._drop()
+        return False
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self.room = -1
+        if self.slot is not None:
+            self.slot.add(LOG_LINES_DROPPED)
+
+    def _resume(self, closing: bool = False) -> bool:
+        """Once the writer has worked the backlog down to half the bound
+        (not merely to room for one more line, which would make a log of
+        holes), say what was lost and take lines again; when closing, say
+        it regardless, as the last line."""
+        if self.backlog() > self.max_backlog // 2 and not closing:
+            return False
+        since = time.strftime("%H:%M:%S", time.localtime(self.dropped_since))
+        count, self.dropped = self.dropped, 0
+        self.room = self.max_backlog - (self.queued_bytes - self.written_bytes)
+        self.add_line(f"{count} log lines dropped since {since}: the log could not be written fast enough", critical=True)
+        return True
+
     def flush(self) -> None:
+        if self.dropped:
+            self._resume()  # every tick, so the notice comes even when no more lines do
         if not self.pending:
             return
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
         self.pending.clear()
         self.pending_size = 0
         if self._writes is not None:
+            self.queued_bytes += len(data)
             self._writes.put(data)
+            if not self.dropped:  # while dropping, every line looks (room -1)
+                self.room = self.max_backlog - (self.queued_bytes - self.written_bytes)
         else:
             self._write(data)
 
@@ -82,27 +159,44 @@ class AppendLineHandler(logging.Handler):
             pass  # a full or vanished log disk must not stop the mail service
 
     def _write_loop(self) -> None:
-        assert self._writes is not None
-        while (data := self._writes.get()) is not None:
+        writes = self._writes  # its own reference: close() lets go of the handler's
+        assert writes is not None
+        while (data := writes.get()) is not None:
             self._write(data)
+            self.written_bytes += len(data)  # this thread's own total: no other thread writes it
+        os.close(self.fd)  # the writer owns the file: it may outlive close()
+        self.fd = -1
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Write out what is left and close the file. ``wait``: until it is
+        written (a process about to exit). Otherwise (a reopen after
+        logrotate) the writer finishes on its own and closes the file
+        itself: a log that cannot be written must not stall the event loop
+        that reopens it."""
+        if self.dropped:
+            self._resume(closing=True)
         self.flush()
         if self._writes is not None:
-            self._writes.put(None)  # the writer empties the queue, then stops
-            self._writer.join()
+            self._writes.put(None)  # the writer empties the queue, closes the file, then stops
+            if wait:
+                self._writer.join()
             self._writes = None
-        if self.fd >= 0:
+        elif not self.buffered and self.fd >= 0:  # a buffered handler's file is its writer's to close
             os.close(self.fd)
             self.fd = -1
         super().close()
 
 
-def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False) -> logging.Logger:
+def open_log(
+    path: str, stats: SharedStats, process: str, buffered: bool = False,
+    max_backlog: int = DEFAULT_MAX_BACKLOG, slot: Slot | None = None,
+) -> logging.Logger:
     """(Re)open the log file for this process and return the logger.
 
     ``process`` prefixes each message (``worker 2: ...``); the master passes
-    "" so its lines read exactly ``... : Server Initialized``.
+    "" so its lines read exactly ``... : Server Initialized``. A buffered
+    log holds at most ``max_backlog`` bytes for its writer and counts the
+    lines it drops in ``slot``.
     """
     # Our lines use none of the caller, thread or process fields; not
     # gathering them (the logging HOWTO's "Optimization") takes a record
@@ -118,10 +212,13 @@ def open_log(path: str, stats: SharedStats, process: str, buffered: bool = False
     prefix = f"{process}: " if process else ""
     # The new file first: if it cannot be opened, the old one still takes
     # the lines that say why (a worker that cannot start logs its crash).
-    fresh = AppendLineHandler(path, prefix, stats, buffered)
+    fresh = AppendLineHandler(path, prefix, stats, buffered, max_backlog, slot)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, AppendLineHandler):
+            handler.close(wait=False)  # its writer finishes the old file on its own
+        else:
+            handler.close()
     logger.addHandler(fresh)
     logger.setLevel(logging.INFO)
     logger.propagate = False

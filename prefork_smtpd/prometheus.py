@@ -75,6 +75,10 @@ class SharedStatsCollector:
         deliveries.add_metric(["deferred"], t.deliveries_deferred)
         deliveries.add_metric(["bounced"], t.deliveries_bounced)
         yield deliveries
+        yield CounterMetricFamily(
+            "smtpd_log_lines_dropped", "Log lines dropped because the log could not be written fast enough",
+            value=t.log_lines_dropped,
+        )
         workers = self.live_workers()
         yield GaugeMetricFamily("smtpd_workers", "Worker processes running", value=len(workers))
         current = GaugeMetricFamily("smtpd_worker_connections", "Connections open per worker", labels=["worker"])

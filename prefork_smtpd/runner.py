@@ -1201,7 +1201,10 @@ class Runner:
 
     # -------------------------------------------------------------- helpers
     def reopen_log(self) -> None:
-        self._logger = open_log(self.settings.log_file, self.stats, "queue runner", buffered=True)
+        self._logger = open_log(
+            self.settings.log_file, self.stats, "queue runner", buffered=True,
+            max_backlog=self.settings.max_log_backlog, slot=self.slot,
+        )
         self._log_lines = line_writer(self._logger)
 
     def log(self, message: str) -> None:

@@ -302,6 +302,14 @@ REGISTRY: tuple[Setting, ...] = (
         " server makes no more; mail for a new tag then goes to the inbox (default {default})",
     ),
     Setting("log_file", str, "logs/log.txt", metavar="FILE", help="log file (default {default})"),
+    Setting(
+        # Clients make the lines: a log that cannot be written must not let
+        # them grow a worker. 8 MiB is minutes of a busy worker's lines; the
+        # least is two of the 32 KiB pieces a worker hands its log writer.
+        "max_log_backlog", int, 8 * MiB, metavar="BYTES", range=(64 * 1024, 2**40),
+        help="log lines a worker or the queue runner holds while its log cannot be written;"
+        " past it lines are dropped, counted and the count logged (default {default})",
+    ),
     # -------------------------------------------------- TLS and AUTH (reload re-reads the files)
     Setting(
         "tls_cert", str, None, metavar="FILE", default_doc="none (no TLS)",
@@ -566,6 +574,7 @@ class Settings:
     plus_folders: bool = REGISTERED
     max_plus_folders: int = REGISTERED
     log_file: str = REGISTERED
+    max_log_backlog: int = REGISTERED
     tls_cert: str | None = REGISTERED
     tls_key: str | None = REGISTERED
     tls_handshake_timeout: int = REGISTERED

@@ -92,6 +92,7 @@ SLOT_FIELDS = (
     "deliveries_sent",  # recipients the next hop accepted
     "deliveries_deferred",  # recipient attempts that failed for now (4xx, no connection)
     "deliveries_bounced",  # recipients given up on (5xx, lifetime over)
+    "log_lines_dropped",  # log lines dropped because the log could not be written fast enough (log.py)
     *LABELLED_FIELDS,
 )
 FIELD = {name: i for i, name in enumerate(SLOT_FIELDS)}
@@ -116,7 +117,7 @@ XSTAT_FIELDS = {
 _SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
     "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
-    "deliveries_sent", "deliveries_deferred", "deliveries_bounced",
+    "deliveries_sent", "deliveries_deferred", "deliveries_bounced", "log_lines_dropped",
 )
 _OPEN_NOW = ("current", "proxied")  # gauges: a dead worker's connections are gone
 # What a dead worker's slot hands to the retired slot: every count but
@@ -140,6 +141,7 @@ class Totals:
     deliveries_sent: int = 0
     deliveries_deferred: int = 0
     deliveries_bounced: int = 0
+    log_lines_dropped: int = 0
 
 
 class SharedStats:

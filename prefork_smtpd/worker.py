@@ -1038,7 +1038,10 @@ class Worker:
 
     def reopen_log(self) -> None:
         """Open the log; again after logrotate moved it (USR1)."""
-        self._logger = open_log(self.settings.log_file, self.stats, f"worker {self.index}", buffered=True)
+        self._logger = open_log(
+            self.settings.log_file, self.stats, f"worker {self.index}", buffered=True,
+            max_backlog=self.settings.max_log_backlog, slot=self.slot,
+        )
         self._log_lines = line_writer(self._logger)
 
     def log(self, message: str) -> None:

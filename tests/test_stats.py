@@ -26,7 +26,7 @@ from prefork_smtpd.stats import (
 SUMMED = (
     "total", "current", "bytes", "mails", "replies_4xx", "replies_5xx", "rejected_connections",
     "tls_handshake_failures", "auth_failures", "proxied", "proxy_failures",
-    "deliveries_sent", "deliveries_deferred", "deliveries_bounced",
+    "deliveries_sent", "deliveries_deferred", "deliveries_bounced", "log_lines_dropped",
 )
 WORKERS = range(0, MAX_WORKERS)  # slot 0 (the queue runner's) and worker slots 1..256; RETIRED is the master's
 

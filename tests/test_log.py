@@ -1,0 +1,148 @@
+"""The log handler's backlog bound, against a log that cannot be written.
+
+The log is a FIFO nobody reads: once the pipe is full, the handler's writer
+thread blocks in write(), as it would on a stalled disk. Whatever the
+callers add, what waits for the writer stays under the bound; the rest is
+dropped and counted, and once the pipe is read again one line says how many
+lines were lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+from harness import wait_until
+
+from prefork_smtpd.log import FLUSH_AT, LOG_LINES_DROPPED, AppendLineHandler, close_log, line_writer, open_log
+from prefork_smtpd.stats import SharedStats
+
+BOUND = 256 * 1024
+DROP_LINE = re.compile(r"(\d+) log lines dropped since \d\d:\d\d:\d\d: the log could not be written fast enough\n")
+
+
+def stalled_log(tmp_path: Path) -> tuple[Path, int]:
+    """(path, reading end) of a FIFO whose reader reads only when told."""
+    path = tmp_path / "log.fifo"
+    os.mkfifo(path)
+    return path, os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # first: the handler's open waits for a reader
+
+
+def read_available(reader: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(reader, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_log_that_cannot_be_written_holds_at_most_the_bound_then_says_what_it_dropped(tmp_path):
+    path, reader = stalled_log(tmp_path)
+    stats = SharedStats()
+    slot = stats.slot(3)
+    handler = AppendLineHandler(str(path), "worker 3: ", stats, buffered=True, max_backlog=BOUND, slot=slot)
+    try:
+        sent = [f"event {n:06d} " + "x" * 80 for n in range(20_000)]  # 2 MB of lines, 8 times the bound
+        peak = 0
+        for message in sent:
+            handler.add_line(message)
+            peak = max(peak, handler.backlog())
+        assert peak <= BOUND, f"the backlog reached {peak} bytes, over the bound of {BOUND}"
+        assert peak > BOUND - FLUSH_AT, f"the backlog peaked at {peak}: the bound was never reached"
+        dropped = handler.dropped
+        assert dropped > 10_000, "lines were kept past the bound"
+        assert slot.get(LOG_LINES_DROPPED) == dropped, "the shared counter disagrees with the handler"
+
+        # A crash line is never dropped, even while dropping.
+        stats.set("logging", 1)
+        crash = logging.LogRecord("prefork_smtpd", logging.CRITICAL, __file__, 1, "worker 3 crashed: boom", None, None)
+        handler.emit(crash)
+        handler.add_line("one more ordinary line, dropped")
+        assert handler.dropped == dropped + 1 and slot.get(LOG_LINES_DROPPED) == dropped + 1
+
+        # The pipe is read again: the writer catches up, and a flush (the
+        # worker's tick) says what was lost, then lines flow again.
+        received = bytearray()
+
+        def drop_line_arrived():
+            received.extend(read_available(reader))
+            handler.flush()
+            return DROP_LINE.search(received.decode())
+
+        match = wait_until(drop_line_arrived, timeout=30, what="the drop line")
+        assert int(match.group(1)) == dropped + 1
+        assert slot.get(LOG_LINES_DROPPED) == dropped + 1
+        handler.add_line("after the gap")
+        handler.flush()
+        wait_until(lambda: received.extend(read_available(reader)) or b"after the gap" in received, timeout=30)
+        lines = received.decode().splitlines()
+        assert all(line[:19].count(":") == 2 and " : worker 3: " in line for line in lines)
+        kept = [line.split(" : worker 3: ", 1)[1] for line in lines]
+        # What went out is the first lines in order, the crash line, the drop line, then the new line.
+        ordinary = kept[: kept.index("worker 3 crashed: boom")]
+        assert ordinary == sent[: len(ordinary)]
+        assert len(ordinary) + dropped == len(sent)
+        assert kept[len(ordinary):] == ["worker 3 crashed: boom", match.group(0)[:-1], "after the gap"]
+        assert handler.dropped == 0 and handler.backlog() == 0
+    finally:
+        os.close(reader)  # a writer still blocked gets EPIPE and stops
+        handler.close()
+
+
+def test_an_unbuffered_log_never_drops(tmp_path):
+    """The master writes each line at once: nothing waits, nothing is dropped."""
+    stats = SharedStats()
+    handler = AppendLineHandler(str(tmp_path / "log.txt"), "", stats, buffered=False, max_backlog=64 * 1024)
+    for n in range(2000):
+        handler.add_line(f"line {n} " + "y" * 100)
+    handler.close()
+    assert len((tmp_path / "log.txt").read_text().splitlines()) == 2000
+    assert handler.dropped == 0
+
+
+def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
+    """logrotate's USR1 makes a worker reopen its log from the event loop:
+    a writer blocked on the old file must not hold the loop. The old
+    writer finishes the old file on its own, then closes it."""
+    path, reader = stalled_log(tmp_path)
+    stats = SharedStats()
+    logger = open_log(str(path), stats, "worker 1", buffered=True, max_backlog=BOUND)
+    old = line_writer(logger)
+    sent = [f"before the rotation {n} " + "x" * 80 for n in range(5000)]  # 600 KB: the writer blocks
+    for message in sent:
+        old.add_line(message)
+    old.flush()
+    reopened = threading.Thread(target=open_log, args=(str(tmp_path / "new.txt"), stats, "worker 1", True, BOUND))
+    reopened.start()
+    reopened.join(10)
+    try:
+        assert not reopened.is_alive(), "reopening the log waited for the blocked writer"
+        assert line_writer(logger) is not old
+        received = bytearray()
+
+        def old_file_closed() -> bool:
+            try:
+                chunk = os.read(reader, 65536)
+            except BlockingIOError:
+                return False
+            received.extend(chunk)
+            return not chunk  # end of file: the old writer wrote everything and closed it
+
+        wait_until(old_file_closed, timeout=30, interval=0.01, what="the old writer to finish")
+        kept = [line.split(" : worker 1: ", 1)[1] for line in received.decode().splitlines()]
+        dropped = DROP_LINE.fullmatch(kept[-1] + "\n")
+        assert dropped, f"the last line of the old file is not the drop line: {kept[-1]!r}"
+        assert kept[:-1] == sent[: len(kept) - 1] and len(kept) - 1 + int(dropped.group(1)) == len(sent)
+        assert old.fd == -1
+    finally:
+        os.close(reader)
+        reopened.join(30)
+        close_log(logger)

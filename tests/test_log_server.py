@@ -1,0 +1,159 @@
+"""A log that cannot be written costs a worker at most --max-log-backlog.
+
+The log file is a FIFO the test opens for reading and does not read: once
+its pipe is full, every write to the log blocks, as on a stalled disk or
+network file system. Clients then make the worker log as fast as it can
+(each refused command is a line); its memory must stay near the bound,
+other clients must still be served, and once the log is read again it
+says how many lines it dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import urllib.request
+
+import pytest
+from harness import DOMAIN, free_port, wait_until
+from test_resources import MB, MiB, worker_anonymous
+
+BACKLOG = 1 * MiB
+MARGIN = 8 * MB  # the worker's own churn under four busy sessions (measured: 0.1 MB)
+BAD_COMMANDS = 60_000  # per session; four sessions make ~45 MB of log lines
+BAD_COMMAND = b"XBAD " + b"z" * 90 + b"\r\n"  # logged cut at 100 octets: ~180 bytes a line
+DROP_LINE = re.compile(rb"worker 1: (\d+) log lines dropped since \d\d:\d\d:\d\d: the log could not be written fast enough")
+
+
+class RefusedCommands(threading.Thread):
+    """One session sending ``count`` unknown commands, pipelined, reading every reply."""
+
+    def __init__(self, port: int, count: int) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.count = count
+        self.refusals = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        reader = threading.Thread(target=self.read_replies, daemon=True)
+        reader.start()
+        batch = BAD_COMMAND * 500
+        try:
+            for _ in range(self.count // 500):
+                if self.stop.is_set():
+                    break
+                self.sock.sendall(batch)
+        except OSError:
+            pass
+        reader.join(120)
+
+    def read_replies(self) -> None:
+        self.sock.settimeout(1)
+        tail = b""
+        while not self.stop.is_set() and self.refusals < self.count:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            data = tail + data
+            self.refusals += data.count(b"\r\n500 ")
+            tail = data[-5:]  # a reply start split between reads, never one counted twice
+
+
+def read_available(reader: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(reader, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def send_mail(server) -> int:
+    client = server.client()
+    assert client.cmd("EHLO other.example")[0] == 250
+    code = client.mail(f"a@{DOMAIN}", [f"bob@{DOMAIN}"], b"Subject: still served\r\n\r\nThe log is stalled.\r\n")[0]
+    client.close()
+    return code
+
+
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+@pytest.mark.slow
+def test_a_log_that_cannot_be_written_costs_the_worker_at_most_the_bound(start_server, tmp_path):
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # first: the server's open waits for a reader
+    try:
+        metrics_port = free_port()
+        server = start_server(
+            "--log-file", str(fifo), "--max-log-backlog", str(BACKLOG), "--max-errors", "100000",
+            "--metrics-port", str(metrics_port), workers=1,
+        )
+        before = worker_anonymous(server)
+        sessions = [RefusedCommands(server.port, BAD_COMMANDS) for _ in range(4)]
+        peak = 0
+
+        def over_or_done() -> bool:
+            nonlocal peak
+            peak = max(peak, worker_anonymous(server) - before)
+            return peak > BACKLOG + MARGIN or not any(s.is_alive() for s in sessions)
+
+        for session in sessions:
+            session.start()
+        try:
+            # In the thick of it, with the log stalled, a mail still gets its 250.
+            wait_until(lambda: over_or_done() or sum(s.refusals for s in sessions) > 20_000, timeout=300)
+            assert send_mail(server) == 250
+            wait_until(over_or_done, timeout=300, interval=0.05, what="the refused commands to be answered")
+        finally:
+            for session in sessions:
+                session.stop.set()
+            for session in sessions:
+                session.join(30)
+        refused = sum(s.refusals for s in sessions)
+        print(f"worker anonymous memory growth: {peak / MB:.1f} MB peak after {refused} refused commands")
+        assert peak < BACKLOG + MARGIN, f"the worker grew by {peak / MB:.0f} MB behind a stalled log"
+        assert refused == 4 * BAD_COMMANDS, "the worker stopped answering"
+        assert len(server.stored("bob")) == 1
+        assert send_mail(server) == 250  # and after it, the log still stalled
+        # logrotate's USR1: the worker reopens its log, without waiting for
+        # the old file's blocked writer, and serves on.
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGUSR1)
+        assert send_mail(server) == 250
+        assert len(server.stored("bob")) == 3
+
+        # The log is read again: the worker's writer catches up, and its
+        # next tick logs how many lines were lost.
+        received = bytearray()
+
+        def drop_line() -> re.Match | None:
+            received.extend(read_available(reader))
+            return DROP_LINE.search(received)
+
+        match = wait_until(drop_line, timeout=60, interval=0.1, what="the drop line")
+        dropped = int(match.group(1))
+        assert dropped > refused // 2, f"only {dropped} of {refused} lines dropped: the bound let most through"
+        logged = received.count(b'refused "XBAD ')
+        # Every refusal is either in the log or in the count; the count also
+        # holds a few lines of the two mail sessions, dropped alike.
+        assert refused <= logged + dropped <= refused + 20, f"{logged} logged + {dropped} dropped, {refused} refused"
+        assert metric(metrics_port, "smtpd_log_lines_dropped_total") == dropped
+    finally:
+        os.close(reader)
