@@ -19,6 +19,7 @@ import urllib.request
 
 import pytest
 from harness import DOMAIN, free_port, wait_until
+from test_log import read_available, stalled_log
 from test_resources import MB, MiB, worker_anonymous
 
 BACKLOG = 1 * MiB
@@ -68,19 +69,6 @@ class RefusedCommands(threading.Thread):
             tail = data[-5:]  # a reply start split between reads, never one counted twice
 
 
-def read_available(reader: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(reader, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def send_mail(server) -> int:
     client = server.client()
     assert client.cmd("EHLO other.example")[0] == 250
@@ -96,9 +84,7 @@ def metric(port: int, name: str) -> float:
 
 @pytest.mark.slow
 def test_a_log_that_cannot_be_written_costs_the_worker_at_most_the_bound(start_server, tmp_path):
-    fifo = tmp_path / "log.fifo"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # first: the server's open waits for a reader
+    fifo, reader = stalled_log(tmp_path)
     try:
         metrics_port = free_port()
         server = start_server(
