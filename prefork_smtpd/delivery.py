@@ -677,7 +677,8 @@ class BatchCommitter:
     gathers until as many mails are in hand as the last batch held plus
     those already queued (each answered client is expected back), for at
     most GATHER_SHARE of the time the last batch took (GATHER_MAX at the
-    most): one longer batch instead of two in turn. A lone client is never
+    most) from the end of the last batch: one longer batch instead of two
+    in turn. A lone client is never
     kept waiting (its own mail makes the count), and the wait is bounded by
     the flush it saves.
     """
@@ -715,20 +716,23 @@ class BatchCommitter:
 
     def _run(self) -> None:
         expected = 0  # mails the last batch's clients and the queue should bring (see the class's text)
-        took = 0.0  # seconds the last batch took
+        gather_until = 0.0  # when the answered clients are no longer waited for
         while True:
             first = self.queue.get()
             if first is None:
                 return
             batch = [first]
             if self._take(batch, 0.0) and expected > len(batch):
-                self._take(batch, min(GATHER_MAX, took * GATHER_SHARE), want=expected)
+                # Counted from the last batch's end: a first mail after a
+                # quiet spell does not wait for clients that did not come back.
+                self._take(batch, gather_until - time.monotonic(), want=expected)
             started = time.monotonic()
             try:
                 results = self.store.deliver_batch([(envelope, peer) for envelope, peer, _ in batch])
             except Exception as exc:  # a bug must fail the batch's mails, never acknowledge them
                 results = [DeliveryError(f"internal error: {exc!r}", False)] * len(batch)
-            took = time.monotonic() - started
+            ended = time.monotonic()
+            gather_until = ended + min(GATHER_MAX, (ended - started) * GATHER_SHARE)
             expected = min(MAX_BATCH, len(batch) + self.queue.qsize())
             # One hand-over to the loop per batch, not per message: each one
             # takes the GIL back from the loop and may wake it.

@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -493,6 +494,40 @@ def test_the_wait_for_answered_clients_is_bounded():
     store = GatedStore()
     assert asyncio.run(submit_in_turns(store, comes_back=False)) == ["id-0", "id-1"]
     assert store.batches == [1, 1]
+
+
+def test_a_first_mail_after_a_quiet_spell_does_not_wait_for_clients_that_did_not_come_back(monkeypatch):
+    # A batch of two ends; its clients never come back. A mail long after
+    # the gathering time (counted from the batch's end) goes at once, though
+    # the last batch held two: it must not wait that time anew. A clock the
+    # test moves stands in for the store's; the store's work takes 1 s of it.
+    now = [1000.0]
+    clock = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    clock.monotonic = lambda: now[0]
+    monkeypatch.setattr(delivery, "time", clock)
+    monkeypatch.setattr(delivery, "GATHER_SHARE", 60.0)  # 1 s of work: 60 s of gathering...
+    monkeypatch.setattr(delivery, "GATHER_MAX", 60.0)  # ...more than the test waits
+
+    class TakesASecond(GatedStore):
+        def deliver_batch(self, items):
+            now[0] += 1.0
+            return super().deliver_batch(items)
+
+    store = TakesASecond()
+    store.go.set()
+
+    async def main():
+        committer = BatchCommitter(store, asyncio.get_running_loop(), 1)
+        try:
+            two = [committer.submit(numbered(n), "[::1]") for n in (0, 1)]  # one turn: one batch
+            first = await asyncio.wait_for(asyncio.gather(*two), 20)
+            now[0] += 100.0  # the quiet spell, past the 60 s of gathering
+            return first + [await asyncio.wait_for(committer.submit(numbered(2), "[::1]"), 20)]
+        finally:
+            committer.close()
+
+    assert asyncio.run(main()) == ["id-0", "id-1", "id-2"]
+    assert store.batches == [2, 1]
 
 
 def test_a_lone_client_never_waits_for_a_batch(monkeypatch):
