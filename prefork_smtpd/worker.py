@@ -700,8 +700,11 @@ class Worker:
         loop.add_signal_handler(signal.SIGQUIT, self.stop_now)
         loop.add_signal_handler(signal.SIGHUP, self.retire)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_log)
+        # The title first: the master answers a reload once every new worker
+        # has set ACCEPTING, and whoever then looks at the titles (ps, a test)
+        # must find them saying that this worker accepts.
+        self.title()
         self.slot.set(ACCEPTING, 1)
-        self.title()  # the counted title also says: this worker accepts now
         self.log("accepting connections")
         ticker = loop.create_task(self.housekeeping())
         await self.finished

@@ -108,6 +108,35 @@ def test_an_error_in_the_master_loop_is_logged_and_survived(tmp_path):
 
 
 # ------------------------------------------------------------- readiness
+# Loaded by the server's interpreter at start (PYTHONPATH): a worker's title
+# that says it accepts takes half a second to set, as a preempted worker's may.
+SLOW_TITLE = """
+import time
+import setproctitle as _module
+_set = _module.setproctitle
+def _slow(title):
+    if "connections]" in title:
+        time.sleep(0.5)
+    _set(title)
+_module.setproctitle = _slow
+"""
+
+
+def test_after_a_reload_is_answered_the_new_workers_titles_say_they_accept(start_server, tmp_path):
+    # The master answers once every new worker says it accepts (shared
+    # memory); a worker that said so before its title did could be seen,
+    # right after the OK, with the "(starting)" title still.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_TITLE)
+    server = start_server(workers=1, env={"PYTHONPATH": str(site)})
+    old = set(server.worker_pids())
+    cfg = ConfigLine(server.config_port)
+    cfg.sock.settimeout(60)
+    assert cfg.send("reload=1") == ["OK"]
+    assert set(server.accepting_workers()) - old  # at once, not after some wait
+
+
 @pytest.mark.slow
 def test_reload_is_answered_only_once_the_new_workers_accept(start_server):
     server = start_server(workers=2)
