@@ -467,7 +467,7 @@ class _BatchDirs:
         """
         store = self.store
         if mailbox in self.full:
-            count = store.max_plus_folders
+            count = self.full[mailbox]
         else:
             full_since = store.full_mailboxes.get(mailbox)
             if full_since is not None and time.monotonic() - full_since < PLUS_FULL_RECHECK:
@@ -678,9 +678,8 @@ class BatchCommitter:
     those already queued (each answered client is expected back), for at
     most GATHER_SHARE of the time the last batch took (GATHER_MAX at the
     most) from the end of the last batch: one longer batch instead of two
-    in turn. A lone client is never
-    kept waiting (its own mail makes the count), and the wait is bounded by
-    the flush it saves.
+    in turn. A lone client is never kept waiting (its own mail makes the
+    count), and the wait is bounded by the flush it saves.
     """
 
     def __init__(self, store: MaildirStore, loop: asyncio.AbstractEventLoop, threads: int) -> None:
@@ -737,7 +736,6 @@ class BatchCommitter:
             # One hand-over to the loop per batch, not per message: each one
             # takes the GIL back from the loop and may wake it.
             self.loop.call_soon_threadsafe(_settle_batch, [future for _, _, future in batch], results)
-
 
     def _take(self, batch: list, wait: float, want: int = MAX_BATCH) -> bool:
         """Add queued mails to ``batch`` until it holds ``want``, waiting up to

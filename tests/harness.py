@@ -28,6 +28,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def with_sitecustomize(folder: Path, code: str, **env: str) -> dict[str, str]:
+    """An environment for a server whose interpreter runs ``code`` at start
+    (a ``sitecustomize`` module on PYTHONPATH), plus ``env``: how a test
+    slows or steers one step inside the real server."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": str(folder), **env}
+
+
 def wait_until(condition, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
     """Poll ``condition`` until it returns a truthy value; fail after timeout."""
     deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ import threading
 import psutil
 import pytest
 
-from harness import wait_until
+from harness import wait_until, with_sitecustomize
 
 
 def swaks(server, *args: str) -> str:
@@ -131,14 +131,11 @@ def test_a_full_mailbox_is_counted_again_after_plus_full_recheck(start_server, t
     PLUS_FULL_RECHECK seconds have passed since the mailbox was counted full."""
     from prefork_smtpd.delivery import PLUS_FULL_RECHECK
 
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(FROZEN_CLOCK)
     clock = tmp_path / "clock"
     clock.write_text("1000")
     # One worker: the time a mailbox was found full is kept per worker.
     server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "2", workers=1,
-                          env={"PYTHONPATH": str(site), "TEST_DELIVERY_CLOCK": str(clock)})
+                          env=with_sitecustomize(tmp_path / "site", FROZEN_CLOCK, TEST_DELIVERY_CLOCK=str(clock)))
     bob = server.mail_dir / "bob"
     with smtplib.SMTP("127.0.0.1", server.port, timeout=60) as s:
         def send(tag: str) -> None:
@@ -198,13 +195,10 @@ def test_max_plus_folders_holds_for_deliveries_that_count_at_once(start_server, 
     both saw room for one more and the mailbox passed --max-plus-folders.
     Counted and made under a lock on the mailbox, the second counts the
     first's folder: one folder, and the other mail in the inbox."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_COUNT)
     marker = tmp_path / "counted"
     server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "1",
                           "--delivery-threads", "2", workers=1,
-                          env={"PYTHONPATH": str(site), "TEST_COUNT_MARKER": str(marker)})
+                          env=with_sitecustomize(tmp_path / "site", SLOW_COUNT, TEST_COUNT_MARKER=str(marker)))
     (server.mail_dir / "bob").mkdir(parents=True)  # a mailbox to count in
 
     def send(tag: str) -> None:

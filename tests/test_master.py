@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import Client, free_port, wait_until
+from harness import Client, free_port, wait_until, with_sitecustomize
 from test_operations import ConfigLine
 
 
@@ -126,10 +126,7 @@ def test_after_a_reload_is_answered_the_new_workers_titles_say_they_accept(start
     # The master answers once every new worker says it accepts (shared
     # memory); a worker that said so before its title did could be seen,
     # right after the OK, with the "(starting)" title still.
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_TITLE)
-    server = start_server(workers=1, env={"PYTHONPATH": str(site)})
+    server = start_server(workers=1, env=with_sitecustomize(tmp_path / "site", SLOW_TITLE))
     old = set(server.worker_pids())
     cfg = ConfigLine(server.config_port)
     cfg.sock.settimeout(60)
