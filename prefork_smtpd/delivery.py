@@ -47,6 +47,26 @@ this kind of disk that is two flushes per batch instead of two per mail
 file still gets a plain fsync, which is cheaper. No message is
 acknowledged before its batch's step 3.
 
+The journal (``journal_size``, see journal.py) replaces steps 1b and 3 for
+a batch of small mails with no copy for the queue. Step 1 writes the
+copies into the spool as above, then appends the whole batch (every copy's
+folder, name and content) to the delivery thread's journal file and
+flushes that file alone (``fdatasync``: its data and its size, one device
+flush); step 2 renames the copies into ``new/``, and the mails are
+acknowledged. Which call makes what durable: the fdatasync makes the
+record durable, so the mail survives a crash from then on; the copies'
+data and names become durable at the journal's retirement, one ``syncfs``
+for many batches (when the file reaches ``journal_size``, its oldest
+record JOURNAL_MAX_AGE seconds, or mail stops for JOURNAL_IDLE), and only
+after that syncfs is the journal unlinked. The renames come after the
+flush, so every name in ``new/`` that a crash may leave without its data
+has its record on disk: ``replay_journals`` (the master, for a worker that
+died, and at start) writes such copies again, and any copy missing from
+``new/`` unless a reader has moved it into ``cur/``. What a replay cannot
+tell: a copy a reader deleted in the seconds before the crash comes back.
+A rename that fails after the flush answers 451 but leaves a record: after
+a crash in that moment the mail may be stored as well as retried.
+
 Folders: a recipient's folder is one name (``bob``) or a domain and a
 name (``a.example/bob``, ``--folders address``), each part checked by the
 session's policy; a plus-address may add a Maildir++ subfolder
@@ -88,6 +108,7 @@ from email.utils import format_datetime
 from typing import Callable
 
 from .dsn import recorded_headers
+from .journal import FILE_ID_SIZE, decode_records, encode_record
 from .queue import MSG, queue_file_header
 from .session import Envelope, Recipient
 
@@ -100,6 +121,12 @@ GATHER_SHARE = 0.5
 GATHER_MAX = 0.010
 SYNCFS_FROM = 3  # files (or directories) in a batch from which syncfs beats fsyncs
 SPOOL = ".tmp"  # under mail_dir: where every copy is written before its rename into new/
+JOURNAL_DIR = ".journal"  # under mail_dir: the delivery threads' journals (journal.py)
+# Mails larger than this skip the journal: written twice, they would cost
+# more than the flush saved (S3's 1 MiB mails).
+JOURNAL_MAX_MAIL = 256 * 1024
+JOURNAL_MAX_AGE = 10.0  # seconds a record waits at most for its copies to be made durable
+JOURNAL_IDLE = 0.5  # seconds without mail after which a delivery thread retires its journal
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
@@ -141,6 +168,7 @@ def syncfs(fd: int) -> None:
 # directly: a test puts recorders in their place to check the order of
 # writes, flushes and renames. (A global lookup: cheaper than ``os.fsync``.)
 fsync = os.fsync
+fdatasync = os.fdatasync
 rename = os.rename
 writev = os.writev
 mkdir = os.mkdir
@@ -167,6 +195,8 @@ class _Copy:
     new_fd: int  # the folder's new/, owned by the batch
     fd: int = -1
     placed: bool = False  # renamed into new/
+    folder: str | None = None  # relative to mail_dir; None for the queue's copy
+    header: bytes = b""  # the copy's own trace header, before the mail's body
 
 
 @dataclass
@@ -178,6 +208,7 @@ class _Job:
     queue_id: str
     copies: list[_Copy] = field(default_factory=list)
     error: DeliveryError | None = None
+    body: list[bytes | bytearray] = field(default_factory=list)  # as written after each folder copy's header
 
     def fail(self, exc: OSError) -> None:
         if self.error is None:
@@ -196,7 +227,7 @@ class _Job:
 class MaildirStore:
     def __init__(
         self, root: str, hostname: str, queue_dir: str | None = None, plus_folders: bool = False,
-        max_plus_folders: int = 100, note: Callable[[str], object] | None = None,
+        max_plus_folders: int = 100, note: Callable[[str], object] | None = None, journal_size: int = 0,
     ) -> None:
         self.root = os.path.abspath(root)
         self.hostname = hostname
@@ -217,6 +248,12 @@ class MaildirStore:
         # A umask that takes the owner's bits needs a chmod after each create;
         # any usual umask (022, 027, 077, even 000) leaves 0600 as it is.
         self._chmod_files = bool(_current_umask() & FILE_MODE)
+        # Octets of journal (see journal.py) a delivery thread appends before
+        # it makes their copies durable and starts a new one; 0: no journal,
+        # every batch flushes its copies and their names before its answer.
+        self.journal_size = journal_size if _libc_syncfs is not None else 0
+        self._journals = threading.local()  # .file: the thread's _JournalFile
+        self._journal_numbers = itertools.count()
 
     def unique_name(self) -> str:
         """A Maildir file name unique across processes and time."""
@@ -247,21 +284,126 @@ class MaildirStore:
         try:
             for job in jobs:  # 1a. write every copy
                 self._write(job, dirs)
-            self._make_data_durable(jobs, dirs.spool)  # 1b.
-            for job in jobs:  # 2. rename into new/
-                if job.error is None:
-                    try:
-                        for copy in job.copies:
-                            rename(copy.tmp_name, job.queue_id, src_dir_fd=copy.spool_fd, dst_dir_fd=copy.new_fd)
-                            copy.placed = True
-                    except OSError as exc:
-                        job.fail(exc)
-            self._make_renames_durable(jobs, dirs.spool)  # 3.
+            if self._journal_takes(jobs):
+                self._journal_batch(jobs, dirs)
+            else:
+                self._make_data_durable(jobs, dirs.spool)  # 1b.
+                _place(jobs)  # 2.
+                self._make_renames_durable(jobs, dirs.spool)  # 3.
         finally:
             dirs.close()
         if any(job.error and job.error.errno in (errno.ENOENT, errno.ENOTDIR) for job in jobs):
             self._checked.clear()  # folders were removed under us: check them again
         return [job.error if job.error else job.queue_id for job in jobs]
+
+    def _journal_takes(self, jobs: list[_Job]) -> bool:
+        """Whether this batch goes through the journal: it is on, and every
+        mail is small and has no copy for the queue.
+
+        A big mail would be written twice for a flush it hardly notices; the
+        queue's copies stay out so that a replay never sends a mail twice
+        (the queue runner may have sent and removed it already).
+        """
+        if self.journal_size <= 0:
+            return False
+        for job in jobs:
+            if job.error is None and (
+                job.envelope.size > JOURNAL_MAX_MAIL or any(copy.folder is None for copy in job.copies)
+            ):
+                return False
+        return True
+
+    def _journal_batch(self, jobs: list[_Job], dirs: "_BatchDirs") -> None:
+        """The batch's copies into the journal, one flush, then into new/.
+
+        The renames come only after the flush: a name in new/ that a crash
+        makes durable before its data always has its record on disk, and
+        the replay writes that copy again.
+        """
+        live = [job for job in jobs if job.error is None]
+        for job in live:
+            for copy in job.copies:
+                os.close(copy.fd)  # no fsync: the journal holds the content
+                copy.fd = -1
+        if not live:
+            return
+        try:
+            journal = self._journal(dirs)
+            record = encode_record(
+                journal.file_id,
+                [job.body for job in live],
+                (
+                    (copy.folder or "", job.queue_id, copy.header, number)
+                    for number, job in enumerate(live)
+                    for copy in job.copies
+                ),
+            )
+            journal.append(record)
+        except OSError as exc:
+            for job in live:
+                job.fail(exc)
+            return
+        _place(live)
+
+    def _journal(self, dirs: "_BatchDirs") -> "_JournalFile":
+        """This thread's journal file; made at its first batch (or the first
+        after a quiet spell), its name flushed before any record counts on it."""
+        journal: _JournalFile | None = getattr(self._journals, "file", None)
+        if journal is None:
+            journal = _JournalFile.create(dirs.root, self.root, next(self._journal_numbers))
+            try:
+                fsync(journal.dir_fd)
+            except OSError:
+                _unlink_quietly(journal.name, journal.dir_fd)
+                os.close(journal.fd)
+                os.close(journal.dir_fd)
+                raise
+            self._journals.file = journal
+        return journal
+
+    def journal_pending(self) -> bool:
+        """Whether this thread's journal holds records not yet retired."""
+        journal: _JournalFile | None = getattr(self._journals, "file", None)
+        return journal is not None and journal.size > 0
+
+    def retire_journal_if_due(self) -> None:
+        """Retire this thread's journal once it holds journal_size octets or
+        its oldest record is JOURNAL_MAX_AGE seconds old."""
+        journal: _JournalFile | None = getattr(self._journals, "file", None)
+        if journal is not None and journal.size > 0 and (
+            journal.size >= self.journal_size or time.monotonic() - journal.first_record >= JOURNAL_MAX_AGE
+        ):
+            self.retire_journal(next_file=True)
+
+    def retire_journal(self, next_file: bool = False) -> None:
+        """Make every copy this thread's journal covers durable, then drop it.
+
+        ``next_file``: mail keeps coming; the next journal file is made
+        first, so the same syncfs makes its name durable. Else (mail stopped,
+        or the thread ends) the thread keeps no journal file open until its
+        next batch: nothing of the store holds the file system busy while
+        it is quiet (a ``mount -o remount,ro`` needs that). A syncfs that
+        fails keeps the old file (its records are replayed after a crash
+        or once the worker is gone) and says so.
+        """
+        journal: _JournalFile | None = getattr(self._journals, "file", None)
+        if journal is None:
+            return
+        successor = None
+        try:
+            if next_file:
+                successor = _JournalFile.create(journal.dir_fd, "", next(self._journal_numbers))
+            if journal.size:
+                syncfs(journal.fd)
+            journal.remove()
+        except OSError as exc:
+            if successor is not None:
+                successor.remove()
+            self.note(f"journal {journal.name}: cannot retire it: {exc.strerror}; kept")
+            return
+        self._journals.file = successor
+        if successor is None:
+            os.close(journal.dir_fd)
 
     @staticmethod
     def _make_data_durable(jobs: list[_Job], spool_fd: int) -> None:
@@ -308,6 +450,7 @@ class MaildirStore:
             # Piece by piece: each replace holds the GIL for one received piece
             # (at most a read's worth), not for the whole message.
             body = [chunk.replace(b"\r\n", b"\n") for chunk in envelope.chunks]
+        job.body = body
         folders: dict[str, Recipient] = {}
         try:
             for rcpt in envelope.recipients:
@@ -318,7 +461,7 @@ class MaildirStore:
                 # The name in new/ is the queue id, the same in every folder,
                 # so a message can be found in each; in the spool, the copy's
                 # number keeps the names apart.
-                copy = _Copy(f"{job.queue_id}.{i}", dirs.spool, new_fd)
+                copy = _Copy(f"{job.queue_id}.{i}", dirs.spool, new_fd, folder=folder)
                 copy.fd = os.open(copy.tmp_name, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=dirs.spool)
                 job.copies.append(copy)
                 if self._chmod_files:
@@ -326,6 +469,7 @@ class MaildirStore:
                 trace = self._trace_header(envelope, rcpt, job.peer_address, job.queue_id)
                 if envelope.binary:
                     trace = trace.replace(b"\n", b"\r\n")
+                copy.header = trace
                 _write_all(copy.fd, trace, body)
             if any(r.outside for r in envelope.recipients):
                 self._write_queue_copy(job, dirs, len(folders))
@@ -394,6 +538,71 @@ class MaildirStore:
             f"\tby {self.hostname} (prefork-smtpd) with {envelope.protocol} id {queue_id}\n"
             f"\tfor <{address}>; {date}\n"
         ).encode("utf-8", "surrogateescape")
+
+
+def _place(jobs: list[_Job]) -> None:
+    """Rename every copy of the jobs still standing into its new/."""
+    for job in jobs:
+        if job.error is None:
+            try:
+                for copy in job.copies:
+                    rename(copy.tmp_name, job.queue_id, src_dir_fd=copy.spool_fd, dst_dir_fd=copy.new_fd)
+                    copy.placed = True
+            except OSError as exc:
+                job.fail(exc)
+
+
+class _JournalFile:
+    """One delivery thread's journal: ``<mail_dir>/.journal/<pid>.<n>.<id>``.
+
+    Appended to, one record per batch, each flushed with fdatasync before
+    its batch is acknowledged. A failed append is cut off again, so the
+    file never holds the record of a batch that was refused.
+    """
+
+    def __init__(self, dir_fd: int, name: str, file_id: bytes, fd: int) -> None:
+        self.dir_fd = dir_fd  # the journal directory, shared by one thread's files
+        self.name = name
+        self.file_id = file_id
+        self.fd = fd
+        self.size = 0
+        self.first_record = 0.0  # when the oldest record not retired was appended
+
+    @classmethod
+    def create(cls, root_fd: int, root: str, number: int) -> "_JournalFile":
+        """A new, empty journal file. ``root`` given: open the journal directory
+        under ``root_fd`` (mail_dir) first; else ``root_fd`` is that directory."""
+        dir_fd = _open_dir(root_fd, JOURNAL_DIR, root, make=True) if root else root_fd
+        file_id = os.urandom(FILE_ID_SIZE)
+        name = f"{_process.pid}.{number}.{file_id.hex()}"
+        try:
+            fd = os.open(name, _NEW_FILE_FLAGS | os.O_APPEND, FILE_MODE, dir_fd=dir_fd)
+        except BaseException:
+            if root:
+                os.close(dir_fd)
+            raise
+        return cls(dir_fd, name, file_id, fd)
+
+    def append(self, pieces: list[bytes | bytearray]) -> None:
+        try:
+            _write_all(self.fd, pieces[0], pieces[1:])
+            fdatasync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
+        if self.size == 0:
+            self.first_record = time.monotonic()
+        self.size += sum(len(piece) for piece in pieces)
+
+    def remove(self) -> None:
+        """Unlink and close; the unlink made durable (else a crash would bring
+        it back, and its replay mail a reader has deleted since)."""
+        os.unlink(self.name, dir_fd=self.dir_fd)
+        os.close(self.fd)
+        fsync(self.dir_fd)
 
 
 class _BatchDirs:
@@ -716,9 +925,16 @@ class BatchCommitter:
     def _run(self) -> None:
         expected = 0  # mails the last batch's clients and the queue should bring (see the class's text)
         gather_until = 0.0  # when the answered clients are no longer waited for
+        store = self.store
         while True:
-            first = self.queue.get()
+            try:
+                # A journal with records is retired once mail stops coming.
+                first = self.queue.get(timeout=JOURNAL_IDLE) if store.journal_pending() else self.queue.get()
+            except queue.Empty:
+                self._look_after_journal(store.retire_journal)
+                continue
             if first is None:
+                self._look_after_journal(store.retire_journal)
                 return
             batch = [first]
             if self._take(batch, 0.0) and expected > len(batch):
@@ -736,6 +952,15 @@ class BatchCommitter:
             # One hand-over to the loop per batch, not per message: each one
             # takes the GIL back from the loop and may wake it.
             self.loop.call_soon_threadsafe(_settle_batch, [future for _, _, future in batch], results)
+            self._look_after_journal(store.retire_journal_if_due)  # after the answer: its syncfs is no mail's wait
+
+    def _look_after_journal(self, step: Callable[[], None]) -> None:
+        """Run a step of the journal's upkeep; a bug in it is said, and must
+        not end the thread every later mail of the worker waits for."""
+        try:
+            step()
+        except Exception as exc:
+            self.store.note(f"journal upkeep failed: {exc!r}")
 
     def _take(self, batch: list, wait: float, want: int = MAX_BATCH) -> bool:
         """Add queued mails to ``batch`` until it holds ``want``, waiting up to
@@ -780,7 +1005,7 @@ def _settle_batch(futures: list[asyncio.Future], results: list[str | DeliveryErr
             future.set_result(result)
 
 
-def _write_all(fd: int, header: bytes, body: list[bytes | bytearray]) -> None:
+def _write_all(fd: int, header: bytes | bytearray, body: list[bytes | bytearray]) -> None:
     """Write the header and the body pieces with writev, never joining them."""
     parts = [memoryview(header)] + [memoryview(b) for b in body if b]
     i = 0
@@ -838,6 +1063,171 @@ def _remove_spool_files(root: str, doomed) -> list[str]:
     return removed
 
 
+def replay_journals(root: str, pid: int | None = None) -> list[str]:
+    """Put back every copy the journals of a gone writer cover; what was done, for the log.
+
+    ``pid``: that worker's journals (it has died); None: every journal whose
+    writer is gone (at start, after a crash). A copy is written again when
+    its folder's new/ lacks it or holds other content, unless a reader has
+    taken it into cur/ already. Rewritten copies are made durable (one
+    syncfs, renames, another) before the journal is removed.
+    """
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    lines: list[str] = []
+    try:
+        try:
+            journal_fd = _open_dir(root_fd, JOURNAL_DIR, root)
+        except OSError:
+            return []
+        try:
+            for name in sorted(os.listdir(journal_fd)):
+                writer = _journal_writer(name)
+                if writer is None or (writer != pid if pid is not None else _process_exists(writer)):
+                    continue
+                lines += _replay_journal(root_fd, root, journal_fd, name)
+        finally:
+            os.close(journal_fd)
+    finally:
+        os.close(root_fd)
+    return lines
+
+
+_JOURNAL_NAME = re.compile(r"(\d+)\.\d+\.([0-9a-f]{%d})\Z" % (2 * FILE_ID_SIZE))
+# What a journal may name: a folder as the session's policy makes them (no
+# part is empty, ".." or starts with a dot, but a last Maildir++ ".name"),
+# and a unique name.
+_JOURNAL_FOLDER = re.compile(r"[^/.][^/]*(/[^/.][^/]*)?(/\.[^/.][^/]*)?\Z")
+_MAILDIR_NAME = re.compile(r"\d+\.M\d+P\d+Q\d+\.[^/]+\Z")
+
+
+def _journal_writer(name: str) -> int | None:
+    match = _JOURNAL_NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str) -> list[str]:
+    where = os.path.join(root, JOURNAL_DIR, name)
+    match = _JOURNAL_NAME.match(name)
+    assert match is not None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=journal_fd)
+        try:
+            with os.fdopen(os.dup(fd), "rb") as file:
+                data = file.read()
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return [f"journal {where}: cannot read it: {exc.strerror}; left in place"]
+    records, end = decode_records(data, bytes.fromhex(match.group(2)))
+    lines = []
+    if end < len(data):
+        lines.append(f"journal {where}: {len(data) - end} octets after its last whole record ignored (never acknowledged)")
+    restorer = _Restorer(root_fd, root)
+    try:
+        for record in records:
+            for copy in record:
+                line = restorer.restore(copy.folder, copy.name, copy.content)
+                if line:
+                    lines.append(line)
+        restorer.make_durable()
+        os.unlink(name, dir_fd=journal_fd)
+        fsync(journal_fd)
+    except OSError as exc:
+        lines.append(f"journal {where}: cannot replay it: {exc.strerror}; left in place")
+    finally:
+        restorer.close()
+    return lines
+
+
+class _Restorer:
+    """Writes again the journal's copies that did not reach the disk."""
+
+    def __init__(self, root_fd: int, root: str) -> None:
+        self.root_fd = root_fd
+        self.root = root
+        self.spool = _open_dir(root_fd, SPOOL, root, make=True)
+        self.new_fds: dict[str, int] = {}
+        self.taken: dict[str, set[str]] = {}  # folder -> names in its cur/, without their flags
+        self.written: list[tuple[str, str, str]] = []  # (spool name, folder, name): to rename
+        self.sequence = itertools.count()
+
+    def restore(self, folder: str, name: str, content: bytes) -> str | None:
+        if not _JOURNAL_FOLDER.match(folder) or not _MAILDIR_NAME.match(name):
+            return f"journal: refused an entry for {folder!r}/{name!r}: not a folder and name the store makes"
+        try:
+            new_fd = self._new_dir(folder)
+        except OSError as exc:
+            return f"journal: {name} not put back into {os.path.join(self.root, folder)}: {exc.strerror}"
+        if _has_content(new_fd, name, content) or name in self._taken(folder):
+            return None
+        spool_name = f"{name}.restore{next(self.sequence)}"
+        fd = os.open(spool_name, _NEW_FILE_FLAGS | os.O_TRUNC, FILE_MODE, dir_fd=self.spool)
+        try:
+            _write_all(fd, content, [])
+        finally:
+            os.close(fd)
+        self.written.append((spool_name, folder, name))
+        return f"journal: put back {os.path.join(self.root, folder, 'new', name)}"
+
+    def make_durable(self) -> None:
+        if not self.written:
+            return
+        syncfs(self.spool)
+        for spool_name, folder, name in self.written:
+            rename(spool_name, name, src_dir_fd=self.spool, dst_dir_fd=self.new_fds[folder])
+        syncfs(self.spool)
+
+    def _new_dir(self, folder: str) -> int:
+        fd = self.new_fds.get(folder)
+        if fd is None:
+            folder_fd = _open_path(self.root_fd, folder, self.root)
+            try:
+                fd = self.new_fds[folder] = _open_dir(folder_fd, "new", os.path.join(self.root, folder))
+            finally:
+                os.close(folder_fd)
+        return fd
+
+    def _taken(self, folder: str) -> set[str]:
+        names = self.taken.get(folder)
+        if names is None:
+            try:
+                folder_fd = _open_path(self.root_fd, folder, self.root)
+                try:
+                    cur = _open_dir(folder_fd, "cur", os.path.join(self.root, folder))
+                finally:
+                    os.close(folder_fd)
+                try:
+                    names = {entry.split(":", 1)[0] for entry in os.listdir(cur)}
+                finally:
+                    os.close(cur)
+            except FileNotFoundError:
+                names = set()
+            self.taken[folder] = names
+        return names
+
+    def close(self) -> None:
+        for spool_name, _, _ in self.written:
+            _unlink_quietly(spool_name, self.spool)  # renamed already, unless the replay failed
+        for fd in self.new_fds.values():
+            os.close(fd)
+        os.close(self.spool)
+
+
+def _has_content(dir_fd: int, name: str, content: bytes) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    try:
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read(len(content) + 1) == content
+    finally:
+        os.close(fd)
+
+
 def _process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -881,6 +1271,8 @@ def check_mail_dir(path: str) -> str | None:
                 os.fsync(spool)
             finally:
                 os.close(spool)
+            step = "make its journal directory"
+            os.close(_open_dir(root, JOURNAL_DIR, path, make=True))
         finally:
             os.close(root)
     except OSError as exc:

@@ -42,7 +42,7 @@ from setproctitle import setproctitle
 from .control import ConfigSession, TokenGate, load_secret
 from .controlplane import ControlPlane
 from .credentials import Credentials, CredentialsError
-from .delivery import remove_temporary_files
+from .delivery import remove_temporary_files, replay_journals
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
 from .log import close_log, open_log
 from .pool import (
@@ -242,6 +242,8 @@ class Master:
             self.close_services()
             raise StartupError(f"cannot listen on {where}: {exc}") from None
         self.log("Server Initialized")
+        for line in replay_journals(settings.mail_dir):  # left by a crash: put back before any new mail
+            self.log(line)
         for note in credential_notes:
             self.log(note)
         self.log(
@@ -534,6 +536,8 @@ class Master:
             info, how = left
             self.stats.retire(info.index)
             cause = describe_exit(status)
+            for line in replay_journals(self.settings.mail_dir, pid):
+                self.log(f"worker {info.index}: {line}")
             for path in remove_temporary_files(self.settings.mail_dir, pid):
                 self.log(f"removed unacknowledged {path} of worker {info.index}")
             if how == STOPPED:

@@ -673,6 +673,7 @@ class Worker:
             self.settings.mail_dir, self.settings.hostname, queue_dir_of(self.settings),
             plus_folders=self.settings.plus_folders, max_plus_folders=self.settings.max_plus_folders,
             note=functools.partial(self.loop.call_soon_threadsafe, self.log),  # it speaks from its thread
+            journal_size=self.settings.journal_size,
         )
         self.committer = BatchCommitter(store, self.loop, self.settings.delivery_threads)
         if self.users is not None:

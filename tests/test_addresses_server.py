@@ -133,6 +133,11 @@ def test_a_full_mailbox_is_counted_again_after_plus_full_recheck(start_server, t
 
     clock = tmp_path / "clock"
     clock.write_text("1000")
+
+    def set_clock(value: float) -> None:  # at once: the server may read the file at any moment
+        (tmp_path / "clock.next").write_text(str(value))
+        (tmp_path / "clock.next").rename(clock)
+
     # One worker: the time a mailbox was found full is kept per worker.
     server = start_server("--recipient-delimiter", "+", "--plus-folders", "--max-plus-folders", "2", workers=1,
                           env=with_sitecustomize(tmp_path / "site", FROZEN_CLOCK, TEST_DELIVERY_CLOCK=str(clock)))
@@ -144,9 +149,9 @@ def test_a_full_mailbox_is_counted_again_after_plus_full_recheck(start_server, t
         for tag in ("a", "b", "c"):  # c: bob holds 2, found full at 1000
             send(tag)
         shutil.rmtree(bob / ".b")  # the user deletes a folder
-        clock.write_text(str(1000 + PLUS_FULL_RECHECK - 0.5))
+        set_clock(1000 + PLUS_FULL_RECHECK - 0.5)
         send("d")  # within the window: still taken as full
-        clock.write_text(str(1000 + PLUS_FULL_RECHECK + 0.5))
+        set_clock(1000 + PLUS_FULL_RECHECK + 0.5)
         send("e")  # past it: counted again, one slot free
     box = mailbox.Maildir(str(bob), create=False)
     assert sorted(box.list_folders()) == ["a", "e"]

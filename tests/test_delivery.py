@@ -324,7 +324,8 @@ def test_folders_are_0700_and_files_0600_whatever_the_umask(tmp_path, umask):
 def test_check_mail_dir_makes_it_and_leaves_nothing(tmp_path):
     assert delivery.check_mail_dir(str(tmp_path / "mail")) is None
     assert oct((tmp_path / "mail").stat().st_mode & 0o777) == oct(0o700)
-    assert os.listdir(tmp_path / "mail") == [delivery.SPOOL] and not spool(tmp_path / "mail")
+    assert sorted(os.listdir(tmp_path / "mail")) == [delivery.JOURNAL_DIR, delivery.SPOOL]
+    assert not spool(tmp_path / "mail") and os.listdir(tmp_path / "mail" / delivery.JOURNAL_DIR) == []
 
 
 def test_check_mail_dir_says_which_step_failed_and_where(tmp_path):
@@ -359,7 +360,20 @@ def test_stale_spool_files_of_dead_writers_go_and_live_ones_stay(tmp_path):
 
 
 # ------------------------------------------------------------ group commit
-class GatedStore:
+class NoJournal:
+    """A stand-in store's answers about its journal: it has none."""
+
+    def journal_pending(self) -> bool:
+        return False
+
+    def retire_journal(self, last: bool = False) -> None:
+        pass
+
+    def retire_journal_if_due(self) -> None:
+        pass
+
+
+class GatedStore(NoJournal):
     """Stands in for the store: notes each batch's size; the first batch waits for ``go``."""
 
     def __init__(self, fail: Exception | None = None) -> None:
@@ -434,7 +448,7 @@ def test_the_messages_of_one_loop_turn_form_one_batch():
     # The loop lets go of the GIL between two messages of the same turn (here
     # a sleep; in the server a write or a log line can): the thread must not
     # start a batch with the first while the second is already in hand.
-    class Recording:
+    class Recording(NoJournal):
         def __init__(self) -> None:
             self.batches: list[int] = []
 

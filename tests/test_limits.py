@@ -197,7 +197,7 @@ def test_mailboxes_existing_accepts_only_folders_already_there(start_server):
     c.send(b"hi\r\n.\r\n")
     assert c.reply()[0] == 250
     assert len(server.stored("alice")) == 1
-    folders = sorted(p.name for p in server.mail_dir.iterdir() if p.name != ".tmp")  # .tmp: the store's spool
+    folders = sorted(p.name for p in server.mail_dir.iterdir() if p.name not in (".tmp", ".journal"))  # the store's spool and journals
     assert folders == ["alias", "alice", "note"]  # no new folder
     wait_until(lambda: server.log_count('refused "RCPT TO:<bob@smtpd.com>": 550 5.1.1') == 1, what="log")
     (server.mail_dir / "bob").mkdir()  # looked up at each RCPT: a new folder counts at once
