@@ -581,10 +581,6 @@ class _JournalFile:
             if root:
                 os.close(dir_fd)
             raise
-        # Held while the file is open: the replay takes a journal whose lock it
-        # can get as its writer's, gone. A pid would not do: after a reboot
-        # another program may run under the pid of a worker of the last boot.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return cls(dir_fd, name, file_id, fd)
 
     def append(self, pieces: list[bytes | bytearray]) -> None:
@@ -1071,9 +1067,7 @@ def replay_journals(root: str, pid: int | None = None) -> list[str]:
     """Put back every copy the journals of a gone writer cover; what was done, for the log.
 
     ``pid``: that worker's journals (it has died); None: every journal whose
-    writer is gone (at start, after a crash). A writer holds a lock on its
-    journal (flock) for as long as it has it open, so a journal whose lock
-    is free has no writer. A copy is written again when
+    writer is gone (at start, after a crash). A copy is written again when
     its folder's new/ lacks it or holds other content, unless a reader has
     taken it into cur/ already. Rewritten copies are made durable (one
     syncfs, renames, another) before the journal is removed.
@@ -1091,7 +1085,7 @@ def replay_journals(root: str, pid: int | None = None) -> list[str]:
         try:
             for name in sorted(os.listdir(journal_fd)):
                 writer = _journal_writer(name)
-                if writer is None or (pid is not None and writer != pid):
+                if writer is None or (writer != pid if pid is not None else _process_exists(writer)):
                     continue
                 lines += _replay_journal(root_fd, root, journal_fd, name)
         finally:
@@ -1120,25 +1114,14 @@ def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str) -> list
     assert match is not None
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=journal_fd)
-    except OSError as exc:
-        return [f"journal {where}: cannot read it: {exc.strerror}; left in place"]
-    try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return []  # its writer has it open: alive
-        with os.fdopen(os.dup(fd), "rb") as file:
-            data = file.read()
-        return _replay_records(root_fd, root, journal_fd, name, data, bytes.fromhex(match.group(2)))
+            with os.fdopen(os.dup(fd), "rb") as file:
+                data = file.read()
+        finally:
+            os.close(fd)
     except OSError as exc:
         return [f"journal {where}: cannot read it: {exc.strerror}; left in place"]
-    finally:
-        os.close(fd)  # and with it the lock, once the file is gone or left
-
-
-def _replay_records(root_fd: int, root: str, journal_fd: int, name: str, data: bytes, file_id: bytes) -> list[str]:
-    where = os.path.join(root, JOURNAL_DIR, name)
-    records, end = decode_records(data, file_id)
+    records, end = decode_records(data, bytes.fromhex(match.group(2)))
     lines = []
     if end < len(data):
         lines.append(f"journal {where}: {len(data) - end} octets after its last whole record ignored (never acknowledged)")

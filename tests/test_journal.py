@@ -268,31 +268,20 @@ def plant(root: Path, pid: int, *copies: tuple[str, str, bytes, bytes], extra: b
     return path
 
 
-def deliver_and_die(root: Path, *batches: list) -> int:
-    """Deliver the batches in a child that then dies without retiring its journal; its pid."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            store = MaildirStore(str(root), "mx.test", journal_size=1 << 20)
-            for batch in batches:
-                store.deliver_batch(batch)
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    return pid
-
-
 def test_the_replay_puts_back_what_was_lost_and_leaves_what_a_reader_took(tmp_path):
-    dead = deliver_and_die(tmp_path, [(envelope("u"), "[::1]") for _ in range(4)], [(envelope("v"), "[::1]")])
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1 << 20)
+    names = store.deliver_batch([(envelope("u"), "[::1]") for _ in range(4)])
+    store.deliver_batch([(envelope("v"), "[::1]")])
     (journal,) = journals(tmp_path)
-    assert journal.name.startswith(f"{dead}.")
     expected = {copy.name: copy.content for copy in read_journal(journal) if copy.folder == "u"}
     new = tmp_path / "u" / "new"
-    lost, short, taken, kept = sorted(expected)
+    lost, short, taken, kept = names
     (new / lost).unlink()  # its name never reached the disk
     (new / short).write_bytes(expected[short][:5])  # its data did not all reach it
     (new / taken).rename(tmp_path / "u" / "cur" / f"{taken}:2,S")  # a reader took it
     kept_inode = (new / kept).stat().st_ino
+    dead = dead_pid()
+    journal.rename(journal.with_name(f"{dead}.0.{journal.name.split('.')[2]}"))
     lines = replay_journals(str(tmp_path), dead)
     assert sorted(lines) == sorted(f"journal: put back {new / n}" for n in (lost, short))
     assert {p.name: p.read_bytes() for p in new.iterdir()} == {n: expected[n] for n in (lost, short, kept)}
@@ -327,32 +316,13 @@ def test_the_replay_writes_nothing_outside_the_mail_dir(tmp_path):
     assert any("not put back" in line and "link" in line for line in lines)
 
 
-def test_the_replay_leaves_a_journal_its_writer_holds_and_takes_one_whose_pid_lives_on(tmp_path):
-    import fcntl
-
+def test_the_replay_at_start_leaves_the_journals_of_live_writers(tmp_path):
     (tmp_path / "u" / "new").mkdir(parents=True)
-    held = plant(tmp_path, os.getpid(), ("u", "1.M1P1Q1.h", b"", b"mine\n"))
-    with open(held, "rb") as writer:  # as a living writer holds its journal
-        fcntl.flock(writer, fcntl.LOCK_EX)
-        assert replay_journals(str(tmp_path)) == [] and held.exists()
-        assert replay_journals(str(tmp_path), os.getpid()) == [] and held.exists()
-    assert replay_journals(str(tmp_path), os.getpid() + 1) == [] and held.exists()  # another worker's death
-    # Its pid is alive (after a reboot, another program may have it), but
-    # nothing holds the journal: its writer is gone.
-    assert replay_journals(str(tmp_path)) == [f"journal: put back {tmp_path / 'u' / 'new' / '1.M1P1Q1.h'}"]
-    assert not held.exists()
-
-
-def test_a_journal_in_use_is_locked_by_its_writer(tmp_path):
-    import fcntl
-
-    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1 << 20)
-    store.deliver_batch([(envelope("u"), "[::1]")])
-    (journal,) = journals(tmp_path)
-    with open(journal, "rb") as other:
-        with pytest.raises(BlockingIOError):
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert replay_journals(str(tmp_path)) == [] and journals(tmp_path) == [journal]
+    live = plant(tmp_path, os.getpid(), ("u", "1.M1P1Q1.h", b"", b"mine\n"))
+    assert replay_journals(str(tmp_path)) == [] and live.exists()
+    assert replay_journals(str(tmp_path), os.getpid() + 1) == [] and live.exists()  # another worker's death
+    assert replay_journals(str(tmp_path), os.getpid()) == [f"journal: put back {tmp_path / 'u' / 'new' / '1.M1P1Q1.h'}"]
+    assert not live.exists()
 
 
 # ------------------------------------------------------------ the server
