@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -319,7 +320,12 @@ def test_the_replay_writes_nothing_outside_the_mail_dir(tmp_path):
 def test_the_replay_at_start_leaves_the_journals_of_live_writers(tmp_path):
     (tmp_path / "u" / "new").mkdir(parents=True)
     live = plant(tmp_path, os.getpid(), ("u", "1.M1P1Q1.h", b"", b"mine\n"))
-    assert replay_journals(str(tmp_path)) == [] and live.exists()
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # as its writer holds it
+    try:
+        assert replay_journals(str(tmp_path)) == [] and live.exists()
+    finally:
+        os.close(holder)
     assert replay_journals(str(tmp_path), os.getpid() + 1) == [] and live.exists()  # another worker's death
     assert replay_journals(str(tmp_path), os.getpid()) == [f"journal: put back {tmp_path / 'u' / 'new' / '1.M1P1Q1.h'}"]
     assert not live.exists()
