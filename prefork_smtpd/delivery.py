@@ -383,9 +383,16 @@ class MaildirStore:
         first, so the same syncfs makes its name durable. Else (mail stopped,
         or the thread ends) the thread keeps no journal file open until its
         next batch: nothing of the store holds the file system busy while
-        it is quiet (a ``mount -o remount,ro`` needs that). A syncfs that
-        fails keeps the old file (its records are replayed after a crash
-        or once the worker is gone) and says so.
+        it is quiet (a ``mount -o remount,ro`` needs that).
+
+        A syncfs that fails lost some write for good, and Linux tells each
+        descriptor of it only once: a later syncfs would succeed and drop
+        records whose copies never reached the disk. So that journal is
+        never retired here: it is left on disk, unlocked, for the master's
+        replay (when the worker is gone, or at the next start), and this
+        store stops journalling (every later batch flushes its copies and
+        their names itself, and is refused if that fails): the kept files
+        cannot pile up.
         """
         journal: _JournalFile | None = getattr(self._journals, "file", None)
         if journal is None:
@@ -396,6 +403,21 @@ class MaildirStore:
                 successor = _JournalFile.create(journal.dir_fd, "", next(self._journal_numbers))
             if journal.size:
                 syncfs(journal.fd)
+        except OSError as exc:
+            if successor is not None:
+                _unlink_quietly(successor.name, successor.dir_fd)
+                os.close(successor.fd)
+            if successor is None and next_file:
+                self.note(f"journal {journal.name}: cannot start the next: {exc.strerror}; kept")
+                return  # nothing was lost: retired at the next turn
+            self.journal_size = 0
+            self._journals.file = None
+            os.close(journal.fd)  # its lock goes with it: the replay at start takes it
+            os.close(journal.dir_fd)
+            self.note(f"journal {journal.name}: cannot make its copies durable: {exc.strerror};"
+                      " kept for the replay, journal off")
+            return
+        try:
             journal.remove()
         except OSError as exc:
             if successor is not None:

@@ -105,6 +105,30 @@ def test_a_replay_error_other_than_a_missing_folder_keeps_the_journal(tmp_path, 
     assert journal.exists()
 
 
+def test_a_failed_retirement_never_lets_a_later_one_drop_its_records(tmp_path, monkeypatch):
+    # Linux reports a writeback error to each descriptor once: a syncfs
+    # that failed and is tried again succeeds, though the data is lost.
+    said = []
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1, note=said.append)
+    (first,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    (journal,) = journals(tmp_path)
+    real = delivery.syncfs
+    calls = []
+
+    def once_broken(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(delivery, "syncfs", once_broken)
+    store.retire_journal_if_due()
+    store.deliver_batch([(envelope("u"), "[::1]")])
+    store.retire_journal_if_due()
+    store.retire_journal()
+    assert journal.exists() and any(copy.name == first for copy in read_journal(journal))
+
+
 def test_the_replay_never_builds_every_copy_of_a_shared_body_in_memory(tmp_path):
     maildir(tmp_path, "u")
     body = b"x" * delivery.JOURNAL_MAX_MAIL
