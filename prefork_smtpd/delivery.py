@@ -350,6 +350,14 @@ class MaildirStore:
         """This thread's journal file; made at its first batch (or the first
         after a quiet spell), its name flushed before any record counts on it."""
         journal: _JournalFile | None = getattr(self._journals, "file", None)
+        if journal is not None and journal.torn:
+            # Left as it is, unlocked, for the replay (its whole records
+            # come first); its copies are made durable by the next file's
+            # retirement, one syncfs for the whole file system.
+            self.note(f"journal {journal.name}: a refused record could not be cut off; kept for the replay")
+            os.close(journal.fd)
+            os.close(journal.dir_fd)
+            journal = self._journals.file = None
         if journal is None:
             journal = _JournalFile.create(dirs.root, self.root, next(self._journal_numbers))
             try:
@@ -590,6 +598,7 @@ class _JournalFile:
         self.fd = fd
         self.size = 0
         self.first_record = 0.0  # when the oldest record not retired was appended
+        self.torn = False  # ends with a refused record it could not cut off: append no more
 
     @classmethod
     def create(cls, root_fd: int, root: str, number: int) -> "_JournalFile":
@@ -617,7 +626,8 @@ class _JournalFile:
             try:
                 os.ftruncate(self.fd, self.size)
             except OSError:
-                pass
+                # A torn record stays: any record after it would be unreadable.
+                self.torn = True
             raise
         if self.size == 0:
             self.first_record = time.monotonic()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prefork_smtpd import delivery
 from prefork_smtpd.delivery import MaildirStore, replay_journals
-from prefork_smtpd.journal import encode_record
+from prefork_smtpd.journal import decode_records, encode_record
 from test_journal import ID, dead_pid, envelope, journals, read_journal
 
 
@@ -174,3 +174,31 @@ def test_a_crafted_record_with_a_body_no_store_journals_is_not_replayed(tmp_path
     assert os.listdir(tmp_path / "u" / "new") == []
     assert any("ignored" in line for line in lines) and journal.exists() is False
 
+
+def test_a_record_cut_short_that_could_not_be_cut_off_hides_no_later_record(tmp_path, monkeypatch):
+    # The disk fills in the middle of a record and the cut fails too: the
+    # torn record would end every later reading, acknowledged records too.
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1 << 20)
+    (first,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    real_writev, real_truncate = delivery.writev, os.ftruncate
+
+    def half(fd, parts):
+        if delivery.JOURNAL_DIR not in os.readlink(f"/proc/self/fd/{fd}"):
+            return real_writev(fd, parts)
+        real_writev(fd, [bytes(parts[0])[:10]])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def stuck(fd, size):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(delivery, "writev", half)
+    monkeypatch.setattr(os, "ftruncate", stuck)
+    assert all(isinstance(r, delivery.DeliveryError) for r in store.deliver_batch([(envelope("u"), "[::1]")]))
+    monkeypatch.setattr(delivery, "writev", real_writev)
+    monkeypatch.setattr(os, "ftruncate", real_truncate)
+    (third,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    readable = set()
+    for journal in journals(tmp_path):
+        records, _ = decode_records(journal.read_bytes(), bytes.fromhex(journal.name.split(".")[2]))
+        readable |= {copy.name for record in records for copy in record}
+    assert {first, third} <= readable
