@@ -358,6 +358,16 @@ class MaildirStore:
             os.close(journal.fd)
             os.close(journal.dir_fd)
             journal = self._journals.file = None
+        if journal is not None and journal.moved(dirs.root):
+            # mail_dir was moved or made anew: the replay reads the new one's
+            # journals only. The old journal's copies are made durable where
+            # they are, and the records go to a journal of the new mail_dir.
+            self.retire_journal()
+            journal = getattr(self._journals, "file", None)
+            if journal is not None:  # its directory is gone: nothing left to keep
+                os.close(journal.fd)
+                os.close(journal.dir_fd)
+                journal = self._journals.file = None
         if journal is None:
             journal = _JournalFile.create(dirs.root, self.root, next(self._journal_numbers))
             try:
@@ -617,6 +627,15 @@ class _JournalFile:
                 os.close(dir_fd)
             raise
         return cls(dir_fd, name, file_id, fd)
+
+    def moved(self, root_fd: int) -> bool:
+        """Whether this file is no longer in ``<mail_dir>/.journal`` (``root_fd``): moved, removed."""
+        try:
+            st = os.stat(JOURNAL_DIR, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        here = os.fstat(self.dir_fd)
+        return (st.st_dev, st.st_ino) != (here.st_dev, here.st_ino) or os.fstat(self.fd).st_nlink == 0
 
     def append(self, pieces: list[bytes | bytearray]) -> None:
         try:

@@ -202,3 +202,19 @@ def test_a_record_cut_short_that_could_not_be_cut_off_hides_no_later_record(tmp_
         records, _ = decode_records(journal.read_bytes(), bytes.fromhex(journal.name.split(".")[2]))
         readable |= {copy.name for record in records for copy in record}
     assert {first, third} <= readable
+
+
+def test_after_the_mail_dir_is_moved_away_records_go_where_the_replay_looks(tmp_path):
+    # The store sees a mail_dir moved or made anew at its next batch; a
+    # journal left open in the old one would take records no replay of the
+    # mail dir ever reads.
+    root = tmp_path / "mail"
+    store = MaildirStore(str(root), "mx.test", journal_size=1 << 20)
+    (first,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    root.rename(tmp_path / "moved")
+    store.deliver_batch([(envelope("u"), "[::1]")])  # 451: its folder, checked once, is gone; checked again
+    (second,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    assert (root / "u" / "new" / second).exists()
+    assert second in {copy.name for journal in journals(root) for copy in read_journal(journal)}
+    assert journals(tmp_path / "moved") == []  # retired: its copies made durable where they are
+    store.retire_journal()
