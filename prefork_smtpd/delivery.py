@@ -362,12 +362,8 @@ class MaildirStore:
             # mail_dir was moved or made anew: the replay reads the new one's
             # journals only. The old journal's copies are made durable where
             # they are, and the records go to a journal of the new mail_dir.
-            self.retire_journal()
-            journal = getattr(self._journals, "file", None)
-            if journal is not None:  # its directory is gone: nothing left to keep
-                os.close(journal.fd)
-                os.close(journal.dir_fd)
-                journal = self._journals.file = None
+            self.retire_journal()  # leaves no journal file open, whatever happens
+            journal = None
         if journal is None:
             journal = _JournalFile.create(dirs.root, self.root, next(self._journal_numbers))
             try:
@@ -416,18 +412,18 @@ class MaildirStore:
         if journal is None:
             return
         successor = None
-        try:
-            if next_file:
+        if next_file:
+            try:
                 successor = _JournalFile.create(journal.dir_fd, "", next(self._journal_numbers))
+            except OSError:
+                pass  # retired all the same (else it grows past journal_size); the next batch makes one
+        try:
             if journal.size:
                 syncfs(journal.fd)
         except OSError as exc:
             if successor is not None:
                 _unlink_quietly(successor.name, successor.dir_fd)
                 os.close(successor.fd)
-            if successor is None and next_file:
-                self.note(f"journal {journal.name}: cannot start the next: {exc.strerror}; kept")
-                return  # nothing was lost: retired at the next turn
             self.journal_size = 0
             self._journals.file = None
             os.close(journal.fd)  # its lock goes with it: the replay at start takes it
@@ -438,10 +434,9 @@ class MaildirStore:
         try:
             journal.remove()
         except OSError as exc:
-            if successor is not None:
-                successor.remove()
-            self.note(f"journal {journal.name}: cannot retire it: {exc.strerror}; kept")
-            return
+            # Its copies are durable: a journal that stays (or comes back
+            # after a crash) only puts back what is whole already.
+            self.note(f"journal {journal.name}: copies durable, but not removed: {exc.strerror}")
         self._journals.file = successor
         if successor is None:
             os.close(journal.dir_fd)
@@ -655,8 +650,10 @@ class _JournalFile:
     def remove(self) -> None:
         """Unlink and close; the unlink made durable (else a crash would bring
         it back, and its replay mail a reader has deleted since)."""
-        os.unlink(self.name, dir_fd=self.dir_fd)
-        os.close(self.fd)
+        try:
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        finally:
+            os.close(self.fd)  # closed whatever happens: never written to again
         fsync(self.dir_fd)
 
 

@@ -218,3 +218,48 @@ def test_after_the_mail_dir_is_moved_away_records_go_where_the_replay_looks(tmp_
     assert second in {copy.name for journal in journals(root) for copy in read_journal(journal)}
     assert journals(tmp_path / "moved") == []  # retired: its copies made durable where they are
     store.retire_journal()
+
+
+def test_a_journal_is_retired_even_when_its_successor_cannot_be_made(tmp_path, monkeypatch):
+    # Else each batch appends to it again: it grows for as long as the
+    # directory refuses a new file (inodes used up), far past journal_size.
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1)
+    store.deliver_batch([(envelope("u"), "[::1]")])
+    (old,) = journals(tmp_path)
+    real = delivery._JournalFile.create
+
+    def no_inodes(root_fd, root, number):
+        if not root:  # the successor, in the journal directory
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(root_fd, root, number)
+
+    monkeypatch.setattr(delivery._JournalFile, "create", staticmethod(no_inodes))
+    store.retire_journal_if_due()
+    assert not old.exists() and not store.journal_pending()
+    store.deliver_batch([(envelope("u"), "[::1]")])  # a new file, made by the batch
+    assert len(journals(tmp_path)) == 1 and store.journal_pending()
+    store.retire_journal()
+
+
+def test_a_journal_whose_removal_failed_is_not_written_to_again(tmp_path, monkeypatch):
+    # Its descriptor was closed before the failing fsync: appending to it
+    # again wrote to a closed (or reused) descriptor.
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1)
+    store.deliver_batch([(envelope("u"), "[::1]")])
+    real = delivery.fsync
+
+    def dir_broken(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(delivery.JOURNAL_DIR):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(delivery, "fsync", dir_broken)
+    try:
+        store.retire_journal_if_due()
+    except OSError:
+        pass  # the delivery thread says it and goes on
+    monkeypatch.setattr(delivery, "fsync", real)
+    (second,) = store.deliver_batch([(envelope("u"), "[::1]")])
+    assert isinstance(second, str), second
+    assert second in {copy.name for journal in journals(tmp_path) for copy in read_journal(journal)}
+    store.retire_journal()
