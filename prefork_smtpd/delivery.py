@@ -308,8 +308,11 @@ class MaildirStore:
         if self.journal_size <= 0:
             return False
         for job in jobs:
+            # The body as written, not the envelope's size: the replay
+            # refuses a body over JOURNAL_MAX_MAIL (journal.iter_records).
             if job.error is None and (
-                job.envelope.size > JOURNAL_MAX_MAIL or any(copy.folder is None for copy in job.copies)
+                sum(len(piece) for piece in job.body) > JOURNAL_MAX_MAIL
+                or any(copy.folder is None for copy in job.copies)
             ):
                 return False
         return True

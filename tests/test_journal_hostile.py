@@ -263,3 +263,13 @@ def test_a_journal_whose_removal_failed_is_not_written_to_again(tmp_path, monkey
     assert isinstance(second, str), second
     assert second in {copy.name for journal in journals(tmp_path) for copy in read_journal(journal)}
     store.retire_journal()
+
+
+def test_a_body_larger_than_the_replay_takes_is_never_journalled_whatever_its_envelope_says(tmp_path):
+    # The replay ends its reading at a body over JOURNAL_MAX_MAIL: the
+    # store must measure what it journals, not trust the envelope's size.
+    store = MaildirStore(str(tmp_path), "mx.test", journal_size=1 << 20)
+    big = envelope("u", body=b"Subject: big\r\n\r\n" + b"x" * delivery.JOURNAL_MAX_MAIL + b"\r\n")
+    big.size = 0  # as an envelope made by the server itself may leave it
+    assert isinstance(store.deliver(big, "[::1]"), str)
+    assert not (tmp_path / delivery.JOURNAL_DIR).exists() or all(p.stat().st_size == 0 for p in journals(tmp_path))
