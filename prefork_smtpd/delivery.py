@@ -1196,7 +1196,9 @@ def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str, check_l
                         lines.append(line)
             size = os.fstat(file.fileno()).st_size
             if end < size:
-                lines.append(f"journal {where}: {size - end} octets after its last whole record ignored (never acknowledged)")
+                lines.append(
+                    f"journal {where}: {size - end} octets after its last whole record ignored (never acknowledged)"
+                )
             restorer.make_durable()
             os.unlink(name, dir_fd=journal_fd)
             fsync(journal_fd)

@@ -215,7 +215,9 @@ def test_a_journal_that_cannot_be_retired_is_kept_and_said(tmp_path, monkeypatch
     store.retire_journal_if_due()
     # Kept for the replay, and never retired by this store: the journal is off.
     assert journals(tmp_path) == [old] and not store.journal_pending() and store.journal_size == 0
-    assert said == [f"journal {old.name}: cannot make its copies durable: Input/output error; kept for the replay, journal off"]
+    assert said == [
+        f"journal {old.name}: cannot make its copies durable: Input/output error; kept for the replay, journal off"
+    ]
 
 
 def test_journal_upkeep_that_fails_is_said_and_the_thread_goes_on(tmp_path):
