@@ -62,7 +62,8 @@ after that syncfs is the journal unlinked. The renames come after the
 flush, so every name in ``new/`` that a crash may leave without its data
 has its record on disk: ``replay_journals`` (the master, for a worker that
 died, and at start) writes such copies again, and any copy missing from
-``new/`` unless a reader has moved it into ``cur/``. What a replay cannot
+``new/`` unless a reader has moved it whole into ``cur/`` (there, one
+not whole is rewritten under its ``cur/`` name). What a replay cannot
 tell: a copy a reader deleted in the seconds before the crash comes back.
 A rename that fails after the flush answers 451 but leaves a record: after
 a crash in that moment the mail may be stored as well as retried.
@@ -108,7 +109,7 @@ from email.utils import format_datetime
 from typing import Callable
 
 from .dsn import recorded_headers
-from .journal import FILE_ID_SIZE, decode_records, encode_record
+from .journal import FILE_ID_SIZE, encode_record, iter_records
 from .queue import MSG, queue_file_header
 from .session import Envelope, Recipient
 
@@ -307,8 +308,11 @@ class MaildirStore:
         if self.journal_size <= 0:
             return False
         for job in jobs:
+            # The body as written, not the envelope's size: the replay
+            # refuses a body over JOURNAL_MAX_MAIL (journal.iter_records).
             if job.error is None and (
-                job.envelope.size > JOURNAL_MAX_MAIL or any(copy.folder is None for copy in job.copies)
+                sum(len(piece) for piece in job.body) > JOURNAL_MAX_MAIL
+                or any(copy.folder is None for copy in job.copies)
             ):
                 return False
         return True
@@ -349,6 +353,20 @@ class MaildirStore:
         """This thread's journal file; made at its first batch (or the first
         after a quiet spell), its name flushed before any record counts on it."""
         journal: _JournalFile | None = getattr(self._journals, "file", None)
+        if journal is not None and journal.torn:
+            # Left as it is, unlocked, for the replay (its whole records
+            # come first); its copies are made durable by the next file's
+            # retirement, one syncfs for the whole file system.
+            self.note(f"journal {journal.name}: a refused record could not be cut off; kept for the replay")
+            os.close(journal.fd)
+            os.close(journal.dir_fd)
+            journal = self._journals.file = None
+        if journal is not None and journal.moved(dirs.root):
+            # mail_dir was moved or made anew: the replay reads the new one's
+            # journals only. The old journal's copies are made durable where
+            # they are, and the records go to a journal of the new mail_dir.
+            self.retire_journal()  # leaves no journal file open, whatever happens
+            journal = None
         if journal is None:
             journal = _JournalFile.create(dirs.root, self.root, next(self._journal_numbers))
             try:
@@ -382,25 +400,46 @@ class MaildirStore:
         first, so the same syncfs makes its name durable. Else (mail stopped,
         or the thread ends) the thread keeps no journal file open until its
         next batch: nothing of the store holds the file system busy while
-        it is quiet (a ``mount -o remount,ro`` needs that). A syncfs that
-        fails keeps the old file (its records are replayed after a crash
-        or once the worker is gone) and says so.
+        it is quiet (a ``mount -o remount,ro`` needs that).
+
+        A syncfs that fails lost some write for good, and Linux tells each
+        descriptor of it only once: a later syncfs would succeed and drop
+        records whose copies never reached the disk. So that journal is
+        never retired here: it is left on disk, unlocked, for the master's
+        replay (when the worker is gone, or at the next start), and this
+        store stops journalling (every later batch flushes its copies and
+        their names itself, and is refused if that fails): the kept files
+        cannot pile up.
         """
         journal: _JournalFile | None = getattr(self._journals, "file", None)
         if journal is None:
             return
         successor = None
-        try:
-            if next_file:
+        if next_file:
+            try:
                 successor = _JournalFile.create(journal.dir_fd, "", next(self._journal_numbers))
+            except OSError:
+                pass  # retired all the same (else it grows past journal_size); the next batch makes one
+        try:
             if journal.size:
                 syncfs(journal.fd)
-            journal.remove()
         except OSError as exc:
             if successor is not None:
-                successor.remove()
-            self.note(f"journal {journal.name}: cannot retire it: {exc.strerror}; kept")
+                _unlink_quietly(successor.name, successor.dir_fd)
+                os.close(successor.fd)
+            self.journal_size = 0
+            self._journals.file = None
+            os.close(journal.fd)  # its lock goes with it: the replay at start takes it
+            os.close(journal.dir_fd)
+            self.note(f"journal {journal.name}: cannot make its copies durable: {exc.strerror};"
+                      " kept for the replay, journal off")
             return
+        try:
+            journal.remove()
+        except OSError as exc:
+            # Its copies are durable: a journal that stays (or comes back
+            # after a crash) only puts back what is whole already.
+            self.note(f"journal {journal.name}: copies durable, but not removed: {exc.strerror}")
         self._journals.file = successor
         if successor is None:
             os.close(journal.dir_fd)
@@ -567,6 +606,7 @@ class _JournalFile:
         self.fd = fd
         self.size = 0
         self.first_record = 0.0  # when the oldest record not retired was appended
+        self.torn = False  # ends with a refused record it could not cut off: append no more
 
     @classmethod
     def create(cls, root_fd: int, root: str, number: int) -> "_JournalFile":
@@ -577,11 +617,23 @@ class _JournalFile:
         name = f"{_process.pid}.{number}.{file_id.hex()}"
         try:
             fd = os.open(name, _NEW_FILE_FLAGS | os.O_APPEND, FILE_MODE, dir_fd=dir_fd)
+            # Held while this process lives (the lock dies with it): the
+            # replay at start leaves a locked journal, whatever its pid.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             if root:
                 os.close(dir_fd)
             raise
         return cls(dir_fd, name, file_id, fd)
+
+    def moved(self, root_fd: int) -> bool:
+        """Whether this file is no longer in ``<mail_dir>/.journal`` (``root_fd``): moved, removed."""
+        try:
+            st = os.stat(JOURNAL_DIR, dir_fd=root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        here = os.fstat(self.dir_fd)
+        return (st.st_dev, st.st_ino) != (here.st_dev, here.st_ino) or os.fstat(self.fd).st_nlink == 0
 
     def append(self, pieces: list[bytes | bytearray]) -> None:
         try:
@@ -591,7 +643,8 @@ class _JournalFile:
             try:
                 os.ftruncate(self.fd, self.size)
             except OSError:
-                pass
+                # A torn record stays: any record after it would be unreadable.
+                self.torn = True
             raise
         if self.size == 0:
             self.first_record = time.monotonic()
@@ -600,8 +653,10 @@ class _JournalFile:
     def remove(self) -> None:
         """Unlink and close; the unlink made durable (else a crash would bring
         it back, and its replay mail a reader has deleted since)."""
-        os.unlink(self.name, dir_fd=self.dir_fd)
-        os.close(self.fd)
+        try:
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        finally:
+            os.close(self.fd)  # closed whatever happens: never written to again
         fsync(self.dir_fd)
 
 
@@ -1066,11 +1121,14 @@ def _remove_spool_files(root: str, doomed) -> list[str]:
 def replay_journals(root: str, pid: int | None = None) -> list[str]:
     """Put back every copy the journals of a gone writer cover; what was done, for the log.
 
-    ``pid``: that worker's journals (it has died); None: every journal whose
-    writer is gone (at start, after a crash). A copy is written again when
-    its folder's new/ lacks it or holds other content, unless a reader has
-    taken it into cur/ already. Rewritten copies are made durable (one
-    syncfs, renames, another) before the journal is removed.
+    ``pid``: that worker's journals (it has died); None: every journal no
+    writer holds (at start, after a crash). A writer holds its journal
+    with a lock (flock), which dies with it: a pid tells nothing after a
+    reboot, where any process may have the dead worker's. A copy is
+    written again when its folder's new/ lacks it or holds other content,
+    unless a reader has taken it whole into cur/. Rewritten copies are
+    made durable (one syncfs, renames, another) before the journal is
+    removed; any error but a folder gone keeps the journal.
     """
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1085,9 +1143,9 @@ def replay_journals(root: str, pid: int | None = None) -> list[str]:
         try:
             for name in sorted(os.listdir(journal_fd)):
                 writer = _journal_writer(name)
-                if writer is None or (writer != pid if pid is not None else _process_exists(writer)):
+                if writer is None or (pid is not None and writer != pid):
                     continue
-                lines += _replay_journal(root_fd, root, journal_fd, name)
+                lines += _replay_journal(root_fd, root, journal_fd, name, check_lock=pid is None)
         finally:
             os.close(journal_fd)
     finally:
@@ -1101,6 +1159,8 @@ _JOURNAL_NAME = re.compile(r"(\d+)\.\d+\.([0-9a-f]{%d})\Z" % (2 * FILE_ID_SIZE))
 # and a unique name.
 _JOURNAL_FOLDER = re.compile(r"[^/.][^/]*(/[^/.][^/]*)?(/\.[^/.][^/]*)?\Z")
 _MAILDIR_NAME = re.compile(r"\d+\.M\d+P\d+Q\d+\.[^/]+\Z")
+# A folder the replay cannot reach for these is gone (or a link): its copy is dropped, said.
+_FOLDER_GONE = {errno.ENOENT, errno.ENOTDIR, errno.ELOOP}
 
 
 def _journal_writer(name: str) -> int | None:
@@ -1108,122 +1168,154 @@ def _journal_writer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str) -> list[str]:
+def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str, check_lock: bool) -> list[str]:
     where = os.path.join(root, JOURNAL_DIR, name)
     match = _JOURNAL_NAME.match(name)
     assert match is not None
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=journal_fd)
-        try:
-            with os.fdopen(os.dup(fd), "rb") as file:
-                data = file.read()
-        finally:
-            os.close(fd)
     except OSError as exc:
         return [f"journal {where}: cannot read it: {exc.strerror}; left in place"]
-    records, end = decode_records(data, bytes.fromhex(match.group(2)))
-    lines = []
-    if end < len(data):
-        lines.append(f"journal {where}: {len(data) - end} octets after its last whole record ignored (never acknowledged)")
-    restorer = _Restorer(root_fd, root)
-    try:
-        for record in records:
-            for copy in record:
-                line = restorer.restore(copy.folder, copy.name, copy.content)
-                if line:
-                    lines.append(line)
-        restorer.make_durable()
-        os.unlink(name, dir_fd=journal_fd)
-        fsync(journal_fd)
-    except OSError as exc:
-        lines.append(f"journal {where}: cannot replay it: {exc.strerror}; left in place")
-    finally:
-        restorer.close()
+    lines: list[str] = []
+    with os.fdopen(fd, "rb") as file:
+        if check_lock:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return []  # its writer lives and holds it
+        restorer = None
+        try:
+            restorer = _Restorer(root_fd, root)
+            end = 0
+            # One record in memory at a time; a body larger than any the
+            # store journals ends the reading, as a damaged record does.
+            for copies, end in iter_records(file.read, bytes.fromhex(match.group(2)), JOURNAL_MAX_MAIL):
+                for folder, copy_name, header, body in copies:
+                    line = restorer.restore(folder, copy_name, header, body)
+                    if line:
+                        lines.append(line)
+            size = os.fstat(file.fileno()).st_size
+            if end < size:
+                lines.append(
+                    f"journal {where}: {size - end} octets after its last whole record ignored (never acknowledged)"
+                )
+            restorer.make_durable()
+            os.unlink(name, dir_fd=journal_fd)
+            fsync(journal_fd)
+        except OSError as exc:
+            lines.append(f"journal {where}: cannot replay it: {exc.strerror}; left in place")
+        finally:
+            if restorer is not None:
+                restorer.close()
     return lines
 
 
 class _Restorer:
-    """Writes again the journal's copies that did not reach the disk."""
+    """Writes again the journal's copies that did not reach the disk.
+
+    Holds no descriptor per folder (a mail to thousands of mailboxes must
+    not run the master out of them), and writes each (folder, name) once
+    however often a journal names it.
+    """
 
     def __init__(self, root_fd: int, root: str) -> None:
         self.root_fd = root_fd
         self.root = root
         self.spool = _open_dir(root_fd, SPOOL, root, make=True)
-        self.new_fds: dict[str, int] = {}
-        self.taken: dict[str, set[str]] = {}  # folder -> names in its cur/, without their flags
-        self.written: list[tuple[str, str, str]] = []  # (spool name, folder, name): to rename
+        self.seen: set[tuple[str, str]] = set()
+        self.taken: dict[str, dict[str, str]] = {}  # folder -> {name without flags: entry in its cur/}
+        self.written: list[tuple[str, str, str, str]] = []  # (spool name, folder, "new" or "cur", entry): to rename
         self.sequence = itertools.count()
 
-    def restore(self, folder: str, name: str, content: bytes) -> str | None:
+    def restore(self, folder: str, name: str, header: bytes, body: bytes) -> str | None:
         if not _JOURNAL_FOLDER.match(folder) or not _MAILDIR_NAME.match(name):
             return f"journal: refused an entry for {folder!r}/{name!r}: not a folder and name the store makes"
-        try:
-            new_fd = self._new_dir(folder)
-        except OSError as exc:
-            return f"journal: {name} not put back into {os.path.join(self.root, folder)}: {exc.strerror}"
-        if _has_content(new_fd, name, content) or name in self._taken(folder):
+        if (folder, name) in self.seen:
             return None
+        self.seen.add((folder, name))
+        try:
+            new_fd = self._open_sub(folder, "new")
+        except OSError as exc:
+            if exc.errno not in _FOLDER_GONE:
+                raise  # the journal stays: the copy may yet be put back
+            return f"journal: {name} not put back into {os.path.join(self.root, folder)}: {exc.strerror}"
+        try:
+            if _has_content(new_fd, name, header, body):
+                return None
+        finally:
+            os.close(new_fd)
+        sub, entry = "new", name
+        taken = self._taken(folder).get(name)
+        if taken is not None:
+            # A reader took it; its rename may have reached the disk without
+            # the data: a copy not whole there is put back under its name.
+            cur_fd = self._open_sub(folder, "cur")
+            try:
+                if _has_content(cur_fd, taken, header, body):
+                    return None
+            finally:
+                os.close(cur_fd)
+            sub, entry = "cur", taken
         spool_name = f"{name}.restore{next(self.sequence)}"
         fd = os.open(spool_name, _NEW_FILE_FLAGS | os.O_TRUNC, FILE_MODE, dir_fd=self.spool)
         try:
-            _write_all(fd, content, [])
+            _write_all(fd, header, [body])
         finally:
             os.close(fd)
-        self.written.append((spool_name, folder, name))
-        return f"journal: put back {os.path.join(self.root, folder, 'new', name)}"
+        self.written.append((spool_name, folder, sub, entry))
+        return f"journal: put back {os.path.join(self.root, folder, sub, entry)}"
 
     def make_durable(self) -> None:
         if not self.written:
             return
         syncfs(self.spool)
-        for spool_name, folder, name in self.written:
-            rename(spool_name, name, src_dir_fd=self.spool, dst_dir_fd=self.new_fds[folder])
+        by_dir: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        for spool_name, folder, sub, entry in self.written:
+            by_dir.setdefault((folder, sub), []).append((spool_name, entry))
+        for (folder, sub), renames in by_dir.items():
+            dir_fd = self._open_sub(folder, sub)
+            try:
+                for spool_name, entry in renames:
+                    rename(spool_name, entry, src_dir_fd=self.spool, dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
         syncfs(self.spool)
 
-    def _new_dir(self, folder: str) -> int:
-        fd = self.new_fds.get(folder)
-        if fd is None:
-            folder_fd = _open_path(self.root_fd, folder, self.root)
-            try:
-                fd = self.new_fds[folder] = _open_dir(folder_fd, "new", os.path.join(self.root, folder))
-            finally:
-                os.close(folder_fd)
-        return fd
+    def _open_sub(self, folder: str, sub: str) -> int:
+        folder_fd = _open_path(self.root_fd, folder, self.root)
+        try:
+            return _open_dir(folder_fd, sub, os.path.join(self.root, folder))
+        finally:
+            os.close(folder_fd)
 
-    def _taken(self, folder: str) -> set[str]:
+    def _taken(self, folder: str) -> dict[str, str]:
         names = self.taken.get(folder)
         if names is None:
             try:
-                folder_fd = _open_path(self.root_fd, folder, self.root)
+                cur = self._open_sub(folder, "cur")
                 try:
-                    cur = _open_dir(folder_fd, "cur", os.path.join(self.root, folder))
-                finally:
-                    os.close(folder_fd)
-                try:
-                    names = {entry.split(":", 1)[0] for entry in os.listdir(cur)}
+                    names = {entry.split(":", 1)[0]: entry for entry in os.listdir(cur)}
                 finally:
                     os.close(cur)
             except FileNotFoundError:
-                names = set()
+                names = {}
             self.taken[folder] = names
         return names
 
     def close(self) -> None:
-        for spool_name, _, _ in self.written:
+        for spool_name, _, _, _ in self.written:
             _unlink_quietly(spool_name, self.spool)  # renamed already, unless the replay failed
-        for fd in self.new_fds.values():
-            os.close(fd)
         os.close(self.spool)
 
 
-def _has_content(dir_fd: int, name: str, content: bytes) -> bool:
+def _has_content(dir_fd: int, name: str, header: bytes, body: bytes) -> bool:
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     try:
         with os.fdopen(os.dup(fd), "rb") as file:
-            return file.read(len(content) + 1) == content
+            return file.read(len(header)) == header and file.read(len(body) + 1) == body
     finally:
         os.close(fd)
 

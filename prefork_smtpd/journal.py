@@ -29,6 +29,12 @@ from another file (a block reused after a crash) is never taken for one
 of this file's. A record whose head, length or CRC does not hold ends the
 reading: that is the tail a crash cut short, whose mails were never
 acknowledged (a batch is acknowledged only once its record is flushed).
+
+A record also has the shape the store gives it, or ends the reading the
+same way: every copy of one body bears that mail's name, and no body is
+larger than the store journals. A crafted record can thus make the replay
+write no more than a delivery of the same mails could have: one copy per
+folder and mail, never one body copied over and over under new names.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 MAGIC = b"PSJ1"
 HEAD = struct.Struct("<4s8sII")
@@ -114,25 +120,61 @@ def decode_records(data: bytes, file_id: bytes) -> tuple[list[list[JournalCopy]]
     Reading stops at the first record that is cut short, damaged or from
     another file: nothing after it is trusted.
     """
-    view = memoryview(data)
+    stream = memoryview(data)
     records: list[list[JournalCopy]] = []
+    end = 0
+
+    def read(size: int) -> bytes:
+        nonlocal stream
+        piece, stream = stream[:size], stream[size:]
+        return bytes(piece)
+
+    for parts, end in iter_records(read, file_id):
+        records.append([JournalCopy(folder, name, header + body) for folder, name, header, body in parts])
+    return records, end
+
+
+# A copy as the replay takes it: (folder, name, header, body); the body is
+# one object shared by the copies of a mail, never joined to each header.
+CopyParts = tuple[str, str, bytes, bytes]
+
+
+def iter_records(
+    read: Callable[[int], bytes], file_id: bytes, max_body: int | None = None,
+) -> Iterator[tuple[list[CopyParts], int]]:
+    """Each whole record read from ``read`` (a file's read), with the offset
+    where it ends: one record in memory at a time, never the whole file.
+
+    ``max_body``: a body larger than this ends the reading (no store wrote it).
+    """
     at = 0
-    while at + HEAD.size <= len(view):
-        magic, record_id, length, crc = HEAD.unpack(view[at : at + HEAD.size])
-        payload = view[at + HEAD.size : at + HEAD.size + length]
-        if magic != MAGIC or record_id != file_id or len(payload) < length or zlib.crc32(payload) != crc:
-            break
+    while True:
+        head = read(HEAD.size)
+        if len(head) < HEAD.size:
+            return
+        magic, record_id, length, crc = HEAD.unpack(head)
+        if magic != MAGIC or record_id != file_id:
+            return
+        payload = read(length)  # at most what the file holds
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
         try:
-            records.append(_decode_payload(payload))
+            parts = _decode_payload(memoryview(payload), max_body)
         except (IndexError, ValueError):
-            break  # a CRC that holds over a payload that does not: trust nothing after it
+            return  # a CRC that holds over a payload that does not: trust nothing after it
         at += HEAD.size + length
-    return records, at
+        yield parts, at
 
 
-def _decode_payload(payload: memoryview) -> list[JournalCopy]:
+def _decode_payload(payload: memoryview, max_body: int | None) -> list[CopyParts]:
     reader = _Reader(payload)
-    bodies = [bytes(reader.take(reader.u32())) for _ in range(reader.u16())]
+    bodies = []
+    for _ in range(reader.u16()):
+        size = reader.u32()
+        if max_body is not None and size > max_body:
+            raise ValueError("a body larger than the store journals")
+        bodies.append(bytes(reader.take(size)))
+    names: list[str | None] = [None] * len(bodies)  # the mail's name each body bears
     copies = []
     for _ in range(reader.u32()):
         folder = reader.text()
@@ -141,7 +183,11 @@ def _decode_payload(payload: memoryview) -> list[JournalCopy]:
         body = reader.u16()
         if body >= len(bodies):
             raise ValueError("a copy names a body the record does not hold")
-        copies.append(JournalCopy(folder, name, header + bodies[body]))
+        if names[body] is None:
+            names[body] = name
+        elif names[body] != name:
+            raise ValueError("copies of one body under different names")
+        copies.append((folder, name, header, bodies[body]))
     if reader.at != len(payload):
         raise ValueError("octets after the last copy")
     return copies
