@@ -190,7 +190,9 @@ class ServerKind:
         return 1 if self.name.startswith("aiosmtpd") else recipients
 
 
-PREFORK_KINDS = [ServerKind(f"prefork-smtpd -w{n}", True, n) for n in (1, 2, 4)]
+JOURNAL = ("--journal-size", str(16 << 20))  # the journal on (README, "The mail store"): one flush per batch
+PREFORK_KINDS = [ServerKind(f"prefork-smtpd -w{n}", True, n) for n in (1, 2, 4)] + [
+    ServerKind("prefork-smtpd -w2 journal", True, 2, extra=JOURNAL)]
 POSTFIX_KIND = ServerKind("Postfix", True)
 REFERENCES = [ServerKind("aiosmtpd-Mailbox", True), ServerKind("aiosmtpd-Sink", False), ServerKind("smtp-sink", False)]
 # R1's next hop, the same for every contender: prefork-smtpd serving the
@@ -928,9 +930,9 @@ def relaying(kinds: list[ServerKind]) -> list[ServerKind]:
 
 
 def key(kind: ServerKind) -> str:
-    """The short name --servers knows: w1, w2, w4, postfix, aiosmtpd-Mailbox, aiosmtpd-Sink, smtp-sink."""
+    """The short name --servers knows: w1, w2, w4, w2j, postfix, aiosmtpd-Mailbox, aiosmtpd-Sink, smtp-sink."""
     if kind.workers:
-        return f"w{kind.workers}"
+        return f"w{kind.workers}" + ("j" if kind.extra == JOURNAL else "")
     return kind.name.replace(" TLS", "").replace("Postfix", "postfix")
 
 
@@ -938,8 +940,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description="prefork-smtpd side-by-side benchmark")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", default="S1,S2,S3,S8,S9,T1,T2,R1,S4,S5,S6", help="scenarios to run")
-    p.add_argument("--servers", default="w1,w2,w4,postfix,aiosmtpd-Mailbox,aiosmtpd-Sink,smtp-sink",
-                   help="contenders: w1, w2, w4 (prefork-smtpd --workers N), postfix, aiosmtpd-Mailbox,"
+    p.add_argument("--servers", default="w1,w2,w4,w2j,postfix,aiosmtpd-Mailbox,aiosmtpd-Sink,smtp-sink",
+                   help="contenders: w1, w2, w4 (prefork-smtpd --workers N), w2j (-w2 with the journal), postfix,"
+                   " aiosmtpd-Mailbox,"
                    " aiosmtpd-Sink, smtp-sink")
     p.add_argument("--quick", action="store_true", help="a tenth of the mails, smaller S4/S5 (a short run)")
     p.add_argument("--scale", type=float, default=None,

@@ -47,8 +47,11 @@ this kind of disk that is two flushes per batch instead of two per mail
 file still gets a plain fsync, which is cheaper. No message is
 acknowledged before its batch's step 3.
 
-The journal (``journal_size``, see journal.py) replaces steps 1b and 3 for
-a batch of small mails with no copy for the queue. Step 1 writes the
+The journal (``journal_size``, see journal.py; off unless the
+administrator sets it) replaces steps 1b and 3 for a batch of small mails
+with no copy for the queue: the mail is acknowledged once it is durable in
+the journal, as Postfix answers once its queue file is, and its copy in
+``new/`` becomes durable later. Step 1 writes the
 copies into the spool as above, then appends the whole batch (every copy's
 folder, name and content) to the delivery thread's journal file and
 flushes that file alone (``fdatasync``: its data and its size, one device
