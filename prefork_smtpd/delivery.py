@@ -131,6 +131,7 @@ JOURNAL_DIR = ".journal"  # under mail_dir: the delivery threads' journals (jour
 JOURNAL_MAX_MAIL = 256 * 1024
 JOURNAL_MAX_AGE = 10.0  # seconds a record waits at most for its copies to be made durable
 JOURNAL_IDLE = 0.5  # seconds without mail after which a delivery thread retires its journal
+UNSYNCED = ".unsynced"  # added to a journal whose retirement's syncfs failed: its replay rewrites every copy
 FOLDER_MODE = 0o700
 FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
@@ -432,6 +433,13 @@ class MaildirStore:
                 os.close(successor.fd)
             self.journal_size = 0
             self._journals.file = None
+            try:
+                # The page cache may still hold the copies whole while the
+                # disk does not: a replay in this boot must not trust what it
+                # reads back, and writes every copy again.
+                os.rename(journal.name, journal.name + UNSYNCED, src_dir_fd=journal.dir_fd, dst_dir_fd=journal.dir_fd)
+            except OSError:
+                pass  # replayed as a journal left by a crash: every copy read back first
             os.close(journal.fd)  # its lock goes with it: the replay at start takes it
             os.close(journal.dir_fd)
             self.note(f"journal {journal.name}: cannot make its copies durable: {exc.strerror};"
@@ -1156,7 +1164,7 @@ def replay_journals(root: str, pid: int | None = None) -> list[str]:
     return lines
 
 
-_JOURNAL_NAME = re.compile(r"(\d+)\.\d+\.([0-9a-f]{%d})\Z" % (2 * FILE_ID_SIZE))
+_JOURNAL_NAME = re.compile(r"(\d+)\.\d+\.([0-9a-f]{%d})(%s)?\Z" % (2 * FILE_ID_SIZE, re.escape(UNSYNCED)))
 # What a journal may name: a folder as the session's policy makes them (no
 # part is empty, ".." or starts with a dot, but a last Maildir++ ".name"),
 # and a unique name.
@@ -1188,7 +1196,7 @@ def _replay_journal(root_fd: int, root: str, journal_fd: int, name: str, check_l
                 return []  # its writer lives and holds it
         restorer = None
         try:
-            restorer = _Restorer(root_fd, root)
+            restorer = _Restorer(root_fd, root, rewrite=match.group(3) is not None)
             end = 0
             # One record in memory at a time; a body larger than any the
             # store journals ends the reading, as a damaged record does.
@@ -1221,9 +1229,10 @@ class _Restorer:
     however often a journal names it.
     """
 
-    def __init__(self, root_fd: int, root: str) -> None:
+    def __init__(self, root_fd: int, root: str, rewrite: bool = False) -> None:
         self.root_fd = root_fd
         self.root = root
+        self.rewrite = rewrite  # every copy, whole as it may read: the disk may not hold what the cache does
         self.spool = _open_dir(root_fd, SPOOL, root, make=True)
         self.seen: set[tuple[str, str]] = set()
         self.taken: dict[str, dict[str, str]] = {}  # folder -> {name without flags: entry in its cur/}
@@ -1243,18 +1252,19 @@ class _Restorer:
                 raise  # the journal stays: the copy may yet be put back
             return f"journal: {name} not put back into {os.path.join(self.root, folder)}: {exc.strerror}"
         try:
-            if _has_content(new_fd, name, header, body):
-                return None
+            in_new = _has_content(new_fd, name, header, body, self.rewrite)
         finally:
             os.close(new_fd)
+        if in_new and not self.rewrite:
+            return None
         sub, entry = "new", name
         taken = self._taken(folder).get(name)
-        if taken is not None:
+        if taken is not None and not in_new:
             # A reader took it; its rename may have reached the disk without
             # the data: a copy not whole there is put back under its name.
             cur_fd = self._open_sub(folder, "cur")
             try:
-                if _has_content(cur_fd, taken, header, body):
+                if _has_content(cur_fd, taken, header, body) and not self.rewrite:
                     return None
             finally:
                 os.close(cur_fd)
@@ -1311,11 +1321,15 @@ class _Restorer:
         os.close(self.spool)
 
 
-def _has_content(dir_fd: int, name: str, header: bytes, body: bytes) -> bool:
+def _has_content(dir_fd: int, name: str, header: bytes, body: bytes, present: bool = False) -> bool:
+    """Whether ``name`` holds exactly header + body; ``present``: only whether it is there."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
+    if present:
+        os.close(fd)
+        return True
     try:
         with os.fdopen(os.dup(fd), "rb") as file:
             return file.read(len(header)) == header and file.read(len(body) + 1) == body

@@ -214,10 +214,19 @@ def test_a_journal_that_cannot_be_retired_is_kept_and_said(tmp_path, monkeypatch
     monkeypatch.setattr(delivery, "syncfs", broken)
     store.retire_journal_if_due()
     # Kept for the replay, and never retired by this store: the journal is off.
-    assert journals(tmp_path) == [old] and not store.journal_pending() and store.journal_size == 0
+    assert journals(tmp_path) == [old.with_name(old.name + delivery.UNSYNCED)]
+    assert not store.journal_pending() and store.journal_size == 0
     assert said == [
         f"journal {old.name}: cannot make its copies durable: Input/output error; kept for the replay, journal off"
     ]
+    # Its copy reads back whole (from the cache), but the disk may not hold
+    # it: the replay writes it again all the same.
+    monkeypatch.undo()
+    (copy,) = (tmp_path / "u" / "new").iterdir()
+    content, inode = copy.read_bytes(), copy.stat().st_ino
+    assert replay_journals(str(tmp_path)) == [f"journal: put back {copy}"]
+    assert copy.read_bytes() == content and copy.stat().st_ino != inode
+    assert journals(tmp_path) == []
 
 
 def test_journal_upkeep_that_fails_is_said_and_the_thread_goes_on(tmp_path):
