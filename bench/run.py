@@ -873,7 +873,9 @@ What the columns mean:
 - **Postfix, acknowledged**: Postfix until its last `250`: each queue file fsynced, nothing in a Maildir yet.
   **Postfix, all in Maildir**: the same run until every mail is in its Maildir's `new/` (its virtual agent
   fsyncs each file before it renames it there). prefork-smtpd's single figure is both: its `250` comes after
-  the Maildir file and its directory entry are durable.
+  the Maildir file and its directory entry are durable. **prefork-smtpd -w2 journal** (`--journal-size`): its
+  `250` comes once the mail is durable in its journal, as Postfix's once its queue file is; the file is in
+  `new/` at once, made durable later.
 - **aiosmtpd-Mailbox** writes a Maildir without fsync; **aiosmtpd-Sink** and **smtp-sink** discard.
 - **S8** counts mails, each to 20 recipients: 20 files per mail for prefork-smtpd and Postfix (one per
   recipient folder), one for aiosmtpd's Mailbox (it stores a message once).
