@@ -217,6 +217,16 @@ def _status_of(reply: str, fallback: str) -> str:
 
 
 # ---------------------------------------------------------- kept connections
+_REPLY_CODE = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\r?\n|\Z)")
+
+
+def reply_code(line: bytes) -> int | None:
+    """A reply line's code (RFC 5321 4.2: three digits, the first 2 to 5, then
+    a space, a hyphen or the line's end), or None. Not int(): it takes " 25",
+    "+25", "-25" and "2_5" as numbers."""
+    return int(line[:3]) if _REPLY_CODE.match(line) else None
+
+
 class ReplyReader(asyncio.Protocol):
     """A kept connection's replies, once aiosmtplib has done the greeting, EHLO,
     STARTTLS and AUTH and handed the transport over.
@@ -295,9 +305,8 @@ class ReplyReader(asyncio.Protocol):
     def _reply_done(self) -> None:
         lines, self.lines = self.lines, []
         self.lines_size = 0
-        try:
-            code = int(lines[0][:3])
-        except ValueError:
+        code = reply_code(lines[0])
+        if code is None:
             self._fail(aiosmtplib.SMTPResponseException(500, f"malformed reply {lines[0][:80]!r}"))
             self.transport.close()
             return

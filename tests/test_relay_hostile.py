@@ -237,3 +237,42 @@ def test_a_reply_that_trickles_in_gets_relay_timeout_in_all(start_server, hostil
         print(f"given up after {time.monotonic() - started:.1f} s")
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("line, code", [
+    (b"250 2.0.0 ok\r\n", 250),
+    (b"250-first line\r\n250 last line\r\n", 250),
+    (b"250\r\n", 250),  # a code alone (RFC 5321 4.2: the text is optional)
+    (b"554 no\n", 554),
+    (b" 25 ok\r\n", None),  # what int() took as 25
+    (b"+25 ok\r\n", None),
+    (b"-25 ok\r\n", None),
+    (b"2_5 ok\r\n", None),
+    (b"199 too low\r\n", None),
+    (b"600 too high\r\n", None),
+    (b"2500 four digits\r\n", None),
+    (b"25\r\n", None),
+    (b"\xd9\xa2\xd9\xa5\xd9\xa0 arabic-indic digits\r\n", None),
+])
+def test_a_reply_code_is_three_digits_from_2xx_to_5xx_or_the_reply_is_malformed(line, code):
+    import asyncio
+
+    from test_relay import FakeNextHop
+
+    from prefork_smtpd.runner import ReplyReader, reply_code
+
+    assert reply_code(line) == code
+
+    async def scenario() -> None:
+        transport = FakeNextHop()
+        reader = transport.reader = ReplyReader(transport)
+        reader.send(b"NOOP\r\n")
+        reader.data_received(line if line.endswith(b"\n") else line + b"\r\n")
+        if code is None:
+            with pytest.raises(Exception, match="malformed reply"):
+                await reader.reply(1)
+            assert transport.closed
+        else:
+            assert (await reader.reply(1))[0] == code
+
+    asyncio.run(scenario())
