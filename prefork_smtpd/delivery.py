@@ -137,6 +137,7 @@ FILE_MODE = 0o600
 MAILDIR_SUBFOLDERS = ("tmp", "new", "cur")
 MAILDIRFOLDER = "maildirfolder"  # marks a Maildir++ subfolder (Dovecot, Courier)
 PLUS_FULL_RECHECK = 60.0  # seconds a mailbox at max_plus_folders stays full without a new count
+MAX_FULL_MAILBOXES = 1024  # mailboxes a store remembers as full (MaildirStore.note_full)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -259,6 +260,24 @@ class MaildirStore:
         self.journal_size = journal_size if _libc_syncfs is not None else 0
         self._journals = threading.local()  # .file: the thread's _JournalFile
         self._journal_numbers = itertools.count()
+
+    def note_full(self, mailbox: str, now: float) -> None:
+        """Remember that ``mailbox`` was counted at max_plus_folders at ``now``.
+
+        Kept to MAX_FULL_MAILBOXES entries: a sender can fill one mailbox
+        after another, and each entry stays for as long as the server runs.
+        Entries past PLUS_FULL_RECHECK go first (they mean nothing any more),
+        then the oldest: forgetting one costs one more listing, never a folder
+        past the limit, since the count is taken again.
+        """
+        full = self.full_mailboxes
+        full.pop(mailbox, None)  # to the end: the dict stays in the order of the times
+        full[mailbox] = now
+        if len(full) > MAX_FULL_MAILBOXES:
+            for name in [name for name, since in full.items() if now - since >= PLUS_FULL_RECHECK]:
+                del full[name]
+            while len(full) > MAX_FULL_MAILBOXES:
+                del full[next(iter(full))]
 
     def unique_name(self) -> str:
         """A Maildir file name unique across processes and time."""
@@ -760,7 +779,7 @@ class _BatchDirs:
                         return True
                 finally:
                     os.close(fd)
-                store.full_mailboxes[mailbox] = time.monotonic()
+                store.note_full(mailbox, time.monotonic())
             self.full[mailbox] = count
         store.note(
             f"{mailbox}: plus-folder {subfolder} not made, {mailbox} has {count} (--max-plus-folders):"

@@ -457,3 +457,24 @@ def test_the_disk_reserve_counts_a_copy_per_subfolder():
 
     env = store_envelope(("bob+a", "bob", ".a"), ("bob+b", "bob", ".b"), ("Bob", "bob", ""), ("bob", "bob", ""))
     assert bytes_to_store(env) == 3 * (env.size + HEADROOM_PER_COPY)  # at most three files: .a, .b, bob
+
+
+def test_the_mailboxes_remembered_as_full_are_bounded(tmp_path, monkeypatch):
+    """A sender filling one mailbox after another cannot grow the store's
+    memory of full mailboxes: expired entries go first, then the oldest."""
+    from prefork_smtpd import delivery
+    from prefork_smtpd.delivery import PLUS_FULL_RECHECK, MaildirStore
+
+    monkeypatch.setattr(delivery, "MAX_FULL_MAILBOXES", 4)
+    store = MaildirStore(str(tmp_path), "mx.test")
+    for i in range(4):
+        store.note_full(f"m{i}", 1000.0 + i)
+    store.note_full("m0", 1010.0)  # counted full again: now the newest
+    store.note_full("m4", 1011.0)  # one too many: the oldest goes
+    assert list(store.full_mailboxes) == ["m2", "m3", "m0", "m4"]
+    later = 1002.0 + PLUS_FULL_RECHECK + 0.5  # m2 expired, m3 still within its window
+    store.note_full("m5", later)
+    assert list(store.full_mailboxes) == ["m3", "m0", "m4", "m5"]
+    for i in range(6, 100):
+        store.note_full(f"m{i}", later + i)
+    assert len(store.full_mailboxes) == 4 and list(store.full_mailboxes)[-1] == "m99"
