@@ -7,7 +7,11 @@ inside a line. A worker flushes every housekeeping tick (half a second) and
 whenever its buffer passes 32 KiB, and the write itself happens on a
 background thread: on a journalling file system an append can wait behind
 another process's big flush, and that wait must not stall the event loop.
-The master, whose lines are few, writes each one at once.
+The master hands its lines to a writer thread too, at every pass of its
+loop: a log that cannot be written must not stop it reaping and replacing
+workers or answering the config port. In a forked child, such a handler
+drops the lines it gathered (the parent writes them) and writes the
+child's own at once until the child opens its log.
 
 What waits for the writer is bounded (``max_backlog`` bytes, queued and
 gathered together): clients make the lines, so a log that cannot be
@@ -29,6 +33,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 
 from .settings import BY_NAME
 from .stats import FIELD, SharedStats, Slot
@@ -71,10 +76,25 @@ class AppendLineHandler(logging.Handler):
         self._stamp = ""
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._writes: queue.SimpleQueue | None = None
+        self._writer_owns_fd = buffered  # the writer thread closes the file once it is done
         if buffered:
+            _buffered_handlers.add(self)
             self._writes = queue.SimpleQueue()
             self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
             self._writer.start()
+
+    def _forked(self) -> None:
+        """In a forked child: the writer thread stayed in the parent, and the
+        lines gathered are the parent's to write (it still holds them).
+        Drop them, and write this process's own lines at once, as an
+        unbuffered handler does, until the process opens its own log."""
+        self.pending.clear()
+        self.pending_size = 0
+        self._writes = None
+        self._writer_owns_fd = False
+        self.buffered = False
+        self.room = sys.maxsize
+        self.dropped = 0
 
     def emit(self, record: logging.LogRecord) -> None:
         critical = record.levelno >= logging.CRITICAL
@@ -167,24 +187,36 @@ class AppendLineHandler(logging.Handler):
         os.close(self.fd)  # the writer owns the file: it may outlive close()
         self.fd = -1
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool | float = True) -> None:
         """Write out what is left and close the file. ``wait``: until it is
-        written (a process about to exit). Otherwise (a reopen after
-        logrotate) the writer finishes on its own and closes the file
-        itself: a log that cannot be written must not stall the event loop
-        that reopens it."""
+        written (a process about to exit), or at most that many seconds.
+        Otherwise (a reopen after logrotate) the writer finishes on its own
+        and closes the file itself: a log that cannot be written must not
+        stall the event loop that reopens it."""
         if self.dropped:
             self._resume(closing=True)
         self.flush()
         if self._writes is not None:
             self._writes.put(None)  # the writer empties the queue, closes the file, then stops
-            if wait:
-                self._writer.join()
+            if wait is not False:
+                self._writer.join(None if wait is True else wait)
             self._writes = None
-        elif not self.buffered and self.fd >= 0:  # a buffered handler's file is its writer's to close
+        elif not self._writer_owns_fd and self.fd >= 0:  # else the file is its writer's to close
             os.close(self.fd)
             self.fd = -1
         super().close()
+
+
+_buffered_handlers: "weakref.WeakSet[AppendLineHandler]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for handler in list(_buffered_handlers):
+        handler._forked()
+    _buffered_handlers.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def open_log(
@@ -230,13 +262,17 @@ def line_writer(logger: logging.Logger) -> AppendLineHandler:
     return next(h for h in logger.handlers if isinstance(h, AppendLineHandler))
 
 
-def close_log(logger: logging.Logger | None) -> None:
-    """Write out everything pending and close the file (before a process exits)."""
+def close_log(logger: logging.Logger | None, wait: bool | float = True) -> None:
+    """Write out everything pending and close the file (before a process
+    exits); ``wait``: at most that many seconds for a buffered log's writer."""
     if logger is None:
         return
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        if isinstance(handler, AppendLineHandler):
+            handler.close(wait)
+        else:
+            handler.close()
 
 
 def flush_log(logger: logging.Logger | None) -> None:

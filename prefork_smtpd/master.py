@@ -29,6 +29,7 @@ now, HUP to retire, USR1 to reopen the log.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import selectors
@@ -44,7 +45,7 @@ from .controlplane import ControlPlane
 from .credentials import Credentials, CredentialsError
 from .delivery import remove_temporary_files, replay_journals
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
-from .log import close_log, open_log
+from .log import close_log, flush_log, open_log
 from .pool import (
     CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, CrashBackoff, WorkerInfo, WorkerPool, clamp_target,
 )
@@ -55,7 +56,7 @@ from .prometheus import make_renderer
 from .sdnotify import Notifier
 from .services import HttpMetricsRequest, Service, ServiceLimits, listening_socket
 from .settings import RANGES, Settings
-from .stats import FIELD, SharedStats
+from .stats import FIELD, RETIRED, SharedStats
 from .worker import run_worker
 
 HANDLED_SIGNALS = (
@@ -125,12 +126,15 @@ def raise_open_file_limit() -> int:
     return hard
 
 
+LOG_CLOSE_WAIT = 5.0  # seconds a stopping master gives its log writer to write what is queued
+
 class Master:
     # The main loop's steps, in order; each is guarded on its own, so one
     # that fails does not keep the others (a stop signal, say) from running.
     LOOP_STEPS = (
         "manage_workers",
         "manage_runner",
+        "flush_log",  # what the last pass logged, before the wait
         "wait_for_events",
         "expire_service_clients",
         "handle_signals",
@@ -224,7 +228,7 @@ class Master:
         self.control.attach(self.stats)
         open_wakeup()  # before any fork: workers tell the queue runner of new mail through it
         try:
-            self.logger = open_log(settings.log_file, self.stats, "")
+            self.logger = self.open_log()
         except OSError as exc:
             raise StartupError(f"cannot open the log file {settings.log_file}: {exc}") from None
         setproctitle(master_title(self.listeners))
@@ -251,12 +255,17 @@ class Master:
             f" domains {', '.join(settings.domains)}"
         )
         try:
-            while self.running:
-                self.run_steps()
+            try:
+                while self.running:
+                    self.run_steps()
+            finally:
+                self.close_services()
+                self.notifier.close()
+            self.log("Server Shutting Down")
         finally:
-            self.close_services()
-            self.notifier.close()
-        self.log("Server Shutting Down")
+            # What is still queued, written before the process ends; a log
+            # that cannot be written gets LOG_CLOSE_WAIT, not the stop itself.
+            close_log(self.logger, wait=LOG_CLOSE_WAIT)
         return 0
 
     def run_steps(self) -> None:
@@ -678,8 +687,20 @@ class Master:
             f" {t.total} accepted, {t.mails} mails, {t.bytes} bytes"
         )
 
+    def open_log(self) -> logging.Logger:
+        """The master's log: its lines go to a writer thread at each pass of
+        the loop (flush_log), at most --max-log-backlog of them waiting; the
+        lines it drops are counted with the retired workers' totals."""
+        return open_log(
+            self.settings.log_file, self.stats, "", buffered=True, max_backlog=self.settings.max_log_backlog,
+            slot=self.stats.slot(RETIRED),
+        )
+
+    def flush_log(self) -> None:
+        flush_log(self.logger)
+
     def reopen_logs(self) -> None:
-        self.logger = open_log(self.settings.log_file, self.stats, "")
+        self.logger = self.open_log()
         for info in self.workers.values():
             self.kill(info.pid, signal.SIGUSR1)
         self.log("log file reopened")

@@ -146,3 +146,21 @@ def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
         os.close(reader)
         reopened.join(30)
         close_log(logger)
+
+
+def test_a_forked_child_writes_its_own_lines_and_never_the_parents_gathered_ones(tmp_path):
+    path = tmp_path / "log.txt"
+    handler = AppendLineHandler(str(path), "", SharedStats(), buffered=True)
+    handler.add_line("gathered by the parent")  # not flushed: the parent's writer will write it
+    pid = os.fork()
+    if pid == 0:  # the child, as a worker is before it opens its own log
+        try:
+            handler.add_line("the child's own")  # written at once: no writer thread here
+            handler.close(wait=False)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert path.read_text().endswith(" : the child's own\n")
+    handler.close()
+    lines = path.read_text().splitlines()
+    assert [line.split(" : ", 1)[1] for line in lines] == ["the child's own", "gathered by the parent"]

@@ -143,3 +143,39 @@ def test_a_log_that_cannot_be_written_costs_the_worker_at_most_the_bound(start_s
         assert metric(metrics_port, "smtpd_log_lines_dropped_total") == dropped
     finally:
         os.close(reader)
+
+
+@pytest.mark.slow
+def test_a_log_that_cannot_be_written_never_stops_the_master(start_server, tmp_path):
+    """The master hands its lines to a writer thread: with its log stalled it
+    still answers the config port and replaces a dead worker, and once the
+    log is read again it says how many of its lines it dropped."""
+    from test_operations import ConfigLine
+
+    fifo, reader = stalled_log(tmp_path)
+    try:
+        server = start_server("--log-file", str(fifo), "--max-log-backlog", str(64 * 1024), workers=1)
+        config = ConfigLine(server.config_port)  # 10 s per reply: a blocked master fails it
+        # Each change is a line of the master's ("config: max_recipients=N"):
+        # 4,000 of them are 4 times the pipe and the backlog together.
+        for n in range(4000):
+            assert config.send(f"max_recipients={50 + n % 2}") == ["OK"]
+        (worker,) = server.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: server.accepting_workers() and server.worker_pids() != [worker], timeout=60,
+                   what="a new worker, the log still stalled")
+        assert config.send("max_recipients=60") == ["OK"]
+        received = bytearray()
+
+        def drop_line() -> re.Match | None:
+            received.extend(read_available(reader))
+            return re.search(rb"\d\d : (\d+) log lines dropped since \d\d:\d\d:\d\d", received)
+
+        match = wait_until(drop_line, timeout=60, interval=0.1, what="the master's drop line")
+        assert int(match.group(1)) > 1000
+        # Read again, the log takes the master's lines as they come.
+        assert config.send("max_recipients=61") == ["OK"]
+        wait_until(lambda: received.extend(read_available(reader)) or b"config: max_recipients=61" in received,
+                   timeout=60, interval=0.1, what="a line after the drop")
+    finally:
+        os.close(reader)
