@@ -307,7 +307,7 @@ REGISTRY: tuple[Setting, ...] = (
         # them grow a worker. 8 MiB is minutes of a busy worker's lines; the
         # least is two of the 32 KiB pieces a worker hands its log writer.
         "max_log_backlog", int, 8 * MiB, metavar="BYTES", range=(64 * 1024, 2**40),
-        help="log lines a worker or the queue runner holds while its log cannot be written;"
+        help="log lines a process (a worker, the queue runner, the master) holds while its log cannot be written;"
         " past it lines are dropped, counted and the count logged (default {default})",
     ),
     # -------------------------------------------------- TLS and AUTH (reload re-reads the files)
