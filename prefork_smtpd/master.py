@@ -128,6 +128,7 @@ def raise_open_file_limit() -> int:
 
 LOG_CLOSE_WAIT = 5.0  # seconds a stopping master gives its log writer to write what is queued
 
+
 class Master:
     # The main loop's steps, in order; each is guarded on its own, so one
     # that fails does not keep the others (a stop signal, say) from running.
