@@ -9,9 +9,12 @@ background thread: on a journalling file system an append can wait behind
 another process's big flush, and that wait must not stall the event loop.
 The master hands its lines to a writer thread too, at every pass of its
 loop: a log that cannot be written must not stop it reaping and replacing
-workers or answering the config port. In a forked child, such a handler
-drops the lines it gathered (the parent writes them) and writes the
-child's own at once until the child opens its log.
+workers or answering the config port. Before the master answers a config
+port client, it waits for the lines it has logged to be written (at most
+a moment, see ``wait_written``), so an answer is never ahead of the line
+that records its change. In a forked child, such a handler drops the
+lines it gathered (the parent writes them) and writes the child's own at
+once until the child opens its log.
 
 What waits for the writer is bounded (``max_backlog`` bytes, queued and
 gathered together): clients make the lines, so a log that cannot be
@@ -80,6 +83,8 @@ class AppendLineHandler(logging.Handler):
         if buffered:
             _buffered_handlers.add(self)
             self._writes = queue.SimpleQueue()
+            self._progress = threading.Condition()  # notified by the writer after each write
+            self._stalled_below = 0  # wait_written timed out at this mark: no waits until it is written
             self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
             self._writer.start()
 
@@ -178,12 +183,36 @@ class AppendLineHandler(logging.Handler):
         except OSError:
             pass  # a full or vanished log disk must not stop the mail service
 
+    def wait_written(self, timeout: float) -> bool:
+        """Hand what is gathered to the writer and wait, at most ``timeout``
+        seconds, until everything so far is in the file; whether it is.
+
+        A log that made one such wait time out is not waited for again
+        until its writer has got past that point: a stalled log costs one
+        timeout, not one per call.
+        """
+        self.flush()
+        if self._writes is None:
+            return True  # unbuffered: each line was written when it came
+        mark = self.queued_bytes
+        if self.written_bytes >= mark:
+            return True
+        if self.written_bytes < self._stalled_below:
+            return False
+        with self._progress:
+            written = self._progress.wait_for(lambda: self.written_bytes >= mark, timeout)
+        if not written:
+            self._stalled_below = mark
+        return written
+
     def _write_loop(self) -> None:
         writes = self._writes  # its own reference: close() lets go of the handler's
         assert writes is not None
         while (data := writes.get()) is not None:
             self._write(data)
-            self.written_bytes += len(data)  # this thread's own total: no other thread writes it
+            with self._progress:
+                self.written_bytes += len(data)  # this thread's own total: no other thread writes it
+                self._progress.notify_all()
         os.close(self.fd)  # the writer owns the file: it may outlive close()
         self.fd = -1
 
@@ -273,6 +302,15 @@ def close_log(logger: logging.Logger | None, wait: bool | float = True) -> None:
             handler.close(wait)
         else:
             handler.close()
+
+
+def wait_written(logger: logging.Logger | None, timeout: float) -> None:
+    """Write out what ``logger`` has gathered, waiting at most ``timeout``
+    seconds for a buffered log's writer (``AppendLineHandler.wait_written``)."""
+    if logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, AppendLineHandler):
+                handler.wait_written(timeout)
 
 
 def flush_log(logger: logging.Logger | None) -> None:

@@ -45,7 +45,7 @@ from .controlplane import ControlPlane
 from .credentials import Credentials, CredentialsError
 from .delivery import remove_temporary_files, replay_journals
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
-from .log import close_log, flush_log, open_log
+from .log import close_log, flush_log, open_log, wait_written
 from .pool import (
     CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, CrashBackoff, WorkerInfo, WorkerPool, clamp_target,
 )
@@ -127,6 +127,7 @@ def raise_open_file_limit() -> int:
 
 
 LOG_CLOSE_WAIT = 5.0  # seconds a stopping master gives its log writer to write what is queued
+LOG_REPLY_WAIT = 0.5  # seconds a config port reply waits for the master's lines to be written
 
 
 class Master:
@@ -700,6 +701,12 @@ class Master:
     def flush_log(self) -> None:
         flush_log(self.logger)
 
+    def log_written(self) -> None:
+        """Before a config port reply: the lines logged so far are in the
+        file (a script reading the log after an answer finds its line),
+        waiting at most LOG_REPLY_WAIT, once per stall of the log."""
+        wait_written(self.logger, LOG_REPLY_WAIT)
+
     def reopen_logs(self) -> None:
         self.logger = self.open_log()
         for info in self.workers.values():
@@ -721,6 +728,7 @@ class Master:
                 self.settings.config_idle_timeout,
             ),
             lambda reason: f"ERR closed: {reason}\r\n".encode(), self.log,
+            before_reply=self.log_written,
         ))
         if settings.metrics_port is not None:
             render = make_renderer(self.stats, self.live_worker_indices, lambda: self.settings.mail_dir)

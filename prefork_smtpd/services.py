@@ -65,6 +65,7 @@ class Service:
         log: Callable[[str], None] = lambda message: None,
         clock: Callable[[], float] = time.monotonic,
         not_logged_in: str = "not logged in",
+        before_reply: Callable[[], None] = lambda: None,
     ) -> None:
         self.name = name
         self.not_logged_in = not_logged_in  # how the log and farewell name a late login
@@ -74,6 +75,7 @@ class Service:
         self.limits = limits
         self.farewell = farewell  # reason -> a parting word to a client closed by a limit
         self.log = log
+        self.before_reply = before_reply  # run before any reply goes out (the master: its log written)
         self.clock = clock
         self.clients: set[ServiceClient] = set()
         self.closed_counts: dict[str, int] = {}  # reason -> connections, since the last summary
@@ -205,6 +207,7 @@ class ServiceClient:
     def send(self) -> bool:
         """Send what the socket takes now; False if the client is gone."""
         if self.outbuf:
+            self.service.before_reply()
             try:
                 sent = self.sock.send(self.outbuf)
                 del self.outbuf[:sent]

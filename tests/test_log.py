@@ -164,3 +164,41 @@ def test_a_forked_child_writes_its_own_lines_and_never_the_parents_gathered_ones
     handler.close()
     lines = path.read_text().splitlines()
     assert [line.split(" : ", 1)[1] for line in lines] == ["the child's own", "gathered by the parent"]
+
+
+def test_wait_written_returns_once_the_lines_are_in_the_file_and_waits_once_per_stall(tmp_path):
+    """What the master does before a config port reply: its lines so far
+    are in the file when the reply goes. A stalled log makes one wait time
+    out; later calls do not wait until the writer gets past that point."""
+    path, reader = stalled_log(tmp_path)
+    handler = AppendLineHandler(str(path), "", SharedStats(), buffered=True, max_backlog=BOUND)
+    try:
+        handler.add_line("config: max_recipients=7")
+        assert handler.wait_written(30)
+        assert read_available(reader).endswith(b" : config: max_recipients=7\n")  # in the pipe before the call returned
+
+        for n in range(1500):  # 120 KB: more than the pipe holds, so the writer blocks
+            handler.add_line(f"filler {n:05d} " + "x" * 64)
+        assert not handler.wait_written(0.2)
+        handler.add_line("config: max_recipients=8")
+        second = threading.Thread(target=handler.wait_written, args=(3600,))
+        second.start()
+        second.join(60)
+        assert not second.is_alive(), "a second reply waited for a log that already stalled"
+
+        # The pipe is read again: the writer gets past the stalled mark, and
+        # the next call waits for its line again.
+        received = bytearray()
+        wait_until(lambda: received.extend(read_available(reader)) or b"max_recipients=8" in received, timeout=30)
+        handler.add_line("config: max_recipients=9")
+        done: list[bool] = []
+        third = threading.Thread(target=lambda: done.append(handler.wait_written(60)))
+        third.start()
+        wait_until(lambda: received.extend(read_available(reader)) or not third.is_alive(), timeout=60)
+        third.join()
+        assert done == [True]
+        received.extend(read_available(reader))
+        assert received.endswith(b" : config: max_recipients=9\n")
+    finally:
+        os.close(reader)
+        handler.close()

@@ -179,3 +179,23 @@ def test_a_log_that_cannot_be_written_never_stops_the_master(start_server, tmp_p
                    timeout=60, interval=0.1, what="a line after the drop")
     finally:
         os.close(reader)
+
+
+def test_a_config_port_answer_comes_after_the_masters_line_for_it(start_server, tmp_path):
+    """The master writes its log from a thread; a config port answer still
+    waits for the line of its change, so a script that reads the log after
+    an answer finds it. Read through a FIFO: what the master had written
+    when the answer came is exactly what the pipe holds."""
+    from test_operations import ConfigLine
+
+    fifo, reader = stalled_log(tmp_path)
+    try:
+        server = start_server("--log-file", str(fifo), workers=1)
+        config = ConfigLine(server.config_port)
+        received = bytearray()
+        for n in range(40):
+            assert config.send(f"max_recipients={100 + n}") == ["OK"]
+            received.extend(read_available(reader))
+            assert f"config: max_recipients={100 + n}\n".encode() in received, f"answer {n} came before its line"
+    finally:
+        os.close(reader)
