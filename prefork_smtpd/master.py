@@ -422,11 +422,7 @@ class Master:
                 self.become_worker()
                 status = run_worker(index, self.listeners, self.settings, self.stats, self.credentials)
             except BaseException:
-                try:
-                    self.logger.critical(f"worker {index} crashed: {traceback.format_exc()}")
-                    close_log(self.logger)  # os._exit below skips every cleanup
-                except Exception:
-                    pass
+                self.log_crash(f"worker {index} crashed: {traceback.format_exc()}")
             finally:
                 os._exit(status)
         slot.set(FIELD["pid"], pid)
@@ -457,11 +453,7 @@ class Master:
                 close_all(self.listeners)  # it serves no client: the ports close with the workers
                 status = run_queue_runner(self.settings, self.stats)
             except BaseException:
-                try:
-                    self.logger.critical(f"queue runner crashed: {traceback.format_exc()}")
-                    close_log(self.logger)
-                except Exception:
-                    pass
+                self.log_crash(f"queue runner crashed: {traceback.format_exc()}")
             finally:
                 os._exit(status)
         self.stats.slot(RUNNER_SLOT).set(FIELD["pid"], pid)
@@ -502,6 +494,19 @@ class Master:
             "queue_messages": (slot.get(FIELD["queue_messages"]), "queue"),
             "queue_oldest_seconds": (slot.get(FIELD["queue_oldest_seconds"]), "queue"),
         }
+
+    def log_crash(self, line: str) -> None:
+        """In a forked child about to exit on an exception: the line that says
+        why, written to the log file. A worker or the queue runner closes its
+        own log on its way out, which leaves the logger without a handler
+        (its lines would go to stderr): then the file is opened again for it."""
+        try:
+            if not self.logger.handlers:
+                self.logger = open_log(self.settings.log_file, self.stats, "")
+            self.logger.critical(line)
+            close_log(self.logger)  # os._exit skips every cleanup
+        except Exception:
+            pass  # a log that cannot be opened must not keep the child from exiting
 
     def become_worker(self) -> None:
         """In the child right after fork: drop everything that is the master's."""

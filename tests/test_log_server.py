@@ -18,7 +18,7 @@ import threading
 import urllib.request
 
 import pytest
-from harness import DOMAIN, free_port, wait_until
+from harness import DOMAIN, free_port, wait_until, with_sitecustomize
 from test_log import read_available, stalled_log
 from test_resources import MB, MiB, worker_anonymous
 
@@ -199,3 +199,36 @@ def test_a_config_port_answer_comes_after_the_masters_line_for_it(start_server, 
             assert f"config: max_recipients={100 + n}\n".encode() in received, f"answer {n} came before its line"
     finally:
         os.close(reader)
+
+
+# A worker that crashes once its log is open, when the flag file exists.
+CRASH_ONCE_SERVING = """
+import os
+import prefork_smtpd.worker as worker
+
+serve = worker.Worker.serve
+
+async def crashing_serve(self):
+    if os.path.exists(os.environ["CRASH_FLAG"]):
+        self.log("about to crash")
+        raise RuntimeError("injected crash")
+    await serve(self)
+
+worker.Worker.serve = crashing_serve
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_crash_after_its_log_is_open_is_in_the_log(start_server, tmp_path):
+    """The worker closes its own log on the way out, so the crash line its
+    child code writes next found the logger without a handler and went to
+    stderr, not the log file: the line that says why a worker died."""
+    flag = tmp_path / "crash"
+    server = start_server(workers=1, env=with_sitecustomize(tmp_path / "site", CRASH_ONCE_SERVING, CRASH_FLAG=str(flag)))
+    flag.touch()  # from now on, a new worker crashes once its log is open
+    (first,) = server.worker_pids()
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: server.log_count("exit code 1; replacing it") >= 1, timeout=60, what="a crashed worker reaped")
+    log = server.log_text()
+    assert "worker 1: about to crash" in log
+    assert re.search(r"\d\d : worker 1 crashed: Traceback.*\n(.*\n)*RuntimeError: injected crash\n", log), log[-2000:]
