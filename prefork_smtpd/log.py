@@ -44,6 +44,10 @@ from .stats import FIELD, SharedStats, Slot
 LOGGER_NAME = "prefork_smtpd"
 FLUSH_AT = 32 * 1024
 DEFAULT_MAX_BACKLOG: int = BY_NAME["max_log_backlog"].default
+# Seconds a process about to exit gives its log writer: a log that cannot
+# be written must not keep a worker that stops or crashes from exiting (the
+# master could neither reap nor replace it).
+EXIT_WAIT = 5.0
 LOG_LINES_DROPPED = FIELD["log_lines_dropped"]
 
 
@@ -291,7 +295,7 @@ def line_writer(logger: logging.Logger) -> AppendLineHandler:
     return next(h for h in logger.handlers if isinstance(h, AppendLineHandler))
 
 
-def close_log(logger: logging.Logger | None, wait: bool | float = True) -> None:
+def close_log(logger: logging.Logger | None, wait: bool | float = EXIT_WAIT) -> None:
     """Write out everything pending and close the file (before a process
     exits); ``wait``: at most that many seconds for a buffered log's writer."""
     if logger is None:

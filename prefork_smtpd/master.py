@@ -499,12 +499,14 @@ class Master:
         """In a forked child about to exit on an exception: the line that says
         why, written to the log file. A worker or the queue runner closes its
         own log on its way out, which leaves the logger without a handler
-        (its lines would go to stderr): then the file is opened again for it."""
+        (its lines would go to stderr): then the file is opened again for it.
+        The line goes through a writer thread, so that a log that cannot be
+        written delays the exit by close_log's bound only."""
         try:
-            if not self.logger.handlers:
-                self.logger = open_log(self.settings.log_file, self.stats, "")
+            if not any(getattr(handler, "buffered", False) for handler in self.logger.handlers):
+                self.logger = open_log(self.settings.log_file, self.stats, "", buffered=True)
             self.logger.critical(line)
-            close_log(self.logger)  # os._exit skips every cleanup
+            close_log(self.logger)  # at most EXIT_WAIT; os._exit skips every cleanup
         except Exception:
             pass  # a log that cannot be opened must not keep the child from exiting
 

@@ -232,3 +232,33 @@ def test_a_worker_crash_after_its_log_is_open_is_in_the_log(start_server, tmp_pa
     log = server.log_text()
     assert "worker 1: about to crash" in log
     assert re.search(r"\d\d : worker 1 crashed: Traceback.*\n(.*\n)*RuntimeError: injected crash\n", log), log[-2000:]
+
+
+@pytest.mark.slow
+def test_a_worker_that_crashes_while_the_log_is_stalled_still_exits(start_server, tmp_path):
+    """A worker with lines for a stalled log that crashes: it gives its
+    writer a bounded moment, then exits, so the master reaps and replaces
+    it. (It waited for its writer forever: a dead worker that never died,
+    its slot never given to a new one.)"""
+    from test_operations import ConfigLine
+
+    flag = tmp_path / "crash"
+    env = with_sitecustomize(tmp_path / "site", CRASH_ONCE_SERVING, CRASH_FLAG=str(flag))
+    fifo, reader = stalled_log(tmp_path)
+    try:
+        server = start_server("--log-file", str(fifo), "--max-log-backlog", str(64 * 1024), workers=1, env=env)
+        config = ConfigLine(server.config_port)
+        for n in range(4000):  # the master's lines fill the pipe: every write to the log now blocks
+            assert config.send(f"max_recipients={50 + n % 2}") == ["OK"]
+        flag.touch()
+        (first,) = server.worker_pids()
+        os.kill(first, signal.SIGKILL)
+        crashing = wait_until(lambda: [p for p in server.worker_pids() if p != first], timeout=60,
+                              what="the replacement worker, which crashes")[0]
+        wait_until(lambda: crashing not in server.worker_pids(), timeout=60,
+                   what="the crashed worker to exit and be reaped, the log still stalled")
+        wait_until(lambda: [p for p in server.worker_pids() if p not in (first, crashing)], timeout=60,
+                   what="the next worker forked in its place")
+        assert config.send("max_recipients=60") == ["OK"]
+    finally:
+        os.close(reader)
