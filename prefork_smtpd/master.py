@@ -256,6 +256,10 @@ class Master:
             f"listening on {listening_on(self.listeners)} with {plural(self.target_workers, 'worker')},"
             f" domains {', '.join(settings.domains)}"
         )
+        # In the file before any worker is forked to serve, as when each line
+        # was written at once; a log that cannot be written delays the start
+        # by LOG_CLOSE_WAIT at most.
+        wait_written(self.logger, LOG_CLOSE_WAIT)
         try:
             try:
                 while self.running:

@@ -262,3 +262,33 @@ def test_a_worker_that_crashes_while_the_log_is_stalled_still_exits(start_server
         assert config.send("max_recipients=60") == ["OK"]
     finally:
         os.close(reader)
+
+
+# The master's first write to its log takes a second, as on a slow disk.
+SLOW_FIRST_MASTER_WRITE = """
+import threading
+import time
+import prefork_smtpd.log as log
+
+write = log.AppendLineHandler._write
+slowed = []
+
+def slow_write(self, data):
+    if self.prefix == "" and threading.current_thread().name == "log-writer" and not slowed:
+        slowed.append(data)
+        time.sleep(1.0)
+    write(self, data)
+
+log.AppendLineHandler._write = slow_write
+"""
+
+
+@pytest.mark.slow
+def test_the_startup_lines_are_in_the_log_before_a_worker_serves(start_server, tmp_path):
+    """'Server Initialized' is in the log before any worker accepts, as when
+    the master wrote each line at once: its writer thread was handed the
+    line only after the workers were forked."""
+    server = start_server(workers=1, env=with_sitecustomize(tmp_path / "site", SLOW_FIRST_MASTER_WRITE))
+    log = server.log_text()  # start_server returned: the worker accepts
+    assert log.split("\n")[0].endswith(" : Server Initialized"), log
+    assert " : listening on port " in log.split("\n")[1], log
