@@ -292,3 +292,29 @@ def test_the_startup_lines_are_in_the_log_before_a_worker_serves(start_server, t
     log = server.log_text()  # start_server returned: the worker accepts
     assert log.split("\n")[0].endswith(" : Server Initialized"), log
     assert " : listening on port " in log.split("\n")[1], log
+
+
+@pytest.mark.slow
+def test_a_reload_while_the_log_is_stalled_lets_the_old_workers_go(start_server, tmp_path):
+    """After reload=1 the old workers finish and exit even though their log
+    cannot be written: each gives its writer a bounded moment. (They waited
+    for it forever, so the old generation never left.)"""
+    from test_operations import ConfigLine
+
+    fifo, reader = stalled_log(tmp_path)
+    try:
+        server = start_server("--log-file", str(fifo), "--max-log-backlog", str(64 * 1024), workers=2)
+        config = ConfigLine(server.config_port)
+        for n in range(4000):  # the master's lines fill the pipe: every write to the log now blocks
+            assert config.send(f"max_recipients={50 + n % 2}") == ["OK"]
+        old = set(server.worker_pids())
+        for _ in range(4):  # a session line for the workers to write on their way out
+            client = server.client()
+            client.cmd("EHLO client.test")
+            client.cmd("QUIT")
+        assert config.send("reload=1") == ["OK"]
+        wait_until(lambda: not old & set(server.worker_pids()), timeout=60,
+                   what="the old generation to exit, the log still stalled")
+        wait_until(lambda: len(server.accepting_workers()) == 2, timeout=60, what="the new generation")
+    finally:
+        os.close(reader)
