@@ -505,14 +505,19 @@ class Master:
         own log on its way out, which leaves the logger without a handler
         (its lines would go to stderr): then the file is opened again for it.
         The line goes through a writer thread, so that a log that cannot be
-        written delays the exit by close_log's bound only."""
+        written delays the exit by close_log's bound only. If the file cannot
+        be opened (why a new worker fails, say), the handler inherited from
+        the master, still in place, takes the line."""
         try:
             if not any(getattr(handler, "buffered", False) for handler in self.logger.handlers):
                 self.logger = open_log(self.settings.log_file, self.stats, "", buffered=True)
+        except OSError:
+            pass
+        try:
             self.logger.critical(line)
             close_log(self.logger)  # at most EXIT_WAIT; os._exit skips every cleanup
         except Exception:
-            pass  # a log that cannot be opened must not keep the child from exiting
+            pass  # a broken log must not keep the child from exiting
 
     def become_worker(self) -> None:
         """In the child right after fork: drop everything that is the master's."""
