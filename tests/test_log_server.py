@@ -318,3 +318,22 @@ def test_a_reload_while_the_log_is_stalled_lets_the_old_workers_go(start_server,
         wait_until(lambda: len(server.accepting_workers()) == 2, timeout=60, what="the new generation")
     finally:
         os.close(reader)
+
+
+@pytest.mark.slow
+def test_a_master_whose_log_is_stalled_still_stops(start_server, tmp_path):
+    """SIGTERM with the master's log stalled: the workers leave and the
+    master exits, each giving its log writer a bounded moment (5 s) rather
+    than waiting for it forever."""
+    from test_operations import ConfigLine
+
+    fifo, reader = stalled_log(tmp_path)
+    try:
+        server = start_server("--log-file", str(fifo), "--max-log-backlog", str(64 * 1024),
+                              "--graceful-timeout", "2", workers=1)
+        config = ConfigLine(server.config_port)
+        for n in range(4000):  # the master's lines fill the pipe: every write to the log now blocks
+            assert config.send(f"max_recipients={50 + n % 2}") == ["OK"]
+        assert server.stop(timeout=60) == 0
+    finally:
+        os.close(reader)
