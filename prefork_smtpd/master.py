@@ -503,11 +503,12 @@ class Master:
         """In a forked child about to exit on an exception: the line that says
         why, written to the log file. A worker or the queue runner closes its
         own log on its way out, which leaves the logger without a handler
-        (its lines would go to stderr): then the file is opened again for it.
-        The line goes through a writer thread, so that a log that cannot be
-        written delays the exit by close_log's bound only. If the file cannot
-        be opened (why a new worker fails, say), the handler inherited from
-        the master, still in place, takes the line."""
+        (its lines would go to stderr); one that failed before opening it
+        holds the master's, which writes at once. Either way the file is
+        opened again for the line, through a writer thread, so that a log
+        that cannot be written delays the exit by close_log's bound only. If
+        the file cannot be opened (why a new worker fails, say), the handler
+        inherited from the master, still in place, takes the line."""
         try:
             if not any(getattr(handler, "buffered", False) for handler in self.logger.handlers):
                 self.logger = open_log(self.settings.log_file, self.stats, "", buffered=True)
