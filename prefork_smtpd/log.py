@@ -24,8 +24,20 @@ counted, never waited for (that would stall the event loop); once the
 writer has worked the backlog down to half the bound, one line says how
 many were dropped since when, and lines flow again. Critical lines (a
 crash) always go out: they are few, no client can make them at will, and
-they are the ones that say why a process died. A reopen (logrotate's
-USR1) leaves the old file to its writer and does not wait for it.
+they are the ones that say why a process died.
+
+open() itself can block for ever (a stalled disk or network file system, a
+FIFO nobody reads), so a buffered log's file is opened by its writer
+thread, never by the loop. At start a process waits a moment
+(``OPEN_WAIT``) to learn whether the file opens, so that a wrong path
+fails at once; past that, lines gather (bounded) until the open returns.
+A reopen (logrotate's USR1, ``reopen_log``) waits for nothing: the old
+file takes the lines until the new one is open, and the swap is made at
+the next flush (the loop's tick). The old file is left to its writer,
+which finishes it on its own. One reopen at a time, and none while the
+file left by the last one is still being written: whatever the signals,
+a process holds at most three log files (old, current, opening) and what
+waits for them stays within three times the bound.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 from .settings import BY_NAME
 from .stats import FIELD, SharedStats, Slot
@@ -48,6 +61,11 @@ DEFAULT_MAX_BACKLOG: int = BY_NAME["max_log_backlog"].default
 # be written must not keep a worker that stops or crashes from exiting (the
 # master could neither reap nor replace it).
 EXIT_WAIT = 5.0
+# Seconds a process opening its log at start waits to learn whether the
+# file opens: a wrong path (a directory, a read-only disk) then fails at
+# once; a file that has not opened by then (a stalled disk) gathers lines
+# until it does.
+OPEN_WAIT = 1.0
 LOG_LINES_DROPPED = FIELD["log_lines_dropped"]
 
 
@@ -56,8 +74,13 @@ class AppendLineHandler(logging.Handler):
 
     def __init__(
         self, path: str, prefix: str, stats: SharedStats, buffered: bool,
-        max_backlog: int = DEFAULT_MAX_BACKLOG, slot: Slot | None = None,
+        max_backlog: int = DEFAULT_MAX_BACKLOG, slot: Slot | None = None, open_wait: float = OPEN_WAIT,
+        on_open: Callable[[], object] | None = None,
     ) -> None:
+        """Raises the OSError of the file's open if it fails within
+        ``open_wait`` seconds (at once, for an unbuffered log). A buffered
+        log's writer calls ``on_open``, from its thread, once the open has
+        returned."""
         super().__init__()
         self.path = path
         self.prefix = prefix
@@ -81,16 +104,37 @@ class AppendLineHandler(logging.Handler):
         self.slot = slot  # where the dropped lines are counted for XSTAT and /metrics
         self._second = -1
         self._stamp = ""
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.fd = -1
+        self.open_error: OSError | None = None  # why the writer could not open the file
+        self.successor: AppendLineHandler | None = None  # a reopen's file, until it has opened
+        self.successor_asked = 0.0
+        self.announce = ""  # the line the successor starts with
+        self.on_open = on_open
         self._writes: queue.SimpleQueue | None = None
         self._writer_owns_fd = buffered  # the writer thread closes the file once it is done
-        if buffered:
-            _buffered_handlers.add(self)
-            self._writes = queue.SimpleQueue()
-            self._progress = threading.Condition()  # notified by the writer after each write
-            self._stalled_below = 0  # wait_written timed out at this mark: no waits until it is written
-            self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
-            self._writer.start()
+        self._opened = threading.Event()  # the open has returned, either way
+        if not buffered:
+            self.fd = open_log_file(path)
+            self._opened.set()
+            return
+        self._writes = queue.SimpleQueue()
+        self._progress = threading.Condition()  # notified by the writer after each write
+        self._stalled_below = 0  # wait_written timed out at this mark: no waits until it is written
+        self._writer = threading.Thread(target=self._write_loop, name="log-writer", daemon=True)
+        self._writer.start()
+        if self._opened.wait(open_wait) and self.open_error is not None:
+            self._writes.put(None)  # the writer stops
+            raise self.open_error
+        _buffered_handlers.add(self)
+
+    @property
+    def opened(self) -> bool:
+        """Whether the open has returned (``open_error`` says how)."""
+        return self._opened.is_set()
+
+    def writing(self) -> bool:
+        """Whether its writer thread is still at work (a retired log's)."""
+        return self._writes is not None or (self.buffered and self._writer.is_alive())
 
     def _forked(self) -> None:
         """In a forked child: the writer thread stayed in the parent, and the
@@ -104,6 +148,7 @@ class AppendLineHandler(logging.Handler):
         self.buffered = False
         self.room = sys.maxsize
         self.dropped = 0
+        self.successor = None  # its open, if any, runs in the parent
 
     def emit(self, record: logging.LogRecord) -> None:
         critical = record.levelno >= logging.CRITICAL
@@ -212,13 +257,24 @@ class AppendLineHandler(logging.Handler):
     def _write_loop(self) -> None:
         writes = self._writes  # its own reference: close() lets go of the handler's
         assert writes is not None
+        try:
+            self.fd = open_log_file(self.path)
+        except OSError as error:
+            self.open_error = error  # what is queued is then lost, as on a write error
+        self._opened.set()
+        if self.on_open is not None:
+            try:
+                self.on_open()
+            except Exception:
+                pass  # a wake-up that cannot be given: the owner's next tick looks anyway
         while (data := writes.get()) is not None:
             self._write(data)
             with self._progress:
                 self.written_bytes += len(data)  # this thread's own total: no other thread writes it
                 self._progress.notify_all()
-        os.close(self.fd)  # the writer owns the file: it may outlive close()
-        self.fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)  # the writer owns the file: it may outlive close()
+            self.fd = -1
 
     def close(self, wait: bool | float = True) -> None:
         """Write out what is left and close the file. ``wait``: until it is
@@ -226,6 +282,9 @@ class AppendLineHandler(logging.Handler):
         Otherwise (a reopen after logrotate) the writer finishes on its own
         and closes the file itself: a log that cannot be written must not
         stall the event loop that reopens it."""
+        if self.successor is not None:  # a reopen still opening its file: given up
+            self.successor.close(wait=False)
+            self.successor = None
         if self.dropped:
             self._resume(closing=True)
         self.flush()
@@ -239,14 +298,82 @@ class AppendLineHandler(logging.Handler):
             self.fd = -1
         super().close()
 
+    def reopen(self, announce: str = "", on_open: Callable[[], object] | None = None) -> None:
+        """Begin opening the file anew (after logrotate moved it) on a
+        writer thread of its own; ``finish_reopen`` swaps to it once it is
+        open. Refused, with a line saying why, while an earlier reopen is
+        still opening its file or the file it left is still being written:
+        that is what bounds the files, threads and lines a stalled log
+        disk can make a process hold, however many signals come.
+        ``on_open`` (called from the opening thread) wakes the owner to
+        swap at once, rather than at its next tick."""
+        if self.successor is not None:
+            asked = time.strftime("%H:%M:%S", time.localtime(self.successor_asked))
+            self.add_line(f"log file not reopened: the reopen asked at {asked} is still opening {self.path}", critical=True)
+            return
+        _retired[:] = [handler for handler in _retired if handler.writing()]
+        if _retired:
+            self.add_line(
+                "log file not reopened: the file left at the last reopen is still being written", critical=True
+            )
+            return
+        try:
+            self.successor = AppendLineHandler(
+                self.path, self.prefix, self.stats, True, self.max_backlog, self.slot, open_wait=0, on_open=on_open,
+            )
+        except OSError as error:
+            self._cannot_reopen(error)
+            return
+        self.successor_asked = time.time()
+        self.announce = announce
+
+    def _cannot_reopen(self, error: OSError) -> None:
+        self.add_line(f"log file {self.path} could not be reopened ({error}); still writing to the one open before", critical=True)
+
+    def finish_reopen(self, logger: logging.Logger) -> AppendLineHandler:
+        """If a reopen's file has opened, put it in this handler's place on
+        ``logger`` and retire this one; if its open failed, say so here.
+        Returns the handler now in place."""
+        fresh = self.successor
+        if fresh is None or not fresh.opened:
+            return self
+        self.successor = None
+        if fresh.open_error is not None:
+            fresh.close(wait=False)
+            self._cannot_reopen(fresh.open_error)
+            return self
+        logger.removeHandler(self)
+        logger.addHandler(fresh)
+        self.close(wait=False)  # its writer finishes the old file on its own
+        if self.writing():
+            _retired.append(self)
+        if self.announce:
+            fresh.add_line(self.announce)
+        return fresh
+
+
+def open_log_file(path: str) -> int:
+    """Open (create) the log file for appending; its folder too."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
 
 _buffered_handlers: "weakref.WeakSet[AppendLineHandler]" = weakref.WeakSet()
+# Retired by a reopen, their writers possibly still at the old file.
+_retired: list[AppendLineHandler] = []
 
 
 def _after_fork_in_child() -> None:
     for handler in list(_buffered_handlers):
+        successor = handler.successor
         handler._forked()
+        if successor is not None and successor.fd >= 0:
+            os.close(successor.fd)  # the parent's copy is its own; nothing writes this one
+            successor.fd = -1
     _buffered_handlers.clear()
+    _retired.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -271,9 +398,6 @@ def open_log(
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logger = logging.getLogger(LOGGER_NAME)
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
     prefix = f"{process}: " if process else ""
     # The new file first: if it cannot be opened, the old one still takes
     # the lines that say why (a worker that cannot start logs its crash).
@@ -288,6 +412,18 @@ def open_log(
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger
+
+
+def reopen_log(
+    logger: logging.Logger | None, announce: str = "", on_open: Callable[[], object] | None = None,
+) -> None:
+    """logrotate's USR1: begin opening the log file anew, without waiting
+    (``AppendLineHandler.reopen``); the next ``flush_log`` swaps to it once
+    it is open and writes ``announce`` there first."""
+    if logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, AppendLineHandler):
+                handler.reopen(announce, on_open)
 
 
 def line_writer(logger: logging.Logger) -> AppendLineHandler:
@@ -317,7 +453,13 @@ def wait_written(logger: logging.Logger | None, timeout: float) -> None:
                 handler.wait_written(timeout)
 
 
-def flush_log(logger: logging.Logger | None) -> None:
+def flush_log(logger: logging.Logger | None) -> AppendLineHandler | None:
+    """Each tick: hand what is gathered to the writer, and finish a reopen
+    whose file has opened. Returns the line handler now in place."""
+    current = None
     if logger is not None:
-        for handler in logger.handlers:
+        for handler in list(logger.handlers):
             handler.flush()
+            if isinstance(handler, AppendLineHandler):
+                current = handler.finish_reopen(logger)
+    return current

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from harness import wait_until
 
-from prefork_smtpd.log import FLUSH_AT, LOG_LINES_DROPPED, AppendLineHandler, close_log, line_writer, open_log
+from prefork_smtpd.log import (
+    FLUSH_AT, LOG_LINES_DROPPED, AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log,
+)
 from prefork_smtpd.stats import SharedStats
 
 BOUND = 256 * 1024
@@ -111,7 +113,9 @@ def test_an_unbuffered_log_never_drops(tmp_path):
 def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
     """logrotate's USR1 makes a worker reopen its log from the event loop:
     a writer blocked on the old file must not hold the loop. The old
-    writer finishes the old file on its own, then closes it."""
+    writer finishes the old file on its own, then closes it; until it has,
+    another reopen is refused with a line saying why (each would leave one
+    more blocked writer and its lines behind)."""
     path, reader = stalled_log(tmp_path)
     stats = SharedStats()
     logger = open_log(str(path), stats, "worker 1", buffered=True, max_backlog=BOUND)
@@ -120,12 +124,24 @@ def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
     for message in sent:
         old.add_line(message)
     old.flush()
-    reopened = threading.Thread(target=open_log, args=(str(tmp_path / "new.txt"), stats, "worker 1", True, BOUND))
-    reopened.start()
-    reopened.join(10)
+    path.rename(tmp_path / "log.fifo.1")  # logrotate moves it; the name now opens a new plain file
     try:
-        assert not reopened.is_alive(), "reopening the log waited for the blocked writer"
-        assert line_writer(logger) is not old
+        opened = threading.Event()
+        reopen_log(logger, announce="log file reopened", on_open=opened.set)
+        assert opened.wait(30), "the new file never opened"
+        assert flush_log(logger) is line_writer(logger) is not old
+        fresh = line_writer(logger)
+        threads = threading.active_count()
+        for _ in range(20):
+            reopen_log(logger)
+        assert threading.active_count() == threads, "a reopen started a thread beside the blocked writer"
+        fresh.add_line("after the rotation")
+        assert fresh.wait_written(30)
+        assert [line.split(" : worker 1: ", 1)[1] for line in path.read_text().splitlines()] == (
+            ["log file reopened"]
+            + ["log file not reopened: the file left at the last reopen is still being written"] * 20
+            + ["after the rotation"]
+        )
         received = bytearray()
 
         def old_file_closed() -> bool:
@@ -142,9 +158,80 @@ def test_reopening_a_log_that_cannot_be_written_does_not_wait_for_it(tmp_path):
         assert dropped, f"the last line of the old file is not the drop line: {kept[-1]!r}"
         assert kept[:-1] == sent[: len(kept) - 1] and len(kept) - 1 + int(dropped.group(1)) == len(sent)
         assert old.fd == -1
+        # The old file written out, a reopen goes through again.
+        wait_until(lambda: not old.writing(), timeout=30, what="the old writer to stop")
+        reopen_log(logger, announce="reopened again")
+        wait_until(lambda: flush_log(logger) is not fresh, timeout=30, what="the second reopen")
+        assert line_writer(logger).wait_written(30)
+        assert path.read_text().endswith(" : worker 1: reopened again\n")
     finally:
         os.close(reader)
-        reopened.join(30)
+        close_log(logger)
+
+
+def test_a_reopen_whose_file_will_not_open_waits_for_nothing_and_swaps_once_it_does(tmp_path):
+    """open() of a FIFO nobody reads blocks, as on a stalled disk or network
+    file system: the reopen returns at once, the old file takes the lines
+    meanwhile, a second reopen is refused, and the swap comes once the
+    file opens, its first line the announcement."""
+    path = tmp_path / "log.txt"
+    stats = SharedStats()
+    logger = open_log(str(path), stats, "", buffered=True, max_backlog=BOUND)
+    old = line_writer(logger)
+    rotated = tmp_path / "log.txt.1"
+    path.rename(rotated)
+    os.mkfifo(path)
+    opened = threading.Event()
+    reader = -1
+    try:
+        reopening = threading.Thread(target=reopen_log, args=(logger, "log file reopened", opened.set), daemon=True)
+        reopening.start()
+        reopening.join(10)
+        assert not reopening.is_alive(), "the reopen waited for the file to open"
+        old.add_line("while the new file will not open")
+        assert flush_log(logger) is old and line_writer(logger) is old
+        reopen_log(logger)  # refused: the first is still opening
+        assert old.wait_written(30)
+        lines = [line.split(" : ", 1)[1] for line in rotated.read_text().splitlines()]
+        assert lines[-2] == "while the new file will not open"
+        assert re.fullmatch(rf"log file not reopened: the reopen asked at \d\d:\d\d:\d\d is still opening {re.escape(str(path))}",
+                            lines[-1]), lines[-1]
+
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # someone reads: the open returns
+        assert opened.wait(30)
+        assert flush_log(logger) is line_writer(logger) is not old
+        line_writer(logger).add_line("in the new file")
+        assert line_writer(logger).wait_written(30)
+        received = read_available(reader).decode()
+        assert [line.split(" : ", 1)[1] for line in received.splitlines()] == ["log file reopened", "in the new file"]
+        wait_until(lambda: not old.writing(), timeout=30, what="the old file closed")
+    finally:
+        if reader >= 0:
+            os.close(reader)
+        else:  # let the blocked open return, so its thread ends
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        close_log(logger)
+
+
+def test_a_reopen_that_cannot_open_the_file_says_so_in_the_old_one(tmp_path):
+    path = tmp_path / "log.txt"
+    logger = open_log(str(path), SharedStats(), "worker 2", buffered=True, max_backlog=BOUND)
+    old = line_writer(logger)
+    rotated = tmp_path / "log.txt.1"
+    path.rename(rotated)
+    path.mkdir()  # opening it for writing fails: EISDIR
+    opened = threading.Event()
+    try:
+        reopen_log(logger, on_open=opened.set)
+        assert opened.wait(30)
+        assert flush_log(logger) is old and line_writer(logger) is old
+        old.add_line("still here")
+        assert old.wait_written(30)
+        lines = [line.split(" : worker 2: ", 1)[1] for line in rotated.read_text().splitlines()]
+        assert re.fullmatch(rf"log file {re.escape(str(path))} could not be reopened \(\[Errno 21\] Is a directory: .*\); "
+                            "still writing to the one open before", lines[-2]), lines[-2]
+        assert lines[-1] == "still here"
+    finally:
         close_log(logger)
 
 
