@@ -45,7 +45,7 @@ from .controlplane import ControlPlane
 from .credentials import Credentials, CredentialsError
 from .delivery import remove_temporary_files, replay_journals
 from .listeners import SMTP, Listener, ListenError, bind_all, close_all, configured
-from .log import close_log, flush_log, open_log, wait_written
+from .log import close_log, flush_log, open_log, reopen_log, wait_written
 from .pool import (
     CRASH_WINDOW, DIED, MAX_BACKOFF, RECYCLED, STOPPED, CrashBackoff, WorkerInfo, WorkerPool, clamp_target,
 )
@@ -341,6 +341,13 @@ class Master:
     def _queue_signal(self, signum: int, frame: object) -> None:
         # Only queue: the main loop acts, outside the handler's restrictions.
         self.signal_queue.append(signum)
+
+    def wake(self) -> None:
+        """From another thread: end the loop's wait now."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # the pipe is full: the loop is about to wake anyway
 
     def _drain_wakeup(self, mask: int) -> None:
         try:
@@ -725,10 +732,13 @@ class Master:
         wait_written(self.logger, LOG_REPLY_WAIT)
 
     def reopen_logs(self) -> None:
-        self.logger = self.open_log()
+        """USR1: the log file anew, here and in every worker. The master's
+        is opened on a thread of its own (an open() that hangs must not
+        hang the master); flush_log swaps to it once it is open, and its
+        first line says so."""
+        reopen_log(self.logger, announce="log file reopened", on_open=self.wake)
         for info in self.workers.values():
             self.kill(info.pid, signal.SIGUSR1)
-        self.log("log file reopened")
 
     # ------------------------------------------------ services of the master
     def open_services(self) -> None:

@@ -65,7 +65,7 @@ from setproctitle import setproctitle
 
 from .delivery import DeliveryError, MaildirStore
 from .dsn import xtext_encode
-from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
+from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .notices import is_local_sender, local_sender_folder
 from .policy import mailbox_check, names_from
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
@@ -709,7 +709,7 @@ class Runner:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A flush before the loop's handler is in place must not end the process.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-        self.reopen_log()
+        self.open_log()
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         if self.resolver is None:
@@ -760,7 +760,7 @@ class Runner:
                 self.start_due()
                 if time.monotonic() >= next_housekeeping:
                     self.publish()
-                    flush_log(self._logger)
+                    self.flush_log()
                     next_housekeeping = time.monotonic() + HOUSEKEEPING
                 await self._sleep(min(TICK, next_full - time.monotonic(), self._until_due()))
         finally:
@@ -1209,12 +1209,22 @@ class Runner:
         return "no such mailbox"
 
     # -------------------------------------------------------------- helpers
-    def reopen_log(self) -> None:
+    def open_log(self) -> None:
+        """Open this process's own log (at start)."""
         self._logger = open_log(
             self.settings.log_file, self.stats, "queue runner", buffered=True,
             max_backlog=self.settings.max_log_backlog, slot=self.slot,
         )
         self._log_lines = line_writer(self._logger)
+
+    def reopen_log(self) -> None:
+        """USR1, after logrotate moved the file: open it anew, on a thread
+        (an open() that hangs must not hang the loop); the tick's
+        flush_log swaps to it once it is open, or at once when woken."""
+        reopen_log(self._logger, on_open=lambda: self.loop.call_soon_threadsafe(self.flush_log))
+
+    def flush_log(self) -> None:
+        self._log_lines = flush_log(self._logger)
 
     def log(self, message: str) -> None:
         if self._log_lines is not None and self.stats.get("logging"):

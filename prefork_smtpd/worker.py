@@ -50,7 +50,7 @@ from .listeners import SMTP, SMTPS, SUBMISSION, TLS_IMPLICIT, ConnectionContext,
 from .notices import success_notice
 from .queue import queue_dir_of, wake_runner
 from .relayrights import in_networks, relay_networks
-from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log
+from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .policy import ServerPolicy, bound_addresses, mailbox_check, names_from, own_addresses
 from .proxy import ProxyResult, parse_networks, trusted
 from .proxy_reader import Conveyed, conveyed, read_header
@@ -666,7 +666,7 @@ class Worker:
         """The body of the forked child; returns the exit status."""
         setproctitle(f"prefork-smtpd: worker {self.index} (starting)")
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master decides when we stop
-        self.reopen_log()
+        self.open_log()
         # A fresh loop, built after fork: never one inherited from the master.
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -732,7 +732,7 @@ class Worker:
             if len(self.connections) != last_count:
                 last_count = len(self.connections)
                 self.title()
-            flush_log(self._logger)
+            self.flush_log()
 
     # ------------------------------------------------------------ accepting
     # Every worker watches the listening sockets the master bound. Each
@@ -1042,13 +1042,22 @@ class Worker:
         else:
             setproctitle(f"prefork-smtpd: worker {self.index} [{len(self.connections)} connections]")
 
-    def reopen_log(self) -> None:
-        """Open the log; again after logrotate moved it (USR1)."""
+    def open_log(self) -> None:
+        """Open this process's own log (at start)."""
         self._logger = open_log(
             self.settings.log_file, self.stats, f"worker {self.index}", buffered=True,
             max_backlog=self.settings.max_log_backlog, slot=self.slot,
         )
         self._log_lines = line_writer(self._logger)
+
+    def reopen_log(self) -> None:
+        """USR1, after logrotate moved the file: open it anew, on a thread
+        (an open() that hangs must not hang the loop); the tick's
+        flush_log swaps to it once it is open, or at once when woken."""
+        reopen_log(self._logger, on_open=lambda: self.loop.call_soon_threadsafe(self.flush_log))
+
+    def flush_log(self) -> None:
+        self._log_lines = flush_log(self._logger)
 
     def log(self, message: str) -> None:
         if self._log_lines is not None and self.stats.get("logging"):

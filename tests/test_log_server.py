@@ -337,3 +337,70 @@ def test_a_master_whose_log_is_stalled_still_stops(start_server, tmp_path):
         assert server.stop(timeout=60) == 0
     finally:
         os.close(reader)
+
+
+@pytest.mark.slow
+def test_a_reopen_onto_a_file_that_will_not_open_leaves_the_server_serving(start_server, tmp_path):
+    """logrotate's USR1 when the log's name opens only once read (a FIFO
+    nobody reads: open() blocks, as on a stalled disk or network file
+    system). The master opened the new file on its main thread and hung
+    there: no config port, no reaping. Now the open waits on a thread of
+    its own, the old file takes the lines meanwhile, more signals are
+    refused with a line, and the swap comes once the file opens."""
+    from test_operations import ConfigLine
+
+    server = start_server(workers=1)
+    config = ConfigLine(server.config_port)  # 10 s per reply: a blocked master fails it
+    assert config.send("max_recipients=70") == ["OK"]
+    rotated = server.log_file.with_suffix(".1")
+    server.log_file.rename(rotated)
+    os.mkfifo(server.log_file)
+    reader = -1
+    try:
+        server.proc.send_signal(signal.SIGUSR1)
+        assert config.send("max_recipients=71") == ["OK"]
+        assert send_mail(server) == 250
+        wait_until(lambda: "config: max_recipients=71" in rotated.read_text(), what="the master's line in the old file")
+        server.proc.send_signal(signal.SIGUSR1)  # refused by the master and the worker: one reopen at a time
+        wait_until(lambda: rotated.read_text().count(" is still opening ") == 2, what="the two refusals")
+        assert "Traceback" not in rotated.read_text()
+
+        reader = os.open(server.log_file, os.O_RDONLY | os.O_NONBLOCK)
+        received = bytearray()
+        wait_until(lambda: received.extend(read_available(reader)) or b" : log file reopened\n" in received,
+                   what="the master's first line in the new file")
+        assert config.send("max_recipients=72") == ["OK"]
+        client = server.client()
+        client.cmd("EHLO after-the-reopen.example")
+        client.close()
+        wait_until(lambda: received.extend(read_available(reader)) or b"after-the-reopen.example" in received,
+                   what="the worker's lines in the new file")
+        assert b"config: max_recipients=72" in received
+        assert b"after-the-reopen.example" not in rotated.read_bytes()
+    finally:
+        if reader >= 0:
+            os.close(reader)
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_reopen_that_cannot_open_the_file_is_one_line_and_changes_nothing(start_server, tmp_path):
+    """USR1 with the log's name taken by a folder: the master and the worker
+    each say so in one line in the file they keep writing (the master
+    logged a traceback of its failed step)."""
+    from test_operations import ConfigLine
+
+    server = start_server(workers=1)
+    rotated = server.log_file.with_suffix(".1")
+    server.log_file.rename(rotated)
+    server.log_file.mkdir()
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: rotated.read_text().count(" could not be reopened ") == 2, what="the master's and the worker's line")
+    text = rotated.read_text()
+    assert re.search(r"\d\d : log file \S+ could not be reopened \(\[Errno 21\] Is a directory: .*\); "
+                     r"still writing to the one open before\n", text), text[-2000:]
+    assert re.search(r"\d\d : worker 1: log file \S+ could not be reopened ", text), text[-2000:]
+    assert "Traceback" not in text and "unexpected error" not in text
+    assert ConfigLine(server.config_port).send("max_recipients=73") == ["OK"]
+    assert send_mail(server) == 250
+    wait_until(lambda: "config: max_recipients=73" in rotated.read_text(), what="the master's next line")
