@@ -562,7 +562,13 @@ class Session:
                 if not self._skipping_long_line:
                     self._note_line(line)
                 self._skipping_long_line = False
-                reply = self._error(replies.COMMAND_TOO_LONG)
+                if state is AUTH:
+                    # The answer to a challenge: refused, it ends the
+                    # exchange (RFC 4954 4), or the client's next command
+                    # would be read as its credentials.
+                    reply = self._sasl_step(sasl.Failure(sasl.LINE_TOO_LONG))
+                else:
+                    reply = self._error(replies.COMMAND_TOO_LONG)
             elif state is AUTH:
                 self._note_line(line)
                 reply = self._auth_line(line)

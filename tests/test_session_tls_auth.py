@@ -119,6 +119,28 @@ def test_auth_login_with_challenges():
     assert s.resume(Authenticated("alice")).startswith(b"235")
 
 
+@pytest.mark.parametrize("mechanism", [b"PLAIN", b"LOGIN"])
+@pytest.mark.parametrize("split", [False, True])
+def test_an_answer_to_a_challenge_too_long_to_read_ends_the_exchange(mechanism, split):
+    """A line past the longest AUTH line (12288 octets, RFC 4954 4) is
+    refused unread; the 500 ends the exchange, so the client's next
+    command is a command again, not its credentials. ``split``: the line
+    comes in reads, its head dropped before its end is seen."""
+    s = upgraded(auth=True)
+    assert s.feed(b"AUTH " + mechanism + b"\r\n").startswith(b"334 ")
+    too_long = b"A" * 13000 + b"\r\n"
+    if split:
+        assert s.feed(too_long[:12500]) == b""
+        reply = s.feed(too_long[12500:] + b"NOOP\r\n")
+    else:
+        reply = s.feed(too_long + b"NOOP\r\n")
+    assert reply == b"500 5.5.6 Error: authentication line too long\r\n250 2.0.0 Ok\r\n"
+    assert s.state is State.READY and s.auth_counted == [(mechanism.decode(), "malformed")]
+    assert s.log[-1] == "refused [a line after AUTH, hidden]: 500 5.5.6 Error: authentication line too long"
+    assert s.feed(b"AUTH PLAIN " + plain("alice", "pw").encode() + b"\r\n") == b""  # a new exchange may start
+    assert s.waiting_for == CheckCredentials("PLAIN", "alice", "pw")
+
+
 def test_auth_needs_tls_except_where_allowed_in_the_clear():
     s = new(auth=True)
     assert b"AUTH" not in s.feed(b"EHLO c.example\r\n")  # not advertised in the clear
