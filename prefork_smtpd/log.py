@@ -304,18 +304,19 @@ class AppendLineHandler(logging.Handler):
         open. Refused, with a line saying why, while an earlier reopen is
         still opening its file or the file it left is still being written:
         that is what bounds the files, threads and lines a stalled log
-        disk can make a process hold, however many signals come.
+        disk can make a process hold, however many signals come. Its
+        lines are ordinary ones, within the backlog's bound (a signal sent
+        in a loop must not grow memory past it), dropped and counted like
+        any other once the bound is reached.
         ``on_open`` (called from the opening thread) wakes the owner to
         swap at once, rather than at its next tick."""
         if self.successor is not None:
             asked = time.strftime("%H:%M:%S", time.localtime(self.successor_asked))
-            self.add_line(f"log file not reopened: the reopen asked at {asked} is still opening {self.path}", critical=True)
+            self.add_line(f"log file not reopened: the reopen asked at {asked} is still opening {self.path}")
             return
         _retired[:] = [handler for handler in _retired if handler.writing()]
         if _retired:
-            self.add_line(
-                "log file not reopened: the file left at the last reopen is still being written", critical=True
-            )
+            self.add_line("log file not reopened: the file left at the last reopen is still being written")
             return
         try:
             self.successor = AppendLineHandler(
@@ -328,7 +329,7 @@ class AppendLineHandler(logging.Handler):
         self.announce = announce
 
     def _cannot_reopen(self, error: OSError) -> None:
-        self.add_line(f"log file {self.path} could not be reopened ({error}); still writing to the one open before", critical=True)
+        self.add_line(f"log file {self.path} could not be reopened ({error}); still writing to the one open before")
 
     def finish_reopen(self, logger: logging.Logger) -> AppendLineHandler:
         """If a reopen's file has opened, put it in this handler's place on

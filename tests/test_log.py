@@ -235,6 +235,47 @@ def test_a_reopen_that_cannot_open_the_file_says_so_in_the_old_one(tmp_path):
         close_log(logger)
 
 
+def test_reopens_sent_in_a_loop_at_a_stalled_log_stay_within_the_bound(tmp_path):
+    """USR1 in a loop while the log cannot be written: each failed or
+    refused reopen's line is an ordinary one, held within the backlog's
+    bound and counted when dropped. (As crash lines they grew the memory
+    without limit, one line per signal.)"""
+    path, reader = stalled_log(tmp_path)
+    slot = SharedStats().slot(2)
+    logger = open_log(str(path), SharedStats(), "worker 2", buffered=True, max_backlog=BOUND, slot=slot)
+    old = line_writer(logger)
+    path.rename(tmp_path / "log.fifo.1")  # the reader still holds it, and never reads
+    try:
+        for n in range(4000):  # fill the backlog to its bound
+            old.add_line(f"filler {n:05d} " + "x" * 80)
+        dropped = old.dropped
+        assert dropped > 0
+        peak = 0
+
+        path.mkdir()  # every reopen fails at once
+        for _ in range(300):
+            opened = threading.Event()
+            reopen_log(logger, on_open=opened.set)
+            assert opened.wait(30)
+            assert flush_log(logger) is old
+            peak = max(peak, old.backlog())
+        assert old.dropped == dropped + 300 and slot.get(LOG_LINES_DROPPED) == old.dropped
+
+        path.rmdir()
+        os.mkfifo(path)  # no reader: the next reopen's open blocks
+        reopen_log(logger)
+        for _ in range(20_000):  # each refused: the first is still opening
+            reopen_log(logger)
+            peak = max(peak, old.backlog())
+        assert old.dropped == dropped + 300 + 20_000 and slot.get(LOG_LINES_DROPPED) == old.dropped
+        assert peak <= BOUND, f"the backlog reached {peak} bytes, over the bound of {BOUND}"
+    finally:
+        os.close(reader)  # the stalled writer gets EPIPE and stops
+        if path.is_fifo():  # let the blocked open return, so its thread ends
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        close_log(logger, wait=False)
+
+
 def test_a_forked_child_writes_its_own_lines_and_never_the_parents_gathered_ones(tmp_path):
     path = tmp_path / "log.txt"
     handler = AppendLineHandler(str(path), "", SharedStats(), buffered=True)
