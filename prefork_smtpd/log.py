@@ -75,12 +75,13 @@ class AppendLineHandler(logging.Handler):
     def __init__(
         self, path: str, prefix: str, stats: SharedStats, buffered: bool,
         max_backlog: int = DEFAULT_MAX_BACKLOG, slot: Slot | None = None, open_wait: float = OPEN_WAIT,
-        on_open: Callable[[], object] | None = None,
+        on_open: Callable[[], object] | None = None, fd: int = -1,
     ) -> None:
         """Raises the OSError of the file's open if it fails within
         ``open_wait`` seconds (at once, for an unbuffered log). A buffered
         log's writer calls ``on_open``, from its thread, once the open has
-        returned."""
+        returned. ``fd``: a file already open to write to (the handler
+        owns it), in place of opening ``path``."""
         super().__init__()
         self.path = path
         self.prefix = prefix
@@ -104,7 +105,7 @@ class AppendLineHandler(logging.Handler):
         self.slot = slot  # where the dropped lines are counted for XSTAT and /metrics
         self._second = -1
         self._stamp = ""
-        self.fd = -1
+        self.fd = fd
         self.open_error: OSError | None = None  # why the writer could not open the file
         self.successor: AppendLineHandler | None = None  # a reopen's file, until it has opened
         self.successor_asked = 0.0
@@ -114,7 +115,8 @@ class AppendLineHandler(logging.Handler):
         self._writer_owns_fd = buffered  # the writer thread closes the file once it is done
         self._opened = threading.Event()  # the open has returned, either way
         if not buffered:
-            self.fd = open_log_file(path)
+            if fd < 0:
+                self.fd = open_log_file(path)
             self._opened.set()
             return
         self._writes = queue.SimpleQueue()
@@ -257,10 +259,11 @@ class AppendLineHandler(logging.Handler):
     def _write_loop(self) -> None:
         writes = self._writes  # its own reference: close() lets go of the handler's
         assert writes is not None
-        try:
-            self.fd = open_log_file(self.path)
-        except OSError as error:
-            self.open_error = error  # what is queued is then lost, as on a write error
+        if self.fd < 0:
+            try:
+                self.fd = open_log_file(self.path)
+            except OSError as error:
+                self.open_error = error  # what is queued is then lost, as on a write error
         self._opened.set()
         if self.on_open is not None:
             try:
@@ -401,8 +404,11 @@ def open_log(
     logger = logging.getLogger(LOGGER_NAME)
     prefix = f"{process}: " if process else ""
     # The new file first: if it cannot be opened, the old one still takes
-    # the lines that say why (a worker that cannot start logs its crash).
-    fresh = AppendLineHandler(path, prefix, stats, buffered, max_backlog, slot)
+    # the lines that say why.
+    try:
+        fresh = AppendLineHandler(path, prefix, stats, buffered, max_backlog, slot)
+    except OSError as error:
+        fresh = _keep_inherited_file(logger, path, prefix, stats, buffered, max_backlog, slot, error)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         if isinstance(handler, AppendLineHandler):
@@ -413,6 +419,23 @@ def open_log(
     logger.setLevel(logging.INFO)
     logger.propagate = False
     return logger
+
+
+def _keep_inherited_file(
+    logger: logging.Logger, path: str, prefix: str, stats: SharedStats, buffered: bool, max_backlog: int,
+    slot: Slot | None, error: OSError,
+) -> AppendLineHandler:
+    """A forked process whose log path cannot be opened (a reopen after
+    logrotate failed: the name is now a folder, the disk read-only) goes on
+    with the file the master still writes to, as the master itself does,
+    rather than crash at every start. Re-raises ``error`` where there is
+    no such file (the master's own start)."""
+    inherited = next((h for h in logger.handlers if isinstance(h, AppendLineHandler) and h.fd >= 0), None)
+    if inherited is None:
+        raise error
+    fresh = AppendLineHandler(path, prefix, stats, buffered, max_backlog, slot, fd=os.dup(inherited.fd))
+    fresh.add_line(f"log file {path} could not be opened ({error}); writing to the one the master has open")
+    return fresh
 
 
 def reopen_log(

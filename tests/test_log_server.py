@@ -404,3 +404,39 @@ def test_a_reopen_that_cannot_open_the_file_is_one_line_and_changes_nothing(star
     assert ConfigLine(server.config_port).send("max_recipients=73") == ["OK"]
     assert send_mail(server) == 250
     wait_until(lambda: "config: max_recipients=73" in rotated.read_text(), what="the master's next line")
+
+
+@pytest.mark.slow
+def test_workers_started_while_the_log_path_cannot_be_opened_write_to_the_masters_file(start_server, tmp_path):
+    """After a reopen that could not open the file (its name taken by a
+    folder), the master writes on to the file it had. A worker started then
+    (a reload, a replacement) could not open the path either, and crashed
+    at every start: a reload never answered, a dead worker was never
+    replaced. Now it writes to the master's file too, and says so."""
+    from test_operations import ConfigLine
+
+    server = start_server(workers=1)
+    rotated = server.log_file.with_suffix(".1")
+    server.log_file.rename(rotated)
+    server.log_file.mkdir()
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: rotated.read_text().count(" could not be reopened ") == 2, what="the master's and the worker's line")
+    (first,) = server.worker_pids()
+    config = ConfigLine(server.config_port)
+    config.sock.settimeout(60)
+    assert config.send("reload=1") == ["OK"]  # the new generation started
+    (second,) = set(server.accepting_workers()) - {first}
+    assert send_mail(server) == 250
+    wait_until(lambda: "writing to the one the master has open" in rotated.read_text(), what="the new worker's line")
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: set(server.accepting_workers()) - {first, second}, timeout=60, what="a replacement worker")
+    client = server.client()
+    client.cmd("EHLO after-the-replacement.example")
+    client.close()
+    wait_until(lambda: "after-the-replacement.example" in rotated.read_text(), what="the replacement's lines")
+    text = rotated.read_text()
+    opened_elsewhere = re.findall(r"\d\d : worker \d+: log file \S+ could not be opened \(\[Errno 21\] Is a directory: .*\); "
+                                  r"writing to the one the master has open\n", text)
+    assert len(opened_elsewhere) == 2, text[-3000:]  # the reload's worker, then its replacement
+    assert "Traceback" not in text and "crashed" not in text and "died: exit code" not in text, text[-3000:]
+    assert list(server.log_file.iterdir()) == []

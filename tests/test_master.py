@@ -134,19 +134,30 @@ def test_after_a_reload_is_answered_the_new_workers_titles_say_they_accept(start
     assert set(server.accepting_workers()) - old  # at once, not after some wait
 
 
+# New workers fail at start while the file NEW_WORKERS_FAIL names exists.
+FAIL_NEW_WORKERS = """
+import os
+import setproctitle as _module
+_set = _module.setproctitle
+def _failing(title):
+    marker = os.environ["NEW_WORKERS_FAIL"]
+    if ": worker " in title and title.endswith("(starting)") and os.path.exists(marker):
+        raise RuntimeError("this worker cannot start while " + marker + " exists")
+    _set(title)
+_module.setproctitle = _failing
+"""
+
+
 @pytest.mark.slow
-def test_reload_is_answered_only_once_the_new_workers_accept(start_server):
-    server = start_server(workers=2)
+def test_reload_is_answered_only_once_the_new_workers_accept(start_server, tmp_path):
+    marker = tmp_path / "new-workers-fail"
+    server = start_server(workers=2, env=with_sitecustomize(tmp_path / "site", FAIL_NEW_WORKERS, NEW_WORKERS_FAIL=str(marker)))
     old = set(server.worker_pids())
-    # New workers cannot start: a botched rotation left a directory where
-    # the log file should be. (The running processes write to the old file.)
-    rotated = server.log_file.with_suffix(".old")
-    server.log_file.rename(rotated)
-    server.log_file.mkdir()
+    marker.touch()  # from now on, new workers cannot start
     cfg = ConfigLine(server.config_port)
     cfg.sock.sendall(b"reload=1\r\n")
-    wait_until(lambda: rotated.read_text().count("died: exit code 1") >= 3, timeout=60, what="new workers failing")
-    assert "IsADirectoryError" in rotated.read_text()  # each says why
+    wait_until(lambda: server.log_file.read_text().count("died: exit code 1") >= 3, timeout=60, what="new workers failing")
+    assert "this worker cannot start while" in server.log_file.read_text()  # each says why
     cfg.sock.setblocking(False)
     try:
         early = cfg.sock.recv(100)
@@ -156,7 +167,7 @@ def test_reload_is_answered_only_once_the_new_workers_accept(start_server):
     assert early == b"", early  # no OK while the new workers fail
     assert old <= set(server.accepting_workers())  # the old generation keeps serving
     assert server.client().cmd("NOOP")[0] == 250
-    server.log_file.rmdir()  # the cause is gone: the next attempt starts
+    marker.unlink()  # the cause is gone: the next attempt starts
     cfg.sock.settimeout(60)  # after a backoff of up to MAX_BACKOFF
     assert cfg.file.readline() == b"OK\r\n"
     new = set(server.accepting_workers()) - old
