@@ -3,7 +3,11 @@
 Every process opens the file itself, ``O_APPEND``, after fork. Lines are
 gathered in memory and written whole in one ``write()``, which the kernel
 appends as one piece, so the master and the workers never interleave
-inside a line. A worker flushes every housekeeping tick (half a second) and
+inside a line. A FIFO (a log reader such as ``logger`` or s6-log behind
+it) takes a write whole only up to ``PIPE_BUF`` bytes, so there the
+lines go in pieces of at most that, each ending at a line's end. Lines
+that cannot be written (a full disk, a reader gone) are counted with the
+dropped ones. A worker flushes every housekeeping tick (half a second) and
 whenever its buffer passes 32 KiB, and the write itself happens on a
 background thread: on a journalling file system an append can wait behind
 another process's big flush, and that wait must not stall the event loop.
@@ -45,6 +49,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
+import stat
 import sys
 import threading
 import time
@@ -96,6 +102,9 @@ class AppendLineHandler(logging.Handler):
         self.max_backlog = max_backlog
         self.queued_bytes = 0
         self.written_bytes = 0
+        self.lost_lines = 0  # lines a write failed to put in the file: the writer's own count
+        self._lost_counted = 0  # of them, those already added to the slot
+        self._pipe: bool | None = None  # whether the file is a FIFO: known at the first write
         # pending_size may grow to ``room`` before add_line looks again: the
         # bound less what was queued when it last looked (the writer only
         # makes more room since). -1 while dropping: every line looks.
@@ -211,6 +220,8 @@ class AppendLineHandler(logging.Handler):
         return True
 
     def flush(self) -> None:
+        if self.lost_lines != self._lost_counted:
+            self._count_lost()
         if self.dropped:
             self._resume()  # every tick, so the notice comes even when no more lines do
         if not self.pending:
@@ -227,12 +238,31 @@ class AppendLineHandler(logging.Handler):
             self._write(data)
 
     def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, end = 0, len(data)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view) :]
+            if self._pipe is None:
+                self._pipe = stat.S_ISFIFO(os.fstat(self.fd).st_mode)
+            while pos < end:
+                stop = end
+                if self._pipe and end - pos > select.PIPE_BUF:
+                    # Whole lines of at most PIPE_BUF: the pipe takes each
+                    # as one piece, never interleaved with another process's.
+                    # (A longer line goes alone, whole.)
+                    cut = data.rfind(b"\n", pos, pos + select.PIPE_BUF)
+                    stop = cut + 1 if cut >= 0 else (data.find(b"\n", pos) + 1 or end)
+                pos += os.write(self.fd, view[pos:stop])
         except OSError:
-            pass  # a full or vanished log disk must not stop the mail service
+            # A full or vanished log disk, a FIFO's reader gone: the mail
+            # service goes on; the lines are counted (flush adds them to
+            # the dropped ones; only the loop's thread writes the slot).
+            self.lost_lines += data.count(b"\n", pos)  # each line whose end is not in the file
+
+    def _count_lost(self) -> None:
+        lost = self.lost_lines  # once: the writer may be adding to it
+        if self.slot is not None:
+            self.slot.add(LOG_LINES_DROPPED, lost - self._lost_counted)
+        self._lost_counted = lost
 
     def wait_written(self, timeout: float) -> bool:
         """Hand what is gathered to the writer and wait, at most ``timeout``

@@ -276,6 +276,68 @@ def test_reopens_sent_in_a_loop_at_a_stalled_log_stay_within_the_bound(tmp_path)
         close_log(logger, wait=False)
 
 
+def test_processes_writing_to_one_fifo_never_tear_each_others_lines(tmp_path):
+    """A FIFO takes a write whole only up to PIPE_BUF (4 KiB); a batch of
+    lines (up to 32 KiB) written in one piece is cut wherever the pipe
+    fills, and another process's batch lands inside a line. Two handlers
+    (the master and a worker, say) write to a FIFO read slowly: every
+    line comes out whole."""
+    path, reader = stalled_log(tmp_path)
+    writers = [AppendLineHandler(str(path), f"{name}: ", SharedStats(), buffered=True, max_backlog=1 << 30)
+               for name in ("master", "worker 1")]
+    count = 3000
+    received = bytearray()
+    try:
+        def write(handler):
+            for n in range(count):
+                handler.add_line(f"line {n:05d} " + "y" * 90)
+            handler.flush()
+
+        threads = [threading.Thread(target=write, args=(handler,)) for handler in writers]
+        for thread in threads:
+            thread.start()
+
+        def all_read():
+            try:
+                received.extend(os.read(reader, 512))  # a little at a time: the pipe stays full
+            except BlockingIOError:
+                pass
+            return received.count(b"\n") >= 2 * count
+
+        wait_until(all_read, timeout=120, interval=0.001, what="every line")
+        lines = received.decode().splitlines()
+        torn = [line for line in lines if not re.fullmatch(r"\S+ \S+ : (master|worker 1): line \d{5} y{90}", line)]
+        assert not torn, torn[:5]
+        for name in ("master", "worker 1"):
+            assert [line.split(" : ")[1] for line in lines if f" : {name}: " in line] == [
+                f"{name}: line {n:05d} " + "y" * 90 for n in range(count)]
+    finally:
+        os.close(reader)
+        for handler in writers:
+            handler.close(wait=False)
+
+
+def test_lines_that_cannot_be_written_are_counted_as_dropped(tmp_path):
+    """The FIFO's reader is gone (EPIPE), as a full disk (ENOSPC) or a file
+    past its size limit (EFBIG) would: the lines are lost, but counted with
+    the dropped ones, where XSTAT and /metrics show them."""
+    path, reader = stalled_log(tmp_path)
+    slot = SharedStats().slot(4)
+    handler = AppendLineHandler(str(path), "worker 4: ", SharedStats(), buffered=True, slot=slot)
+    try:
+        handler.add_line("read")
+        assert handler.wait_written(30)
+        assert read_available(reader).endswith(b" : worker 4: read\n")
+        os.close(reader)
+        for n in range(100):
+            handler.add_line(f"lost {n}")
+        assert handler.wait_written(30)
+        handler.flush()  # the tick: the writer's count goes to the slot
+        assert slot.get(LOG_LINES_DROPPED) == 100
+    finally:
+        handler.close(wait=False)
+
+
 def test_a_forked_child_writes_its_own_lines_and_never_the_parents_gathered_ones(tmp_path):
     path = tmp_path / "log.txt"
     handler = AppendLineHandler(str(path), "", SharedStats(), buffered=True)
