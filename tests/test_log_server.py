@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import urllib.request
+from pathlib import Path
 
 import pytest
 from harness import DOMAIN, free_port, wait_until, with_sitecustomize
@@ -383,6 +384,18 @@ def test_a_reopen_onto_a_file_that_will_not_open_leaves_the_server_serving(start
         server.stop()
 
 
+def reopen_onto_a_folder(server) -> Path:
+    """Rotate the log, leave a folder in its name's place, send USR1, and
+    wait for the master's and the worker's lines saying the reopen failed;
+    returns the file they still write to."""
+    rotated = server.log_file.with_suffix(".1")
+    server.log_file.rename(rotated)
+    server.log_file.mkdir()
+    server.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: rotated.read_text().count(" could not be reopened ") == 2, what="the master's and the worker's line")
+    return rotated
+
+
 @pytest.mark.slow
 def test_a_reopen_that_cannot_open_the_file_is_one_line_and_changes_nothing(start_server, tmp_path):
     """USR1 with the log's name taken by a folder: the master and the worker
@@ -391,11 +404,7 @@ def test_a_reopen_that_cannot_open_the_file_is_one_line_and_changes_nothing(star
     from test_operations import ConfigLine
 
     server = start_server(workers=1)
-    rotated = server.log_file.with_suffix(".1")
-    server.log_file.rename(rotated)
-    server.log_file.mkdir()
-    server.proc.send_signal(signal.SIGUSR1)
-    wait_until(lambda: rotated.read_text().count(" could not be reopened ") == 2, what="the master's and the worker's line")
+    rotated = reopen_onto_a_folder(server)
     text = rotated.read_text()
     assert re.search(r"\d\d : log file \S+ could not be reopened \(\[Errno 21\] Is a directory: .*\); "
                      r"still writing to the one open before\n", text), text[-2000:]
@@ -416,11 +425,7 @@ def test_workers_started_while_the_log_path_cannot_be_opened_write_to_the_master
     from test_operations import ConfigLine
 
     server = start_server(workers=1)
-    rotated = server.log_file.with_suffix(".1")
-    server.log_file.rename(rotated)
-    server.log_file.mkdir()
-    server.proc.send_signal(signal.SIGUSR1)
-    wait_until(lambda: rotated.read_text().count(" could not be reopened ") == 2, what="the master's and the worker's line")
+    rotated = reopen_onto_a_folder(server)
     (first,) = server.worker_pids()
     config = ConfigLine(server.config_port)
     config.sock.settimeout(60)
