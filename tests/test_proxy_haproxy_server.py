@@ -145,12 +145,20 @@ def test_the_monitor_counts_sessions_behind_the_balancer(behind_haproxy):
         for sock in held:
             assert read_replies(sock, 1)[0].startswith(b"220 ")
         wait_until(lambda: server.log_count("connected (via proxy") == 3, timeout=60, what="three sessions")
-        r = tool(
-            "metrics", "-P", str(server.port), "-n", "--send-proxy", "--trusted-proxies", "127.0.0.1",
-            "--once", "--json",
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
-        sample = json.loads(r.stdout)
+
+        def agreeing_sample():
+            r = tool(
+                "metrics", "-P", str(server.port), "-n", "--send-proxy", "--trusted-proxies", "127.0.0.1",
+                "--once", "--json",
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
+            sample = json.loads(r.stdout)
+            # The socket table and XSTAT are read one after the other: a
+            # connection opening or closing between the two (the balancer's
+            # own) shows in one only. A second look settles it.
+            return sample if sample["os_established"] == sample["current"] else None
+
+        sample = wait_until(agreeing_sample, timeout=30, interval=0.5, what="the socket table and XSTAT agreeing")
         # 3 clients + the monitor's own LOCAL session, each one socket from 127.0.0.1
         assert sample["current"] == sample["os_established"] == 4
         assert sample["proxied"] == sample["os_from_proxies"] == 4
