@@ -1129,7 +1129,17 @@ class Runner:
         """A failure notice (when asked for), durable first; then the recipients are bounced."""
         wanted = [o for o in failed if _wants(mail, o.index, "FAILURE")]
         if wanted and mail.sender:
-            await self._send_notice(mail, message, wanted, FAILED)
+            try:
+                await self._send_notice(mail, message, wanted, FAILED)
+            except TemporaryFailure as exc:
+                # Not stored (a full disk, the sender's mailbox a file or a
+                # link): the recipients stay unfinished and the mail is tried
+                # again, within its lifetime. Past it, the notice is given up
+                # (as a double bounce is), said so in the log, and the mail
+                # leaves the queue rather than stay there, retried, for ever.
+                if time.time() - mail.arrival < self.settings.queue_lifetime:
+                    raise
+                self.log(f"{mail.id}: {exc}; given up after {self.settings.queue_lifetime} s in the queue")
         try:
             self.queue.record(mail.id, [{"r": o.index, "result": BOUNCED, "reply": o.reply} for o in failed])
         except FileNotFoundError:

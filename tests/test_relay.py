@@ -205,6 +205,25 @@ def test_lifetime_over_bounces_with_4_4_7(start_server, receiver):
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
 
 
+def test_a_failure_notice_that_cannot_be_stored_is_given_up_at_the_lifetime(start_server, receiver):
+    """The next hop refuses for good; the sender's mailbox is a file, so its
+    failure notice cannot be stored. The mail is tried again within its
+    lifetime, then the notice is given up with a line saying so and the
+    mail leaves the queue (it stayed there, retried, for ever)."""
+    hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user"]}))
+    server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}",
+                          "--queue-lifetime", "2", *FAST_RETRIES)
+    server.mail_dir.mkdir(exist_ok=True)
+    (server.mail_dir / "alice").write_text("not a mailbox\n")
+    send(server, ["nobody@example.org"])
+    wait_until(lambda: server.log_count("the failed notice could not be stored") >= 1, what="the first try")
+    wait_until(lambda: server.log_count("given up after 2 s in the queue"), timeout=60, what="the notice given up")
+    wait_until(lambda: not queue_of(server).ids(), timeout=60, what="the queue to empty")
+    assert server.log_count("<nobody@example.org> bounced: 550 5.1.1 no such user") == 1
+    assert (server.mail_dir / "alice").read_text() == "not a mailbox\n"
+    assert "Traceback" not in server.log_text()
+
+
 def test_delayed_notice_sent_once_per_recipient_even_across_a_runner_restart(start_server, receiver):
     """The next hop answers 4xx forever. Past --delay-warning-time the sender gets one "delayed"
     report for the recipients that asked for it (NOTIFY=DELAY, or no NOTIFY: RFC 3461 lets the
