@@ -22,6 +22,7 @@ Everything a client can make the master hold is bounded:
 
 from __future__ import annotations
 
+import re
 import selectors
 import socket
 import time
@@ -244,6 +245,12 @@ class ServiceClient:
         self.sock.close()
 
 
+# RFC 9112 3: method SP request-target SP HTTP-version, visible ASCII only
+# (a control character or a byte past 127 is no request a scraper sends).
+REQUEST_LINE = re.compile(rb"([!-~]+) +([!-~]+) +(HTTP/[0-9]\.[0-9])")
+HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+
+
 class HttpMetricsRequest:
     """One HTTP/1.x request for ``GET /metrics``; the connection closes after."""
 
@@ -271,11 +278,14 @@ class HttpMetricsRequest:
             if len(self._buf) > self.MAX_REQUEST:
                 return self._respond(431, b"request header too large\n", "text/plain")
             return b""
-        request_line = bytes(self._buf.split(b"\n", 1)[0]).strip()
-        parts = request_line.split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        request_line = bytes(self._buf.split(b"\n", 1)[0]).rstrip(b"\r")
+        parsed = REQUEST_LINE.fullmatch(request_line)
+        if parsed is None:
             return self._respond(400, b"bad request\n", "text/plain")
-        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        method, target, version = parsed.groups()
+        if version not in HTTP_VERSIONS:
+            return self._respond(505, b"HTTP/1.0 and HTTP/1.1 only\n", "text/plain")
+        target = target.split(b"?", 1)[0]
         if target != b"/metrics":
             return self._respond(404, b"not found; try /metrics\n", "text/plain")
         if method not in (b"GET", b"HEAD"):
@@ -286,7 +296,7 @@ class HttpMetricsRequest:
     def _respond(self, status: int, body: bytes, content_type: str, length: int | None = None) -> bytes:
         self.closing = True
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  431: "Request Header Fields Too Large"}[status]
+                  431: "Request Header Fields Too Large", 505: "HTTP Version Not Supported"}[status]
         head = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
