@@ -166,6 +166,16 @@ class Client:
         self.sock.close()
 
 
+def live(process: psutil.Process) -> bool:
+    """Running, not a zombie. A child can be reaped between the listing of
+    the children and this look (a retired worker leaving after a reload):
+    it is gone, not a reason to see no child at all."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 class Server:
     """A real prefork-smtpd master with its workers, in a temporary folder;
     ``user``: run it as that user (the tests must run as root), as its
@@ -240,10 +250,12 @@ class Server:
         return accepting
 
     def worker_pids(self) -> list[int]:
+        """The master's live children (workers, and the queue runner if any)."""
         try:
-            return [c.pid for c in psutil.Process(self.proc.pid).children() if c.status() != psutil.STATUS_ZOMBIE]
+            children = psutil.Process(self.proc.pid).children()
         except psutil.NoSuchProcess:
-            return []
+            return []  # the master is gone
+        return [c.pid for c in children if live(c)]
 
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)

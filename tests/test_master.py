@@ -175,6 +175,25 @@ def test_reload_is_answered_only_once_the_new_workers_accept(start_server, tmp_p
     wait_until(lambda: not old & set(server.worker_pids()), what="old workers to leave")
 
 
+def test_a_child_reaped_while_the_harness_looks_leaves_the_others_listed(start_server, monkeypatch):
+    # After a reload's OK the old workers exit and the master reaps them at
+    # once: one can vanish between the listing of the master's children and
+    # the look at its state. The harness must still see the new workers (it
+    # once saw none, and a reload test failed for a harness reason).
+    server = start_server(workers=2)
+    first, second = sorted(server.worker_pids())
+    status = psutil.Process.status
+
+    def reaped_meanwhile(process: psutil.Process) -> str:
+        if process.pid == first:
+            raise psutil.NoSuchProcess(first)
+        return status(process)
+
+    monkeypatch.setattr(psutil.Process, "status", reaped_meanwhile)
+    assert server.worker_pids() == [second]
+    assert server.accepting_workers() == [second]
+
+
 # ------------------------------------------------------------------ crashes
 def test_a_killed_worker_leaves_no_per_address_count_and_keeps_its_restarts(start_server):
     metrics_port = free_port()
