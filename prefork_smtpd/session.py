@@ -979,6 +979,7 @@ class Session:
         assert isinstance(verdict, TLSStarted)
         self.tls = verdict.info
         self.helo = ""
+        self.login = ""  # a login made in the clear (from loopback) is learnt before TLS too
         self._reset_transaction()
         self.state = CONNECTED
         return None

@@ -156,6 +156,22 @@ def test_auth_needs_tls_except_where_allowed_in_the_clear():
     assert s.feed(b"AUTH PLAIN " + plain("a", "b").encode() + b"\r\n") == b"502 5.5.1 Error: command not implemented\r\n"
 
 
+def test_a_login_made_in_the_clear_is_forgotten_by_starttls():
+    """RFC 3207 4.2: the server discards what it learnt before TLS; a
+    login made in the clear (allowed from loopback) is some of it."""
+    s = new(auth=True, auth_without_tls=True)
+    s.feed(b"EHLO c.example\r\nAUTH PLAIN " + plain("alice", "pw").encode() + b"\r\n")
+    assert s.resume(Authenticated("alice")).startswith(b"235")
+    s.feed(b"STARTTLS\r\n")
+    s.resume(TLSStarted(TLS13))
+    assert s.login == ""
+    s.feed(b"EHLO c.example\r\n")
+    assert s.feed(b"AUTH PLAIN " + plain("kate", "pw").encode() + b"\r\n") == b""  # not "already authenticated"
+    assert s.waiting_for == CheckCredentials("PLAIN", "kate", "pw")
+    s.resume(AuthFailed())
+    assert s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@example.org>\r\n").endswith(b"550 5.7.1 Error: relay access denied; recipient domain not served here\r\n")
+
+
 def test_failed_logins_are_counted_and_end_the_session_past_the_limit():
     s = upgraded(auth=True)
     line = b"AUTH PLAIN " + plain("alice", "guess").encode() + b"\r\n"
