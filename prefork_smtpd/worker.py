@@ -99,6 +99,13 @@ NOTHING_HELD = b""
 DEFER_ACCEPT = 0.002  # seconds a worker over its fair share waits before accepting
 
 
+def address_literal(peer: str) -> str:
+    """The client of ``[host]:port`` as a Received header names it (RFC 5321
+    4.4): an address literal, tagged when IPv6 (4.1.3); "" when unknown."""
+    host = peer.rpartition(":")[0]
+    return f"[IPv6:{host[1:]}" if ":" in host else host
+
+
 class SMTPConnection(asyncio.Protocol):
     """One client connection: bytes to the session, replies to the socket.
 
@@ -419,7 +426,7 @@ class SMTPConnection(asyncio.Protocol):
         self._pause_reading()
         self._hold(self.session.take_unread())
         self.deadline = math.inf
-        future = self.worker.store_when_room(envelope, self.peer.rpartition(":")[0])
+        future = self.worker.store_when_room(envelope, address_literal(self.peer))
         future.add_done_callback(self._delivered)
 
     def _delivered(self, future: asyncio.Future) -> None:

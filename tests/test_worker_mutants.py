@@ -299,3 +299,15 @@ def test_the_stored_mail_names_the_client_address(server):
     (path,) = server.stored("r")
     header = path.read_bytes().split(b"\n\n", 1)[0]
     assert b"\nReceived: from client.example ([127.0.0.1])" in header, header
+
+
+def test_the_stored_mail_names_an_ipv6_client_by_its_address_literal(start_server):
+    # RFC 5321 4.4 and 4.1.3: the TCP-info of a Received header is an
+    # address literal, [IPv6:...] for IPv6 (a bare [::1] is not one).
+    server = start_server(listen="::1")
+    c = server.client(host="::1")
+    c.cmd("EHLO client.example")
+    assert c.mail("a@smtpd.com", ["r"], b"Subject: hi\r\n\r\nhi")[0] == 250
+    (path,) = server.stored("r")
+    header = path.read_bytes().split(b"\n\n", 1)[0]
+    assert b"\nReceived: from client.example ([IPv6:::1])" in header, header
