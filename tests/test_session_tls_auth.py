@@ -172,6 +172,18 @@ def test_a_login_made_in_the_clear_is_forgotten_by_starttls():
     assert s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@example.org>\r\n").endswith(b"550 5.7.1 Error: relay access denied; recipient domain not served here\r\n")
 
 
+def test_a_huge_user_name_is_logged_by_its_start_and_length():
+    # A name longer than any user's (254 octets) cannot log in; its log
+    # line shows the start and the length, not 2,000 escaped characters.
+    s = upgraded(auth=True)
+    name = "\u202e" * 2000
+    s.feed(b"AUTH PLAIN " + plain(name, "pw").encode() + b"\r\n")
+    assert s.resume(AuthFailed()).startswith(b"535")
+    (line,) = [line for line in s.log if "AUTH PLAIN" in line]
+    assert len(line) < 2000, len(line)
+    assert "2000 characters" in line
+
+
 def test_failed_logins_are_counted_and_end_the_session_past_the_limit():
     s = upgraded(auth=True)
     line = b"AUTH PLAIN " + plain("alice", "guess").encode() + b"\r\n"
