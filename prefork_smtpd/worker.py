@@ -653,6 +653,10 @@ class Worker:
         # Accepted sockets whose connection is not made yet (its setup, or
         # its TLS handshake, runs in a task): a leaving worker waits for them.
         self.setting_up = 0
+        # Implicit-TLS handshakes under way, by client address: counted
+        # toward the connection limits before the connection itself is.
+        self.handshaking: dict[tuple[int, int], int] = {}
+        self.handshakes = 0  # their sum
         self.data_memory = 0  # message bytes held by sessions in DATA and by messages being stored
         self.stopping = False  # no longer accepting
         self._deferred = False  # the last wakeup was passed to the other workers
@@ -778,7 +782,7 @@ class Worker:
             # socket is on its way until the connection is made after it.
             setup = self.loop.create_task(self._accept_proxied(new_connection, sock))
         elif getattr(new_connection, "implicit_tls", False):
-            setup = self.loop.create_task(self._accept_tls(new_connection, sock))
+            setup = self.loop.create_task(self._accept_counted_tls(new_connection, sock))
         else:
             setup = self.loop.create_task(self.loop.connect_accepted_socket(new_connection, sock))
         self.setting_up += 1
@@ -834,6 +838,47 @@ class Worker:
             await self._accept_tls(make_connection, sock, f"[{client[0]}]:{client[1]}" if client else proxy)
         else:
             await self.loop.connect_accepted_socket(make_connection, sock)
+
+    async def _accept_counted_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
+        """Implicit TLS straight from the client: its handshake counts toward
+        the connection limits while it runs (a handshake holds a socket and
+        up to a ClientHello's buffers); past them the socket is closed at
+        once, before any handshake."""
+        try:
+            host = sock.getpeername()[0].removeprefix("::ffff:")
+        except OSError:
+            sock.close()  # gone already
+            return
+        address = shared_address_key(host)
+        refusal = self.handshake_refusal(address)
+        if refusal is not None:
+            self.slot.add(REJECTED)
+            self.log(f"{_peer_text(sock)} refused before the TLS handshake: {refusal}")
+            sock.close()
+            return
+        self.handshaking[address] = self.handshaking.get(address, 0) + 1
+        self.handshakes += 1
+        try:
+            await self._accept_tls(new_connection, sock)
+        finally:
+            self.handshakes -= 1
+            left = self.handshaking.pop(address) - 1
+            if left:
+                self.handshaking[address] = left
+
+    def handshake_refusal(self, address: tuple[int, int]) -> str | None:
+        """Why a new implicit-TLS socket must be closed before its handshake, or None.
+
+        The limits count the open connections and this worker's handshakes
+        under way, plus the new one.
+        """
+        live = self.live
+        if self.stats.xstat("CURRENT") + self.handshakes + 1 > live.max_connections:
+            return "too many connections"
+        per_ip = live.max_connections_per_ip
+        if per_ip and self.stats.addresses.connections(address) + self.handshaking.get(address, 0) + 1 > per_ip:
+            return "too many connections from your address"
+        return None
 
     async def _accept_tls(
         self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket, peer_text: str | None = None

@@ -264,6 +264,36 @@ def test_a_failed_handshake_is_logged_with_the_peer_and_counted(tls_server, file
     wait_until(counted, what="two failed handshakes counted")
 
 
+@pytest.mark.parametrize("limit, refusal", [
+    ("--max-connections-per-ip", "too many connections from your address"),
+    ("--max-connections", "too many connections"),
+])
+def test_handshakes_under_way_on_the_smtps_port_count_toward_the_limits(tls_server, files, limit, refusal):
+    # A connection on the SMTPS port is counted (and greeted) only once its
+    # handshake is done; the handshakes under way held sockets and up to a
+    # ClientHello's buffers each, beyond --max-connections-per-ip and
+    # --max-connections, for --tls-handshake-timeout. They count now: past
+    # the limit, a new one is closed at once, before any handshake.
+    server = tls_server(limit, "3", "--tls-handshake-timeout", "60", workers=1)
+    silent = [socket.create_connection(("127.0.0.1", server.smtps_port)) for _ in range(3)]
+    # One worker takes them from the listening queue in order: the three first.
+    over = socket.create_connection(("127.0.0.1", server.smtps_port), timeout=20)
+    assert over.recv(100) == b""  # closed at once, not held until the handshake times out
+    over.close()
+    wait_log(server, f"refused before the TLS handshake: {refusal}\n")
+    for sock in silent:
+        sock.close()
+    # Their places are free again: a client completes its handshake and is greeted.
+    def greeted() -> bool:
+        with socket.create_connection(("127.0.0.1", server.smtps_port), timeout=20) as raw:
+            try:
+                with client_context(files).wrap_socket(raw, server_hostname=HOST) as tls:
+                    return tls.recv(100).startswith(b"220 ")
+            except (ssl.SSLError, OSError):
+                return False
+    wait_until(greeted, what="a TLS client greeted once the three are gone")
+
+
 def test_require_tls_on_the_smtp_port(tls_server, files):
     server = tls_server("--require-tls")
     c = TLSClient(server.port, files)
