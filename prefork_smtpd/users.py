@@ -228,13 +228,13 @@ class UsersTable:
         return len(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._entries
+        return isinstance(name, str) and name_key(name) in self._entries
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def get(self, name: str) -> UserEntry | None:
-        return self._entries.get(name.lower())
+        return self._entries.get(name_key(name))
 
     def verify(self, name: str, password: str) -> bool:
         """True if ``name`` exists and ``password`` is its password.
@@ -242,12 +242,19 @@ class UsersTable:
         Blocking and slow: run it in a thread pool. An unknown name costs
         the same as a known one with the default scheme.
         """
-        entry = self._entries.get(name.lower())
+        entry = self._entries.get(name_key(name))
         if entry is None:
             dummy = _dummy_entry()
             verify_password(dummy.scheme, dummy.hashed, password)
             return False
         return verify_password(entry.scheme, entry.hashed, password)
+
+
+def name_key(name: str) -> str:
+    """The key a user is looked up by: the name lowercased. Names are ASCII
+    (name_problem); a name that is not never matches, since Unicode
+    lowercasing would map lookalikes onto users (U+212A KELVIN SIGN to k)."""
+    return name.lower() if name.isascii() else ""
 
 
 def parse_users(text: str, source: str = "<users>") -> UsersTable:

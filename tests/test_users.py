@@ -172,6 +172,16 @@ def test_duplicate_name_refused_case_insensitively():
         parse_users(f"#\nalice:{a}\nbob:{a}\nALICE:{a}\n", "f")
 
 
+def test_a_non_ascii_name_never_matches_a_user_by_lowercasing():
+    # Names are ASCII (name_problem); Unicode lowercasing maps the Kelvin
+    # sign U+212A to "k", so "\u212aATE" found kate: a login under a name
+    # that looks like another in the log.
+    table = parse_users(f"kate:{hashed('pw')}\n")
+    assert table.verify("KATE", "pw") and "Kate" in table
+    assert not table.verify("\u212aATE", "pw")
+    assert "\u212aate" not in table and table.get("\u212aate") is None
+
+
 def test_line_numbers_count_lf_only():
     # A form feed is not a line break for Dovecot; it is a bad name here.
     with pytest.raises(UsersFileError, match=r"^f:2: "):
