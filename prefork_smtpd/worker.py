@@ -835,31 +835,41 @@ class Worker:
 
         if getattr(new_connection, "implicit_tls", False):
             client = conveyed_client.client
-            await self._accept_tls(make_connection, sock, f"[{client[0]}]:{client[1]}" if client else proxy)
+            if client:  # counted as the client it is, as its session will be
+                host = client[0].removeprefix("::ffff:")
+                await self._accept_counted_tls(make_connection, sock, host, f"[{host}]:{client[1]}")
+            else:
+                await self._accept_counted_tls(make_connection, sock, proxy_address.removeprefix("::ffff:"), proxy)
         else:
             await self.loop.connect_accepted_socket(make_connection, sock)
 
-    async def _accept_counted_tls(self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket) -> None:
-        """Implicit TLS straight from the client: its handshake counts toward
-        the connection limits while it runs (a handshake holds a socket and
-        up to a ClientHello's buffers); past them the socket is closed at
-        once, before any handshake."""
-        try:
-            host = sock.getpeername()[0].removeprefix("::ffff:")
-        except OSError:
-            sock.close()  # gone already
-            return
+    async def _accept_counted_tls(
+        self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket,
+        host: str | None = None, peer_text: str | None = None,
+    ) -> None:
+        """Implicit TLS: the handshake counts toward the connection limits
+        while it runs (it holds a socket and up to a ClientHello's buffers),
+        as a connection from ``host`` (the socket's peer unless a PROXY header
+        named the client); past them the socket is closed at once, before
+        any handshake."""
+        if host is None:
+            try:
+                host = sock.getpeername()[0].removeprefix("::ffff:")
+            except OSError:
+                sock.close()  # gone already
+                return
+        peer_text = peer_text or _peer_text(sock)
         address = shared_address_key(host)
         refusal = self.handshake_refusal(address)
         if refusal is not None:
             self.slot.add(REJECTED)
-            self.log(f"{_peer_text(sock)} refused before the TLS handshake: {refusal}")
+            self.log(f"{peer_text} refused before the TLS handshake: {refusal}")
             sock.close()
             return
         self.handshaking[address] = self.handshaking.get(address, 0) + 1
         self.handshakes += 1
         try:
-            await self._accept_tls(new_connection, sock)
+            await self._accept_tls(new_connection, sock, peer_text)
         finally:
             self.handshakes -= 1
             left = self.handshaking.pop(address) - 1

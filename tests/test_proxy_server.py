@@ -345,6 +345,36 @@ def test_smtps_reads_the_header_before_the_handshake(proxy_server, ca, tmp_path)
                what="the smtps session in the log")
 
 
+def test_smtps_handshakes_under_way_count_as_the_client_the_header_names(proxy_server, ca, tmp_path):
+    # Behind the balancer the handshakes under way count toward
+    # --max-connections-per-ip as the client each header names, not as
+    # the balancer (which would lock every client out at once).
+    issued = ca.issue_cert("mx.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
+    key.write_bytes(issued.private_key_pem.bytes())
+    smtps = free_port()
+    server = proxy_server(
+        "--proxy-protocol", "smtp,smtps", "--smtps-port", str(smtps), "--tls-cert", str(cert), "--tls-key", str(key),
+        "--max-connections-per-ip", "2", "--tls-handshake-timeout", "60", workers=1,
+    )
+
+    def header(host: str, port: int) -> bytes:
+        return encode_v2((host, port), SERVER_SIDE)
+
+    # One worker takes them in order; none sends a ClientHello.
+    held = [connect(smtps, header("192.0.2.8", 4700))]
+    held += [connect(smtps, header("192.0.2.7", port)) for port in (4711, 4712)]
+    over = connect(smtps, header("192.0.2.7", 4713), timeout=20)
+    assert over.recv(100) == b""  # closed at once, before any handshake
+    over.close()
+    wait_until(lambda: server.log_count("[192.0.2.7]:4713 refused before the TLS handshake:"
+                                        " too many connections from your address"), what="the refusal in the log")
+    assert server.log_count("refused before the TLS handshake") == 1  # the other client's and the first two went on
+    for sock in held:
+        sock.close()
+
+
 @pytest.mark.parametrize(
     "flags, problem",
     [
