@@ -731,11 +731,15 @@ class Session:
         size = 0
         mail_dsn: dsn.MailDSN | None = None  # made at the first RET= or ENVID=
         binary = utf8 = False
+        given: set[str] = set()  # each parameter once (the DSN ones check theirs)
         for param in params:
             m = _PARAM.match(param)
             if not m:
                 return self._syntax_error("MAIL", params=True)
             key, value = m.group(1).upper(), m.group(2)
+            if key in given:
+                return self._error(dsn.duplicate(key))
+            given.add(key)
             # A known parameter with a bad value is a syntax error (501);
             # only a parameter this server does not know gets 555.
             if key == "SIZE":
