@@ -187,17 +187,6 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 # No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
-LOGGED_NAME = 254  # characters of a user name the log shows: no user's name is longer (users.MAX_NAME)
-
-
-def logged_name(name: str) -> str:
-    """A user name as the log shows it: quoted, cut after LOGGED_NAME
-    characters (such a name cannot log in), with its length then."""
-    if len(name) <= LOGGED_NAME:
-        return repr(name)
-    return f"{name[:LOGGED_NAME]!r}... ({len(name)} characters)"
-
-
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 # RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
 # address literal may sit in it, colons and all.
@@ -331,6 +320,17 @@ Mailbox = tuple[str, str]
 
 
 ALLOW_ALL = Policy()
+
+
+LOGGED_NAME = 254  # characters of a user name the log shows: no user's name is longer (users.MAX_NAME)
+
+
+def logged_name(name: str) -> str:
+    """A user name as the log shows it: quoted, cut after LOGGED_NAME
+    characters (such a name cannot log in), with its length then."""
+    if len(name) <= LOGGED_NAME:
+        return repr(name)
+    return f"{name[:LOGGED_NAME]!r}... ({len(name)} characters)"
 
 
 def folder_for(local_part: str) -> str | None:
