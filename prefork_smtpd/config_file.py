@@ -12,6 +12,7 @@ import re
 import tomllib
 
 from .settings import BY_NAME, TOML_KEYS
+from .textfile import read_regular_file
 
 
 class ConfigFileError(Exception):
@@ -21,8 +22,7 @@ class ConfigFileError(Exception):
 def load_config_file(path: str) -> dict:
     """The settings a file gives, checked; raises ConfigFileError."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular_file(path)
     except OSError as exc:
         raise ConfigFileError(f"{path}: {exc.strerror}") from None
     try:

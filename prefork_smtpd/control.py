@@ -31,6 +31,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from .settings import PORT_ALIASES
+from .textfile import read_regular_file
 
 MAX_LINE = 256
 
@@ -275,8 +276,10 @@ class ConfigSession:
 
 def load_secret(path: str) -> int:
     """The config port's token: one integer, alone in its file."""
-    with open(path, encoding="ascii") as f:
-        text = f.read().strip()
+    try:
+        text = read_regular_file(path, 1024).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the config secret must be one integer") from None
     if not _INTEGER.match(text) or len(text) > 100:
         raise ValueError(f"{path}: the config secret must be one integer")
     return int(text)

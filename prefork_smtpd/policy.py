@@ -54,6 +54,7 @@ from .diskspace import SpaceGuard
 from .events import Reply
 from .replies import INSUFFICIENT_STORAGE, UNKNOWN_MAILBOX
 from .session import CATCH_ALL, MAX_DOMAIN, Mailbox, Policy, folder_for
+from .textfile import read_regular_file
 
 MODES = ("auto", "existing")  # anything else names a file
 LAYOUTS = ("local", "address")  # --folders
@@ -193,8 +194,7 @@ def load_mailbox_list(path: str, names: MailboxNames | None = None) -> frozenset
     """The folders a ``--mailboxes FILE`` names; MailboxListError if unusable."""
     names = names or MailboxNames()
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = read_regular_file(path).decode("utf-8").splitlines()
     except OSError as exc:
         raise MailboxListError(f"mailboxes file {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -42,6 +42,8 @@ import ssl
 import stat
 from dataclasses import dataclass
 
+from .textfile import read_regular_file
+
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are all fine and
 # set apart by OpenSSL). ECDSA and RSA certificates both work; the DHE
 # suites are inert unless DH parameters are loaded.
@@ -152,8 +154,7 @@ def _no_passphrase() -> bytes:
 
 def _read(path: str, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_regular_file(path)
     except OSError as exc:
         raise TLSConfigError(f"{what} {path}: {exc.strerror or exc}") from None
 

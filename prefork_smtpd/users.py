@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import argon2
 import bcrypt
 
+from .textfile import read_regular_file
+
 SCHEMES = ("ARGON2ID", "BLF-CRYPT")
 DEFAULT_SCHEME = "ARGON2ID"
 
@@ -278,8 +280,7 @@ def parse_users(text: str, source: str = "<users>") -> UsersTable:
 def load_users(path: str) -> UsersTable:
     """Read and check a users file; raises UsersFileError with a one-line reason."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular_file(path)
     except OSError as exc:
         raise UsersFileError(f"{path}: {exc.strerror or exc}") from None
     try:

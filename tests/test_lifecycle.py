@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import Client, raise_fd_limit, tmpfs, wait_until
+from harness import Client, free_port, raise_fd_limit, tmpfs, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,6 +165,33 @@ def test_reload_with_a_bad_file_keeps_the_old_settings(start_server, tmp_path):
     assert cfg.send("reload=1") == ["OK"]  # answered once the new workers accept
     assert cfg.show()["max_recipients"] == 3
     assert not (old & set(server.accepting_workers()))
+
+
+def test_a_config_file_that_became_a_fifo_or_a_device_is_refused_at_once(start_server, tmp_path):
+    # Opening a FIFO blocks until a writer comes: the master hung in the
+    # reload, deaf to the config port and to SIGTERM. /dev/zero was read
+    # until memory ran out. Both are refused now, the old settings kept.
+    from test_operations import ConfigLine
+
+    conf = write_config(tmp_path / "s.toml", max_recipients=5)
+    server = start_server("--config", str(conf))
+    cfg = ConfigLine(server.config_port)
+    conf.unlink()
+    os.mkfifo(conf)
+    reply = cfg.send("reload=1")
+    assert reply[0].startswith("ERR reload failed:") and "not a regular file" in reply[0], reply
+    conf.unlink()
+    conf.symlink_to("/dev/zero")
+    reply = cfg.send("reload=1")
+    assert reply[0].startswith("ERR reload failed:") and "not a regular file" in reply[0], reply
+    assert cfg.show()["max_recipients"] == 5
+    # At start: one line and status 2, no wait.
+    started = subprocess.run(
+        [sys.executable, "-m", "prefork_smtpd", "--config", str(conf), "-P", str(free_port()), "-c", str(free_port()),
+         "--mail-dir", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert started.returncode == 2 and "not a regular file" in started.stderr, started.stderr
 
 
 def test_dead_workers_tmp_files_are_removed(server):

@@ -33,6 +33,7 @@ import tomllib
 from collections.abc import Iterator
 
 from prefork_smtpd import __version__
+from prefork_smtpd.textfile import read_regular_file
 from prefork_smtpd.users import (
     DEFAULT_SCHEME,
     SCHEMES,
@@ -58,8 +59,7 @@ def read_lines(path: str, *, missing_ok: bool) -> list[str]:
     """The file's lines, ends kept, every entry checked (a broken file is
     refused before any edit, so an edit never hides an error)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular_file(path)
     except FileNotFoundError:
         if missing_ok:
             return []
@@ -202,8 +202,7 @@ def users_file(args: argparse.Namespace) -> str:
     if not config:
         return DEFAULT_FILE
     try:
-        with open(config, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_regular_file(config).decode("utf-8"))
     except OSError as exc:
         raise Refused(f"{config}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
