@@ -73,6 +73,7 @@ from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
 from .smtputf8 import ascii_domain
 from .stats import FIELD, SharedStats
+from .textfile import read_regular_file
 
 RUNNER_SLOT = 0  # the shared-memory slot no worker uses
 TICK = 1.0  # seconds between checks that the master lives (no look at the queue)
@@ -1257,8 +1258,10 @@ def _orcpt(mail: QueuedMail, index: int) -> tuple[str, str] | None:
 
 def _read_auth(path: str) -> tuple[str, str]:
     """``user:password`` on the first line of the relay auth file."""
-    with open(path, encoding="utf-8") as f:
-        line = f.readline().rstrip("\r\n")
+    try:
+        line = read_regular_file(path, 64 * 1024).decode("utf-8").partition("\n")[0].rstrip("\r")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     user, colon, password = line.partition(":")
     if not colon or not user:
         raise ValueError(f"{path}: expected user:password on its first line")

@@ -271,7 +271,7 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "hostname", str, default_factory=socket.gethostname, default_doc="host name",
-        help="name in the greeting and Received headers (default: host name)",
+        help="name in the greeting and Received headers, a domain name or an address literal (default: host name)",
     ),
     Setting("mail_dir", str, "mail_dir", metavar="DIR", help="Maildir root (default {default})"),
     Setting(

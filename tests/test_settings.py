@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from prefork_smtpd import settings as S
 from prefork_smtpd import stats
-from prefork_smtpd.cli.server import build_parser
+from prefork_smtpd.cli.server import build_parser, settings_from_args
 from prefork_smtpd.config_file import ConfigFileError, load_config_file
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -58,6 +59,22 @@ def test_an_int_flag_out_of_range_names_the_range(capsys):
     assert capsys.readouterr().err == (
         "prefork-smtpd: error: argument --max-recipients: max_recipients must be between 1 and 100000\n"
     )
+
+
+@pytest.mark.parametrize("hostname", ["mx.test\r\n250 injected", "", "mx test", "mx.test\0", "mx.example(192.0.2.1)"])
+def test_a_hostname_that_is_no_domain_name_is_refused(hostname, tmp_path, capsys):
+    # It goes into the greeting, the EHLO reply and every Received header:
+    # a CR LF in it broke the replies and the stored headers.
+    conf = tmp_path / "s.toml"
+    conf.write_text(f"hostname = {json.dumps(hostname)}\n")
+    for args in (["--hostname", hostname], ["--config", str(conf)]):
+        with pytest.raises(SystemExit) as exit:
+            settings_from_args([*args, "--mail-dir", str(tmp_path / "m")])
+        assert exit.value.code == 2
+        assert "--hostname must be a domain name or an address literal" in capsys.readouterr().err
+    for good in ("mx.example.org", "mail_1.example", "[192.0.2.1]", "localhost"):
+        settings, _ = settings_from_args(["--hostname", good, "--mail-dir", str(tmp_path / "m")])
+        assert settings.hostname == good
 
 
 @pytest.mark.parametrize("setting", S.REGISTRY, ids=lambda s: s.name)

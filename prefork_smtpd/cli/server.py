@@ -11,6 +11,7 @@ from prefork_smtpd.config_file import ConfigFileError, load_config_file
 from prefork_smtpd.listeners import proxy_problem
 from prefork_smtpd.policy import MODES, MailboxListError, load_mailbox_list, names_from
 from prefork_smtpd.policy import settings_problem as address_problem
+from prefork_smtpd.session import valid_helo_name
 from prefork_smtpd.settings import LIVE, REGISTRY, RELOAD, RESTART, Settings, check_range
 
 
@@ -101,6 +102,9 @@ def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
+    if settings.sources.get("hostname") and not valid_helo_name(settings.hostname):
+        # It goes into every greeting, EHLO reply and Received header as it is.
+        return f"--hostname must be a domain name or an address literal, not {settings.hostname!r}"
     tls_problem = _tls_problem(settings) or proxy_problem(settings) or address_problem(settings)
     if tls_problem:
         return tls_problem
