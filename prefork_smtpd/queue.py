@@ -25,6 +25,7 @@ The files are read by the queue runner (runner.py) and the
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -109,14 +110,50 @@ def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
     return (json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
 
 
-def _recipient(item: dict) -> QueuedRecipient:
+def _recipient(item: object) -> QueuedRecipient:
+    """One of the header's recipients; ValueError if not as queue_file_header writes it."""
+    if not isinstance(item, dict) or not isinstance(item.get("a"), str):
+        raise ValueError("a recipient without its address")
     notify, orcpt = item.get("notify"), item.get("orcpt")
+    if notify is not None and not _strings(notify):
+        raise ValueError("notify")
+    if orcpt is not None and not (_strings(orcpt) and len(orcpt) == 2):
+        raise ValueError("orcpt")
     rcpt_dsn = None
     if notify is not None or orcpt is not None:
         rcpt_dsn = RecipientDSN(
             notify=frozenset(notify) if notify is not None else None, orcpt=tuple(orcpt) if orcpt else None
         )
     return QueuedRecipient(item["a"], rcpt_dsn)
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _mail_from_header(queue_id: str, header: object) -> QueuedMail:
+    """The queued mail a queue file's first line describes; ValueError if
+    the line is not as queue_file_header writes it (a damaged or foreign
+    file must be skipped, never crash the runner or the queue command)."""
+    if not isinstance(header, dict):
+        raise ValueError("not an object")
+    sender, rcpts, arrival = header.get("sender"), header.get("rcpts"), header.get("arrival")
+    ret, envid, size = header.get("ret"), header.get("envid"), header.get("size", 0)
+    if not isinstance(sender, str) or not isinstance(rcpts, list):
+        raise ValueError("sender or recipients")
+    if not isinstance(arrival, (int, float)) or not math.isfinite(arrival) or not isinstance(size, int):
+        raise ValueError("arrival or size")
+    if not all(v is None or isinstance(v, str) for v in (ret, envid)):
+        raise ValueError("ret or envid")
+    return QueuedMail(
+        id=queue_id, sender=sender, recipients=[_recipient(r) for r in rcpts],
+        arrival=float(arrival), ret=ret, envid=envid, size=size,
+    )
+
+
+def is_queue_id(queue_id: str) -> bool:
+    """A file name in the queue's folders (ids come from the command line too)."""
+    return bool(queue_id) and "/" not in queue_id and "\0" not in queue_id and not queue_id.startswith(".")
 
 
 class Queue:
@@ -132,11 +169,13 @@ class Queue:
     def ids(self) -> list[str]:
         try:
             return sorted(name for name in os.listdir(self.msg_dir) if not name.startswith("."))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def load(self, queue_id: str) -> QueuedMail | None:
         """The mail's envelope and progress; None if it is gone (or not a queue file)."""
+        if not is_queue_id(queue_id):
+            return None
         try:
             with open(os.path.join(self.msg_dir, queue_id), "rb") as f:
                 first = f.readline()
@@ -144,24 +183,25 @@ class Queue:
             return None
         try:
             header = json.loads(first)
-            mail = QueuedMail(
-                id=queue_id, sender=header["sender"], recipients=[_recipient(r) for r in header["rcpts"]],
-                arrival=float(header["arrival"]), ret=header.get("ret"), envid=header.get("envid"),
-                size=int(header.get("size", 0)),
-            )
-        except (ValueError, KeyError, TypeError):
+            mail = _mail_from_header(queue_id, header)
+            progress = list(self._progress(queue_id))
+        except (ValueError, IsADirectoryError, NotADirectoryError):  # a damaged file, or no file
             return None
         mail.smtputf8 = (
             header.get("utf8") is True
             or not mail.sender.isascii()
             or not all(r.address.isascii() for r in mail.recipients)
         )
-        for entry in self._progress(queue_id):
+        for entry in progress:
             index = entry.get("r")
             if entry.get("result") == DEFERRED:
-                mail.attempts = max(mail.attempts, int(entry.get("attempts", 0)))
-                mail.next_attempt = max(mail.next_attempt, float(entry.get("next", 0)))
-                mail.last_reply = entry.get("reply", mail.last_reply)
+                attempts, next_attempt, reply = entry.get("attempts", 0), entry.get("next", 0), entry.get("reply", "")
+                if not (isinstance(attempts, int) and isinstance(next_attempt, (int, float)) and isinstance(reply, str)):
+                    continue  # not as record() writes it: as if never written
+                mail.attempts = max(mail.attempts, attempts)
+                mail.next_attempt = max(mail.next_attempt, float(next_attempt))
+                if "reply" in entry:
+                    mail.last_reply = reply
             if isinstance(entry.get(DELAY_WARNED), list):
                 mail.delay_warned.update(i for i in entry[DELAY_WARNED] if isinstance(i, int))
             elif isinstance(index, int):
@@ -210,6 +250,8 @@ class Queue:
 
     def remove(self, queue_id: str) -> bool:
         """Delete a mail and its log (durably); False if it was not there."""
+        if not is_queue_id(queue_id):
+            return False
         found = False
         for folder in (self.msg_dir, self.state_dir):
             try:

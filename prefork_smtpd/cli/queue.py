@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
 from prefork_smtpd import __version__
-from prefork_smtpd.queue import Queue, default_queue_dir
+from prefork_smtpd.queue import Queue, default_queue_dir, is_queue_id
 
 
 def describe(mail, now: float) -> list[str]:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("--all", action="store_true", help="every queued mail")
     args = p.parse_args(argv)
     queue = Queue(args.queue_dir or default_queue_dir(args.mail_dir))
+    if os.path.exists(queue.root) and not os.path.isdir(queue.msg_dir):
+        print(f"prefork-smtpd-queue: {queue.root} is not a queue directory (no msg folder in it)", file=sys.stderr)
+        return 1
     now = time.time()
     if args.command == "list":
         mails = [m for m in (queue.load(i) for i in queue.ids()) if m is not None]
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("delete needs IDs or --all")
     status = 0
     for queue_id in (queue.ids() if args.all else args.ids):
-        if "/" in queue_id or queue_id.startswith("."):
+        if not is_queue_id(queue_id):
             print(f"prefork-smtpd-queue: not a queue id: {queue_id}", file=sys.stderr)
             status = 1
         elif queue.remove(queue_id):
