@@ -77,6 +77,17 @@ def test_a_hostname_that_is_no_domain_name_is_refused(hostname, tmp_path, capsys
         assert settings.hostname == good
 
 
+@pytest.mark.parametrize("flag", ["--mail-dir", "--log-file", "--queue-dir", "--domain", "--users"])
+def test_a_nul_byte_in_any_setting_is_one_line_and_exit_2(flag, tmp_path, capsys):
+    # A NUL in --mail-dir was a ValueError traceback (exit 1); in --log-file
+    # the server ran with no log at all, every process printing a traceback.
+    args = [flag, "a\0b"] + (["--mail-dir", str(tmp_path / "m")] if flag != "--mail-dir" else [])
+    with pytest.raises(SystemExit) as exit:
+        settings_from_args(args)
+    assert exit.value.code == 2
+    assert f"prefork-smtpd: error: {flag}: a NUL byte in " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting", S.REGISTRY, ids=lambda s: s.name)
 def test_every_setting_has_toml_keys_checked_by_its_type(setting, tmp_path):
     good = {int: (setting.range or (0, 0))[1], str: "x", list: ["x.example"], bool: True}[setting.type]

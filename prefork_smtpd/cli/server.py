@@ -100,6 +100,10 @@ def settings_from_args(argv: list[str] | None = None) -> tuple[Settings, Callabl
 
 def settings_problem(settings: Settings) -> str | None:
     """What makes these settings unusable together, or None."""
+    for setting in REGISTRY:  # no file name, address or name the system could take holds a NUL
+        value = getattr(settings, setting.name)
+        if any("\0" in item for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)):
+            return f"{setting.long_flags[0]}: a NUL byte in {value!r}"
     if settings.submission_port is not None and settings.submission_port == settings.port:
         return "--submission-port must differ from --port"
     if settings.sources.get("hostname") and not valid_helo_name(settings.hostname):
