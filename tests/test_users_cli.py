@@ -45,6 +45,24 @@ def users_path(tmp_path) -> Path:
 
 
 @pytest.mark.slow
+def test_an_edit_through_a_link_changes_the_file_the_link_names(tmp_path):
+    # The file Dovecot reads may be reached by a link (a config folder of
+    # links): the edit replaced the link with a new file, and the file the
+    # readers use never saw the user.
+    real, links = tmp_path / "real", tmp_path / "links"
+    real.mkdir()
+    links.mkdir()
+    assert add(real / "users", "alice", "pw-a").returncode == 0
+    (links / "users").symlink_to("../real/users")
+    r = add(links / "users", "bob", "pw-b")
+    assert r.returncode == 0, r.stderr
+    assert (links / "users").is_symlink()
+    table = load_users(str(real / "users"))
+    assert table.verify("alice", "pw-a") and table.verify("bob", "pw-b")
+    assert sorted(p.name for p in real.iterdir()) == ["users"] and sorted(p.name for p in links.iterdir()) == ["users"]
+
+
+@pytest.mark.slow
 def test_add_creates_the_file_with_mode_0640(users_path):
     r = add(users_path, "Alice@SMTPD.com", "s3cret")
     assert r.returncode == 0, r.stderr

@@ -96,8 +96,10 @@ def find(lines: list[str], name: str) -> int | None:
 
 def write_atomically(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` so readers see the old or the new file,
-    never a mix, and the new one survives a crash once this returns."""
-    folder = os.path.dirname(os.path.abspath(path))
+    never a mix, and the new one survives a crash once this returns. A
+    link is followed: the file it names is replaced, the link stays."""
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
     try:
         old = os.stat(path)
     except FileNotFoundError:
@@ -130,9 +132,10 @@ def locked_folder(path: str) -> Iterator[None]:
     """Hold an exclusive lock on the file's folder for a read-modify-write.
 
     The folder, not the file: the file is replaced by a rename, and a lock
-    on the old inode would not stop the next writer.
+    on the old inode would not stop the next writer. A link's target's
+    folder, as write_atomically writes there.
     """
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(os.path.realpath(path))
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
