@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import sys
 import time
@@ -62,23 +63,50 @@ class Sample:
     error: str | None = None
 
 
+MAX_REPLY_LINE = 4096  # octets; RFC 5321 4.5.3.1.5 allows 512
+
+
 class SMTPProbe:
+    """The monitor's own SMTP session. Whatever the peer sends (a wrong
+    port, a stalled or hostile server), each reply ends within ``timeout``
+    seconds as a reply, or as an OSError or ValueError saying why."""
+
     def __init__(self, host: str, port: int, timeout: float, send_proxy: bool = False) -> None:
+        self.timeout = timeout
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.unread = b""
         if send_proxy:  # the monitor speaks for itself, as a balancer's health check does
             self.sock.sendall(encode_v2(command="LOCAL"))
-        self.file = self.sock.makefile("rb")
         code, _ = self.reply()
         if code != 220:
             raise ConnectionError(f"greeting {code}")
 
     def reply(self) -> tuple[int, str]:
+        deadline = time.monotonic() + self.timeout  # for the whole reply, however it trickles
         while True:
-            line = self.file.readline()
-            if not line:
-                raise ConnectionError("connection closed by the server")
+            line = self._line(deadline)
+            if len(line) < 3 or not line[:3].isdigit():
+                raise ValueError(f"not an SMTP reply: {line[:60]!r}")
             if line[3:4] != b"-":
                 return int(line[:3]), line[4:].decode("utf-8", "replace").strip()
+
+    def _line(self, deadline: float) -> bytes:
+        while b"\n" not in self.unread:
+            if len(self.unread) > MAX_REPLY_LINE:
+                raise ValueError(f"a reply line longer than {MAX_REPLY_LINE} octets")
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(remaining)
+                chunk = self.sock.recv(MAX_REPLY_LINE)
+            except TimeoutError:
+                raise TimeoutError(f"no complete reply within {self.timeout:g} s") from None
+            if not chunk:
+                raise ConnectionError("connection closed by the server")
+            self.unread += chunk
+        line, _, self.unread = self.unread.partition(b"\n")
+        return line
 
     def noop_ms(self) -> float:
         start = time.perf_counter()
@@ -98,15 +126,18 @@ class SMTPProbe:
             elif code != 250:
                 raise ConnectionError(f"XSTAT {key} answered {code} {text}")
             else:
-                values[key] = int(text.rsplit(":", 1)[1])
+                _, colon, number = text.rpartition(":")
+                if not colon or not number.strip().isdigit():
+                    raise ValueError(f"XSTAT {key} answered without a count: {text[:60]!r}")
+                values[key] = int(number)
         return values
 
     def quit(self) -> None:
         try:
             self.sock.sendall(b"QUIT\r\n")
             self.reply()
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # leaving anyway
         self.sock.close()
 
 
@@ -234,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--once", action="store_true", help="one sample, then exit (1 if unreachable)")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     args = p.parse_args(argv)
-    if args.interval <= 0:
-        p.error("--interval must be positive")
+    if not (math.isfinite(args.interval) and 0 < args.interval <= 86400):
+        p.error("--interval must be a number of seconds above 0, at most 86400")
     try:
         proxies = parse_networks(args.trusted_proxies)
     except ValueError as exc:
