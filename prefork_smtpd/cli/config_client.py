@@ -12,9 +12,11 @@ import argparse
 import ipaddress
 import socket
 import sys
+import time
 import tomllib
 
 from prefork_smtpd import __version__
+from prefork_smtpd.cli.lines import LineReader
 from prefork_smtpd.control import load_secret, parse_show_line
 from prefork_smtpd.settings import PARAMETERS, PORT_ALIASES, PORT_HELP, RANGES, Settings, check_range
 
@@ -23,31 +25,43 @@ class Unreachable(Exception):
     pass
 
 
+MAX_REPLY_LINE = 4096  # octets: the config port's lines are short
+
+
 class ConfigConnection:
-    """One connection to the config port; replies are read line by line."""
+    """One connection to the config port; replies are read line by line.
+    Each line is bounded and the whole reply must come within ``timeout``,
+    however its bytes trickle in: a peer that is no config port gets a
+    reason, not a wait without end."""
 
     def __init__(self, host: str, port: int, timeout: float = 10.0) -> None:
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise Unreachable(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
-        self.file = self.sock.makefile("rb")
+        self.lines = LineReader(self.sock, MAX_REPLY_LINE)
+        self.reply_time = timeout
 
     def send(self, message: str) -> list[str]:
         """Send one message; return the reply lines up to and with OK/ERR."""
         self.sock.sendall(message.encode("ascii", "replace") + b"\r\n")
+        deadline = time.monotonic() + self.reply_time
         lines = []
         while True:
-            raw = self.file.readline()
-            if not raw:
-                raise Unreachable("the server closed the connection")
-            line = raw.decode("ascii", "replace").rstrip("\r\n")
+            try:
+                raw = self.lines.line(deadline)
+            except ConnectionError:
+                raise Unreachable("the server closed the connection") from None
+            except TimeoutError:
+                raise Unreachable(f"no complete reply within {self.reply_time:g} s: is this a config port?") from None
+            except ValueError as exc:
+                raise Unreachable(f"{exc}: is this a config port?") from None
+            line = raw.decode("ascii", "replace").rstrip("\r")
             lines.append(line)
             if line == "OK" or line.startswith("ERR"):
                 return lines
 
     def close(self) -> None:
-        self.file.close()
         self.sock.close()
 
 
@@ -166,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--secret-file", help="file with the server's config token")
     p.add_argument("messages", nargs="*", help="messages to send, e.g. logging=0 workers=8; none: interactive")
     args = p.parse_args(argv)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        p.error(f"-P/--port: {args.port} is not a port (1..65535)")
+    for message in args.messages:
+        if any(c in message for c in "\r\n\0"):  # one message is one line: the replies would fall out of step
+            p.error(f"a message holds a line break or a NUL: {message!r}")
     try:
         from_file = endpoint_from_config(args.config) if args.config is not None else {}
         args.address = reachable_address(

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from prefork_smtpd import __version__
+from prefork_smtpd.cli.lines import LineReader
 from prefork_smtpd.proxy import IPNetwork, encode_v2, parse_networks, trusted
 
 XSTAT_KEYS = ("BYTES", "MAILS", "CURRENT", "TOTAL", "QUEUE", "QUEUEAGE", "TLS")
@@ -74,7 +75,7 @@ class SMTPProbe:
     def __init__(self, host: str, port: int, timeout: float, send_proxy: bool = False) -> None:
         self.timeout = timeout
         self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.unread = b""
+        self.lines = LineReader(self.sock, MAX_REPLY_LINE)
         if send_proxy:  # the monitor speaks for itself, as a balancer's health check does
             self.sock.sendall(encode_v2(command="LOCAL"))
         code, _ = self.reply()
@@ -84,29 +85,14 @@ class SMTPProbe:
     def reply(self) -> tuple[int, str]:
         deadline = time.monotonic() + self.timeout  # for the whole reply, however it trickles
         while True:
-            line = self._line(deadline)
+            try:
+                line = self.lines.line(deadline)
+            except TimeoutError:
+                raise TimeoutError(f"no complete reply within {self.timeout:g} s") from None
             if len(line) < 3 or not line[:3].isdigit():
                 raise ValueError(f"not an SMTP reply: {line[:60]!r}")
             if line[3:4] != b"-":
                 return int(line[:3]), line[4:].decode("utf-8", "replace").strip()
-
-    def _line(self, deadline: float) -> bytes:
-        while b"\n" not in self.unread:
-            if len(self.unread) > MAX_REPLY_LINE:
-                raise ValueError(f"a reply line longer than {MAX_REPLY_LINE} octets")
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                self.sock.settimeout(remaining)
-                chunk = self.sock.recv(MAX_REPLY_LINE)
-            except TimeoutError:
-                raise TimeoutError(f"no complete reply within {self.timeout:g} s") from None
-            if not chunk:
-                raise ConnectionError("connection closed by the server")
-            self.unread += chunk
-        line, _, self.unread = self.unread.partition(b"\n")
-        return line
 
     def noop_ms(self) -> float:
         start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""prefork-smtpd-metrics against a peer that is no (good) SMTP server:
-a precise message and a bounded wait, never a traceback or a hang."""
+"""prefork-smtpd-metrics and prefork-smtpd-config against a peer that is
+not what they expect (no SMTP server, no config port, a stalled or hostile
+one): a precise message and a bounded wait, never a traceback or a hang."""
 
 from __future__ import annotations
 
@@ -92,3 +93,35 @@ def test_an_interval_that_is_no_usable_number_of_seconds_is_refused(interval):
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "--interval must be a number of seconds" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("script, says", [
+    (TRICKLE, "no complete reply within 2 s"),
+    ([(b"O" * 100_000, 0)], "longer than 4096"),
+    ([(b"", 0)], "no complete reply within 2 s"),  # silent
+])
+def test_the_config_client_gives_up_on_a_peer_that_is_no_config_port(script, says):
+    from prefork_smtpd.cli.config_client import ConfigConnection, Unreachable
+
+    peer = Peer(script)
+    peer.start()
+    try:
+        conn = ConfigConnection("127.0.0.1", peer.port, timeout=2.0)
+        started = time.monotonic()
+        with pytest.raises(Unreachable, match=says):
+            conn.send("show=1")
+        assert time.monotonic() - started < 10
+        conn.close()
+    finally:
+        peer.stop()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["-P", "113562", "show=1"], "is not a port"),
+    (["-P", "1", "max_recipients=9\nworkers=999"], "a message holds a line break"),
+])
+def test_the_config_client_refuses_what_the_port_cannot_take(args, says):
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "prefork_smtpd.cli.config_client", *args], capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and says in done.stderr, done.stderr
