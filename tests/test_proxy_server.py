@@ -304,17 +304,24 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-def test_smtps_reads_the_header_before_the_handshake(proxy_server, ca, tmp_path):
-    """The header, then the ClientHello in the same segment: the handshake
-    gets exactly the bytes behind the header."""
+def smtps_behind_a_proxy(proxy_server, ca, tmp_path, *extra: str, **kw):
+    """A server whose SMTP and smtps ports read a PROXY header; (server, smtps port)."""
     issued = ca.issue_cert("mx.test")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
     key.write_bytes(issued.private_key_pem.bytes())
     smtps = free_port()
     server = proxy_server(
-        "--proxy-protocol", "smtp,smtps", "--smtps-port", str(smtps), "--tls-cert", str(cert), "--tls-key", str(key)
+        "--proxy-protocol", "smtp,smtps", "--smtps-port", str(smtps), "--tls-cert", str(cert), "--tls-key", str(key),
+        *extra, **kw,
     )
+    return server, smtps
+
+
+def test_smtps_reads_the_header_before_the_handshake(proxy_server, ca, tmp_path):
+    """The header, then the ClientHello in the same segment: the handshake
+    gets exactly the bytes behind the header."""
+    server, smtps = smtps_behind_a_proxy(proxy_server, ca, tmp_path)
     context = ssl.create_default_context()
     ca.configure_trust(context)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -349,14 +356,8 @@ def test_smtps_handshakes_under_way_count_as_the_client_the_header_names(proxy_s
     # Behind the balancer the handshakes under way count toward
     # --max-connections-per-ip as the client each header names, not as
     # the balancer (which would lock every client out at once).
-    issued = ca.issue_cert("mx.test")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.write_bytes(b"".join(p.bytes() for p in issued.cert_chain_pems))
-    key.write_bytes(issued.private_key_pem.bytes())
-    smtps = free_port()
-    server = proxy_server(
-        "--proxy-protocol", "smtp,smtps", "--smtps-port", str(smtps), "--tls-cert", str(cert), "--tls-key", str(key),
-        "--max-connections-per-ip", "2", "--tls-handshake-timeout", "60", workers=1,
+    server, smtps = smtps_behind_a_proxy(
+        proxy_server, ca, tmp_path, "--max-connections-per-ip", "2", "--tls-handshake-timeout", "60", workers=1,
     )
 
     def header(host: str, port: int) -> bytes:
