@@ -731,15 +731,20 @@ class Session:
         size = 0
         mail_dsn: dsn.MailDSN | None = None  # made at the first RET= or ENVID=
         binary = utf8 = False
-        given: set[str] = set()  # each parameter once (the DSN ones check theirs)
+        given: dict[str, str] = {}  # parameter -> its value (DSN ones: dsn.MailDSN checks their repeats)
         for param in params:
             m = _PARAM.match(param)
             if not m:
                 return self._syntax_error("MAIL", params=True)
             key, value = m.group(1).upper(), m.group(2)
-            if key in given:
+            if key in given and key not in dsn.MAIL_PARAMETERS:
+                # The same value again is what some clients send (smtplib adds
+                # SMTPUTF8 beside the caller's own): harmless. Two different
+                # ones: which was meant is a guess.
+                if given[key] == (value or "").upper():
+                    continue
                 return self._error(dsn.duplicate(key))
-            given.add(key)
+            given[key] = (value or "").upper()
             # A known parameter with a bad value is a syntax error (501);
             # only a parameter this server does not know gets 555.
             if key == "SIZE":

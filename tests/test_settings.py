@@ -61,7 +61,7 @@ def test_an_int_flag_out_of_range_names_the_range(capsys):
     )
 
 
-@pytest.mark.parametrize("hostname", ["mx.test\r\n250 injected", "", "mx test", "mx.test\0", "mx.example(192.0.2.1)"])
+@pytest.mark.parametrize("hostname", ["mx.test\r\n250 injected", "", "mx test", "mx.example(192.0.2.1)"])
 def test_a_hostname_that_is_no_domain_name_is_refused(hostname, tmp_path, capsys):
     # It goes into the greeting, the EHLO reply and every Received header:
     # a CR LF in it broke the replies and the stored headers.
