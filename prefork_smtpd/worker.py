@@ -860,7 +860,8 @@ class Worker:
                 return
         peer_text = peer_text or _peer_text(sock)
         address = shared_address_key(host)
-        refusal = self.handshake_refusal(address)
+        # Counted as if open: the handshakes under way here, and this one.
+        refusal = self.admission_refusal(address, self.handshakes + 1, self.handshaking.get(address, 0) + 1)
         if refusal is not None:
             self.slot.add(REJECTED)
             self.log(f"{peer_text} refused before the TLS handshake: {refusal}")
@@ -875,20 +876,6 @@ class Worker:
             left = self.handshaking.pop(address) - 1
             if left:
                 self.handshaking[address] = left
-
-    def handshake_refusal(self, address: tuple[int, int]) -> str | None:
-        """Why a new implicit-TLS socket must be closed before its handshake, or None.
-
-        The limits count the open connections and this worker's handshakes
-        under way, plus the new one.
-        """
-        live = self.live
-        if self.stats.xstat("CURRENT") + self.handshakes + 1 > live.max_connections:
-            return "too many connections"
-        per_ip = live.max_connections_per_ip
-        if per_ip and self.stats.addresses.connections(address) + self.handshaking.get(address, 0) + 1 > per_ip:
-            return "too many connections from your address"
-        return None
 
     async def _accept_tls(
         self, new_connection: Callable[[], asyncio.Protocol], sock: socket.socket, peer_text: str | None = None
@@ -976,16 +963,18 @@ class Worker:
         conn.address = address
         return self.admission_refusal(address)
 
-    def admission_refusal(self, address: tuple[int, int]) -> str | None:
+    def admission_refusal(self, address: tuple[int, int], uncounted: int = 0, uncounted_here: int = 0) -> str | None:
         """Why a new connection must be turned away, or None to serve it.
 
-        Both counts already include the new connection.
+        The shared counts include a connection once it is made; ``uncounted``
+        (``uncounted_here`` from ``address``) are those not in them yet
+        that count all the same (implicit-TLS handshakes, the new one among them).
         """
         live = self.live
-        if self.stats.xstat("CURRENT") > live.max_connections:
+        if self.stats.xstat("CURRENT") + uncounted > live.max_connections:
             return "too many connections"
         per_ip = live.max_connections_per_ip
-        if per_ip and self.stats.addresses.connections(address) > per_ip:
+        if per_ip and self.stats.addresses.connections(address) + uncounted_here > per_ip:
             return "too many connections from your address"
         return None
 
