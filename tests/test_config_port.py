@@ -256,6 +256,21 @@ def test_config_client_reads_the_servers_toml(start_server, tmp_path):
     assert r.returncode == 2 and "broken.toml" in r.stderr
 
 
+def test_config_tool_refuses_a_toml_that_is_no_regular_file(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    r = tool("config", "--config", str(fifo), "show=1", timeout=20)  # was: blocked in open() for ever
+    assert r.returncode == 2 and "fifo.toml" in r.stderr and "not a regular file" in r.stderr
+    r = tool("config", "--config", str(tmp_path), "show=1", timeout=20)
+    assert r.returncode == 2 and "directory" in r.stderr.lower()
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'config_address = "\xe9"\n')
+    r = tool("config", "--config", str(bad), "show=1", timeout=20)
+    assert r.returncode == 2 and "latin1.toml" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_the_unit_reloads_through_the_same_toml_and_help_lists_reload():
     unit = (REPO / "systemd" / "prefork-smtpd.service").read_text()
     start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))

@@ -18,6 +18,7 @@ import tomllib
 from prefork_smtpd import __version__
 from prefork_smtpd.cli.lines import LineReader
 from prefork_smtpd.control import load_secret, parse_show_line
+from prefork_smtpd.textfile import read_regular_file
 from prefork_smtpd.settings import PARAMETERS, PORT_ALIASES, PORT_HELP, RANGES, Settings, check_range
 
 
@@ -107,8 +108,8 @@ def endpoint_from_config(path: str) -> dict[str, object]:
     refuses it with the line and logs it.
     """
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        # As the server reads it: a FIFO or a device there would hang the tool.
+        data = tomllib.loads(read_regular_file(path).decode("utf-8"))
     except OSError as exc:
         raise BadConfigFile(f"{path}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
