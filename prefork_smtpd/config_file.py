@@ -33,11 +33,16 @@ def load_config_file(path: str) -> dict:
         raise ConfigFileError(f"{path}: {exc}") from None
     text = raw.decode("utf-8")
     values = {}
+    spelled: dict[str, str] = {}  # setting -> the key that gave it
     for key, value in data.items():
         where = f"{path}:{_line_of(text, key)}"
         name = TOML_KEYS.get(key.replace("-", "_"))
         if name is None:
             raise ConfigFileError(f"{where}: unknown setting {key!r}")
+        if name in spelled:
+            # TOML sees two keys; which one won would depend on their order.
+            raise ConfigFileError(f"{where}: {name} given twice (as {spelled[name]!r} and {key!r})")
+        spelled[name] = key
         values[name], reason = BY_NAME[name].check_file_value(value)
         if reason:
             raise ConfigFileError(f"{where}: {reason}")
@@ -45,5 +50,9 @@ def load_config_file(path: str) -> dict:
 
 
 def _line_of(text: str, key: str) -> int:
-    match = re.search(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=", text, re.MULTILINE)
+    """The line that gives ``key``: ``key = ...``, a dotted ``key.x = ...``
+    or a table ``[key]`` / ``[key.x]``."""
+    # [ \t], not \s: \s would reach back over blank lines and count them.
+    quoted = rf"[\"']?{re.escape(key)}[\"']?"
+    match = re.search(rf"^[ \t]*(?:{quoted}[ \t]*[=.]|\[\[?[ \t]*{quoted}[ \t]*[\].])", text, re.MULTILINE)
     return text.count("\n", 0, match.start()) + 1 if match else 1

@@ -101,6 +101,27 @@ def test_every_setting_has_toml_keys_checked_by_its_type(setting, tmp_path):
         load_config_file(str(conf))
 
 
+def test_a_setting_given_under_both_spellings_is_refused_with_its_line(tmp_path):
+    conf = tmp_path / "s.toml"
+    conf.write_text("workers = 2\nmax-recipients = 5\n\nmax_recipients = 7\n")
+    with pytest.raises(ConfigFileError, match=r"s\.toml:4: max_recipients given twice "
+                       r"\(as 'max-recipients' and 'max_recipients'\)"):
+        load_config_file(str(conf))
+
+
+@pytest.mark.parametrize("body, line", [
+    ("workers = 2\n\n[max_recipients]\nx = 1\n", 3),
+    ("workers = 2\nmax_recipients.x = 1\n", 2),
+    ("workers = 2\n\n\n[[tls_cert]]\nx = 1\n", 4),
+    ("workers = 2\n[ unknown . x ]\ny = 1\n", 2),
+])
+def test_a_table_or_dotted_key_is_reported_at_its_own_line(body, line, tmp_path):
+    conf = tmp_path / "s.toml"
+    conf.write_text(body)
+    with pytest.raises(ConfigFileError, match=rf"s\.toml:{line}: "):
+        load_config_file(str(conf))
+
+
 def test_the_example_config_file_is_accepted():
     example = README.parent / "systemd" / "prefork-smtpd.toml"
     assert load_config_file(str(example))["workers"] == 4
