@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from harness import wait_until
 
-from prefork_smtpd.cli.users import DEFAULT_FILE, build_parser, users_file
+from prefork_smtpd.cli.users import DEFAULT_FILE, Refused, build_parser, users_file
 from prefork_smtpd.users import load_users
 
 
@@ -275,6 +275,13 @@ def test_default_file(tmp_path):
     no_key.write_text("workers = 2\n")
     assert users_file(build_parser().parse_args(["list"])) == DEFAULT_FILE == "/etc/prefork-smtpd/users"
     assert users_file(build_parser().parse_args(["--config", str(no_key), "list"])) == DEFAULT_FILE
+
+
+@pytest.mark.parametrize("flags", [["--file", ""], ["--config", ""], ["--file", "", "--config", "x.toml"]])
+def test_an_empty_file_name_is_refused_not_taken_for_the_default(flags):
+    # Parsed only: on the code before, this named the system's users file.
+    with pytest.raises(Refused, match=f"--{flags[0][2:]} must name a file"):
+        users_file(build_parser().parse_args([*flags, "list"]))
 
 
 def blocked_on_a_lock(pid: int) -> bool:

@@ -198,11 +198,18 @@ def list_users(path: str) -> str:
 
 # ------------------------------------------------------------ front end
 def users_file(args: argparse.Namespace) -> str:
-    """--file, else the ``users`` key of --config, else the default."""
-    if getattr(args, "file", None):
+    """--file, else the ``users`` key of --config, else the default.
+
+    An empty --file or --config is a mistake (an unset shell variable),
+    not a wish for the default: editing /etc's users file instead of the
+    one meant would be the worst answer to it."""
+    for flag in ("file", "config"):
+        if getattr(args, flag, None) == "":
+            raise Refused(f"--{flag} must name a file")
+    if hasattr(args, "file"):
         return args.file
     config = getattr(args, "config", None)
-    if not config:
+    if config is None:
         return DEFAULT_FILE
     try:
         data = tomllib.loads(read_regular_file(config).decode("utf-8"))
