@@ -187,6 +187,7 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
 # No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
+_LITERAL_TAG = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]\Z")  # Standardized-tag (Ldh-str)
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 # RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
 # address literal may sit in it, colons and all.
@@ -851,7 +852,7 @@ class Session:
             domain = smtputf8.ascii_domain(domain) or "?"  # a U-label domain: its A-labels (IDNA)
         if not at:
             local = path  # a bare local part, as the seed allowed
-        elif len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
+        elif not valid_domain(domain):
             self._rejected_rcpts += 1
             return self._syntax_error("RCPT", "5.1.3")
         elif (domain := domain.lower()) not in self.domains and not self._serves_other_recipient(domain):
@@ -1446,6 +1447,26 @@ def valid_helo_name(name: str) -> bool:
     return len(name) <= MAX_DOMAIN and _HELO_DOMAIN.match(name) is not None
 
 
+def valid_domain(domain: str) -> bool:
+    """A domain name or a well-formed address literal (RFC 5321 4.1.2, 4.1.3)."""
+    if len(domain) > MAX_DOMAIN or not _DOMAIN.match(domain):
+        return False
+    return domain[0] != "[" or well_formed_literal(domain)
+
+
+def well_formed_literal(text: str) -> bool:
+    """``[IPv4]``, ``[IPv6:address]`` or a General-address-literal ``[tag:content]``.
+
+    ``text`` has passed _DOMAIN (brackets, dcontent). Without a tag the
+    content must be an IPv4 address; with IPv6: an IPv6 address. Any other
+    tag is well formed (and names no host of ours: a relay attempt).
+    """
+    tag, colon, content = text[1:-1].partition(":")
+    if colon and tag.lower() != "ipv6":
+        return content != "" and _LITERAL_TAG.match(tag) is not None
+    return literal_address(text) is not None
+
+
 def is_address_literal(text: str) -> bool:
     """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` holding a valid address."""
     return literal_address(text) is not None
@@ -1539,8 +1560,8 @@ def _split_path(arg: str, keyword: str) -> tuple[str, list[str]] | None:
 def _parse_mailbox(path: str) -> tuple[str, str] | None:
     """``local@domain`` -> (local, domain) if it is a valid RFC 5321 mailbox."""
     local, at, domain = path.rpartition("@")
-    if not at or not local or not domain or len(domain) > MAX_DOMAIN:
+    if not at or not local or not domain:
         return None
-    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)) or not _DOMAIN.match(domain):
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)) or not valid_domain(domain):
         return None
     return local, domain

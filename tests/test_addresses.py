@@ -96,13 +96,29 @@ def test_source_routes_are_accepted_and_ignored_on_mail_and_rcpt():
         ("<bob@[IPv6:::ffff:192.0.2.1]>", "250 2.1.5"),  # IPv4-mapped: the same host
         ("<bob@[192.0.2.2]>", "550 5.7.1"),  # not ours: a relay attempt
         ("<bob@[IPv6:2001:db8::26]>", "550 5.7.1"),
-        ("<bob@[IPv6:192.0.2.1]>", "550 5.7.1"),  # not an address: never ours
-        ("<bob@[192.0.2.999]>", "550 5.7.1"),
-        ("<bob@[Tag:content]>", "550 5.7.1"),
+        ("<bob@[Tag:content]>", "550 5.7.1"),  # a General-address-literal: well formed, not ours
+        ("<bob@[x-400:c=gb;a= ;p=x]>", "501 5.1.3"),  # a space is no dcontent
+        # Malformed literals: a syntax error, not a relay attempt (RFC 5321 4.1.3).
+        ("<bob@[IPv6:192.0.2.1]>", "501 5.1.3"),
+        ("<bob@[192.0.2.999]>", "501 5.1.3"),
+        ("<bob@[192.0.2]>", "501 5.1.3"),
+        ("<bob@[IPv6:1:2:3:4:5:6:7:8:9]>", "501 5.1.3"),
+        ("<bob@[IPv6:zz]>", "501 5.1.3"),
+        ("<bob@[::1]>", "501 5.1.3"),  # no tag
+        ("<bob@[ta_g:x]>", "501 5.1.3"),  # a tag is letters, digits and hyphens
+        ("<bob@[tag:]>", "501 5.1.3"),
+        ("<bob@[host.example]>", "501 5.1.3"),
     ],
 )
 def test_address_literals_are_ours_or_a_relay_attempt(path, reply):
     assert rcpt(session(), path).startswith(reply)
+
+
+@pytest.mark.parametrize("literal", ["[IPv6:192.0.2.1]", "[192.0.2.999]", "[::1]", "[tag:]"])
+def test_a_sender_with_a_malformed_literal_is_a_syntax_error(literal):
+    s = session()
+    assert answer(s, f"MAIL FROM:<anne@{literal}>").startswith("501 5.1.7")
+    assert answer(s, "MAIL FROM:<anne@[192.0.2.2]>").startswith("550")  # well formed, not ours
 
 
 def test_an_address_literal_goes_to_the_folder_of_its_local_part():
