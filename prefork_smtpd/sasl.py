@@ -184,8 +184,10 @@ def _plain(message: bytes) -> Step:
     authzid, authcid, passwd = (_utf8(f) for f in fields)
     if not authcid or not passwd or authzid is None or _CONTROL.search(authcid):
         return Failure(MALFORMED)
-    # This server acts for no one but the user who logged in.
-    if authzid and authzid != authcid:
+    # This server acts for no one but the user who logged in. Login names
+    # are ASCII and matched without case (users.name_key), so "ALICE" acting
+    # for "alice" is that user; no Unicode folding (K and KELVIN SIGN).
+    if authzid and authzid != authcid and not (authzid.isascii() and authzid.lower() == authcid.lower()):
         return Failure(AUTHZID_REFUSED)
     return CheckCredentials("PLAIN", authcid, passwd)
 

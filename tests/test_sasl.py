@@ -54,6 +54,14 @@ def test_plain_authzid_equal_to_authcid_is_accepted():
     assert step == CheckCredentials("PLAIN", "bob@smtpd.com", "pw")
 
 
+def test_plain_authzid_differing_only_in_case_is_that_user():
+    step = SaslExchange().start(b"PLAIN " + b64("ALICE\0alice\0pw"))
+    assert step == CheckCredentials("PLAIN", "alice", "pw")
+    # Unicode case folding would make these equal: they are not the same name.
+    step = SaslExchange().start(b"PLAIN " + b64("\u212aate\0kate\0pw"))
+    assert step == Failure(AUTHZID_REFUSED)
+
+
 def test_plain_other_authzid_is_refused():
     step = SaslExchange().start(b"PLAIN " + b64("alice\0bob\0pw"))
     assert step == Failure(AUTHZID_REFUSED)
