@@ -123,6 +123,11 @@ BARE_LINE_END_IN_DATA = reply(550, "5.6.0", "Error: bare CR or LF in message dat
 TEXT_LINE_TOO_LONG = reply(500, "5.5.6", "Error: message line too long")
 
 
+def too_many_hops(limit: int) -> Reply:
+    """RFC 5321 6.3 and RFC 3463's 5.4.6 (routing loop detected)."""
+    return reply(554, "5.4.6", f"Error: too many hops (more than {limit} Received header fields); a mail loop?")
+
+
 AUTH_PARAMETER_SYNTAX = syntax_error("AUTH=<mailbox>|<>")
 SENDER_NOT_OWNED = reply(553, "5.7.1", "Error: sender address not owned by the authenticated user")
 AUTH_TEMPORARY_FAILURE = reply(454, "4.7.0", "Temporary authentication failure, try again later")  # RFC 4954 6

@@ -41,6 +41,7 @@ from typing import Callable, ClassVar, Protocol, TypeVar
 
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
+from .hops import received_fields
 from .events import (
     AuthAborted,
     Authenticated,
@@ -216,6 +217,7 @@ class Limits:
     max_text_line: int = 1000  # octets, CRLF included (RFC 5321 4.5.3.1.6)
     max_errors: int = 20  # bad commands before 421 (Postfix's hard limit)
     max_auth_failures: int = 3  # failed AUTH attempts before 421
+    max_hops: int = 100  # Received fields a message may carry (RFC 5321 6.3)
 
 
 class LimitSource(Protocol):
@@ -234,6 +236,8 @@ class LimitSource(Protocol):
     def max_errors(self) -> int: ...
     @property
     def max_auth_failures(self) -> int: ...
+    @property
+    def max_hops(self) -> int: ...
 
 
 @dataclass
@@ -1246,6 +1250,14 @@ class Session:
             return self._error(reply, what)
         chunks = self._chunks
         assert type(chunks) is list  # a message was read
+        max_hops = self.limits.max_hops
+        if received_fields(chunks, max_hops) > max_hops:
+            # RFC 5321 6.3: a mail loop. Refused for good, so the server
+            # that sent it bounces it instead of sending it round again.
+            folders = ",".join(sorted({r.folder or r.address for r in envelope.recipients}))
+            self._reset_transaction()
+            self.state = READY
+            return self._error(replies.too_many_hops(max_hops), f"message from <{envelope.sender}> to {folders}")
         envelope.chunks = chunks
         envelope.size = self._size
         self._chunks = _NO_CHUNKS  # the envelope's now

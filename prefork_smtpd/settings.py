@@ -192,6 +192,11 @@ REGISTRY: tuple[Setting, ...] = (
         "max_text_line", int, 1000, metavar="BYTES", range=(1000, 1 << 20),  # RFC 5321 forbids less than 1000
         help="message line length, CRLF included (default {default})", shared=True,
     ),
+    Setting(
+        "max_hops", int, 100, metavar="N", range=(1, 10_000),  # RFC 5321 6.3: at least 100 by default
+        help="Received header fields a message may carry; one more is a mail loop, refused with 554 (default {default})",
+        shared=True,
+    ),
     # ------------------------------------------ sockets: changed only by a restart
     Setting(
         "listen", str, None, flags=("-l",), metavar="ADDR", change=RESTART, default_doc="every address",  # None: every address, IPv6 and IPv4
@@ -558,6 +563,7 @@ class Settings:
     max_errors: int = REGISTERED
     max_command_line: int = REGISTERED
     max_text_line: int = REGISTERED
+    max_hops: int = REGISTERED
     listen: str | None = REGISTERED
     port: int = REGISTERED
     submission_port: int | None = REGISTERED

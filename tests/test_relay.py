@@ -184,6 +184,28 @@ def test_5xx_bounces_to_the_local_sender_as_a_parseable_dsn(start_server, receiv
     assert original.get_payload()[0]["Subject"] == "going out"
 
 
+def test_a_mail_relayed_back_to_this_server_stops_at_max_hops_and_bounces(start_server, tmp_path):
+    """A next hop that leads back here (a domain's MX pointing at us): each pass adds a
+    Received field, and the pass over --max-hops is refused with 554 5.4.6 and bounced.
+    Without the count the mail went round without end, one fsynced copy per pass."""
+    conf = tmp_path / "loop.toml"
+    conf.write_text('relay_networks = "127.0.0.0/8"\nmax_hops = 4\n')
+    server = start_server("--config", str(conf), *FAST_RETRIES)
+    # Our own port is known only now: point the relay at ourselves and reload.
+    conf.write_text(conf.read_text() + f'relay_host = "127.0.0.1:{server.port}"\n')
+    assert config(server, "reload=1")[-1] == "OK"
+    assert send(server, ["round@example.org"]) == {}
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce of the looping mail")
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    rcpt = parse_stored(bounce).get_payload()[1].get_payload()[1]
+    assert rcpt["Status"] == "5.4.6" and "too many hops (more than 4 Received" in rcpt["Diagnostic-Code"]
+    # Four passes were taken (the mail arrived with 0 to 3 Received fields, then 4 as its
+    # fifth), the fifth refused once; the bounce itself is stored here, not relayed.
+    wait_until(lambda: server.log_count("<round@example.org> bounced: 554 5.4.6") == 1, what="the bounce logged")
+    wait_until(lambda: server.log_count("<round@example.org> sent via") == 4, what="four passes logged")
+    assert server.log_count("refused message from <alice@smtpd.com> to round@example.org: 554 5.4.6") == 1
+
+
 def test_notify_never_and_the_null_sender_get_no_bounce(start_server, receiver):
     hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user"]}))
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)

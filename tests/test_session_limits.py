@@ -158,3 +158,32 @@ def test_text_line_limit_sits_exactly_on_1000_octets(lengths, cuts):
         assert out == b"" and s.pending.content == sent
     else:
         assert out[:9] == b"500 5.5.6"
+
+
+def hops_message(received: int) -> bytes:
+    trace = b"".join(b"Received: from hop%d.example by mx.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n" % i
+                     for i in range(received))
+    return trace + b"Subject: round and round\r\n\r\nReceived: a line of the body, not a hop\r\n"
+
+
+def test_max_hops_received_fields_pass_and_one_more_is_a_mail_loop():
+    assert Limits().max_hops == 100  # RFC 5321 6.3: "normally at least 100"
+    for limit in (1, 5, 100):
+        for count, expect in ((limit, b""), (limit + 1, b"554 5.4.6 ")):
+            s = session(max_hops=limit)
+            out = transaction(s, hops_message(count))
+            assert out[:10] == expect, (limit, count, out)
+            assert (s.pending is None) == bool(expect)
+            if expect:
+                assert b"a mail loop" in out and s.errors == 1
+                assert any("refused message from <a@smtpd.com> to b: 554 5.4.6" in line for line in s.log), s.log
+                assert s.feed(b"MAIL FROM:<a@smtpd.com>\r\n")[:3] == b"250"  # the session goes on
+
+
+def test_max_hops_counts_a_bdat_message_too():
+    s = session(max_hops=3)
+    message = hops_message(4)
+    out = s.feed(b"MAIL FROM:<a@smtpd.com>\r\nRCPT TO:<b@smtpd.com>\r\n")
+    out = s.feed(b"BDAT 10\r\n" + message[:10] + b"BDAT %d LAST\r\n" % (len(message) - 10) + message[10:])
+    assert out.endswith(b"554 5.4.6 Error: too many hops (more than 3 Received header fields); a mail loop?\r\n")
+    assert s.pending is None
