@@ -950,13 +950,29 @@ class Runner:
         except TemporaryFailure as exc:
             return [Outcome(i, DEFERRED, str(exc), "4.4.3") for i in indices]
         last_error = "no next hop"
+        # A domain may list any number of MX hosts, each with any number of
+        # addresses, each taking up to --relay-timeout to fail: a few such
+        # mails would hold every delivery slot for hours. So at most
+        # relay_max_addresses tries (a host whose lookup fails is one), and
+        # an address listed twice is tried once.
+        budget = self.settings.relay_max_addresses
+        tried: set[tuple[str, int]] = set()
         for host, port in hops:
+            if len(tried) >= budget:
+                last_error += f" (stopped after {budget} next-hop addresses: --relay-max-addresses)"
+                break
             try:
                 addresses = [host] if self.settings.relay_host else await host_addresses(host, self.resolver)
             except TemporaryFailure as exc:
                 last_error = str(exc)
+                tried.add((host, -1))
                 continue
             for address in addresses:
+                if (address, port) in tried:
+                    continue
+                if len(tried) >= budget:
+                    break
+                tried.add((address, port))
                 try:
                     return await self._converse(mail, message, address, port, indices, host, settle)
                 except (OSError, asyncio.TimeoutError, aiosmtplib.SMTPException) as exc:

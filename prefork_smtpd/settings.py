@@ -400,6 +400,11 @@ REGISTRY: tuple[Setting, ...] = (
         help="time the next hop gets for each step of a delivery (default {default})",
     ),
     Setting(
+        "relay_max_addresses", int, 5, metavar="N", range=(1, 100),  # Postfix's smtp_mx_address_limit
+        help="next-hop addresses tried for one domain per delivery attempt, over all its MX hosts "
+        "in preference order; an address seen already is skipped (default {default})",
+    ),
+    Setting(
         "relay_max_connections", int, 20, metavar="N", range=(1, 10_000),
         help="outbound deliveries and connections at once, all next hops together (default {default})",
     ),
@@ -611,6 +616,7 @@ class Settings:
     relay_port: int = REGISTERED
     relay_nameserver: str | None = REGISTERED
     relay_timeout: int = REGISTERED
+    relay_max_addresses: int = REGISTERED
     relay_max_connections: int = REGISTERED
     relay_connections: int = REGISTERED
     relay_mails_per_connection: int = REGISTERED

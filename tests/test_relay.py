@@ -300,6 +300,41 @@ def test_relayed_notice_when_the_next_hop_offers_no_dsn(start_server, receiver):
 
 
 # ----------------------------------------------------------------- crash safety
+def test_relay_max_addresses_bounds_the_next_hops_tried_per_attempt(start_server, receiver, tmp_path):
+    """A domain with many dead MX hosts must not hold a delivery slot for each: at most
+    --relay-max-addresses addresses per attempt, a repeated address tried once."""
+    hop = receiver()
+    dns_server = TinyDNS({
+        ("many.test", "MX"): ["10 a.many.test.", "20 b.many.test.", "30 c.many.test.", "40 d.many.test.",
+                              "50 live.many.test."],
+        # Nothing listens on these loopback addresses at the hop's port: refused at once.
+        ("a.many.test", "A"): ["127.0.0.2"], ("b.many.test", "A"): ["127.0.0.2"],  # the same address twice
+        ("c.many.test", "A"): ["127.0.0.3"], ("d.many.test", "A"): ["127.0.0.4"],
+        ("live.many.test", "A"): ["127.0.0.1"],
+    })
+    try:
+        conf = tmp_path / "relay.toml"
+        conf.write_text(f'relay_networks = "127.0.0.0/8"\nrelay_nameserver = "127.0.0.1:{dns_server.port}"\n'
+                        f"relay_port = {hop.port}\nrelay_max_addresses = 3\nqueue_retry_min = 1\n"
+                        "queue_retry_max = 1\n")
+        server = start_server("--config", str(conf))
+        assert send(server, ["far@many.test"]) == {}
+        wait_until(lambda: server.log_count("(stopped after 3 next-hop addresses: --relay-max-addresses)") >= 2,
+                   what="two attempts stopped at the limit")
+        assert hop.handler.copies_for("far@many.test") == 0  # the fifth MX is past the limit
+        log = server.log_text()
+        first = log[: log.index("(stopped after 3 next-hop addresses")].splitlines()[:-1]  # the tries before it
+        tries = [line for line in first if "SMTPConnectError" in line]
+        assert [sum(f"[127.0.0.{n}]:{hop.port}:" in t for t in tries) for n in (2, 3, 4)] == [1, 1, 1], tries
+        # One address more reaches the live host (b's address was a's: not a try of its own).
+        conf.write_text(conf.read_text().replace("relay_max_addresses = 3", "relay_max_addresses = 4"))
+        assert config(server, "reload=1")[-1] == "OK"
+        wait_until(lambda: hop.handler.copies_for("far@many.test") == 1, what="delivery to the live MX")
+        wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    finally:
+        dns_server.close()
+
+
 @pytest.mark.slow
 def test_runner_sigkilled_mid_delivery_retries_only_the_unacknowledged(start_server, receiver):
     """Two recipient domains, two transactions: the first acknowledged, the runner
