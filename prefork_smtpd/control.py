@@ -237,6 +237,9 @@ class ConfigSession:
             return self._login(name, value)
         if name == "token":
             return b"OK\r\n"  # already in: a client may always send its token
+        if name in ("reload", "flush", "show") and value != 1:
+            # Actions, not settings: reload=0 reading as "do not reload" must not reload.
+            return self._refuse(f"{name}: an action, send {name}=1")
         if name == "reload":
             if self.reload is None:
                 return self._err("reload is not available")

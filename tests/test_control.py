@@ -69,6 +69,17 @@ def test_reload_reply_waits_and_later_lines_stay_in_order():
     assert s.reload_done("bad file") == b"ERR reload failed: bad file\r\n"
 
 
+def test_an_action_with_any_value_but_1_is_refused_and_does_nothing():
+    s, applied, reloads = new()
+    flushes = []
+    s.flush = lambda: flushes.append(1)
+    for line in (b"reload=0", b"reload=2", b"RELOAD=-1", b"flush=0", b"show=0", b"show=-1"):
+        name = line.split(b"=")[0].lower()
+        assert s.feed(line + b"\r\n") == b"ERR %s: an action, send %s=1\r\n" % (name, name), line
+    assert reloads == [] and flushes == [] and applied == []
+    assert s.feed(b"flush=1\r\n") == b"OK\r\n" and flushes == [1]
+
+
 def test_show_lists_every_parameter():
     s, _, _ = new()
     lines = s.feed(b"show=1\r\n").decode().split("\r\n")
