@@ -24,7 +24,10 @@ from .events import Reply
 
 # RFC 3030 2: bdat-cmd ::= "BDAT" SP chunk-size [ SP end-marker ] CR LF;
 # chunk-size ::= 1*DIGIT. At most 20 digits, as for SIZE= (RFC 1870).
-_BDAT_ARGUMENTS = re.compile(r"([0-9]{1,20})(?: (LAST))?\Z", re.IGNORECASE)
+# Blanks are taken as the session takes them around the arguments (any
+# run of spaces or tabs): a line that cannot be parsed closes the
+# connection, and "BDAT 5  LAST" is no doubt about where the chunk ends.
+_BDAT_ARGUMENTS = re.compile(r"([0-9]{1,20})(?:[ \t]+(LAST))?\Z", re.IGNORECASE)
 
 
 def parse_bdat(arg: str) -> tuple[int, bool] | None:

@@ -59,12 +59,13 @@ def split(data: bytes, cuts) -> list[bytes]:
 @pytest.mark.parametrize("arg, parsed", [
     ("0", (0, False)), ("10", (10, False)), ("10 LAST", (10, True)), ("10 last", (10, True)),
     ("0 LAST", (0, True)), ("9" * 20, (int("9" * 20), False)),
+    ("10  LAST", (10, True)), ("10\tLAST", (10, True)), ("10 \t LAST", (10, True)),  # as "BDAT  10" is taken
 ])
 def test_bdat_arguments_that_parse(arg, parsed):
     assert parse_bdat(arg) == parsed
 
 
-@pytest.mark.parametrize("arg", ["", "LAST", "-1", "1.5", "10 LASTX", "10 LAST x", "10  LAST", "x10", "9" * 21, "10 FIRST"])
+@pytest.mark.parametrize("arg", ["", "LAST", "-1", "1.5", "10 LASTX", "10 LAST x", "10LAST", "x10", "9" * 21, "10 FIRST"])
 def test_bdat_arguments_that_do_not(arg):
     assert parse_bdat(arg) is None
 
@@ -91,6 +92,13 @@ def test_a_chunk_may_hold_what_looks_like_commands_and_a_crlf_may_straddle_chunk
     out, stored = drive([HEAD + bdat(b"a\r", b"\nRSET\r\nQUIT", b"\r", b"\nb\r\n") + b"QUIT\r\n"])
     assert b"221 2.0.0" in out and out.count(b"221") == 1
     assert stored[0].content == body
+
+
+def test_blanks_between_the_bdat_arguments_are_taken_as_around_them():
+    # "BDAT  7" was taken and "BDAT 7  LAST" closed the connection: both are one chunk now.
+    out, stored = drive([HEAD + b"BDAT  7\r\nhello\r\nBDAT 2 \t LAST\r\nhi"])
+    assert [m.content for m in stored] == [b"hello\r\nhi"]
+    assert codes(out)[-2:] == [b"250 2.0.0", b"250 2.0.0"] and b"421" not in out
 
 
 def test_bdat_0_last_ends_the_message():
