@@ -249,6 +249,8 @@ class ServiceClient:
 # (a control character or a byte past 127 is no request a scraper sends).
 REQUEST_LINE = re.compile(rb"([!-~]+) +([!-~]+) +(HTTP/[0-9]\.[0-9])")
 HTTP_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+# RFC 9112 3.2.2: a server must accept the absolute form (a proxy's) too.
+ABSOLUTE_FORM = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
 
 
 class HttpMetricsRequest:
@@ -262,6 +264,7 @@ class HttpMetricsRequest:
         self.render = render
         self.closing = False
         self._buf = bytearray()
+        self._may_skip_empty_line = True  # before the request line: one empty line is skipped
 
     @property
     def wants_input(self) -> bool:
@@ -270,15 +273,28 @@ class HttpMetricsRequest:
     def feed(self, data: bytes) -> bytes:
         if self.closing:
             return b""
-        self._buf += data
-        end = self._buf.find(b"\r\n\r\n")
+        buf = self._buf
+        buf += data
+        if self._may_skip_empty_line:
+            # RFC 9112 2.2: ignore at least one empty line before the request line
+            # (a client's leftover CRLF); one, so a stream of them is refused.
+            if buf[:2] == b"\r\n" or buf[:1] == b"\n":
+                del buf[: buf.index(b"\n") + 1]
+                self._may_skip_empty_line = False
+            elif buf == b"\r":
+                return b""  # a CR alone: the CRLF may be cut in two
+            elif buf:
+                self._may_skip_empty_line = False
+        if buf[:2] == b"\r\n" or buf[:1] == b"\n":
+            return self._respond(400, b"bad request\n", "text/plain")  # no request line
+        end = buf.find(b"\r\n\r\n")
         if end < 0:
-            end = self._buf.find(b"\n\n")
+            end = buf.find(b"\n\n")
         if end < 0:
-            if len(self._buf) > self.MAX_REQUEST:
+            if len(buf) > self.MAX_REQUEST:
                 return self._respond(431, b"request header too large\n", "text/plain")
             return b""
-        request_line = bytes(self._buf.split(b"\n", 1)[0]).rstrip(b"\r")
+        request_line = bytes(buf.split(b"\n", 1)[0]).rstrip(b"\r")
         parsed = REQUEST_LINE.fullmatch(request_line)
         if parsed is None:
             return self._respond(400, b"bad request\n", "text/plain")
@@ -286,6 +302,9 @@ class HttpMetricsRequest:
         if version not in HTTP_VERSIONS:
             return self._respond(505, b"HTTP/1.0 and HTTP/1.1 only\n", "text/plain")
         target = target.split(b"?", 1)[0]
+        absolute = ABSOLUTE_FORM.match(target)
+        if absolute:
+            target = target[absolute.end():] or b"/"
         if target != b"/metrics":
             return self._respond(404, b"not found; try /metrics\n", "text/plain")
         if method not in (b"GET", b"HEAD"):

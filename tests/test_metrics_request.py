@@ -40,6 +40,17 @@ def status_of(*pieces: bytes) -> int:
         (b"GET /m\xe9trics HTTP/1.1\r\n\r\n", 400),
         (b"GET /metrics HTTP/1.x\r\n\r\n", 400),
         (b"\r\n\r\n", 400),
+        # RFC 9112 2.2: an empty line before the request line is ignored (one; two get 400).
+        (b"\r\nGET /metrics HTTP/1.1\r\n\r\n", 200),
+        (b"\nGET /metrics HTTP/1.1\n\n", 200),
+        (b"\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n", 400),
+        (b"\r\n\nGET /metrics HTTP/1.1\r\n\r\n", 400),
+        # RFC 9112 3.2.2: the absolute form, as a proxy sends it.
+        (b"GET http://127.0.0.1:9101/metrics HTTP/1.1\r\nHost: 127.0.0.1:9101\r\n\r\n", 200),
+        (b"GET HTTPS://[::1]:9101/metrics?x=1 HTTP/1.1\r\n\r\n", 200),
+        (b"GET http://host HTTP/1.1\r\n\r\n", 404),
+        (b"GET http://host/other HTTP/1.1\r\n\r\n", 404),
+        (b"GET http://host/metrics/x HTTP/1.1\r\n\r\n", 404),
     ],
 )
 def test_each_request_gets_a_precise_status(request_bytes, status):
