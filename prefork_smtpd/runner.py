@@ -67,7 +67,7 @@ from .delivery import DeliveryError, MaildirStore
 from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .notices import is_local_sender, local_sender_folder
-from .policy import mailbox_check, names_from
+from .policy import mailbox_check, names_from, own_addresses
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
@@ -703,6 +703,27 @@ class Runner:
         self._logger: logging.Logger | None = None
         self._log_lines: AppendLineHandler | None = None
         self.auth = _read_auth(settings.relay_auth_file) if settings.relay_auth_file else None
+        self._own_addresses: frozenset | None = None  # where our SMTP port answers, looked up once
+
+    def is_this_server(self, addresses: list[str], port: int) -> bool:
+        """Whether an MX host is this server: one of its addresses is ours, on our SMTP port."""
+        if port != self.settings.port:
+            return False
+        if self._own_addresses is None:
+            try:
+                self._own_addresses = own_addresses([self.settings.listen or "::"])
+            except ValueError:  # a listen address given by name: not told apart here
+                self._own_addresses = frozenset()
+        for text in addresses:
+            try:
+                address = ipaddress.ip_address(text.split("%", 1)[0])
+            except ValueError:
+                continue
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            if address in self._own_addresses:
+                return True
+        return False
 
     # ------------------------------------------------------------ process
     def run(self) -> int:
@@ -967,6 +988,14 @@ class Runner:
                 last_error = str(exc)
                 tried.add((host, -1))
                 continue
+            if not self.settings.relay_host and self.is_this_server(addresses, port):
+                # RFC 5321 5.1: this server among the MX hosts; it and every MX
+                # after it (no better preference) are left out. Were it the best,
+                # the mail would only come round again: bounced, as Postfix does.
+                if not tried:
+                    reason = f"mail for {domain} loops back to myself: its MX host {host} is this server"
+                    return [Outcome(i, BOUNCED, reason, "5.4.6") for i in indices]
+                break
             for address in addresses:
                 if (address, port) in tried:
                     continue

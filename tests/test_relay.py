@@ -335,6 +335,27 @@ def test_relay_max_addresses_bounds_the_next_hops_tried_per_attempt(start_server
         dns_server.close()
 
 
+def test_an_mx_that_is_this_server_is_never_sent_to(start_server, tmp_path):
+    """RFC 5321 5.1: a domain whose best MX is this server would only bring the mail
+    back; it bounces at once (5.4.6) instead of going round until --max-hops."""
+    dns_server = TinyDNS({("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "A"): ["127.0.0.1"]})
+    try:
+        conf = tmp_path / "relay.toml"
+        conf.write_text(f'relay_networks = "127.0.0.0/8"\nrelay_nameserver = "127.0.0.1:{dns_server.port}"\n')
+        server = start_server("--config", str(conf), *FAST_RETRIES)
+        conf.write_text(conf.read_text() + f"relay_port = {server.port}\n")  # our own port: known only now
+        assert config(server, "reload=1")[-1] == "OK"
+        assert send(server, ["bob@self.test"]) == {}
+        (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+        rcpt = parse_stored(bounce).get_payload()[1].get_payload()[1]
+        assert rcpt["Status"] == "5.4.6"
+        assert "mail for self.test loops back to myself: its MX host mx.self.test is this server" in rcpt["Diagnostic-Code"]
+        wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+        assert server.log_count("sent via") == 0 and server.log_count("Received header fields") == 0
+    finally:
+        dns_server.close()
+
+
 @pytest.mark.slow
 def test_runner_sigkilled_mid_delivery_retries_only_the_unacknowledged(start_server, receiver):
     """Two recipient domains, two transactions: the first acknowledged, the runner
