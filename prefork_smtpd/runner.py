@@ -85,6 +85,7 @@ QUIT_WAIT = 10.0  # seconds a closing connection waits for the reply to QUIT
 # quoted in notices, recorded and logged.
 MAX_REPLY = 64 * 1024
 MAX_REPLY_LINES = 1000
+REPLY_KEPT = 600  # characters of a reply kept in the queue's state and the log (notices quote 500)
 STALE_RETRIES = 3  # a kept connection found dead before RCPT: this many more tries on others
 NOTICE_PEER = "local"
 # class "." subject "." detail (RFC 3463 2), ASCII digits only (re's \d takes any digit).
@@ -202,6 +203,13 @@ class Outcome:
     status: str = ""  # an RFC 3463 code for the notice
     remote: str = ""  # the host that answered
     dsn_passed: bool = False  # the next hop offered DSN and got the parameters
+
+    def __post_init__(self) -> None:
+        # A next hop's reply may be 64 KiB (MAX_REPLY), and it is kept for
+        # every recipient at every attempt (state file, log line): only its
+        # start is worth keeping, more than a notice quotes (DIAGNOSTIC_MAX).
+        if len(self.reply) > REPLY_KEPT:
+            self.reply = self.reply[: REPLY_KEPT - 3] + "..."
 
 
 def _status_of(reply: str, fallback: str) -> str:

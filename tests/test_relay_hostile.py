@@ -148,6 +148,25 @@ def test_a_multi_line_reply_cannot_forge_a_line_of_the_log(start_server, hostile
     assert bounced.endswith("5.1.1 no such user\\n" + forged.decode())
 
 
+def test_a_long_reply_is_kept_short_in_the_queue_state_and_the_log(start_server, hostile_hop):
+    """A 4xx of 60 KB (within MAX_REPLY), for each of 10 recipients at each attempt, was
+    stored whole in the state file (JSON escapes: six octets per control character) and
+    logged whole: megabytes per attempt. Only its start is kept now."""
+    reply = b"".join(b"450-4.2.0 " + b"\x01" * 230 + b"\r\n" for _ in range(250)) + b"450 4.2.0 end\r\n"
+    hop = hostile_hop(rcpt=reply)
+    server = start_server(*relay_to(hop.port))
+    recipients = [f"r{i}@example.org" for i in range(10)]
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        assert client.sendmail("alice@smtpd.com", recipients, MESSAGE) == {}
+    wait_until(lambda: server.log_count("deferred, retry in") >= 20, what="two attempts deferred", timeout=60)
+    (queue_id,) = queue_of(server).ids()
+    state = server.root / "queue" / "state" / queue_id
+    assert state.stat().st_size < 20 * 6 * 1000, state.stat().st_size  # was 7.6 MB an attempt
+    assert max(len(line) for line in server.log_text().splitlines()) < 4000
+    last = queue_of(server).load(queue_id).last_reply
+    assert last.startswith("450 4.2.0 \x01") and last.endswith("...") and len(last) <= 600
+
+
 @pytest.mark.parametrize("excess", [0, 1])
 def test_max_reply_bounds_a_whole_reply_exactly(excess):
     """A reply of exactly MAX_REPLY bytes is read; one byte more is "reply too long",
