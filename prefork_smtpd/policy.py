@@ -174,6 +174,42 @@ def own_addresses(bound: Iterable[str]) -> frozenset[IPAddress]:
     return frozenset(found)
 
 
+def listen_addresses(listen: str | None) -> frozenset[IPAddress] | None:
+    """The addresses ``-l`` binds (a name may give several); None for the default,
+    one dual-stack socket on every address. Raises OSError for a name that
+    does not resolve."""
+    if listen is None:
+        return None
+    found = socket.getaddrinfo(listen, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return frozenset(_plain(ipaddress.ip_address(str(entry[4][0]).split("%", 1)[0])) for entry in found)
+
+
+def reaches_this_server(
+    address: IPAddress, bound: frozenset[IPAddress] | None, interfaces: frozenset[IPAddress]
+) -> bool:
+    """Whether a connection to ``address`` (on our port) comes to our own listener.
+
+    ``bound``: listen_addresses(); ``interfaces``: this host's addresses.
+    Besides those, every loopback address (all of 127.0.0.0/8) and the
+    unspecified ones (0.0.0.0, ::, which the kernel takes as this host)
+    reach a listener on every address. An explicit ``::`` is IPv6 only
+    (listeners.py binds it V6ONLY), ``0.0.0.0`` IPv4 only.
+    """
+    address = _plain(address)
+    this_host = address.is_loopback or address.is_unspecified or address in interfaces
+    if bound is None:
+        return this_host
+    for listener in bound:
+        if listener.version != address.version:
+            continue
+        if listener.is_unspecified:
+            if this_host:
+                return True
+        elif address == listener or (address.is_unspecified and listener.is_loopback):
+            return True
+    return False
+
+
 def bound_addresses(listeners) -> list[str]:
     """The addresses the listeners' sockets are bound to ("::" for every address)."""
     return [sock.getsockname()[0] for listener in listeners for sock in listener.sockets if sock.fileno() >= 0]

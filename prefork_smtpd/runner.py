@@ -67,7 +67,7 @@ from .delivery import DeliveryError, MaildirStore
 from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .notices import is_local_sender, local_sender_folder
-from .policy import mailbox_check, names_from, own_addresses
+from .policy import listen_addresses, mailbox_check, names_from, own_addresses, reaches_this_server
 from .queue import BOUNCED, DEFERRED, DELAY_WARNED, SENT, Queue, QueuedMail, inherited_wakeup, queue_dir_of
 from .report import DELAYED, FAILED, RELAYED, RecipientStatus, build_report
 from .session import Envelope, Recipient
@@ -140,7 +140,13 @@ def make_resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
 
 
 async def mx_hosts(domain: str, resolver: Any, port: int = 25) -> list[tuple[str, int]]:
-    """Where mail for ``domain`` goes: its MX hosts by preference, else the domain itself.
+    """Where mail for ``domain`` goes: its MX hosts by preference, else the domain itself."""
+    return [hop for level in await mx_levels(domain, resolver, port) for hop in level]
+
+
+async def mx_levels(domain: str, resolver: Any, port: int = 25) -> list[list[tuple[str, int]]]:
+    """mx_hosts grouped by preference, the best first (RFC 5321 5.1 drops a
+    whole level: the one this server is in, and every level after it).
 
     RFC 5321 5.1: no MX records, the domain's own A/AAAA (the "implicit
     MX"); RFC 7505: a null MX (".") means the domain takes no mail.
@@ -162,14 +168,18 @@ async def mx_hosts(domain: str, resolver: Any, port: int = 25) -> list[tuple[str
             raise PermanentFailure(f"domain {domain} does not exist", "5.1.2") from None
         except dns.exception.DNSException as exc:
             raise TemporaryFailure(f"DNS lookup for {domain} failed: {exc}") from None
-        return [(domain, port)]
+        return [[(domain, port)]]
     except dns.exception.DNSException as exc:
         raise TemporaryFailure(f"MX lookup for {domain} failed: {exc}") from None
     records = sorted(answer, key=lambda r: r.preference)
-    hosts = [str(r.exchange).rstrip(".") for r in records]
-    if hosts == [""]:
+    if [str(r.exchange).rstrip(".") for r in records] == [""]:
         raise PermanentFailure(f"domain {domain} accepts no mail (null MX)", "5.1.10")
-    return [(host, port) for host in hosts if host]
+    levels: dict[int, list[tuple[str, int]]] = {}
+    for record in records:
+        host = str(record.exchange).rstrip(".")
+        if host:
+            levels.setdefault(record.preference, []).append((host, port))
+    return list(levels.values())
 
 
 async def host_addresses(host: str, resolver: Any) -> list[str]:
@@ -711,25 +721,24 @@ class Runner:
         self._logger: logging.Logger | None = None
         self._log_lines: AppendLineHandler | None = None
         self.auth = _read_auth(settings.relay_auth_file) if settings.relay_auth_file else None
-        self._own_addresses: frozenset | None = None  # where our SMTP port answers, looked up once
+        self._own: tuple | None = None  # (listen_addresses, this host's addresses), looked up once
 
     def is_this_server(self, addresses: list[str], port: int) -> bool:
-        """Whether an MX host is this server: one of its addresses is ours, on our SMTP port."""
+        """Whether an MX host is this server: one of its addresses reaches our SMTP listener."""
         if port != self.settings.port:
             return False
-        if self._own_addresses is None:
+        if self._own is None:
             try:
-                self._own_addresses = own_addresses([self.settings.listen or "::"])
-            except ValueError:  # a listen address given by name: not told apart here
-                self._own_addresses = frozenset()
+                bound = listen_addresses(self.settings.listen)
+            except OSError:
+                bound = frozenset()  # unresolvable now: only the interfaces' own addresses tell
+            self._own = (bound, own_addresses(["::"]))
         for text in addresses:
             try:
                 address = ipaddress.ip_address(text.split("%", 1)[0])
             except ValueError:
                 continue
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-                address = address.ipv4_mapped
-            if address in self._own_addresses:
+            if reaches_this_server(address, *self._own):
                 return True
         return False
 
@@ -973,41 +982,50 @@ class Runner:
     ) -> list[Outcome]:
         """Deliver to one domain's recipients (or all, to the relay host): an outcome for each."""
         try:
-            hops = await self._next_hops(domain)
+            levels = await self._next_hops(domain)
         except PermanentFailure as exc:
             return [Outcome(i, BOUNCED, str(exc), exc.status) for i in indices]
         except TemporaryFailure as exc:
             return [Outcome(i, DEFERRED, str(exc), "4.4.3") for i in indices]
-        last_error = "no next hop"
         # A domain may list any number of MX hosts, each with any number of
-        # addresses, each taking up to --relay-timeout to fail: a few such
-        # mails would hold every delivery slot for hours. So at most
-        # relay_max_addresses tries (a host whose lookup fails is one), and
-        # an address listed twice is tried once.
+        # addresses, each lookup and each try taking up to a timeout: a few
+        # such mails would hold every delivery slot for hours. So at most
+        # relay_max_addresses hosts are looked up and as many addresses tried
+        # (an address listed twice is tried once).
         budget = self.settings.relay_max_addresses
+        looked_up = 0
         tried: set[tuple[str, int]] = set()
-        for host, port in hops:
-            if len(tried) >= budget:
-                last_error += f" (stopped after {budget} next-hop addresses: --relay-max-addresses)"
+        last_error = "no next hop"
+        relay_host = bool(self.settings.relay_host)
+        cut = False  # the budget left next hops untried
+        for rank, level in enumerate(levels):
+            if cut or budget in (looked_up, len(tried)):
+                cut = True
                 break
-            try:
-                addresses = [host] if self.settings.relay_host else await host_addresses(host, self.resolver)
-            except TemporaryFailure as exc:
-                last_error = str(exc)
-                tried.add((host, -1))
-                continue
-            if not self.settings.relay_host and self.is_this_server(addresses, port):
-                # RFC 5321 5.1: this server among the MX hosts; it and every MX
-                # after it (no better preference) are left out. Were it the best,
-                # the mail would only come round again: bounced, as Postfix does.
-                if not tried:
-                    reason = f"mail for {domain} loops back to myself: its MX host {host} is this server"
-                    return [Outcome(i, BOUNCED, reason, "5.4.6") for i in indices]
-                break
-            for address in addresses:
+            # A whole level is looked up before any of it is tried: RFC 5321 5.1
+            # leaves out this server and every MX host of its preference or worse.
+            found: list[tuple[str, str, int]] = []
+            for host, port in level:
+                if looked_up >= budget:
+                    cut = True
+                    break
+                looked_up += 1
+                try:
+                    addresses = [host] if relay_host else await host_addresses(host, self.resolver)
+                except TemporaryFailure as exc:
+                    last_error = str(exc)
+                    continue
+                if not relay_host and self.is_this_server(addresses, port):
+                    if rank == 0:  # the best MX: the mail would only come round again (Postfix bounces too)
+                        reason = f"mail for {domain} loops back to myself: its MX host {host} is this server"
+                        return [Outcome(i, BOUNCED, reason, "5.4.6") for i in indices]
+                    return [Outcome(i, DEFERRED, last_error, "4.4.1") for i in indices]  # the better ones later
+                found += [(host, address, port) for address in addresses]
+            for host, address, port in found:
                 if (address, port) in tried:
                     continue
                 if len(tried) >= budget:
+                    cut = True
                     break
                 tried.add((address, port))
                 try:
@@ -1017,12 +1035,15 @@ class Runner:
                     # one, else the whole group is retried later.
                     last_error = f"{host} [{address}]:{port}: {type(exc).__name__}: {exc}"
                     self.log(f"{mail.id}: {last_error}")
+        if cut:
+            last_error += f" (stopped after {budget} next hops: --relay-max-addresses)"
         return [Outcome(i, DEFERRED, last_error, "4.4.1") for i in indices]
 
-    async def _next_hops(self, domain: str) -> list[tuple[str, int]]:
+    async def _next_hops(self, domain: str) -> list[list[tuple[str, int]]]:
+        """The next hops by preference level: the relay host alone, or the domain's MX hosts."""
         if self.settings.relay_host:
-            return [parse_host_port(self.settings.relay_host)]
-        return await mx_hosts(domain, self.resolver, self.settings.relay_port)
+            return [[parse_host_port(self.settings.relay_host)]]
+        return await mx_levels(domain, self.resolver, self.settings.relay_port)
 
     def _client(self, host: str, port: int) -> aiosmtplib.SMTP:
         settings = self.settings

@@ -401,8 +401,8 @@ REGISTRY: tuple[Setting, ...] = (
     ),
     Setting(
         "relay_max_addresses", int, 5, metavar="N", range=(1, 100),  # Postfix's smtp_mx_address_limit
-        help="next-hop addresses tried for one domain per delivery attempt, over all its MX hosts "
-        "in preference order; an address seen already is skipped (default {default})",
+        help="MX hosts looked up, and as many next-hop addresses tried, for one domain per delivery attempt,"
+        " in preference order; an address seen already is not tried again (default {default})",
     ),
     Setting(
         "relay_max_connections", int, 20, metavar="N", range=(1, 10_000),

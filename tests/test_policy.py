@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
+
+import pytest
+
 from sansio import Wired
 
 from prefork_smtpd.diskspace import FREE_SPACE_TTL, HEADROOM_PER_COPY, SpaceGuard, bytes_to_store
-from prefork_smtpd.policy import ServerPolicy
+from prefork_smtpd.policy import ServerPolicy, listen_addresses, reaches_this_server
 from prefork_smtpd.replies import INSUFFICIENT_STORAGE as NO_STORAGE
 from prefork_smtpd.replies import UNKNOWN_MAILBOX
 from prefork_smtpd.session import Envelope, Limits, Recipient, Session
@@ -87,3 +91,22 @@ def test_free_bytes_of_a_mail_dir_not_made_yet_is_that_of_its_parent(tmp_path):
     from prefork_smtpd.diskspace import free_bytes
 
     assert free_bytes(str(tmp_path / "not" / "yet")) == free_bytes(str(tmp_path)) > 0
+
+
+@pytest.mark.parametrize("address, listen, reaches", [
+    # The default: one dual-stack socket on every address.
+    ("127.0.0.1", None, True), ("127.0.0.2", None, True), ("127.255.0.9", None, True), ("::1", None, True),
+    ("0.0.0.0", None, True), ("::", None, True), ("::ffff:127.0.0.2", None, True), ("192.0.2.5", None, True),
+    ("192.0.2.6", None, False), ("2001:db8::5", None, True), ("2001:db8::6", None, False),
+    # -l 0.0.0.0: IPv4 only; -l ::: IPv6 only (bound V6ONLY).
+    ("127.0.0.2", "0.0.0.0", True), ("::1", "0.0.0.0", False), ("192.0.2.5", "0.0.0.0", True),
+    ("::1", "::", True), ("127.0.0.1", "::", False), ("2001:db8::5", "::", True),
+    # One address: that one, and the unspecified address of its family when it is loopback.
+    ("127.0.0.1", "127.0.0.1", True), ("127.0.0.2", "127.0.0.1", False), ("0.0.0.0", "127.0.0.1", True),
+    ("::1", "127.0.0.1", False), ("::ffff:127.0.0.1", "127.0.0.1", True), ("192.0.2.5", "192.0.2.5", True),
+    ("0.0.0.0", "192.0.2.5", False), ("192.0.2.6", "192.0.2.5", False),
+])
+def test_which_addresses_reach_this_servers_listener(address, listen, reaches):
+    interfaces = frozenset(map(ipaddress.ip_address, ["127.0.0.1", "::1", "192.0.2.5", "2001:db8::5"]))
+    bound = listen_addresses(listen)
+    assert reaches_this_server(ipaddress.ip_address(address), bound, interfaces) is reaches

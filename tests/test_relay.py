@@ -300,9 +300,10 @@ def test_relayed_notice_when_the_next_hop_offers_no_dsn(start_server, receiver):
 
 
 # ----------------------------------------------------------------- crash safety
-def test_relay_max_addresses_bounds_the_next_hops_tried_per_attempt(start_server, receiver, tmp_path):
-    """A domain with many dead MX hosts must not hold a delivery slot for each: at most
-    --relay-max-addresses addresses per attempt, a repeated address tried once."""
+def test_relay_max_addresses_bounds_the_hosts_looked_up_and_addresses_tried(start_server, receiver, tmp_path):
+    """A domain with many dead (or slow to resolve) MX hosts must not hold a delivery slot
+    for each: at most --relay-max-addresses hosts looked up, as many addresses tried, a
+    repeated address tried once."""
     hop = receiver()
     dns_server = TinyDNS({
         ("many.test", "MX"): ["10 a.many.test.", "20 b.many.test.", "30 c.many.test.", "40 d.many.test.",
@@ -319,15 +320,17 @@ def test_relay_max_addresses_bounds_the_next_hops_tried_per_attempt(start_server
                         "queue_retry_max = 1\n")
         server = start_server("--config", str(conf))
         assert send(server, ["far@many.test"]) == {}
-        wait_until(lambda: server.log_count("(stopped after 3 next-hop addresses: --relay-max-addresses)") >= 2,
+        wait_until(lambda: server.log_count("(stopped after 3 next hops: --relay-max-addresses)") >= 2,
                    what="two attempts stopped at the limit")
         assert hop.handler.copies_for("far@many.test") == 0  # the fifth MX is past the limit
         log = server.log_text()
-        first = log[: log.index("(stopped after 3 next-hop addresses")].splitlines()[:-1]  # the tries before it
+        first = log[: log.index("(stopped after 3 next hops")].splitlines()[:-1]  # the tries before it
         tries = [line for line in first if "SMTPConnectError" in line]
-        assert [sum(f"[127.0.0.{n}]:{hop.port}:" in t for t in tries) for n in (2, 3, 4)] == [1, 1, 1], tries
-        # One address more reaches the live host (b's address was a's: not a try of its own).
-        conf.write_text(conf.read_text().replace("relay_max_addresses = 3", "relay_max_addresses = 4"))
+        # a, b (the same address: not tried again) and c looked up; d never.
+        assert [sum(f"[127.0.0.{n}]:{hop.port}:" in t for t in tries) for n in (2, 3, 4)] == [1, 1, 0], tries
+        assert ("c.many.test.", "A") in dns_server.questions and ("d.many.test.", "A") not in dns_server.questions
+        # Five hosts looked up, four addresses tried: the live MX is reached.
+        conf.write_text(conf.read_text().replace("relay_max_addresses = 3", "relay_max_addresses = 5"))
         assert config(server, "reload=1")[-1] == "OK"
         wait_until(lambda: hop.handler.copies_for("far@many.test") == 1, what="delivery to the live MX")
         wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
@@ -335,14 +338,47 @@ def test_relay_max_addresses_bounds_the_next_hops_tried_per_attempt(start_server
         dns_server.close()
 
 
-def test_an_mx_that_is_this_server_is_never_sent_to(start_server, tmp_path):
+def test_many_mx_names_for_one_address_cost_at_most_the_budget_in_lookups(start_server):
+    """30 MX hosts, all one unreachable address: one address tried, and the lookups stop
+    at the budget (every host was looked up before, each up to a DNS timeout)."""
+    records = {("thirty.test", "MX"): [f"{i} mx{i}.thirty.test." for i in range(30)]}
+    records.update({(f"mx{i}.thirty.test", "A"): ["127.0.0.9"] for i in range(30)})
+    dns_server = TinyDNS(records)
+    try:
+        server = start_server("--relay-networks", "127.0.0.0/8", "--relay-nameserver", f"127.0.0.1:{dns_server.port}",
+                              "--relay-port", str(free_port()), "--queue-retry-min", "600")
+        assert send(server, ["x@thirty.test"]) == {}
+        wait_until(lambda: server.log_count("<x@thirty.test> deferred") == 1, what="the attempt deferred")
+        assert server.log_count("(stopped after 5 next hops: --relay-max-addresses)") == 1
+        looked_up = {name for name, kind in dns_server.questions if kind == "A"}
+        assert looked_up == {f"mx{i}.thirty.test." for i in range(5)}, sorted(looked_up)
+        assert server.log_count("[127.0.0.9]") == 2  # one try (and the deferral quoting it)
+    finally:
+        dns_server.close()
+
+
+@pytest.mark.parametrize("records", [
+    {("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "A"): ["127.0.0.1"]},
+    # Any loopback address, or an IPv4-mapped one, reaches a listener on every address.
+    {("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "A"): ["127.0.0.2"]},
+    {("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "AAAA"): ["::ffff:127.0.0.3"]},
+    {("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "A"): ["0.0.0.0"]},
+    # At the best preference beside another host, listed first or last: never tried.
+    {("self.test", "MX"): ["10 other.self.test.", "10 mx.self.test."], ("mx.self.test", "A"): ["127.0.0.1"],
+     ("other.self.test", "A"): ["127.0.0.9"]},
+    {("self.test", "MX"): ["10 mx.self.test.", "10 other.self.test."], ("mx.self.test", "A"): ["127.0.0.1"],
+     ("other.self.test", "A"): ["127.0.0.9"]},
+], ids=["127.0.0.1", "127.0.0.2", "mapped", "0.0.0.0", "equal-preference-after", "equal-preference-before"])
+def test_an_mx_that_is_this_server_is_never_sent_to(start_server, tmp_path, records, request):
     """RFC 5321 5.1: a domain whose best MX is this server would only bring the mail
     back; it bounces at once (5.4.6) instead of going round until --max-hops."""
-    dns_server = TinyDNS({("self.test", "MX"): ["10 mx.self.test."], ("mx.self.test", "A"): ["127.0.0.1"]})
+    dns_server = TinyDNS(records)
     try:
         conf = tmp_path / "relay.toml"
         conf.write_text(f'relay_networks = "127.0.0.0/8"\nrelay_nameserver = "127.0.0.1:{dns_server.port}"\n')
-        server = start_server("--config", str(conf), *FAST_RETRIES)
+        # 127.0.0.2 and ::ffff:127.0.0.3 reach a listener on every address, not one on 127.0.0.1 alone.
+        every_address = request.node.callspec.id in ("127.0.0.2", "mapped")
+        server = start_server("--config", str(conf), *FAST_RETRIES, **({"listen": None} if every_address else {}))
         conf.write_text(conf.read_text() + f"relay_port = {server.port}\n")  # our own port: known only now
         assert config(server, "reload=1")[-1] == "OK"
         assert send(server, ["bob@self.test"]) == {}
@@ -352,6 +388,7 @@ def test_an_mx_that_is_this_server_is_never_sent_to(start_server, tmp_path):
         assert "mail for self.test loops back to myself: its MX host mx.self.test is this server" in rcpt["Diagnostic-Code"]
         wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
         assert server.log_count("sent via") == 0 and server.log_count("Received header fields") == 0
+        assert server.log_count("127.0.0.9") == 0  # the other host of the level never tried
     finally:
         dns_server.close()
 
