@@ -72,6 +72,9 @@ class QueuedMail:
     # runner looks at the next hop's offer before sending such a mail, and
     # its notices are SMTPUTF8 mails too (RFC 6533).
     smtputf8: bool = False
+    # BODY=BINARYMIME (RFC 3030): any octets, bare CR and LF included. It goes
+    # on only with BDAT to a next hop offering BINARYMIME and CHUNKING.
+    binary: bool = False
     # From the progress log: recipient index -> (result, detail).
     results: dict[int, dict] = field(default_factory=dict)
     attempts: int = 0  # failed attempts so far (for the backoff)
@@ -107,6 +110,8 @@ def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
     }
     if envelope.smtputf8:  # only then: the usual header stays as it was
         header["utf8"] = True
+    if envelope.binary:  # BODY=BINARYMIME: octets as received, sent on only with BDAT (RFC 3030)
+        header["body"] = "BINARYMIME"
     return (json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
 
 
@@ -147,7 +152,7 @@ def _mail_from_header(queue_id: str, header: object) -> QueuedMail:
         raise ValueError("ret or envid")
     return QueuedMail(
         id=queue_id, sender=sender, recipients=[_recipient(r) for r in rcpts],
-        arrival=float(arrival), ret=ret, envid=envid, size=size,
+        arrival=float(arrival), ret=ret, envid=envid, size=size, binary=header.get("body") == "BINARYMIME",
     )
 
 

@@ -28,11 +28,12 @@ Lines end with CRLF, as the session hands messages to the store.
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass
-from email.utils import format_datetime, formatdate, make_msgid
 from datetime import datetime, timezone
+from email.utils import format_datetime, formatdate, make_msgid
 
 DELIVERED = "delivered"
 FAILED = "failed"
@@ -131,14 +132,12 @@ def build_report(
         lines += _per_recipient_fields(status)
     lines += ["", f"--{boundary}"]
     if whole:
-        eight_bit = any(b > 0x7F for b in original)
         kind = "message/global" if utf8 else "message/rfc822"
-        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
+        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {transfer_encoding(original)}", ""]
         tail = original if original.endswith(b"\r\n") or not original else original + b"\r\n"
     else:
-        eight_bit = any(b > 0x7F for b in header)
         kind = "message/global-headers" if utf8 else "text/rfc822-headers"
-        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}", ""]
+        lines += [f"Content-Type: {kind}", f"Content-Transfer-Encoding: {transfer_encoding(header)}", ""]
         tail = header
     head = ("\r\n".join(lines) + "\r\n").encode("utf-8" if utf8 else "ascii", "replace")
     return head + tail + f"\r\n--{boundary}--\r\n".encode("ascii")
@@ -190,6 +189,19 @@ def _split_header(message: bytes) -> tuple[bytes, bytes]:
     if end < 0:
         return (message if message.endswith(b"\r\n") or not message else message + b"\r\n"), b""
     return message[: end + 2], message[end + 4 :]
+
+
+_LONG_LINE = re.compile(rb"[^\r\n]{999}")
+
+
+def transfer_encoding(data: bytes) -> str:
+    """The encoding RFC 2045 2.7-2.9 gives ``data`` as it is: ``7bit`` and
+    ``8bit`` are lines (CRLF only, at most 998 octets, no NUL); anything
+    else (a BINARYMIME message's bare CR or LF, a NUL) is ``binary``."""
+    crlf = data.count(b"\r\n")
+    if b"\0" in data or data.count(b"\r") != crlf or data.count(b"\n") != crlf or _LONG_LINE.search(data):
+        return "binary"
+    return "7bit" if data.isascii() else "8bit"
 
 
 def _one_line(text: str) -> str:

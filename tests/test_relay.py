@@ -206,6 +206,69 @@ def test_a_mail_relayed_back_to_this_server_stops_at_max_hops_and_bounces(start_
     assert server.log_count("refused message from <alice@smtpd.com> to round@example.org: 554 5.4.6") == 1
 
 
+BINARY = b"From: alice@smtpd.com\r\nSubject: raw\r\n\r\nNUL \x00, bare CR \r, bare LF \n, high \xff\r\n.dot\r\n"
+
+
+def send_binary(server, recipient: str, body: bytes = BINARY, options: str = "BODY=BINARYMIME") -> None:
+    """A mail sent as BDAT (smtplib has no BDAT)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        f = s.makefile("rb")
+
+        def reply() -> bytes:
+            while (line := f.readline())[3:4] == b"-":
+                pass
+            return line
+
+        reply()
+        for command in (b"EHLO client.example", f"MAIL FROM:<alice@smtpd.com> {options}".encode(),
+                        f"RCPT TO:<{recipient}>".encode()):
+            s.sendall(command + b"\r\n")
+            assert reply()[:1] == b"2", command
+        s.sendall(b"BDAT %d LAST\r\n" % len(body) + body)
+        assert reply()[:3] == b"250"
+
+
+def test_a_binary_mail_is_relayed_with_bdat_octet_for_octet(start_server):
+    """BODY=BINARYMIME goes on only as BDAT (RFC 3030): as DATA its bare CR and LF
+    became CRLF, its leading dots doubled, and no BODY= told the next hop what it was."""
+    hop = start_server("--domain", "example.org", "--domain", "smtpd.com")
+    server = start_server(*relay_to(hop.port))
+    send_binary(server, "bin@example.org")
+    (stored,) = wait_until(lambda: hop.stored("bin"), what="the binary mail at the next hop")
+    data = stored.read_bytes()
+    assert data.endswith(BINARY) and data.count(b"Received: ") == 2, data
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+
+
+def test_a_binary_mail_to_a_next_hop_without_binarymime_bounces_5_6_3(start_server, receiver):
+    hop = receiver()  # aiosmtpd: no CHUNKING, no BINARYMIME
+    server = start_server(*relay_to(hop.port))
+    send_binary(server, "bin@example.org", options="BODY=BINARYMIME RET=FULL")
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce")
+    assert hop.handler.copies_for("bin@example.org") == 0 and b"BINARYMIME" not in hop.wire()
+    raw = bounce.read_bytes()
+    notice = parse_stored(bounce)
+    rcpt = notice.get_payload()[1].get_payload()[1]
+    assert rcpt["Status"] == "5.6.3" and "offers no BINARYMIME" in rcpt["Diagnostic-Code"]
+    # The original, quoted whole, is labelled for what it is (RFC 2045: NUL and bare CR/LF are no 8bit).
+    assert b"Content-Transfer-Encoding: binary\r\n" in raw and BINARY in raw
+
+
+def test_8bit_mail_is_labelled_body_8bitmime_to_a_next_hop_that_offers_it(start_server, receiver):
+    hop = receiver()
+    server = start_server(*relay_to(hop.port))
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        body = "From: alice@smtpd.com\r\nSubject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode()
+        assert client.sendmail("alice@smtpd.com", ["eight@example.org"], body, mail_options=["BODY=8BITMIME"]) == {}
+        assert client.sendmail("alice@smtpd.com", ["seven@example.org"], MESSAGE) == {}
+    wait_until(lambda: hop.handler.copies_for("seven@example.org") == 1, what="both mails at the next hop")
+    wait_until(lambda: hop.handler.copies_for("eight@example.org") == 1, what="both mails at the next hop")
+    wire = hop.wire()
+    assert b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME" in wire and wire.count(b"BODY=") == 1
+
+
 def test_notify_never_and_the_null_sender_get_no_bounce(start_server, receiver):
     hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user"]}))
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)

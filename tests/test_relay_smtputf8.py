@@ -95,14 +95,15 @@ def test_utf8_addresses_go_with_smtputf8_in_one_attempt(start_server, receiver):
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
     # The runner takes the two mails in the order of their queue ids, which the test does not choose.
     assert sorted(transactions(hop.wire())) == sorted([
-        [f"MAIL FROM:<{JOERG}@smtpd.com> SMTPUTF8".encode(), f"RCPT TO:<{USER}@example.org>".encode(),
+        # 8-bit octets in the message (its UTF-8 headers): labelled BODY=8BITMIME as well (RFC 6152).
+        [f"MAIL FROM:<{JOERG}@smtpd.com> BODY=8BITMIME SMTPUTF8".encode(), f"RCPT TO:<{USER}@example.org>".encode(),
          b"RCPT TO:<bob@example.org>"],
-        [b"MAIL FROM:<alice@smtpd.com> SMTPUTF8", b"RCPT TO:<carol@example.org>"],
+        [b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME SMTPUTF8", b"RCPT TO:<carol@example.org>"],
     ])
     second, first = sorted(hop.handler.received, key=lambda r: r.sender)  # alice@, then jörg@
     assert first.sender == f"{JOERG}@smtpd.com" and first.recipients == [f"{USER}@example.org", "bob@example.org"]
-    assert first.mail_options == ["SMTPUTF8"] and UTF8_HEADERS in first.data
-    assert second.recipients == ["carol@example.org"] and second.mail_options == ["SMTPUTF8"]
+    assert first.mail_options == ["BODY=8BITMIME", "SMTPUTF8"] and UTF8_HEADERS in first.data
+    assert second.recipients == ["carol@example.org"] and second.mail_options == ["BODY=8BITMIME", "SMTPUTF8"]
     assert hop.handler.rcpt_calls == {f"{USER}@example.org": 1, "bob@example.org": 1, "carol@example.org": 1}
     wait_until(lambda: server.log_count("removed from the queue, every recipient done") == 2, what="the log")
     assert server.log_count("deferred") == 0 and server.log_count("bounced") == 0
@@ -140,11 +141,11 @@ def test_without_smtputf8_a_utf8_recipient_bounces_once_with_5_6_7_and_nothing_e
     ])
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
     # jörg never reached the next hop; bob and dora (her domain in A-labels) did, the UTF-8
-    # headers as 8BITMIME; the plain mails as before.
+    # headers as 8BITMIME; the other mails too, for the 8-bit octets in their bodies (RFC 6152).
     assert commands(hop.wire()) == [
-        b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<a@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<a@example.org>",
         b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<bob@example.org>", f"RCPT TO:<dora@{BOOKS_ACE}>".encode(),
-        b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<c@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<c@example.org>",
     ]
     assert [r.recipients for r in hop.handler.received] == [
         ["a@example.org"], ["bob@example.org", f"dora@{BOOKS_ACE}"], ["c@example.org"],
@@ -175,7 +176,8 @@ def test_without_smtputf8_a_utf8_sender_bounces_every_recipient_and_nothing_is_s
 
 def test_utf8_headers_only_go_as_8bitmime_without_smtputf8(start_server, receiver):
     """ASCII addresses, SMTPUTF8 on MAIL: UTF-8 headers go with BODY=8BITMIME to a next hop
-    offering 8BITMIME; headers that are ASCII after all need nothing and go plain."""
+    offering 8BITMIME; headers that are ASCII after all need no SMTPUTF8, and their 8-bit
+    body its BODY=8BITMIME (RFC 6152)."""
     hop = receiver(enable_SMTPUTF8=False)
     server = start_server(*relay_to(hop.port, "--relay-connections", "1"))
     queue_while_paused(server, [
@@ -185,7 +187,7 @@ def test_utf8_headers_only_go_as_8bitmime_without_smtputf8(start_server, receive
     wait_until(lambda: not queue_of(server).ids(), what="the queue to empty", timeout=60)
     assert commands(hop.wire()) == [
         b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<u@example.org>",
-        b"MAIL FROM:<alice@smtpd.com>", b"RCPT TO:<p@example.org>",
+        b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME", b"RCPT TO:<p@example.org>",
     ]
     assert [r.data for r in hop.handler.received][0].endswith(UTF8_HEADERS)
     wait_until(lambda: server.log_count("sent via") == 2, what="the log")
