@@ -547,6 +547,14 @@ def _body_option(mail: QueuedMail, message: bytes, conn: "Connection") -> str | 
     return None
 
 
+def _with_body(options: list[str], body: str | None) -> list[str]:
+    """MAIL's options with ``body`` first and no other BODY=: BINARYMIME
+    outranks the 8BITMIME smtputf8_terms may have asked for."""
+    if body is None:
+        return options
+    return [body] + [option for option in options if not option.startswith("BODY=")]
+
+
 def _rcpt_options(mail: QueuedMail, index: int, dsn: bool) -> list[str]:
     rcpt_dsn = mail.recipients[index].dsn
     options = []
@@ -1150,9 +1158,7 @@ class Runner:
         mail_options = _mail_options(mail, conn.dsn)
         if utf8_options:
             mail_options[:0] = utf8_options
-        body = _body_option(mail, message, conn)
-        if body and body not in mail_options:
-            mail_options.insert(0, body)
+        mail_options = _with_body(mail_options, _body_option(mail, message, conn))
         commands.append(_command(b"MAIL FROM:<" + encode(mail.sender) + b">", mail_options))
         recipients = mail.recipients
         commands += [

@@ -41,7 +41,6 @@ from typing import Callable, ClassVar, Protocol, TypeVar
 
 from . import chunking, dsn, replies, sasl, smtputf8
 from .commands import CommandTable
-from .hops import received_fields
 from .events import (
     AuthAborted,
     Authenticated,
@@ -60,6 +59,7 @@ from .events import (
     Verdict,
     Wait,
 )
+from .hops import received_fields
 from .listeners import SMTP_CONTEXT, TLS_STARTTLS, ConnectionContext
 from .tls import TLSSessionInfo
 
@@ -187,8 +187,8 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z|\[[\x21-\x5a\x5e-\x7e]+\]\Z")
 # A HELO name: like _LABEL, but with "_", which real hosts use in their names.
 _HELO_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HELO_DOMAIN = re.compile(rf"{_HELO_LABEL}(?:\.{_HELO_LABEL})*\.?\Z")
-# No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
 _LITERAL_TAG = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]\Z")  # Standardized-tag (Ldh-str)
+# No "%": ipaddress would take a zone id ("fe80::1%anything") as valid.
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]\Z", re.IGNORECASE)
 # RFC 5321 4.1.2 A-d-l: "@one.example,@two.example:" before a mailbox; an
 # address literal may sit in it, colons and all.

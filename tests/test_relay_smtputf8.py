@@ -269,3 +269,12 @@ def test_the_queue_records_the_smtputf8_flag_and_infers_it_from_addresses(tmp_pa
     assert queued("old-sender", f"{JOERG}@x.org", "b@y.org", False).smtputf8
     header = json.loads((tmp_path / "msg" / "headers").read_bytes().split(b"\n")[0])
     assert header["utf8"] is True
+
+
+def test_mail_takes_one_body_parameter_binarymime_first():
+    from prefork_smtpd.runner import _with_body
+
+    assert _with_body(["BODY=8BITMIME"], "BODY=BINARYMIME") == ["BODY=BINARYMIME"]
+    assert _with_body(["SMTPUTF8", "RET=HDRS"], "BODY=8BITMIME") == ["BODY=8BITMIME", "SMTPUTF8", "RET=HDRS"]
+    assert _with_body(["BODY=8BITMIME"], "BODY=8BITMIME") == ["BODY=8BITMIME"]
+    assert _with_body(["SMTPUTF8"], None) == ["SMTPUTF8"]
