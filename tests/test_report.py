@@ -163,3 +163,13 @@ def test_the_notice_of_an_smtputf8_mail_carries_its_utf8_addresses(start_server)
     assert headers.get_content_type() == "message/global-headers"
     assert "Subject: Gr\u00fc\u00dfe".encode() in data
     assert b"?" not in data.replace(b"Subject: Gr\xc3\xbc\xc3\x9fe", b"")  # nothing replaced by "?"
+
+
+def test_transfer_encoding_names_what_the_octets_are():
+    from prefork_smtpd.report import transfer_encoding
+
+    assert transfer_encoding(b"Subject: x\r\n\r\nplain\r\n") == "7bit"
+    assert transfer_encoding("Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode()) == "8bit"
+    for binary in (b"a\x00b\r\n", b"bare\nLF\r\n", b"bare\rCR\r\n", b"x" * 999 + b"\r\n"):
+        assert transfer_encoding(binary) == "binary", binary[:20]
+    assert transfer_encoding(b"x" * 998 + b"\r\n") == "7bit"  # RFC 5322's limit, CRLF aside
