@@ -366,6 +366,7 @@ class Connection:
     binarymime: bool = False  # the next hop offers BINARYMIME and CHUNKING (RFC 3030): BDAT for binary mail
     mails: int = 0  # transactions started on it
     dirty: bool = False  # a transaction may still be open: RSET before the next MAIL
+    broken: bool = False  # the next hop broke the protocol: closed, never reused
     idle_timer: asyncio.TimerHandle | None = None
 
 
@@ -1124,7 +1125,7 @@ class Runner:
                 if isinstance(exc, Exception):  # not a lost connection: never tried on another address
                     raise RecordFailed(f"outcomes not recorded: {exc!r}") from exc
                 raise
-            self.pool.release(conn, reusable=True)
+            self.pool.release(conn, reusable=not conn.broken)
             return outcomes
         raise AssertionError("unreachable")
 
@@ -1204,11 +1205,7 @@ class Runner:
         if mail.binary:
             reader.send(b"BDAT %d LAST\r\n" % len(message) + message)  # the octets as received, in one chunk
             final_code, final_text = await reader.reply(timeout)
-            conn.dirty = False
-            if final_code != 250:
-                return outcomes + [self._refused(i, final_code, final_text, host) for i in accepted]
-            reply = f"{final_code} {final_text}"
-            return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, conn.dsn) for i in accepted]
+            return outcomes + self._message_outcomes(conn, accepted, final_code, final_text, host)
         data_code, data_text = await self._step(reader, None if conn.pipelining else b"DATA\r\n", timeout)
         if data_code != 354:
             return outcomes + [self._refused(i, data_code, data_text, host) for i in accepted]
@@ -1216,11 +1213,26 @@ class Runner:
         final_code, final_text = await reader.reply(timeout)
         if not accepted:
             return outcomes
-        conn.dirty = False
-        if final_code != 250:
-            return outcomes + [self._refused(i, final_code, final_text, host) for i in accepted]
-        reply = f"{final_code} {final_text}"
-        return outcomes + [Outcome(i, SENT, reply, "2.0.0", host, conn.dsn) for i in accepted]
+        return outcomes + self._message_outcomes(conn, accepted, final_code, final_text, host)
+
+    def _message_outcomes(self, conn: Connection, accepted: list[int], code: int, text: str, host: str) -> list[Outcome]:
+        """The accepted recipients' outcomes from the reply to the end of the message.
+
+        Any 2yz is a positive completion (RFC 5321 4.2.1: a 251 there is no
+        refusal, and retrying it would send the mail twice). A 3yz breaks
+        the protocol: where the next hop stands (still reading message
+        data?) is unknown, so the mail is deferred and the connection never
+        carries another.
+        """
+        if 200 <= code < 300:
+            conn.dirty = False
+            reply = f"{code} {text}"
+            return [Outcome(i, SENT, reply, "2.0.0", host, conn.dsn) for i in accepted]
+        if code < 400:
+            conn.broken = True
+        else:
+            conn.dirty = False
+        return [self._refused(i, code, text, host) for i in accepted]
 
     @staticmethod
     async def _step(reader: ReplyReader, command: bytes | None, timeout: float) -> tuple[int, str]:
@@ -1301,10 +1313,6 @@ class Runner:
             )
             for o in outcomes
         ]
-        content = build_report(
-            reporting_mta=self.settings.hostname, recipient=mail.sender, statuses=statuses, original=message,
-            ret=mail.ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now, utf8=mail.smtputf8,
-        )
         folder = local_sender_folder(mail.sender, self.domains, self._mailbox_refusal, self.names)
         if folder is not None:
             to = Recipient(address=mail.sender, folder=folder)
@@ -1313,6 +1321,14 @@ class Runner:
             return
         else:
             to = Recipient(address=mail.sender, folder="", outside=True)  # queued: relayed like any mail
+        # A binary original quoted whole would make a relayed notice binary, and
+        # one to a next hop without BINARYMIME would be lost (a notice is never
+        # bounced): it goes out quoting the headers only.
+        ret = "HDRS" if mail.binary and to.outside else mail.ret
+        content = build_report(
+            reporting_mta=self.settings.hostname, recipient=mail.sender, statuses=statuses, original=message,
+            ret=ret, envid=mail.envid, arrival=mail.arrival, queue_id=mail.id, now=now, utf8=mail.smtputf8,
+        )
         notice = Envelope(helo="localhost", sender="", recipients=[to], chunks=[content], size=len(content))
         # A binary original (BINARYMIME) quoted whole makes the notice binary too: stored
         # as it is, and relayed only with BDAT.

@@ -167,6 +167,28 @@ def test_a_long_reply_is_kept_short_in_the_queue_state_and_the_log(start_server,
     assert last.startswith("450 4.2.0 \x01") and last.endswith("...") and len(last) <= 600
 
 
+def test_any_2xx_to_the_end_of_the_message_is_sent_once(start_server, hostile_hop):
+    """RFC 5321 4.2.1: 2yz is a positive completion. A 251 after the data was taken
+    for a refusal, deferred and sent again: the next hop got the mail twice."""
+    hop = hostile_hop(end_of_data=b"251 2.0.0 fine anyway\r\n")
+    server = start_server(*relay_to(hop.port))
+    send(server)
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    wait_until(lambda: server.log_count("<bob@example.org> sent via") == 1, what="the mail logged as sent")
+    assert server.log_count("deferred") == 0
+
+
+def test_a_3xx_to_the_end_of_the_message_defers_and_the_connection_is_never_reused(start_server, hostile_hop):
+    """A 354 to the final dot: where the next hop stands is unknown (reading data still?),
+    so the mail is deferred and its connection closed, not handed to the next mail."""
+    hop = hostile_hop(end_of_data=b"354 keep going\r\n")
+    server = start_server(*relay_to(hop.port, "--relay-idle-time", "300"))
+    send(server)
+    wait_until(lambda: server.log_count("deferred, retry in") >= 3, what="three attempts deferred", timeout=60)
+    assert server.log_count("354 keep going") >= 3
+    assert hop.connections >= 3  # one connection per attempt (before: the first one, reused with no RSET)
+
+
 @pytest.mark.parametrize("excess", [0, 1])
 def test_max_reply_bounds_a_whole_reply_exactly(excess):
     """A reply of exactly MAX_REPLY bytes is read; one byte more is "reply too long",
