@@ -1237,10 +1237,19 @@ class Session:
     def _end_of_data(self) -> Reply | None:
         envelope = self._envelope
         assert envelope is not None
-        if self._data_error is not None:
-            reply = self._data_error
+        chunks = self._chunks
+        reply = self._data_error
+        if reply is None:
+            assert type(chunks) is list  # a message was read
+            max_hops = self.limits.max_hops
+            if received_fields(chunks, max_hops) > max_hops:
+                # RFC 5321 6.3: a mail loop. Refused for good, so the server
+                # that sent it bounces it instead of sending it round again.
+                reply = replies.too_many_hops(max_hops)
+        if reply is not None:
             self._data_error = None
-            folders = ",".join(sorted({r.folder for r in envelope.recipients}))
+            # A recipient to relay has no folder: the log names its address.
+            folders = ",".join(sorted({r.folder or r.address for r in envelope.recipients}))
             what = f"message from <{envelope.sender}> to {folders}"
             self._reset_transaction()
             self.state = READY
@@ -1248,16 +1257,7 @@ class Session:
                 self._log_refusal(reply, what)
                 return reply
             return self._error(reply, what)
-        chunks = self._chunks
-        assert type(chunks) is list  # a message was read
-        max_hops = self.limits.max_hops
-        if received_fields(chunks, max_hops) > max_hops:
-            # RFC 5321 6.3: a mail loop. Refused for good, so the server
-            # that sent it bounces it instead of sending it round again.
-            folders = ",".join(sorted({r.folder or r.address for r in envelope.recipients}))
-            self._reset_transaction()
-            self.state = READY
-            return self._error(replies.too_many_hops(max_hops), f"message from <{envelope.sender}> to {folders}")
+        assert type(chunks) is list
         envelope.chunks = chunks
         envelope.size = self._size
         self._chunks = _NO_CHUNKS  # the envelope's now

@@ -836,10 +836,10 @@ class Worker:
         if getattr(new_connection, "implicit_tls", False):
             client = conveyed_client.client
             if client:  # counted as the client it is, as its session will be
-                host = client[0].removeprefix("::ffff:")
-                await self._accept_counted_tls(make_connection, sock, host, f"[{host}]:{client[1]}")
+                peer_text = f"[{client[0].removeprefix('::ffff:')}]:{client[1]}"
+                await self._accept_counted_tls(make_connection, sock, client[0], peer_text)
             else:
-                await self._accept_counted_tls(make_connection, sock, proxy_address.removeprefix("::ffff:"), proxy)
+                await self._accept_counted_tls(make_connection, sock, proxy_address, proxy)
         else:
             await self.loop.connect_accepted_socket(make_connection, sock)
 
@@ -850,11 +850,12 @@ class Worker:
         """Implicit TLS: the handshake counts toward the connection limits
         while it runs (it holds a socket and up to a ClientHello's buffers),
         as a connection from ``host`` (the socket's peer unless a PROXY header
-        named the client); past them the socket is closed at once, before
+        named the client; an IPv4-mapped address counts as its IPv4 one,
+        stats.address_key); past them the socket is closed at once, before
         any handshake."""
         if host is None:
             try:
-                host = sock.getpeername()[0].removeprefix("::ffff:")
+                host = sock.getpeername()[0]
             except OSError:
                 sock.close()  # gone already
                 return
