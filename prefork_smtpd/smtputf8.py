@@ -29,6 +29,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import idna
+
 MAX_LOCAL_PART = 64  # octets, RFC 5321 4.5.3.1.1
 MAX_FOLDER = 255  # octets: a file name (NAME_MAX)
 MAX_DOMAIN = 255  # octets, RFC 5321 4.5.3.1.2
@@ -102,8 +104,18 @@ def ascii_domain(domain: str) -> str | None:
     if len(domain.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
         return None
     try:
-        ace = domain.encode("idna").decode("ascii")
-    except UnicodeError:
+        # IDNA 2008 (RFC 5890-5893), as RFC 6531 3.3 asks, not Python's
+        # "idna" codec (IDNA 2003): that one maps ß to "ss" and drops soft
+        # hyphens, so straße.de would be taken for strasse.de, another
+        # domain. UTS 46 mapping is allowed to change case and composition
+        # only; a domain it would change in any other way (a character
+        # mapped to another or to nothing, an ideographic full stop) names
+        # something else than was written, and is refused.
+        mapped = idna.uts46_remap(domain, std3_rules=True, transitional=False)
+        if mapped != unicodedata.normalize("NFC", domain.lower()):
+            return None
+        ace = idna.encode(mapped).decode("ascii")
+    except (UnicodeError, ValueError):  # idna.IDNAError is a UnicodeError
         return None
     if len(ace) > MAX_DOMAIN or not _ASCII_DOMAIN.match(ace):
         return None

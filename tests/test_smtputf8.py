@@ -185,6 +185,45 @@ def test_smtputf8_takes_no_value_and_the_next_transaction_is_ascii_again():
     assert s.feed("RCPT TO:<\u00e9@smtpd.com>\r\n".encode()) == replies.UTF8_NEEDS_SMTPUTF8
 
 
+# ------------------------------------------------------------ U-label domains
+@pytest.mark.parametrize("domain, ace", [
+    ("stra\u00dfe.de", "xn--strae-oqa.de"),  # IDNA 2008: ß is a letter of its own, not "ss"
+    ("\u03c2\u03bf\u03c6\u03bf\u03c2.gr", "xn--0xaahcs.gr"),  # final sigma kept, not mapped to σ
+    ("M\u00dcNCHEN.de", "xn--mnchen-3ya.de"),  # upper case: the same domain, lowercased
+    ("mu\u0308nchen.de", "xn--mnchen-3ya.de"),  # decomposed: the same domain, composed
+    ("\u4f8b\u3048.jp", "xn--r8jz45g.jp"),
+    ("Jo\u0308rg.Example", "xn--jrg-sna.example"),
+])
+def test_u_label_domains_take_their_idna_2008_a_labels(domain, ace):
+    assert smtputf8.ascii_domain(domain) == ace
+
+
+# Characters that IDNA 2003 (and UTS 46) silently map to something else or
+# to nothing: the A-label form would name another domain than the one written.
+@pytest.mark.parametrize("domain", [
+    "ex\u00adample.\u00e9x",  # soft hyphen
+    "a\u200bb.\u00e9x",  # zero width space
+    "\uff45\uff58.\u00e9x",  # full-width letters
+    "\u4f8b\u3048\u3002jp",  # ideographic full stop as a dot
+    "\u2160.\u00e9x",  # ROMAN NUMERAL ONE, a compatibility character
+    "\u00e9x..de", "\u00e9x.de.", "-\u00e9x.de", "\u00e9" * 64 + ".de",
+])
+def test_domains_idna_2008_refuses_or_that_would_change_are_refused(domain):
+    assert smtputf8.ascii_domain(domain) is None
+
+
+def test_a_domain_with_sharp_s_is_not_the_domain_with_ss():
+    s = Wired(Session("mx.test", frozenset({"strasse.de"}), Limits(), lambda key: 0))
+    s.feed(b"EHLO c\r\n")
+    assert s.feed("MAIL FROM:<J\u00f6rg@strasse.de> SMTPUTF8\r\n".encode()) == replies.SENDER_OK
+    assert s.feed("RCPT TO:<bob@stra\u00dfe.de>\r\n".encode()) == replies.RELAY_DENIED
+    assert s.feed("RCPT TO:<bob@strasse.de>\r\n".encode()) == replies.RECIPIENT_OK
+    s = Wired(Session("mx.test", frozenset({"xn--strae-oqa.de"}), Limits(), lambda key: 0))
+    s.feed(b"EHLO c\r\n")
+    assert s.feed("MAIL FROM:<a@stra\u00dfe.de> SMTPUTF8\r\n".encode()) == replies.SENDER_OK
+    assert s.feed("RCPT TO:<bob@Stra\u00dfe.de>\r\n".encode()) == replies.RECIPIENT_OK
+
+
 @pytest.mark.parametrize("tls, login, protocol", [
     (False, "", "UTF8SMTP"), (True, "", "UTF8SMTPS"), (False, "alice", "UTF8SMTPA"), (True, "alice", "UTF8SMTPSA"),
 ])
