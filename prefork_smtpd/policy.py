@@ -139,6 +139,9 @@ def settings_problem(settings) -> str | None:
     delimiters = settings.recipient_delimiter
     if delimiters is not None and (not delimiters or not set(delimiters) <= DELIMITER_CHARS):
         return f"--recipient-delimiter takes characters out of {''.join(sorted(DELIMITER_CHARS))}, not {delimiters!r}"
+    for domain in settings.domains:
+        if not domain.isascii():  # Settings turned every U-label domain IDNA 2008 takes into its A-labels
+            return f"--domain {domain!r} is not a domain name in IDNA 2008 U-labels"
     if settings.folders == "address":
         # Each domain becomes a folder name: it must be a plain domain name.
         for domain in settings.domains:

@@ -44,6 +44,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+from .smtputf8 import ascii_domain
+
 MiB = 1024 * 1024
 
 # When a new value takes effect.
@@ -640,7 +642,10 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.domains = [d.lower() for d in self.domains]
+        # A domain in U-labels is served as its A-labels, the form the
+        # session compares (straße.de: xn--strae-oqa.de); one IDNA 2008
+        # refuses stays as written, for policy.settings_problem to refuse.
+        self.domains = [d.lower() if d.isascii() else ascii_domain(d) or d for d in self.domains]
 
 
 # ------------------------------------------------------------------ docs

@@ -325,11 +325,18 @@ def test_a_stripped_route_leaves_a_suffix_never_a_new_route(path):
         ({"folders": "address", "domains": ["*"], "hostname": "mx.test"}, None),
         ({"folders": "local", "domains": ["a_b.example"]}, None),
         ({"recipient_delimiter": "+-"}, None),
+        ({"domains": ["ex\u00adample.\u00e9x"]}, "is not a domain name in IDNA 2008 U-labels"),
+        ({"folders": "address", "domains": ["Stra\u00dfe.de"]}, None),
     ],
 )
 def test_address_settings_are_checked(values, problem):
     found = policy.settings_problem(Settings(**values))
     assert found == problem if problem is None else problem in found
+
+
+def test_u_label_domains_are_served_as_their_a_labels():
+    settings = Settings(domains=["Stra\u00dfe.DE", "\u4f8b\u3048.jp", "MX.Example", "ex\u00adample.\u00e9x"])
+    assert settings.domains == ["xn--strae-oqa.de", "xn--r8jz45g.jp", "mx.example", "ex\u00adample.\u00e9x"]
 
 
 def test_the_home_domain_is_the_first_real_domain_else_the_host_name():

@@ -145,3 +145,20 @@ def test_a_utf8_domain_counts_octets_as_written_not_its_a_labels(start_server):
     code, text = c.cmd(f"MAIL FROM:<alice@{labels}.{'q' * 20}> SMTPUTF8".encode())  # 259 octets
     assert (code, text[:5]) == (501, "5.1.7")
     c.close()
+
+
+def test_a_u_label_domain_flag_serves_that_domain_and_no_other(start_server):
+    server = start_server("--domain", "Stra\u00dfe.de")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as s:
+        s.ehlo()
+        s.mail("a@xn--strae-oqa.de", ["SMTPUTF8"])
+        assert s.rcpt("bob@stra\u00dfe.de")[0] == 250
+        assert s.rcpt("bob@strasse.de")[0] == 550  # IDNA 2003's reading of the flag: another domain
+        assert s.data(b"Subject: x\r\n\r\nhi\r\n")[0] == 250
+    assert len(server.stored("bob")) == 1
+
+
+def test_a_domain_flag_idna_2008_refuses_stops_the_start(start_server):
+    server = start_server("--domain", "ex\u00adample.\u00e9x", wait=False)
+    assert server.proc.wait(timeout=60) == 2
+    assert "is not a domain name in IDNA 2008 U-labels" in server.output()
