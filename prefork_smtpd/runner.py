@@ -139,13 +139,9 @@ def make_resolver(nameserver: str | None) -> dns.asyncresolver.Resolver:
     return resolver
 
 
-async def mx_hosts(domain: str, resolver: Any, port: int = 25) -> list[tuple[str, int]]:
-    """Where mail for ``domain`` goes: its MX hosts by preference, else the domain itself."""
-    return [hop for level in await mx_levels(domain, resolver, port) for hop in level]
-
-
 async def mx_levels(domain: str, resolver: Any, port: int = 25) -> list[list[tuple[str, int]]]:
-    """mx_hosts grouped by preference, the best first (RFC 5321 5.1 drops a
+    """Where mail for ``domain`` goes: its MX hosts grouped by preference, the
+    best first, else the domain itself (RFC 5321 5.1 drops a
     whole level: the one this server is in, and every level after it).
 
     RFC 5321 5.1: no MX records, the domain's own A/AAAA (the "implicit

@@ -26,7 +26,7 @@ from relay_peers import Receiver, Script, TinyDNS
 
 from prefork_smtpd import dsn
 from prefork_smtpd.queue import Queue
-from prefork_smtpd.runner import PermanentFailure, TemporaryFailure, host_addresses, make_resolver, mx_hosts
+from prefork_smtpd.runner import PermanentFailure, TemporaryFailure, host_addresses, make_resolver, mx_levels
 from prefork_smtpd.users import hash_password
 
 MESSAGE = b"From: alice@smtpd.com\r\nSubject: going out\r\n\r\nhello out there\r\n.a dotted line\r\n"
@@ -791,17 +791,17 @@ def test_mx_lookup_against_a_local_dns_server():
     try:
         resolver = make_resolver(f"127.0.0.1:{server.port}")
         resolver.lifetime = 10
-        assert resolve(mx_hosts("two.test", resolver, 2525)) == [("primary.two.test", 2525), ("backup.two.test", 2525)]
+        assert resolve(mx_levels("two.test", resolver, 2525)) == [[("primary.two.test", 2525)], [("backup.two.test", 2525)]]
         assert resolve(host_addresses("primary.two.test", resolver)) == ["192.0.2.1", "2001:db8::1"]
         assert resolve(host_addresses("192.0.2.9", resolver)) == ["192.0.2.9"]
-        assert resolve(mx_hosts("implicit.test", resolver)) == [("implicit.test", 25)]  # RFC 5321 5.1
+        assert resolve(mx_levels("implicit.test", resolver)) == [[("implicit.test", 25)]]  # RFC 5321 5.1
         with pytest.raises(PermanentFailure) as null:
-            resolve(mx_hosts("null.test", resolver))
+            resolve(mx_levels("null.test", resolver))
         assert null.value.status == "5.1.10"
         with pytest.raises(PermanentFailure):
-            resolve(mx_hosts("missing.test", resolver))
+            resolve(mx_levels("missing.test", resolver))
         with pytest.raises(PermanentFailure):
-            resolve(mx_hosts("noaddr.test", resolver))
+            resolve(mx_levels("noaddr.test", resolver))
         with pytest.raises(TemporaryFailure):
             resolve(host_addresses("backup.two.test", resolver))  # an MX host without an address: try later
     finally:
@@ -817,7 +817,7 @@ def test_a_dns_timeout_is_temporary():
         resolver = make_resolver(f"127.0.0.1:{silent.getsockname()[1]}")
         resolver.lifetime = 0.5
         with pytest.raises(TemporaryFailure):
-            resolve(mx_hosts("any.test", resolver))
+            resolve(mx_levels("any.test", resolver))
     finally:
         silent.close()
 
