@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import signal
 import smtplib
 import socket
 import threading
@@ -27,15 +28,18 @@ class HostileHop:
     def __init__(
         self, *, rcpt: bytes | Callable[[socket.socket], None] = b"250 2.1.5 ok\r\n", data: bytes = b"354 go on\r\n",
         end_of_data: bytes = b"250 2.0.0 queued\r\n",
+        ehlo: bytes = b"250-hop.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
     ) -> None:
+        self.rcpt_for: dict[bytes, bytes] = {}  # a recipient's own reply to RCPT, by its address
         self.replies = {
-            b"EHLO": b"250-hop.example\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n",
+            b"EHLO": ehlo,
             b"MAIL": b"250 2.1.0 ok\r\n",
             b"RCPT": rcpt,
             b"DATA": data,
             b"QUIT": b"221 2.0.0 bye\r\n",
         }
         self.end_of_data = end_of_data
+        self.messages: list[tuple[bytes, bytes]] = []  # (DATA or BDAT, the octets as sent, DATA's dot-stuffed)
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -54,20 +58,28 @@ class HostileHop:
         with conn, conn.makefile("rb") as lines:
             try:
                 conn.sendall(b"220 hop.example ESMTP\r\n")
-                in_data = False
+                in_data, data = False, b""
                 for line in lines:
                     if in_data:
                         if line == b".\r\n":
                             in_data = False
+                            self.messages.append((b"DATA", data))
                             conn.sendall(self.end_of_data)
+                        data += line
                         continue
                     verb = line[:4].upper()
+                    if verb == b"BDAT":  # BDAT <size> LAST only, as the runner sends it
+                        self.messages.append((b"BDAT", lines.read(int(line.split()[1]))))
+                        conn.sendall(self.end_of_data)
+                        continue
                     reply = self.replies.get(verb, b"250 2.0.0 ok\r\n")
+                    if verb == b"RCPT":
+                        reply = self.rcpt_for.get(line[8:].split(b">")[0].lstrip(b" <"), reply)
                     if callable(reply):
                         reply(conn)  # a reply that takes its time
                     else:
                         conn.sendall(reply)
-                    in_data = verb == b"DATA" and self.replies[b"DATA"].startswith(b"354")
+                    in_data, data = verb == b"DATA" and self.replies[b"DATA"].startswith(b"354"), b""
                     if verb == b"QUIT":
                         return
             except OSError:
@@ -187,6 +199,43 @@ def test_a_3xx_to_the_end_of_the_message_defers_and_the_connection_is_never_reus
     wait_until(lambda: server.log_count("deferred, retry in") >= 3, what="three attempts deferred", timeout=60)
     assert server.log_count("354 keep going") >= 3
     assert hop.connections >= 3  # one connection per attempt (before: the first one, reused with no RSET)
+
+
+def test_a_relayed_bounce_of_a_binary_mail_quotes_its_headers_only(start_server, hostile_hop, tmp_path):
+    """A bounce to a sender whose domain is no longer served (a reload took it out
+    while the mail waited) is relayed like any mail. Quoting a binary original
+    whole (RET=FULL) would make the bounce binary, and a notice is never bounced
+    in turn: to a next hop without BINARYMIME it would be lost. So it quotes the
+    headers only, and goes as DATA."""
+    hop = hostile_hop(ehlo=b"250-hop.example\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n")
+    hop.rcpt_for[b"bin@example.org"] = b"451 4.3.0 not yet\r\n"
+    config = tmp_path / "domains.toml"
+    config.write_text('domain = ["smtpd.com", "other.example"]\n')
+    server = start_server("--config", str(config), *relay_to(hop.port))
+    body = b"From: carol@other.example\r\nSubject: raw\r\n\r\nNUL \x00, bare CR \r, high \xff\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s, s.makefile("rb") as f:
+        def reply() -> bytes:
+            while (line := f.readline())[3:4] == b"-":
+                pass
+            return line
+
+        reply()
+        for command in (b"EHLO client.example", b"MAIL FROM:<carol@other.example> BODY=BINARYMIME RET=FULL",
+                        b"RCPT TO:<bin@example.org>"):
+            s.sendall(command + b"\r\n")
+            assert reply()[:1] == b"2", command
+        s.sendall(b"BDAT %d LAST\r\n" % len(body) + body)
+        assert reply()[:3] == b"250"
+    wait_until(lambda: server.log_count("451 4.3.0 not yet") >= 1, what="the first attempt deferred")
+    config.write_text('domain = ["smtpd.com"]\n')
+    server.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: server.log_count("reload done") == 1, what="the reload")
+    hop.rcpt_for[b"bin@example.org"] = b"550 5.1.1 no such user\r\n"
+    wait_until(lambda: hop.messages, what="the bounce at the next hop", timeout=60)
+    ((verb, bounce),) = hop.messages
+    assert verb == b"DATA" and b"Action: failed" in bounce and b"To: <carol@other.example>" in bounce
+    assert b"Subject: raw" in bounce and b"\x00" not in bounce and b"high \xff" not in bounce
+    assert b"Content-Type: text/rfc822-headers" in bounce
 
 
 @pytest.mark.parametrize("excess", [0, 1])
