@@ -19,19 +19,26 @@ class ConfigFileError(Exception):
     pass
 
 
-def load_config_file(path: str) -> dict:
-    """The settings a file gives, checked; raises ConfigFileError."""
+def read_toml(path: str) -> tuple[dict, str]:
+    """The TOML file at ``path``, parsed, and its text; raises ConfigFileError
+    naming the file. The server and the command-line tools read it alike: a
+    regular file only (a FIFO or a device there would hang the reader)."""
     try:
         raw = read_regular_file(path)
     except OSError as exc:
-        raise ConfigFileError(f"{path}: {exc.strerror}") from None
+        raise ConfigFileError(f"{path}: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        return tomllib.loads(text), text
     except UnicodeDecodeError as exc:
         raise ConfigFileError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"{path}: {exc}") from None
-    text = raw.decode("utf-8")
+
+
+def load_config_file(path: str) -> dict:
+    """The settings a file gives, checked; raises ConfigFileError."""
+    data, text = read_toml(path)
     values = {}
     spelled: dict[str, str] = {}  # setting -> the key that gave it
     for key, value in data.items():

@@ -268,6 +268,10 @@ def test_config_file_problems(tmp_path):
     assert r.returncode == 1 and b"'users' must be a file name" in r.stderr
     r = run("--config", str(tmp_path / "absent.toml"), "list")
     assert r.returncode == 1 and b"absent.toml: No such file" in r.stderr
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b'users = "\xe9"\n')
+    r = run("--config", str(latin1), "list")  # as the server and the config tool say it
+    assert r.returncode == 1 and b"latin1.toml: not UTF-8 text" in r.stderr
 
 
 def test_default_file(tmp_path):

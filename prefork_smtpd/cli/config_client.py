@@ -13,12 +13,11 @@ import ipaddress
 import socket
 import sys
 import time
-import tomllib
 
 from prefork_smtpd import __version__
 from prefork_smtpd.cli.lines import LineReader
+from prefork_smtpd.config_file import ConfigFileError, read_toml
 from prefork_smtpd.control import load_secret, parse_show_line
-from prefork_smtpd.textfile import read_regular_file
 from prefork_smtpd.settings import PARAMETERS, PORT_ALIASES, PORT_HELP, RANGES, Settings, check_range
 
 
@@ -108,12 +107,9 @@ def endpoint_from_config(path: str) -> dict[str, object]:
     refuses it with the line and logs it.
     """
     try:
-        # As the server reads it: a FIFO or a device there would hang the tool.
-        data = tomllib.loads(read_regular_file(path).decode("utf-8"))
-    except OSError as exc:
-        raise BadConfigFile(f"{path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise BadConfigFile(f"{path}: {exc}") from None
+        data, _ = read_toml(path)  # as the server reads it
+    except ConfigFileError as exc:
+        raise BadConfigFile(str(exc)) from None
     found: dict[str, object] = {}
     for key, value in data.items():
         name = key.replace("-", "_")

@@ -29,10 +29,10 @@ import getpass
 import os
 import sys
 import tempfile
-import tomllib
 from collections.abc import Iterator
 
 from prefork_smtpd import __version__
+from prefork_smtpd.config_file import ConfigFileError, read_toml
 from prefork_smtpd.textfile import read_regular_file
 from prefork_smtpd.users import (
     DEFAULT_SCHEME,
@@ -212,11 +212,9 @@ def users_file(args: argparse.Namespace) -> str:
     if config is None:
         return DEFAULT_FILE
     try:
-        data = tomllib.loads(read_regular_file(config).decode("utf-8"))
-    except OSError as exc:
-        raise Refused(f"{config}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise Refused(f"{config}: {exc}") from None
+        data, _ = read_toml(config)
+    except ConfigFileError as exc:
+        raise Refused(str(exc)) from None
     value = data.get("users", DEFAULT_FILE)
     if not isinstance(value, str) or not value:
         raise Refused(f"{config}: 'users' must be a file name")
