@@ -64,6 +64,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from .delivery import DeliveryError, MaildirStore
+from .downgrade import NotConvertible, seven_bit_form
 from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .notices import is_local_sender, local_sender_folder
@@ -534,9 +535,8 @@ def _mail_options(mail: QueuedMail, dsn: bool) -> list[str]:
 
 def _body_option(mail: QueuedMail, message: bytes, conn: "Connection") -> str | None:
     """BODY= for MAIL: BINARYMIME for a binary mail, 8BITMIME for 8-bit octets
-    when the next hop offers it (RFC 6152). To one that does not, 8-bit text
-    goes as it did before 8BITMIME, unlabelled: most servers take it, and no
-    MIME downgrade is done here."""
+    when the next hop offers it (RFC 6152). To one that does not, the message
+    is 7-bit by now (_transaction converts it)."""
     if mail.binary:
         return "BODY=BINARYMIME"
     if conn.eightbitmime and not message.isascii():
@@ -1146,6 +1146,14 @@ class Runner:
             # would be rewritten); converting it is beyond us: returned, 5.6.3.
             reason = "binary message not permitted by the next hop (it offers no BINARYMIME with CHUNKING)"
             return [Outcome(i, BOUNCED, reason, "5.6.3", host) for i in indices]
+        if not conn.eightbitmime and not (utf8_options and "SMTPUTF8" in utf8_options) and not message.isascii():
+            # RFC 6152 3: no 8-bit octets to a next hop without 8BITMIME;
+            # converted to 7 bits (RFC 2045), else returned, 5.6.3.
+            try:
+                message = seven_bit_form(message)
+            except NotConvertible as exc:
+                reason = f"8-bit message not permitted by the next hop (it offers no 8BITMIME) and not convertible: {exc}"
+                return [Outcome(i, BOUNCED, reason, "5.6.3", host) for i in indices]
         # Addresses go as UTF-8, or with A-label domains, only in a mail that met the next hop's offer above.
         encode = _ascii_form if utf8_options is None else _utf8_form if "SMTPUTF8" in utf8_options else _as_a_labels
         reader, timeout = conn.reader, self.settings.relay_timeout

@@ -269,6 +269,30 @@ def test_8bit_mail_is_labelled_body_8bitmime_to_a_next_hop_that_offers_it(start_
     assert b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME" in wire and wire.count(b"BODY=") == 1
 
 
+def test_8bit_mail_to_a_next_hop_without_8bitmime_goes_in_7_bits_or_bounces_5_6_3(start_server, receiver):
+    """RFC 6152 3: no 8-bit octets to a next hop that does not offer 8BITMIME.
+    8-bit text goes quoted-printable; 8-bit octets in a header have no 7-bit
+    form here (their charset is unknown): that mail is returned, 5.6.3."""
+    hop = receiver(enable_SMTPUTF8=False, decode_data=True)  # aiosmtpd then offers no 8BITMIME
+    server = start_server(*relay_to(hop.port))
+    text = "From: alice@smtpd.com\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n" \
+           "Content-Transfer-Encoding: 8bit\r\nSubject: plain\r\n\r\nna\u00efve caf\u00e9\r\n"
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=30) as client:
+        assert client.sendmail("alice@smtpd.com", ["eight@example.org"], text.encode(), mail_options=["BODY=8BITMIME"]) == {}
+        raw_subject = "From: alice@smtpd.com\r\nSubject: caf\u00e9\r\n\r\nhi\r\n".encode()
+        assert client.sendmail("alice@smtpd.com", ["raw@example.org"], raw_subject, mail_options=["BODY=8BITMIME"]) == {}
+    wait_until(lambda: hop.handler.copies_for("eight@example.org") == 1, what="the converted mail at the next hop")
+    (bounce,) = wait_until(lambda: server.stored("alice"), what="the bounce of the other")
+    wire = hop.wire()
+    assert wire.isascii() and b"BODY=" not in wire and hop.handler.copies_for("raw@example.org") == 0
+    relayed = email.message_from_bytes(hop.handler.received[0].data, policy=email.policy.default)
+    assert relayed["Content-Transfer-Encoding"] == "quoted-printable" and relayed["Subject"] == "plain"
+    assert relayed.get_payload(decode=True) == "na\u00efve caf\u00e9\r\n".encode()
+    rcpt = parse_stored(bounce).get_payload()[1].get_payload()[1]
+    assert rcpt["Status"] == "5.6.3" and "offers no 8BITMIME" in rcpt["Diagnostic-Code"]
+    assert "8-bit octets in a header" in rcpt["Diagnostic-Code"]
+
+
 def test_notify_never_and_the_null_sender_get_no_bounce(start_server, receiver):
     hop = receiver(Script(rcpt={"nobody@example.org": ["550 5.1.1 no such user"]}))
     server = start_server("--relay-networks", "127.0.0.0/8", "--relay-host", f"127.0.0.1:{hop.port}", *FAST_RETRIES)

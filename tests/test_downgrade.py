@@ -1,0 +1,170 @@
+"""8-bit MIME to 7 bits (RFC 6152 3, RFC 2045) for a next hop without 8BITMIME.
+
+Property tests: whatever the message, the result is 7-bit with lines of at
+most 998 octets, or the message is refused with a reason; a converted
+message decodes (Python's email package) to the same content, part for
+part, as the original.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefork_smtpd.downgrade import MAX_DEPTH, NotConvertible, seven_bit_form
+
+LINE_LIMIT = 998
+
+
+def parsed(data: bytes) -> email.message.Message:
+    return email.message_from_bytes(data, policy=email.policy.compat32)
+
+
+def leaves(message: email.message.Message) -> list[tuple[str, bytes]]:
+    """(content type, decoded content) of each leaf, in order; an embedded message's too."""
+    found = []
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_type() == "message/rfc822":
+            continue
+        found.append((part.get_content_type(), part.get_payload(decode=True)))
+    return found
+
+
+def assert_seven_bit(data: bytes) -> None:
+    assert data.isascii()
+    assert all(len(line) <= LINE_LIMIT for line in data.split(b"\r\n"))
+    assert b"\r" not in data.replace(b"\r\n", b"") and b"\n" not in data.replace(b"\r\n", b"")
+
+
+def test_an_ascii_message_is_left_octet_for_octet():
+    message = b"From: a@b.example\r\nSubject: hi\r\n\r\nplain text\r\n"
+    assert seven_bit_form(message) == message
+
+
+def test_8bit_text_becomes_quoted_printable_with_its_line_breaks():
+    message = "From: a@b.example\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n" \
+              "Content-Transfer-Encoding: 8bit\r\n\r\nna\u00efve caf\u00e9 \r\n.dot\r\n".encode()
+    out = seven_bit_form(message)
+    assert_seven_bit(out)
+    assert out.count(b"Content-Transfer-Encoding") == 1 and b"Content-Transfer-Encoding: quoted-printable" in out
+    assert b"na=C3=AFve caf=C3=A9=20\r\n.dot\r\n" in out  # a trailing space survives as =20
+    assert parsed(out).get_payload(decode=True) == "na\u00efve caf\u00e9 \r\n.dot\r\n".encode()
+
+
+def test_a_mail_without_mime_becomes_mime_text_of_unknown_charset():
+    out = seven_bit_form("Subject: x\r\n\r\n\u00e9t\u00e9\r\n".encode())
+    assert_seven_bit(out)
+    message = parsed(out)
+    assert message["MIME-Version"] == "1.0" and message.get_content_charset() == "unknown-8bit"
+    assert message.get_payload(decode=True) == "\u00e9t\u00e9\r\n".encode()
+
+
+def test_a_multipart_keeps_its_boundaries_and_converts_only_its_8bit_parts():
+    message = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+        b"preamble\r\n--b1\r\nContent-Type: text/plain\r\n\r\nascii part\r\n"
+        b"--b1\r\nContent-Type: text/plain; charset=latin-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\xe9t\xe9\r\n"
+        b"--b1\r\nContent-Type: application/octet-stream\r\n\r\n\x00\xff\xfe\r\n"
+        b"--b1--\r\nepilogue\r\n"
+    )
+    out = seven_bit_form(message)
+    assert_seven_bit(out)
+    assert out.startswith(message[: message.index(b"--b1\r\nContent-Type: text/plain; charset=latin-1")])
+    assert out.endswith(b"--b1--\r\nepilogue\r\n")
+    assert leaves(parsed(out)) == [
+        ("text/plain", b"ascii part"), ("text/plain", b"\xe9t\xe9"), ("application/octet-stream", b"\x00\xff\xfe"),
+    ]
+
+
+def test_an_embedded_message_is_converted_inside_and_labelled_7bit():
+    inner = "Subject: inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGr\u00fc\u00dfe\r\n".encode()
+    message = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"r\"\r\n\r\n"
+        b"--r\r\nContent-Type: text/plain\r\n\r\nnotice\r\n"
+        b"--r\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + inner + b"\r\n--r--\r\n"
+    )
+    out = seven_bit_form(message)
+    assert_seven_bit(out)
+    assert b"Content-Transfer-Encoding: 7bit" in out and b"Content-Transfer-Encoding: 8bit" not in out
+    (embedded,) = [p for p in parsed(out).walk() if p.get_content_type() == "message/rfc822"]
+    assert embedded.get_payload(0)["Subject"] == "inner"
+    assert embedded.get_payload(0).get_payload(decode=True) == "Gr\u00fc\u00dfe\r\n".encode()
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("Subject: caf\u00e9\r\n\r\nbody\u00e9\r\n".encode(), "8-bit octets in a header"),
+    (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\n\xe9\r\n", "labelled base64"),
+    (b"Content-Type: text/plain\r\nContent-Transfer-Encoding: binary\r\n\r\n\xe9\r\n", "labelled binary"),
+    (b"Content-Type: multipart/mixed\r\n\r\n\xe9\r\n", "multipart without a boundary"),
+    (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n\xe9\r\n--b\r\n\r\nx\r\n--b--\r\n", "preamble"),
+    (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n\r\nx\r\n--b--\r\n\xe9\r\n", "epilogue"),
+    (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nSubject: \xe9\r\n\r\nx\r\n--b--\r\n", "in a header"),
+    (b"Content-Type: message/partial; id=x\r\n\r\n\xe9\r\n", "message/partial"),
+])
+def test_what_has_no_7bit_form_is_refused_with_the_reason(message, reason):
+    with pytest.raises(NotConvertible, match=reason):
+        seven_bit_form(message)
+
+
+def test_nesting_is_bounded():
+    def nested(depth: int) -> bytes:
+        if depth == 0:
+            return b"Content-Type: text/plain\r\n\r\n\xe9\r\n"
+        return b"Content-Type: message/rfc822\r\n\r\n" + nested(depth - 1)
+
+    assert_seven_bit(seven_bit_form(nested(MAX_DEPTH)))
+    with pytest.raises(NotConvertible, match="nested"):
+        seven_bit_form(nested(MAX_DEPTH + 1))
+
+
+# -------------------------------------------------------------- properties
+_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+_octets = st.binary(max_size=300)
+
+
+@st.composite
+def mime_messages(draw) -> EmailMessage:
+    """Real MIME messages: text parts in 8bit, binary attachments, nested messages."""
+    msg = EmailMessage()
+    msg["Subject"] = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+    msg.set_content(draw(_text), cte="8bit")
+    for _ in range(draw(st.integers(0, 3))):
+        kind = draw(st.sampled_from(["text", "octets", "message"]))
+        if kind == "text":
+            msg.add_attachment(draw(_text).encode(), maintype="text", subtype="plain", cte="8bit")
+        elif kind == "octets":
+            msg.add_attachment(draw(_octets), maintype="application", subtype="octet-stream")
+        else:
+            inner = EmailMessage()
+            inner["Subject"] = "inner"
+            inner.set_content(draw(_text), cte="8bit")
+            msg.add_attachment(inner, cte="8bit")
+    return msg
+
+
+@settings(max_examples=150, deadline=None)
+@given(mime_messages())
+def test_a_converted_message_is_7bit_and_decodes_to_the_same_content(msg):
+    original = msg.as_bytes(policy=email.policy.SMTP)
+    out = seven_bit_form(original)
+    assert_seven_bit(out)
+    assert leaves(parsed(out)) == leaves(parsed(original))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([
+    b"Content-Type: multipart/mixed; boundary=b\r\n", b"Content-Type: message/rfc822\r\n", b"\r\n", b"--b\r\n",
+    b"--b--\r\n", b"\xe9\xff\r\n", b"text\r\n", b"Content-Transfer-Encoding: 8bit\r\n", b"\n", b"\r", b"\x00",
+    b"Content-Type: text/plain\r\n", b"--b", b" \t\r\n", b"=\r\n",
+]), max_size=40))
+def test_any_octets_give_7bit_or_a_reason(pieces):
+    try:
+        out = seven_bit_form(b"".join(pieces))
+    except NotConvertible:
+        return
+    assert_seven_bit(out)
