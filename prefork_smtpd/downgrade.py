@@ -38,7 +38,7 @@ from email.policy import compat32
 MAX_DEPTH = 50  # nested multiparts and messages
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
-_HEADER_END = re.compile(rb"\r\n\r\n")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 _CTE_FIELD = re.compile(rb"^content-transfer-encoding[ \t]*:.*\r\n(?:[ \t].*\r\n)*", re.IGNORECASE | re.MULTILINE)
 _MIME_VERSION = re.compile(rb"^mime-version[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -53,38 +53,48 @@ class NotConvertible(Exception):
 def seven_bit_form(message: bytes) -> bytes:
     """``message`` with every 8-bit octet encoded away; raises NotConvertible.
 
-    Lines end in CRLF in the result, as DATA sends them anyway.
+    Lines end in CRLF in the result, as DATA sends them anyway. The parts
+    are found by their offsets in one copy of the message, never sliced out
+    level by level: a message nested deep costs its size once, not once a
+    level.
     """
-    message = _LINE_ENDINGS.sub(b"\r\n", message)
-    header, body = _split(message)
-    converted_header, converted_body = _entity(header, body, "text/plain", 0)
-    if converted_body is not body and not _MIME_VERSION.search(header):
+    data = _LINE_ENDINGS.sub(b"\r\n", message)
+    if data.isascii():
+        return data
+    out: list[bytes] = []
+    _entity(data, 0, len(data), "text/plain", 0, out)
+    header = out[0]  # 8-bit somewhere: the header block came first, converted
+    if not _MIME_VERSION.search(header):
         # A mail that was no MIME mail becomes one, to say how its text is encoded.
         added = b"MIME-Version: 1.0\r\n"
         if not _CONTENT_TYPE.search(header):
             added += b"Content-Type: text/plain; charset=unknown-8bit\r\n"
-        converted_header = converted_header[:-2] + added + b"\r\n"
-    return converted_header + converted_body
+        out[0] = header[:-2] + added + b"\r\n"
+    return b"".join(out)
 
 
-def _split(entity: bytes) -> tuple[bytes, bytes]:
-    """(header block with its blank line, body); a header alone has an empty body."""
-    if entity.startswith(b"\r\n"):
-        return b"\r\n", entity[2:]  # no header fields: the body only
-    end = _HEADER_END.search(entity)
-    if end is None:
-        return entity + (b"" if entity.endswith(b"\r\n") else b"\r\n") + b"\r\n", b""
-    return entity[: end.end()], entity[end.end():]
+def _split(data: bytes, start: int, end: int) -> tuple[bytes, int]:
+    """The header block of data[start:end] with its blank line, and where the
+    body begins; an entity without a blank line is all header."""
+    if end - start >= 2 and data.startswith(b"\r\n", start):
+        return b"\r\n", start + 2  # no header fields: the body only
+    found = data.find(b"\r\n\r\n", start, end)
+    if found < 0:
+        header = data[start:end]
+        return header + (b"" if header.endswith(b"\r\n") else b"\r\n") + b"\r\n", end
+    return data[start : found + 4], found + 4
 
 
-def _entity(header: bytes, body: bytes, default_type: str, depth: int) -> tuple[bytes, bytes]:
-    """(header, body) converted; the same objects where nothing needed converting."""
+def _entity(data: bytes, start: int, end: int, default_type: str, depth: int, out: list[bytes]) -> None:
+    """data[start:end], one entity (header and body), converted onto ``out``."""
+    if _NON_ASCII.search(data, start, end) is None:
+        out.append(data[start:end])
+        return
     if depth > MAX_DEPTH:
         raise NotConvertible(f"MIME parts nested more than {MAX_DEPTH} deep")
+    header, body = _split(data, start, end)
     if not header.isascii():
         raise NotConvertible("8-bit octets in a header")
-    if body.isascii():
-        return header, body
     fields: Message = BytesHeaderParser(policy=compat32).parsebytes(header)
     if default_type != "text/plain":
         fields.set_default_type(default_type)
@@ -96,16 +106,18 @@ def _entity(header: bytes, body: bytes, default_type: str, depth: int) -> tuple[
         boundary = fields.get_boundary()
         if not boundary:
             raise NotConvertible("8-bit octets in a multipart without a boundary")
+        out.append(_seven_bit_label(header, encoding))
         inner = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
-        return _seven_bit_label(header, encoding), _multipart(body, boundary.encode("ascii"), inner, depth)
-    if content_type == "message/rfc822":  # its encoding stays identity (RFC 2046 5.2.1): converted inside
-        inner_header, inner_body = _split(body)
-        return _seven_bit_label(header, encoding), b"".join(_entity(inner_header, inner_body, "text/plain", depth + 1))
-    if content_type in _MUST_BE_7BIT:
+        _multipart(data, body, end, boundary.encode("ascii", "replace"), inner, depth, out)
+    elif content_type == "message/rfc822":  # its encoding stays identity (RFC 2046 5.2.1): converted inside
+        out.append(_seven_bit_label(header, encoding))
+        _entity(data, body, end, "text/plain", depth + 1, out)
+    elif content_type in _MUST_BE_7BIT:
         raise NotConvertible(f"8-bit octets in a {content_type} part")
-    if fields.get_content_maintype() == "text":
-        return _relabelled(header, b"quoted-printable"), _quoted_printable(body)
-    return _relabelled(header, b"base64"), _base64(body)  # message/global too (RFC 6532 3.5 allows it)
+    elif fields.get_content_maintype() == "text":
+        out += [_relabelled(header, b"quoted-printable"), _quoted_printable(data[body:end])]
+    else:  # message/global too (RFC 6532 3.5 allows it)
+        out += [_relabelled(header, b"base64"), _base64(data[body:end])]
 
 
 def _seven_bit_label(header: bytes, encoding: str) -> bytes:
@@ -113,37 +125,33 @@ def _seven_bit_label(header: bytes, encoding: str) -> bytes:
     return _relabelled(header, b"7bit") if encoding == "8bit" else header
 
 
-def _multipart(body: bytes, boundary: bytes, inner_type: str, depth: int) -> bytes:
-    """The multipart body with each part converted; boundaries, preamble and epilogue kept."""
-    delimiter = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    out: list[bytes] = []
-    start = 0  # where the text not yet copied begins
+def _multipart(data: bytes, start: int, end: int, boundary: bytes, inner_type: str, depth: int, out: list[bytes]) -> None:
+    """The multipart body data[start:end], each part converted onto ``out``;
+    boundaries, preamble and epilogue kept as they are."""
+    # A delimiter line begins with the CRLF before it (RFC 2046 5.1.1); the
+    # one opening the body borrows the CRLF that ends the header block.
+    delimiter = re.compile(rb"\r\n--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+    copied = start  # out holds the body up to here
     in_part = False  # between a delimiter and the next one
-    closed = False
-    for match in delimiter.finditer(body):
+    for match in delimiter.finditer(data, start - 2, end):
         if in_part:
-            header, part_body = _split(body[start : match.start()])
-            out.extend(_entity(header, part_body, inner_type, depth + 1))
-        elif not body[: match.start()].isascii():
+            _entity(data, copied, match.start(), inner_type, depth + 1, out)
+        elif _NON_ASCII.search(data, copied, match.start()):
             raise NotConvertible("8-bit octets in a multipart preamble")
         else:
-            out.append(body[: match.start()])
-        line_end = match.end() + 2 if body.startswith(b"\r\n", match.end()) else match.end()
-        out.append(body[match.start() : line_end])
-        start = line_end
+            out.append(data[copied : match.start()])
+        line_end = match.end() + 2 if data.startswith(b"\r\n", match.end()) and match.end() + 2 <= end else match.end()
+        out.append(data[max(match.start(), copied) : line_end])
+        copied = line_end
         in_part = match.group(1) is None
         if not in_part:
-            closed = True
             break
-    rest = body[start:]
     if in_part:  # no closing delimiter: the last part runs to the end
-        header, part_body = _split(rest)
-        out.extend(_entity(header, part_body, inner_type, depth + 1))
-    elif not rest.isascii():
-        raise NotConvertible("8-bit octets in a multipart epilogue" if closed else "8-bit octets in a multipart without parts")
+        _entity(data, copied, end, inner_type, depth + 1, out)
+    elif _NON_ASCII.search(data, copied, end):
+        raise NotConvertible("8-bit octets in a multipart epilogue or with no parts")
     else:
-        out.append(rest)
-    return b"".join(out)
+        out.append(data[copied:end])
 
 
 def _relabelled(header: bytes, encoding: bytes) -> bytes:

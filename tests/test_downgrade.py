@@ -122,6 +122,24 @@ def test_nesting_is_bounded():
         seven_bit_form(nested(MAX_DEPTH + 1))
 
 
+def test_a_message_nested_deep_costs_its_size_a_few_times_not_once_a_level():
+    """Parts are found by offsets in one copy: slicing each level out of its
+    parent held MAX_DEPTH copies of the message at once."""
+    import tracemalloc
+
+    size = 1 << 20
+    message = b"Content-Type: message/rfc822\r\n\r\n" * MAX_DEPTH
+    message += b"Content-Type: text/plain\r\n\r\n" + b"x" * size + b"\xe9\r\n"
+    tracemalloc.start()
+    try:
+        out = seven_bit_form(message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_seven_bit(out)
+    assert peak < 10 * size, peak
+
+
 # -------------------------------------------------------------- properties
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
 _octets = st.binary(max_size=300)
