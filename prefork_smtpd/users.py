@@ -84,6 +84,8 @@ def name_problem(name: str) -> str | None:
         return "control character in name"
     if ":" in name:
         return "':' in name (it separates the fields)"
+    if name.startswith("#"):
+        return "'#' at the start of a name (the line would be a comment)"
     if len(name) > MAX_NAME or len(name.partition("@")[0]) > MAX_LOCAL_PART:
         return "name too long (local part at most 64, whole name at most 254 octets)"
     if not _NAME.match(name):

@@ -259,6 +259,8 @@ def test_entry_repr_hides_the_hash():
         ("a/b", False),
         ('"quoted"', False),
         ("jörg", False),
+        ("#alice", False),  # the users file's line would be a comment
+        ("a#b", True),
         ("x" * 64 + "@smtpd.com", True),
         ("x" * 65 + "@smtpd.com", False),
         ("x@" + ".".join(["d" * 60] * 5), False),  # over 254 in all
@@ -266,6 +268,18 @@ def test_entry_repr_hides_the_hash():
 )
 def test_name_problem(name, ok):
     assert (name_problem(name) is None) == ok
+
+
+A_BCRYPT_HASH = "$2b$04$" + "a" * 53  # the shape parse_line checks; never verified here
+
+
+@settings(max_examples=300)
+@given(st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=70))
+def test_every_name_taken_is_read_back_from_its_line(name):
+    """What the users tool writes, the server reads: a name is taken only if its line parses back to it."""
+    if name_problem(name) is None:
+        entry = parse_line(UserEntry(name, "BLF-CRYPT", A_BCRYPT_HASH).line(), "f:1")
+        assert entry is not None and entry.name == name
 
 
 @pytest.mark.slow

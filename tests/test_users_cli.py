@@ -183,6 +183,7 @@ def test_missing_file_is_refused(users_path, args):
         ("../etc", b"not a mailbox name"),
         ("alice@", b"not a mailbox name"),
         ("x" * 65, b"name too long"),
+        ("#alice", b"'#' at the start of a name"),
     ],
 )
 def test_bad_names_are_refused(users_path, name, reason):
