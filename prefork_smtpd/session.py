@@ -988,7 +988,8 @@ class Session:
         states={READY},
         syntax="STARTTLS",
         help="STARTTLS: encrypt the session (RFC 3207)",
-        enabled=lambda session: session.starttls_offered,
+        # On the smtps port it is no unknown command: TLS is already active (503).
+        enabled=lambda session: session.starttls_offered or session.tls is not None,
     )
     def smtp_STARTTLS(self, arg: str) -> Reply | None:
         if arg:
@@ -1058,8 +1059,9 @@ class Session:
             self._emit(LogEvent(f"authenticated as {verdict.username!r} ({awaited})"))
             return AUTH_SUCCEEDED
         if isinstance(verdict, AuthUnavailable):
-            self._log_refusal(replies.AUTH_TEMPORARY_FAILURE, f"AUTH {awaited}")
-            return replies.AUTH_TEMPORARY_FAILURE
+            # No failure (the password was never checked), but an error: a
+            # client retrying on every 454 is bounded by max_errors.
+            return self._error(replies.AUTH_TEMPORARY_FAILURE, f"AUTH {awaited}")
         assert isinstance(verdict, AuthFailed)
         self.auth_failures += 1
         self._log_refusal(AUTH_FAILED, f"AUTH {awaited}")
@@ -1072,13 +1074,14 @@ class Session:
         return None
 
     def _owns(self, sender: str) -> bool:
-        """An authenticated user sends as user@a-served-domain, or as its login if that is an address."""
+        """An authenticated user sends as user@a-served-domain (under the
+        catch-all every domain is served), or as its login if that is an address."""
         login = self.login.lower()
         sender = sender.lower()
         if "@" in login:
             return sender == login
         local, _, domain = sender.rpartition("@")
-        return local == login and domain in self.domains
+        return local == login and (domain in self.domains or CATCH_ALL in self.domains)
 
     # A domain not in self.domains may still be served: these answer for it.
     def _serves_other_recipient(self, domain: str) -> bool:

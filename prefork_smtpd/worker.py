@@ -516,9 +516,11 @@ class SMTPConnection(asyncio.Protocol):
         self.deadline = math.inf
         worker = self.worker
         if worker.auth_checks >= worker.settings.max_auth_checks:
-            worker.log(f"{self.peer} AUTH refused for now: {worker.auth_checks} password checks in progress")
             worker.count_auth(event.mechanism, "unavailable")
-            worker.loop.call_soon(self._auth_verdict, AuthUnavailable())
+            # The 454 waits as a 535 does: a retry after it costs a guesser the
+            # same time as a wrong password, so guessers cannot take every
+            # free check from the users. (The session logs the refusal.)
+            worker.loop.call_later(worker.settings.auth_failure_delay, self._auth_verdict, AuthUnavailable())
             return
         worker.auth_checks += 1
         users = worker.users

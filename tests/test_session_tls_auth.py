@@ -82,10 +82,14 @@ def test_starttls_rules():
     assert s.feed(b"STARTTLS now\r\n") == b"501 5.5.4 Syntax: STARTTLS\r\n"
     s.feed(b"MAIL FROM:<a@smtpd.com>\r\n")
     assert s.feed(b"STARTTLS\r\n") == b"503 5.5.1 Error: MAIL transaction in progress\r\n"
-    # Without TLS configured, or on an implicit-TLS port: not offered, 502.
-    for s in (new(ConnectionContext()), new(ConnectionContext(tls=TLS_IMPLICIT), tls=TLS13)):
-        assert b"STARTTLS" not in s.feed(b"EHLO c.example\r\n")
-        assert s.feed(b"STARTTLS\r\n") == b"502 5.5.1 Error: command not implemented\r\n"
+    # Without TLS configured: not offered, 502. On an implicit-TLS port: not
+    # offered either, and TLS is active already, as after STARTTLS: 503.
+    s = new(ConnectionContext())
+    assert b"STARTTLS" not in s.feed(b"EHLO c.example\r\n")
+    assert s.feed(b"STARTTLS\r\n") == b"502 5.5.1 Error: command not implemented\r\n"
+    s = new(ConnectionContext(tls=TLS_IMPLICIT), tls=TLS13)
+    assert b"STARTTLS" not in s.feed(b"EHLO c.example\r\n")
+    assert s.feed(b"STARTTLS\r\n") == b"503 5.5.1 Error: TLS already active\r\n"
 
 
 def test_require_tls_refuses_mail_before_starttls():
@@ -206,6 +210,21 @@ def test_a_check_that_cannot_run_now_is_a_454_and_not_a_failure():
     assert s.auth_failures == 0 and s.state is State.READY
 
 
+def test_454s_count_toward_max_errors():
+    """A client retrying on every 454 is closed after max_errors, as with any refusal."""
+    s = Wired(Session("mx.test", frozenset({"smtpd.com"}), Limits(max_errors=3), lambda key: 0,
+                      context=STARTTLS_PORT, auth=True))
+    s.feed(b"EHLO c.example\r\nSTARTTLS\r\n")
+    s.resume(TLSStarted(TLS13))
+    s.feed(b"EHLO c.example\r\n")
+    for _ in range(2):
+        s.feed(b"AUTH PLAIN " + plain("alice", "pw").encode() + b"\r\n")
+        assert s.resume(AuthUnavailable()).startswith(b"454 4.7.0")
+    s.feed(b"AUTH PLAIN " + plain("alice", "pw").encode() + b"\r\n")
+    assert s.resume(AuthUnavailable()).startswith(b"454 4.7.0 Temporary authentication failure, try again later\r\n421")
+    assert s.state is State.CLOSED and s.auth_failures == 0
+
+
 def test_submission_needs_tls_then_auth_then_the_users_own_address():
     s = new(SUBMISSION_PORT, auth=True)
     s.feed(b"EHLO c.example\r\n")
@@ -234,6 +253,18 @@ def test_submission_needs_tls_then_auth_then_the_users_own_address():
 )
 def test_which_sender_an_authenticated_user_owns(login, sender, owned):
     s = new(auth=True)
+    s.session.login = login
+    assert s.session._owns(sender) is owned
+
+
+@pytest.mark.parametrize(("login", "sender", "owned"), [
+    ("alice", "alice@smtpd.com", True),
+    ("alice", "alice@any.example", True),  # under the catch-all every domain is served
+    ("alice", "bob@any.example", False),
+    ("alice@smtpd.com", "alice@any.example", False),
+])
+def test_which_sender_an_authenticated_user_owns_under_the_catch_all(login, sender, owned):
+    s = Wired(Session("mx.test", frozenset({"*"}), Limits(), lambda key: 0, context=STARTTLS_PORT, auth=True))
     s.session.login = login
     assert s.session._owns(sender) is owned
 

@@ -345,18 +345,23 @@ def test_wrong_passwords_are_answered_late_and_end_the_session(tls_server, files
     assert "wrong0" not in log and "wrong2" not in log
 
 
-def test_too_many_checks_at_once_get_454(tls_server, files):
-    server = tls_server("--max-auth-checks", "1", "--auth-threads", "1", workers=1)
+def test_too_many_checks_at_once_get_454_as_late_as_a_535(tls_server, files):
+    server = tls_server("--max-auth-checks", "1", "--auth-threads", "1", "--auth-failure-delay", "1", workers=1)
     clients = [TLSClient(server.port, files) for _ in range(2)]
     for c in clients:
         c.cmd("EHLO client.example")
     # Both at once: while the first slow hash runs, the second finds no room.
+    started = time.monotonic()
     for c in clients:
         c.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
-    replies = sorted(read_reply(c.f)[0] for c in clients)
-    assert replies == [235, 454]
+    replies = {read_reply(c.f)[0]: time.monotonic() - started for c in clients}
+    assert sorted(replies) == [235, 454]
+    # A retry after a 454 costs a guesser the delay a wrong password costs (a floor, no speed claim).
+    assert replies[454] >= 0.95
     for c in clients:
         c.close()
+    wait_log(server, "refused AUTH PLAIN as 'alice': 454 4.7.0")
+    assert server.log_count("454 4.7.0") == 1  # one line per 454
 
 
 # ------------------------------------------------------------ the files
