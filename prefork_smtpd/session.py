@@ -1032,8 +1032,9 @@ class Session:
         """The client's answer to a 334 challenge."""
         exchange = self._sasl
         assert exchange is not None
-        body = line[:-2] if line.endswith(b"\r\n") else line.rstrip(b"\r\n")
-        return self._sasl_step(exchange.feed(body))
+        if not line.endswith(b"\r\n"):  # a bare LF ends no line here either, as in a command (500 5.5.2)
+            return self._sasl_step(sasl.Failure(sasl.MALFORMED))
+        return self._sasl_step(exchange.feed(line[:-2]))
 
     def _sasl_step(self, step: sasl.Step) -> Reply | None:
         if isinstance(step, sasl.Challenge):

@@ -269,6 +269,16 @@ def test_which_sender_an_authenticated_user_owns_under_the_catch_all(login, send
     assert s.session._owns(sender) is owned
 
 
+def test_an_answer_to_a_challenge_must_end_in_crlf_as_a_command_must():
+    s = upgraded(auth=True)
+    assert s.feed(b"AUTH PLAIN\r\n") == b"334 \r\n"
+    assert s.feed(plain("alice", "pw").encode() + b"\n") == b"501 5.5.2 Error: malformed credentials\r\n"
+    assert s.waiting_for is None and s.state is State.READY
+    assert s.feed(b"AUTH PLAIN\r\n") == b"334 \r\n"
+    assert s.feed(plain("alice", "pw").encode() + b"\r\n") == b""
+    assert s.waiting_for.username == "alice"
+
+
 def test_auth_lines_may_be_longer_than_commands():
     s = upgraded(auth=True)
     long_password = "p" * 3000
