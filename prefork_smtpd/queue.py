@@ -24,9 +24,12 @@ The files are read by the queue runner (runner.py) and the
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -161,6 +164,22 @@ def is_queue_id(queue_id: str) -> bool:
     return bool(queue_id) and "/" not in queue_id and "\0" not in queue_id and not queue_id.startswith(".")
 
 
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file; OSError otherwise.
+
+    A FIFO in the queue's folders would hold the runner (and the queue
+    command) in open() for ever; a symbolic link would read a file elsewhere.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class Queue:
     def __init__(self, root: str) -> None:
         self.root = root
@@ -182,15 +201,15 @@ class Queue:
         if not is_queue_id(queue_id):
             return None
         try:
-            with open(os.path.join(self.msg_dir, queue_id), "rb") as f:
+            with _open_regular(os.path.join(self.msg_dir, queue_id)) as f:
                 first = f.readline()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        except OSError:  # gone, or no regular file
             return None
         try:
             header = json.loads(first)
             mail = _mail_from_header(queue_id, header)
             progress = list(self._progress(queue_id))
-        except (ValueError, IsADirectoryError, NotADirectoryError):  # a damaged file, or no file
+        except (ValueError, RecursionError, OSError):  # a damaged file (nested past the parser's depth...), or no file
             return None
         mail.smtputf8 = (
             header.get("utf8") is True
@@ -215,21 +234,21 @@ class Queue:
 
     def _progress(self, queue_id: str) -> Iterator[dict]:
         try:
-            with open(os.path.join(self.state_dir, queue_id), "rb") as f:
+            with _open_regular(os.path.join(self.state_dir, queue_id)) as f:
                 lines = f.read().split(b"\n")
         except FileNotFoundError:
             return
         for line in lines:
             try:
                 entry = json.loads(line)
-            except ValueError:
-                continue  # empty, or torn by a crash mid-write: as if never written
+            except (ValueError, RecursionError):
+                continue  # empty, or torn by a crash mid-write, or damaged: as if never written
             if isinstance(entry, dict):
                 yield entry
 
     def message(self, queue_id: str) -> bytes:
         """The message to send (after the header line)."""
-        with open(os.path.join(self.msg_dir, queue_id), "rb") as f:
+        with _open_regular(os.path.join(self.msg_dir, queue_id)) as f:
             f.readline()
             return f.read()
 
@@ -238,7 +257,7 @@ class Queue:
         data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries)
         path = os.path.join(self.state_dir, queue_id)
         created = not os.path.exists(path)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             # A torn line left by a crash: start ours on a line of its own.
             if not created and os.fstat(fd).st_size:
@@ -250,6 +269,14 @@ class Queue:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if not os.path.exists(os.path.join(self.msg_dir, queue_id)):
+            # Deleted meanwhile (the queue command, or the mail was done): the
+            # log just made or written to would be an orphan nothing removes.
+            # remove() unlinks the mail first, so either it sees this log or
+            # this check sees the mail gone.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
         if created:
             _fsync_dir(self.state_dir)
 

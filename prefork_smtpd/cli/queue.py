@@ -19,17 +19,28 @@ from prefork_smtpd import __version__
 from prefork_smtpd.queue import Queue, default_queue_dir, is_queue_id
 
 
+def shown(text: str) -> str:
+    """``text`` safe for a terminal: a next hop's reply (or a damaged queue
+    file) may hold escape sequences that would drive it, line breaks that
+    would forge a line, or octets that are no UTF-8 (read back as
+    surrogates, which a UTF-8 stdout cannot write). Each becomes \\xNN or
+    \\uNNNN; printable text, UTF-8 addresses included, stays as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
+
+
 def describe(mail, now: float) -> list[str]:
     age = int(now - mail.arrival)
-    rows = [f"{mail.id}  {mail.size} bytes  {age} s old  from <{mail.sender}>"]
+    rows = [f"{shown(mail.id)}  {mail.size} bytes  {age} s old  from <{shown(mail.sender)}>"]
     if mail.attempts:
         wait = max(int(mail.next_attempt - now), 0)
-        rows.append(f"    {mail.attempts} failed attempts, next in {wait} s: {mail.last_reply}")
+        rows.append(f"    {mail.attempts} failed attempts, next in {wait} s: {shown(mail.last_reply)}")
     for index, rcpt in enumerate(mail.recipients):
         entry = mail.results.get(index, {})
-        state = entry.get("result", "waiting")
-        detail = f": {entry['reply']}" if entry.get("reply") else ""
-        rows.append(f"    <{rcpt.address}> {state}{detail}")
+        state = shown(str(entry.get("result", "waiting")))
+        detail = f": {shown(str(entry['reply']))}" if entry.get("reply") else ""
+        rows.append(f"    <{shown(rcpt.address)}> {state}{detail}")
     return rows
 
 
@@ -40,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mail-dir", metavar="DIR", default="mail_dir", help="the server's --mail-dir (default mail_dir)")
     p.add_argument("--json", action="store_true", help="list as one JSON object per mail")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every queued mail and its recipients' state")
+    listing = sub.add_parser("list", help="every queued mail and its recipients' state")
+    # "list --json", as the README writes it, as well as "--json list"
+    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object per mail")
     show = sub.add_parser("show", help="one mail: its recipients' state and the message")
     show.add_argument("id")
     delete = sub.add_parser("delete", help="remove mails from the queue (no bounce)")
