@@ -43,6 +43,7 @@ session asks no mailbox question for it, RFC 5321 4.5.1).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -80,10 +81,36 @@ def subfolder_for(detail: str) -> str:
     ``invoices`` -> ``.invoices``; dots inside stay (Maildir++'s hierarchy:
     ``lists.python`` is the folder python under lists). A detail that is
     not a dot-atom (empty, a leading dot) makes none: the mail goes to the
-    mailbox itself.
+    mailbox itself. The name on disk is in modified UTF-7, as Dovecot reads
+    Maildir++ folder names: ``a&b`` is ``.a&-b``, ``märz`` is ``.m&AOQ-rz``.
     """
     name = folder_for(detail)
-    return "" if name is None else "." + name
+    return "" if name is None else "." + modified_utf7(name)
+
+
+def modified_utf7(name: str) -> str:
+    """IMAP's modified UTF-7 (RFC 3501 5.1.3): printable ASCII stands for
+    itself but "&", which is "&-"; any other run of characters is "&", its
+    UTF-16 in base64 with "," for "/" and no padding, then "-"."""
+    if name.isascii() and name.isprintable() and "&" not in name:
+        return name  # the common case: no work
+    out: list[str] = []
+    run: list[str] = []  # characters waiting to be encoded
+
+    def flush() -> None:
+        if run:
+            octets = "".join(run).encode("utf-16-be")
+            out.append("&" + base64.b64encode(octets).decode("ascii").rstrip("=").replace("/", ",") + "-")
+            run.clear()
+
+    for char in name:
+        if " " <= char <= "~":
+            flush()
+            out.append("&-" if char == "&" else char)
+        else:
+            run.append(char)
+    flush()
+    return "".join(out)
 
 
 class MailboxNames:

@@ -8,9 +8,11 @@ name or is refused, and two different mailboxes never share a folder.
 
 from __future__ import annotations
 
+import base64
 import collections
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import string
@@ -22,7 +24,7 @@ from sansio import Wired
 
 from prefork_smtpd import policy
 from prefork_smtpd.diskspace import SpaceGuard
-from prefork_smtpd.policy import MailboxNames, ServerPolicy, domain_folder, own_addresses, subfolder_for
+from prefork_smtpd.policy import MailboxNames, ServerPolicy, domain_folder, modified_utf7, own_addresses, subfolder_for
 from prefork_smtpd.session import Limits, Session, State, strip_source_route
 from prefork_smtpd.settings import Settings
 
@@ -293,7 +295,37 @@ def test_different_mailboxes_never_share_a_folder(names, a, b):
 @given(detail=st.text(max_size=70))
 def test_a_detail_gives_a_safe_maildir_subfolder_or_none(detail):
     sub = subfolder_for(detail)
-    assert sub == "" or (sub.startswith(".") and safe_part(sub[1:]) and ".." not in sub)
+    assert sub == "" or (sub.startswith(".") and safe_part(sub[1:]) and ".." not in sub and sub.isascii())
+
+
+def decoded_utf7(name: str) -> str:
+    """RFC 3501 5.1.3, read back: the reader Dovecot is, written independently."""
+    def run(match: re.Match) -> str:
+        if not match.group(1):
+            return "&"
+        text = match.group(1).replace(",", "/")
+        return base64.b64decode(text + "=" * (-len(text) % 4)).decode("utf-16-be")
+    return re.sub(r"&([^-]*)-", run, name)
+
+
+@pytest.mark.parametrize("name, on_disk", [
+    ("invoices", "invoices"),
+    ("a&b", "a&-b"),
+    ("rechnungen-m\u00e4rz", "rechnungen-m&AOQ-rz"),
+    ("~peter/mail/\u53f0\u5317/\u65e5\u672c\u8a9e", "~peter/mail/&U,BTFw-/&ZeVnLIqe-"),  # RFC 3501's own example
+    ("\U0001f600", "&2D3eAA-"),  # outside the BMP: a surrogate pair
+])
+def test_plus_folder_names_are_in_modified_utf7_as_dovecot_reads_them(name, on_disk):
+    assert modified_utf7(name) == on_disk
+    assert subfolder_for(name.replace("/", "_")) in ("." + on_disk.replace("/", "_"), "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(st.characters(exclude_categories=("Cs",)), max_size=40))
+def test_modified_utf7_is_printable_ascii_and_reads_back(name):
+    encoded = modified_utf7(name)
+    assert encoded.isascii() and all(" " <= c <= "~" for c in encoded)
+    assert decoded_utf7(encoded) == name
 
 
 @pytest.mark.parametrize("domain", ["", "a..b", "-a.example", "a.example.", "[192.0.2.1]", "a/b", "a_b.example", "é.example"])

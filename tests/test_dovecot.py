@@ -246,7 +246,7 @@ def mail_host():
         # StateDirectory= does: it makes mail_dir and its log there itself.
         (root / "smtpd").mkdir()
         os.chown(root / "smtpd", mail_user.pw_uid, mail_user.pw_gid)
-        smtpd = Server(root / "smtpd", user=MAIL_USER)
+        smtpd = Server(root / "smtpd", "--recipient-delimiter", "+", "--plus-folders", user=MAIL_USER)
         servers.append(smtpd)
 
         (root / "dovecot").mkdir()
@@ -504,3 +504,22 @@ def test_an_smtputf8_mail_is_served_byte_for_byte(mail_host):
     ((_, body),) = fetch_all(client, "(BODY.PEEK[])")
     client.logout()
     assert body == as_served(raw)
+
+
+def test_plus_folders_are_the_imap_folders_their_details_name(mail_host):
+    """Dovecot reads Maildir++ folder names as modified UTF-7: a folder the
+    server made as ".a&b" or with raw UTF-8 was a folder no IMAP client could
+    open ("Mailbox doesn't exist")."""
+    mail_host.add_user("alice@smtpd.com", "alice's password")
+    with smtplib.SMTP("127.0.0.1", mail_host.smtpd.port, timeout=60) as client:
+        for detail in ("Invoices", "a&b", "Rechnungen-M\u00e4rz"):
+            assert client.sendmail("bob@smtpd.com", [f"alice+{detail}@smtpd.com"], message(0, "alice@smtpd.com"),
+                                   mail_options=["SMTPUTF8"]) == {}
+    client = mail_host.imap("alice@smtpd.com", "alice's password")
+    typ, listed = client.list()
+    assert typ == "OK", listed
+    names = {line.rsplit(b" ", 1)[-1].strip(b'"') for line in listed}
+    assert {b"invoices", b"a&-b", b"rechnungen-m&AOQ-rz"} <= names, names
+    for folder in ("invoices", "a&-b", "rechnungen-m&AOQ-rz"):  # as IMAP names them on the wire
+        assert client.select(f'"{folder}"') == ("OK", [b"1"]), folder
+    client.logout()
