@@ -719,10 +719,20 @@ class _BatchDirs:
         store = self.store
         folder_fd = _open_path(self.root, folder, store.root, make=True)
         try:
-            if folder not in store._checked:
+            checked = folder in store._checked
+            if not checked:
                 self._check_folder(folder, folder_fd)
                 store._checked.add(folder)
-            fd = self.new_fds[folder] = _open_dir(folder_fd, "new", os.path.join(store.root, folder))
+            try:
+                fd = _open_dir(folder_fd, "new", os.path.join(store.root, folder))
+            except FileNotFoundError:
+                if not checked:
+                    raise
+                # Removed since it was checked (rm -r of the mailbox, an IMAP
+                # DELETE of a folder): made again now, not refused once with 451.
+                self._check_folder(folder, folder_fd)
+                fd = _open_dir(folder_fd, "new", os.path.join(store.root, folder))
+            self.new_fds[folder] = fd
         finally:
             os.close(folder_fd)
         return fd
@@ -774,6 +784,10 @@ class _BatchDirs:
                         return True  # made meanwhile by another delivery
                     count = _count_plus_folders(fd)
                     if count < store.max_plus_folders:
+                        if mailbox not in store._checked:
+                            # The mailbox's own Maildir first: its first mail may be bob+x@.
+                            self._check_folder(mailbox, fd)
+                            store._checked.add(mailbox)
                         _make_dir(fd, subfolder)
                         fsync(fd)  # its entry durable before mail goes in it, as _open_dir makes one
                         return True

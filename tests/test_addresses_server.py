@@ -90,6 +90,21 @@ def test_plus_folders_makes_the_subfolder(start_server):
     assert mail["Delivered-To"] == "Bob+News@smtpd.com"
     box = mailbox.Maildir(str(server.mail_dir / "smtpd.com" / "bob"), create=False)
     assert box.list_folders() == ["news"]
+    # bob's first mail was for a tag: his own Maildir is made with the folder, not left for later
+    assert all((server.mail_dir / "smtpd.com" / "bob" / sub).is_dir() for sub in ("tmp", "new", "cur"))
+
+
+def test_a_mailbox_or_folder_removed_while_the_server_runs_is_made_again(start_server):
+    """An rm -r of a mailbox, or an IMAP DELETE of its folder, after mail went
+    there: the worker had it checked, and refused the next mail once with 451."""
+    server = start_server("--recipient-delimiter", "+", "--plus-folders", workers=1)
+    with smtplib.SMTP("127.0.0.1", server.port) as s:
+        assert s.sendmail("a@smtpd.com", ["bob@smtpd.com", "bob+news@smtpd.com"], b"Subject: 1\r\n\r\n1\r\n") == {}
+        shutil.rmtree(server.mail_dir / "bob" / ".news")
+        assert s.sendmail("a@smtpd.com", ["bob+news@smtpd.com"], b"Subject: 2\r\n\r\n2\r\n") == {}
+        shutil.rmtree(server.mail_dir / "bob")
+        assert s.sendmail("a@smtpd.com", ["bob@smtpd.com"], b"Subject: 3\r\n\r\n3\r\n") == {}
+    assert [m["Subject"] for m in delivered(server, "bob")] == ["3"]
 
 
 def test_plus_folders_stop_at_max_plus_folders_and_the_rest_go_to_the_inbox(start_server):
