@@ -196,7 +196,16 @@ _AT_DOMAIN = rf"@(?:{_LABEL}(?:\.{_LABEL})*|\[[\x21-\x5a\x5e-\x7e]+\])"
 _SOURCE_ROUTE = re.compile(rf"{_AT_DOMAIN}(?:,{_AT_DOMAIN})*:")
 CATCH_ALL = "*"  # --domain '*': every domain is served (nothing is relayed anyway)
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}\Z")  # RFC 1870 size-value: 1*20DIGIT
-_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e]+))?\Z")
+# esmtp-keyword ["=" esmtp-value] (RFC 5321 4.1.2). The value is matched
+# loosely and checked apart (_esmtp_value): a known parameter with a bad
+# value (empty, "=", non-ASCII) gets its own syntax reply, not MAIL's.
+_PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=(.*))?\Z", re.DOTALL)
+_ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
+
+
+def _esmtp_value(value: str | None) -> str | None:
+    """The value as given, or "" (which every parameter refuses) if it is no esmtp-value."""
+    return value if value is None or _ESMTP_VALUE.match(value) else ""
 # Why a message is refused, worst first: a bare CR or LF is a framing error
 # (the message may not even end where the client thinks), the others limits.
 # Any other reason (the worker's refuse_message: its own shortage) ranks 0.
@@ -720,8 +729,8 @@ class Session:
     @COMMANDS.verb(
         states={READY},
         syntax="MAIL FROM:<user@domain>",
-        params="[SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
-        help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]",
+        params="[SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]",
+        help="MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]",
     )
     def smtp_MAIL(self, arg: str) -> Reply | None:
         if self.context.require_tls and self.tls is None:
@@ -741,7 +750,7 @@ class Session:
             m = _PARAM.match(param)
             if not m:
                 return self._syntax_error("MAIL", params=True)
-            key, value = m.group(1).upper(), m.group(2)
+            key, value = m.group(1).upper(), _esmtp_value(m.group(2))
             if key in given and key not in dsn.MAIL_PARAMETERS:
                 # The same value again is what some clients send (smtplib adds
                 # SMTPUTF8 beside the caller's own): harmless. Two different
@@ -767,7 +776,7 @@ class Session:
             elif key == "AUTH":
                 # RFC 4954 5: who the message is from, as a relay saw it.
                 # Accepted and not used: nothing here relays on its word.
-                if value is None:
+                if not value:
                     return self._error(replies.AUTH_PARAMETER_SYNTAX)
             elif key in dsn.MAIL_PARAMETERS:
                 if mail_dsn is None:
@@ -916,7 +925,7 @@ class Session:
             key = m.group(1).upper()
             if key not in dsn.RCPT_PARAMETERS:
                 return None, replies.RCPT_PARAMETERS
-            refusal = rcpt_dsn.take(key, m.group(2))
+            refusal = rcpt_dsn.take(key, _esmtp_value(m.group(2)))
             if refusal is not None:
                 return None, refusal
         return rcpt_dsn, None

@@ -20,7 +20,7 @@ from prefork_smtpd.session import COMMAND_STATES, COMMANDS, Limits, Session, Sta
 
 HELP = (
     b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT BDAT\r\n"
-    b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
+    b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]\r\n"
     b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
     b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
     b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|QUEUE|QUEUEAGE|TLS: server-wide counters\r\n"
@@ -55,7 +55,7 @@ def test_mail_names_its_parameters_when_one_is_bad():
     s = new()
     s.feed(b"EHLO c\r\n")
     assert replies_to(s, b"MAIL FROM:<a@smtpd.com> =x\r\n") == (
-        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
+        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]\r\n"
     )
 
 
@@ -133,7 +133,7 @@ def test_an_enabled_verb_is_advertised_listed_and_answered_and_can_wait():
     assert replies_to(s, b"EHLO c\r\n").endswith(b"250-HELP\r\n250 XWAIT\r\n")
     assert replies_to(s, b"HELP\r\n") == (
         b"214-2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT HELP VRFY XSTAT BDAT XWAIT\r\n"
-        b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
+        b"214-2.0.0 MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]\r\n"
         b"214-2.0.0 RCPT TO:<user@domain> or RCPT TO:<user>\r\n"
         b"214-2.0.0 VRFY always answers 252: mailboxes are not disclosed\r\n"
         b"214-2.0.0 XSTAT TOTAL|CURRENT|BYTES|MAILS|PROXIED|QUEUE|QUEUEAGE|TLS: server-wide counters\r\n"

@@ -100,6 +100,16 @@ def test_ehlo_advertises_dsn():
         ("ENVID=a+2g", "501 5.5.4 Syntax: ENVID="),
         ("ENVID=" + "x" * 101, "501 5.5.4 Syntax: ENVID="),
         ("ENVID=" + "x" * 100, "250 2.1.0"),
+        # a value that is no esmtp-value (empty, with "=", not ASCII): the parameter's syntax, not MAIL's
+        ("ENVID=", "501 5.5.4 Syntax: ENVID="),
+        ("ENVID=a=b", "501 5.5.4 Syntax: ENVID="),
+        ("ENVID=\u00e9", "501 5.5.4 Syntax: ENVID="),
+        ("RET=", "501 5.5.4 Syntax: RET="),
+        ("SIZE=", "501 5.5.4 Syntax: SIZE="),
+        ("BODY=8BIT=MIME", "501 5.5.4 Syntax: BODY="),
+        ("AUTH=", "501 5.5.4 Syntax: AUTH="),
+        ("SMTPUTF8=", "501 5.5.4 Syntax: SMTPUTF8"),
+        ("FOO=a=b", "555 5.5.4"),
     ],
 )
 def test_mail_dsn_parameters(params, reply):
@@ -117,6 +127,9 @@ def test_mail_dsn_parameters(params, reply):
         ("ORCPT=rfc822;a@x ORCPT=rfc822;b@x", "501 5.5.4 Syntax: ORCPT given twice"),
         ("ORCPT=rfc822", "501 5.5.4 Syntax: ORCPT="),
         ("NOTIFY=SUCCESS FOO=bar", "555 5.5.4"),
+        ("NOTIFY=", "501 5.5.4 Syntax: NOTIFY="),
+        ("ORCPT=rfc822;a=b", "501 5.5.4 Syntax: ORCPT="),
+        ("ORCPT=rfc822;\u00e9@x", "501 5.5.4 Syntax: ORCPT="),
     ],
 )
 def test_rcpt_dsn_parameters(params, reply):

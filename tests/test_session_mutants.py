@@ -51,7 +51,7 @@ def test_a_message_refused_for_the_servers_shortage_is_no_client_error_but_is_lo
 def test_a_malformed_mail_parameter_gets_the_syntax_with_its_parameters():
     s = session()
     assert s.feed(b"MAIL FROM:<a@smtpd.com> =x\r\n") == (
-        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8]\r\n"
+        b"501 5.5.4 Syntax: MAIL FROM:<user@domain> [SIZE=n] [BODY=7BIT|8BITMIME|BINARYMIME] [SMTPUTF8] [RET=FULL|HDRS] [ENVID=xtext] [AUTH=xtext]\r\n"
     )
 
 
