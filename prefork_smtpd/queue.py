@@ -90,6 +90,24 @@ class QueuedMail:
         return [i for i in range(len(self.recipients)) if self.results.get(i, {}).get("result") not in FINISHED]
 
 
+def _once_each(recipients) -> list:
+    """The outside recipients, each address once (its first RCPT's DSN
+    parameters kept): a client naming one twice would have the next hop
+    deliver it twice, as local copies are made once per folder. The domain
+    compares caseless; the local part as written (RFC 5321 2.4: only the
+    receiving host may fold it)."""
+    seen: set[str] = set()
+    kept = []
+    for r in recipients:
+        if r.outside:
+            local, _, domain = r.address.rpartition("@")
+            key = f"{local}@{domain.lower()}"
+            if key not in seen:
+                seen.add(key)
+                kept.append(r)
+    return kept
+
+
 def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
     """The queue file's first line, for the envelope's outside recipients."""
     mail_dsn = envelope.dsn
@@ -107,8 +125,7 @@ def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
                 "notify": sorted(r.dsn.notify) if r.dsn is not None and r.dsn.notify is not None else None,
                 "orcpt": list(r.dsn.orcpt) if r.dsn is not None and r.dsn.orcpt is not None else None,
             }
-            for r in envelope.recipients
-            if r.outside
+            for r in _once_each(envelope.recipients)
         ],
     }
     if envelope.smtputf8:  # only then: the usual header stays as it was

@@ -269,6 +269,15 @@ def test_8bit_mail_is_labelled_body_8bitmime_to_a_next_hop_that_offers_it(start_
     assert b"MAIL FROM:<alice@smtpd.com> BODY=8BITMIME" in wire and wire.count(b"BODY=") == 1
 
 
+def test_a_recipient_named_twice_is_relayed_once(start_server, receiver):
+    hop = receiver()
+    server = start_server(*relay_to(hop.port))
+    send(server, ["dup@example.org", "dup@EXAMPLE.org", "Dup@example.org", "dup@example.org"])
+    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
+    (received,) = hop.handler.received
+    assert received.recipients == ["dup@example.org", "Dup@example.org"]  # the local part is the next hop's to fold
+
+
 def test_8bit_mail_to_a_next_hop_without_8bitmime_goes_in_7_bits_or_bounces_5_6_3(start_server, receiver):
     """RFC 6152 3: no 8-bit octets to a next hop that does not offer 8BITMIME.
     8-bit text goes quoted-printable; 8-bit octets in a header have no 7-bit
