@@ -115,6 +115,8 @@ BODY_SYNTAX = syntax_error("BODY=7BIT|8BITMIME|BINARYMIME")
 RCPT_PARAMETERS = reply(555, "5.5.4", "Error: RCPT parameters are not supported")
 SENDER_DOMAIN_NOT_SERVED = reply(550, "5.7.1", "Error: sender domain not served here")
 RELAY_DENIED = reply(550, "5.7.1", "Error: relay access denied; recipient domain not served here")
+# An address literal not of this server: the queue never aims at a host the client picks.
+LITERAL_NOT_RELAYED = reply(550, "5.7.1", "Error: mail to an address literal is never relayed")
 MAILBOX_NAME_NOT_ALLOWED = reply(553, "5.1.3", "Error: mailbox name not allowed")
 UNKNOWN_MAILBOX = reply(550, "5.1.1", "Error: mailbox unavailable")
 TOO_MANY_RECIPIENTS = reply(452, "4.5.3", "Error: too many recipients")

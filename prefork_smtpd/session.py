@@ -873,7 +873,7 @@ class Session:
                 # Not one of our addresses: a relay attempt, refused whoever
                 # asks (the queue never aims at a host the client picks).
                 self._rejected_rcpts += 1
-                return self._error(replies.RELAY_DENIED)
+                return self._error(replies.LITERAL_NOT_RELAYED)
             return self._outside_recipient(path, rcpt_dsn)
         # An address literal (ours, or it was refused above) names this host, like a bare local part.
         mailbox = self.policy.mailbox(local, domain if at and domain[0] != "[" else "")
