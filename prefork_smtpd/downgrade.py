@@ -10,9 +10,14 @@ What it does, part by part (sans-IO: bytes in, bytes out, nothing else):
 * a part whose content is ASCII stays octet for octet;
 * a leaf part with 8-bit content labelled ``7bit``, ``8bit`` or not
   labelled gets ``quoted-printable`` (text) or ``base64`` (anything else),
-  and its ``Content-Transfer-Encoding`` field says so; a mail without
-  ``MIME-Version`` is made a MIME text/plain one (``unknown-8bit``, RFC
-  1428: the charset of unlabelled 8-bit text is unknown);
+  and its ``Content-Transfer-Encoding`` field says so; text with no
+  ``Content-Type`` is labelled ``text/plain; charset=unknown-8bit`` (RFC
+  1428: the charset of unlabelled 8-bit text is unknown), and a message
+  (the mail, or one embedded) without ``MIME-Version`` gets one;
+* no quoted-printable line begins with "-" (it is written ``=2D``): a
+  soft line break must never make a line that reads as a boundary;
+* the fields it adds go where a reader's header ends: before a line that
+  is no header field, if one comes before the blank line;
 * a ``multipart/*`` body keeps its boundaries, preamble and epilogue; each
   part is converted in turn;
 * a ``message/rfc822`` part is converted as a message of its own (its
@@ -22,8 +27,11 @@ What it refuses, with the reason: 8-bit octets in any header (no charset is
 known to encode them with RFC 2047), in a preamble or epilogue, in a part
 already labelled base64 or quoted-printable (malformed), labelled
 ``binary``, or in ``message/partial`` or ``message/external-body`` (which
-must be 7bit). Nesting deeper than ``MAX_DEPTH`` is refused too, so a
-hostile message costs bounded recursion.
+must be 7bit), or in a MIME header the email package cannot read (an
+RFC 2231 value in an unusable charset). Nesting deeper than ``MAX_DEPTH``,
+more than ``MAX_PARTS`` parts, or a header block over ``MAX_HEADER``
+octets where 8-bit content needs it read, is refused too, so a hostile message
+costs bounded recursion and bounded work.
 """
 
 from __future__ import annotations
@@ -36,14 +44,21 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 MAX_DEPTH = 50  # nested multiparts and messages
+MAX_PARTS = 10_000  # MIME parts in all: each 8-bit one costs a header parse
+MAX_HEADER = 256 * 1024  # octets of one header block the email package is given to parse
+REASON_VALUE = 40  # characters of a header value a refusal quotes
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _CTE_FIELD = re.compile(rb"^content-transfer-encoding[ \t]*:.*\r\n(?:[ \t].*\r\n)*", re.IGNORECASE | re.MULTILINE)
 _MIME_VERSION = re.compile(rb"^mime-version[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:", re.IGNORECASE | re.MULTILINE)
+# A line a reader takes as part of the header: a field ("name:") or its continuation.
+_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
+_COMMENT = re.compile(r"\([^()]*\)")  # RFC 5322 comment, innermost first
 _IDENTITY = frozenset({"", "7bit", "8bit"})
 _MUST_BE_7BIT = frozenset({"message/partial", "message/external-body"})
+_QP_WIDTH = 76  # characters of an encoded line, its soft break included (RFC 2045 6.7)
 
 
 class NotConvertible(Exception):
@@ -61,16 +76,101 @@ def seven_bit_form(message: bytes) -> bytes:
     data = _LINE_ENDINGS.sub(b"\r\n", message)
     if data.isascii():
         return data
-    out: list[bytes] = []
-    _entity(data, 0, len(data), "text/plain", 0, out)
-    header = out[0]  # 8-bit somewhere: the header block came first, converted
-    if not _MIME_VERSION.search(header):
-        # A mail that was no MIME mail becomes one, to say how its text is encoded.
-        added = b"MIME-Version: 1.0\r\n"
-        if not _CONTENT_TYPE.search(header):
-            added += b"Content-Type: text/plain; charset=unknown-8bit\r\n"
-        out[0] = header[:-2] + added + b"\r\n"
-    return b"".join(out)
+    walk = _Walk(data)
+    walk.entity(0, len(data), "text/plain", 0, message=True)
+    return b"".join(walk.out)
+
+
+class _Walk:
+    """One conversion: the message, what is written so far, the parts met."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.out: list[bytes] = []
+        self.parts = 0
+
+    def entity(self, start: int, end: int, default_type: str, depth: int, message: bool = False) -> None:
+        """data[start:end], one entity (header and body), converted onto ``out``.
+        ``message``: the entity is a whole message (the mail, or one embedded)."""
+        data = self.data
+        if _NON_ASCII.search(data, start, end) is None:
+            self.out.append(data[start:end])
+            return
+        if depth > MAX_DEPTH:
+            raise NotConvertible(f"MIME parts nested more than {MAX_DEPTH} deep")
+        header, body = _split(data, start, end)
+        if not header.isascii():
+            raise NotConvertible("8-bit octets in a header")
+        if len(header) > MAX_HEADER:
+            raise NotConvertible(f"a MIME header block over {MAX_HEADER} octets")
+        try:
+            fields: Message = BytesHeaderParser(policy=compat32).parsebytes(header)
+            if default_type != "text/plain":
+                fields.set_default_type(default_type)
+            content_type = fields.get_content_type()
+            boundary = fields.get_boundary() if content_type.startswith("multipart/") else None
+        except Exception as exc:  # noqa: BLE001: the email package on a hostile header (RFC 2231 charsets...)
+            raise NotConvertible(f"a MIME header that cannot be read ({type(exc).__name__})") from None
+        encoding = _encoding(str(fields.get("content-transfer-encoding", "")))
+        if encoding not in _IDENTITY:
+            raise NotConvertible(f"8-bit octets in a part labelled {' '.join(encoding.split())[:REASON_VALUE]}")
+        added: list[bytes] = []  # header fields to add
+        if message and not _MIME_VERSION.search(header):
+            added.append(b"MIME-Version: 1.0\r\n")  # RFC 2045 4: to say how the text is encoded
+        if content_type.startswith("multipart/"):
+            if not boundary:
+                raise NotConvertible("8-bit octets in a multipart without a boundary")
+            inner = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
+            self.out.append(_with_fields(header, added, b"7bit" if encoding == "8bit" else None))
+            self.multipart(body, end, boundary.encode("ascii", "replace"), inner, depth)
+        elif content_type == "message/rfc822":  # its encoding stays identity (RFC 2046 5.2.1): converted inside
+            self.out.append(_with_fields(header, added, b"7bit" if encoding == "8bit" else None))
+            self.entity(body, end, "text/plain", depth + 1, message=True)
+        elif content_type in _MUST_BE_7BIT:
+            raise NotConvertible(f"8-bit octets in a {content_type} part")
+        elif fields.get_content_maintype() == "text":
+            if not _CONTENT_TYPE.search(header):
+                added.append(b"Content-Type: text/plain; charset=unknown-8bit\r\n")
+            self.out += [_with_fields(header, added, b"quoted-printable"), _quoted_printable(data[body:end])]
+        else:  # message/global too (RFC 6532 3.5 allows it)
+            self.out += [_with_fields(header, added, b"base64"), _base64(data[body:end])]
+
+    def multipart(self, start: int, end: int, boundary: bytes, inner_type: str, depth: int) -> None:
+        """The multipart body data[start:end], each part converted onto ``out``;
+        boundaries, preamble and epilogue kept as they are."""
+        data, out = self.data, self.out
+        # A delimiter line begins with the CRLF before it (RFC 2046 5.1.1); the
+        # one opening the body borrows the CRLF that ends the header block.
+        delimiter = re.compile(rb"\r\n--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
+        copied = start  # out holds the body up to here
+        in_part = False  # between a delimiter and the next one
+        for match in delimiter.finditer(data, start - 2, end):
+            if in_part:
+                self.part(copied, match.start(), inner_type, depth)
+            elif _NON_ASCII.search(data, copied, match.start()):
+                raise NotConvertible("8-bit octets in a multipart preamble")
+            else:
+                out.append(data[copied : match.start()])
+            line_end = match.end() + 2 if data.startswith(b"\r\n", match.end()) and match.end() + 2 <= end else match.end()
+            out.append(data[max(match.start(), copied) : line_end])
+            copied = line_end
+            in_part = match.group(1) is None
+            if not in_part:
+                break
+        if in_part:  # no closing delimiter: the last part runs to the end, its last line break aside
+            last = end - 2 if end - copied >= 2 and data.startswith(b"\r\n", end - 2) else end
+            self.part(copied, last, inner_type, depth)
+            out.append(data[last:end])
+        elif _NON_ASCII.search(data, copied, end):
+            raise NotConvertible("8-bit octets in a multipart epilogue or with no parts")
+        else:
+            out.append(data[copied:end])
+
+    def part(self, start: int, end: int, inner_type: str, depth: int) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise NotConvertible(f"more than {MAX_PARTS} MIME parts")
+        self.entity(start, end, inner_type, depth + 1)
 
 
 def _split(data: bytes, start: int, end: int) -> tuple[bytes, int]:
@@ -85,86 +185,63 @@ def _split(data: bytes, start: int, end: int) -> tuple[bytes, int]:
     return data[start : found + 4], found + 4
 
 
-def _entity(data: bytes, start: int, end: int, default_type: str, depth: int, out: list[bytes]) -> None:
-    """data[start:end], one entity (header and body), converted onto ``out``."""
-    if _NON_ASCII.search(data, start, end) is None:
-        out.append(data[start:end])
-        return
-    if depth > MAX_DEPTH:
-        raise NotConvertible(f"MIME parts nested more than {MAX_DEPTH} deep")
-    header, body = _split(data, start, end)
-    if not header.isascii():
-        raise NotConvertible("8-bit octets in a header")
-    fields: Message = BytesHeaderParser(policy=compat32).parsebytes(header)
-    if default_type != "text/plain":
-        fields.set_default_type(default_type)
-    content_type = fields.get_content_type()
-    encoding = str(fields.get("content-transfer-encoding", "")).strip().lower()
-    if encoding not in _IDENTITY:
-        raise NotConvertible(f"8-bit octets in a part labelled {encoding}")
-    if content_type.startswith("multipart/"):
-        boundary = fields.get_boundary()
-        if not boundary:
-            raise NotConvertible("8-bit octets in a multipart without a boundary")
-        out.append(_seven_bit_label(header, encoding))
-        inner = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
-        _multipart(data, body, end, boundary.encode("ascii", "replace"), inner, depth, out)
-    elif content_type == "message/rfc822":  # its encoding stays identity (RFC 2046 5.2.1): converted inside
-        out.append(_seven_bit_label(header, encoding))
-        _entity(data, body, end, "text/plain", depth + 1, out)
-    elif content_type in _MUST_BE_7BIT:
-        raise NotConvertible(f"8-bit octets in a {content_type} part")
-    elif fields.get_content_maintype() == "text":
-        out += [_relabelled(header, b"quoted-printable"), _quoted_printable(data[body:end])]
-    else:  # message/global too (RFC 6532 3.5 allows it)
-        out += [_relabelled(header, b"base64"), _base64(data[body:end])]
+def _encoding(value: str) -> str:
+    """A Content-Transfer-Encoding value without its comments (RFC 2045 6.1
+    allows them: ``8bit (raw UTF-8)``), lowercase."""
+    while True:
+        stripped = _COMMENT.sub("", value)
+        if stripped == value:
+            return value.strip().lower()
+        value = stripped
 
 
-def _seven_bit_label(header: bytes, encoding: str) -> bytes:
-    """A composite part's header once its parts are 7 bits: "8bit" said otherwise."""
-    return _relabelled(header, b"7bit") if encoding == "8bit" else header
-
-
-def _multipart(data: bytes, start: int, end: int, boundary: bytes, inner_type: str, depth: int, out: list[bytes]) -> None:
-    """The multipart body data[start:end], each part converted onto ``out``;
-    boundaries, preamble and epilogue kept as they are."""
-    # A delimiter line begins with the CRLF before it (RFC 2046 5.1.1); the
-    # one opening the body borrows the CRLF that ends the header block.
-    delimiter = re.compile(rb"\r\n--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
-    copied = start  # out holds the body up to here
-    in_part = False  # between a delimiter and the next one
-    for match in delimiter.finditer(data, start - 2, end):
-        if in_part:
-            _entity(data, copied, match.start(), inner_type, depth + 1, out)
-        elif _NON_ASCII.search(data, copied, match.start()):
-            raise NotConvertible("8-bit octets in a multipart preamble")
-        else:
-            out.append(data[copied : match.start()])
-        line_end = match.end() + 2 if data.startswith(b"\r\n", match.end()) and match.end() + 2 <= end else match.end()
-        out.append(data[max(match.start(), copied) : line_end])
-        copied = line_end
-        in_part = match.group(1) is None
-        if not in_part:
-            break
-    if in_part:  # no closing delimiter: the last part runs to the end
-        _entity(data, copied, end, inner_type, depth + 1, out)
-    elif _NON_ASCII.search(data, copied, end):
-        raise NotConvertible("8-bit octets in a multipart epilogue or with no parts")
-    else:
-        out.append(data[copied:end])
-
-
-def _relabelled(header: bytes, encoding: bytes) -> bytes:
-    """The header block with one Content-Transfer-Encoding field, saying ``encoding``."""
-    kept = _CTE_FIELD.sub(b"", header)
-    return kept[:-2] + b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n"
+def _with_fields(header: bytes, added: list[bytes], encoding: bytes | None) -> bytes:
+    """The header block with ``added`` fields and, given ``encoding``, one
+    Content-Transfer-Encoding field saying it. They go where a reader takes
+    the header to end: before the first line that is no header field (a
+    reader ends the header there, and what follows it is body), else before
+    the blank line."""
+    if encoding is not None:
+        header = _CTE_FIELD.sub(b"", header)
+        added = [*added, b"Content-Transfer-Encoding: " + encoding + b"\r\n"]
+    if not added:
+        return header
+    at = 0
+    while at < len(header) - 2 and _HEADER_LINE.match(header, at):
+        at = header.index(b"\r\n", at) + 2
+    return header[:at] + b"".join(added) + header[at:]
 
 
 def _quoted_printable(body: bytes) -> bytes:
-    """Quoted-printable (RFC 2045 6.7), line by line: CRLF stays the line break."""
+    """Quoted-printable (RFC 2045 6.7), line by line: CRLF stays the line break.
+
+    binascii breaks long lines at 76 characters; a line it begins with "-"
+    gets that "-" as "=2D", so that no soft break makes a line reading as a
+    boundary of the multipart around the part (the text "xx--frontier" cut
+    before its dashes would end the part there).
+    """
     lines = body.split(b"\r\n")
-    encoded = [binascii.b2a_qp(line, quotetabs=False, istext=False).replace(b"\n", b"\r\n") for line in lines]
-    return b"\r\n".join(encoded)
+    encoded = b"\n".join(binascii.b2a_qp(line, quotetabs=False, istext=False) for line in lines)
+    if b"\n-" not in encoded and not encoded.startswith(b"-"):
+        return encoded.replace(b"\n", b"\r\n")
+    return b"\r\n".join(_no_leading_dash(line) for line in encoded.split(b"\n"))
+
+
+def _no_leading_dash(line: bytes) -> bytes:
+    """An encoded line with its leading "-" as "=2D", broken again (soft) if
+    that makes it longer than _QP_WIDTH; the rest may begin with "-" too."""
+    pieces = []
+    while line.startswith(b"-"):
+        line = b"=2D" + line[1:]
+        if len(line) <= _QP_WIDTH:
+            break
+        cut = _QP_WIDTH - 1  # room for the soft break's "="
+        while b"=" in line[cut - 2 : cut]:  # never inside an =XX
+            cut -= 1
+        pieces.append(line[:cut] + b"=")
+        line = line[cut:]
+    pieces.append(line)
+    return b"\r\n".join(pieces)
 
 
 def _base64(body: bytes) -> bytes:

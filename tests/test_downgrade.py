@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefork_smtpd.downgrade import MAX_DEPTH, NotConvertible, seven_bit_form
+from prefork_smtpd.downgrade import MAX_DEPTH, MAX_HEADER, MAX_PARTS, NotConvertible, seven_bit_form
 
 LINE_LIMIT = 998
 
@@ -109,6 +109,88 @@ def test_an_embedded_message_is_converted_inside_and_labelled_7bit():
 def test_what_has_no_7bit_form_is_refused_with_the_reason(message, reason):
     with pytest.raises(NotConvertible, match=reason):
         seven_bit_form(message)
+
+
+def parts(data: bytes) -> list[tuple[str, bytes]]:
+    """What a reader finds: each leaf's type and decoded content, in order."""
+    return [(p.get_content_type(), p.get_payload(decode=True) or b"") for p in parsed(data).walk() if not p.is_multipart()]
+
+
+@pytest.mark.parametrize("pad", range(0, 90))
+def test_a_soft_line_break_never_makes_a_line_that_reads_as_a_boundary(pad):
+    """Quoted-printable breaks lines at 76 characters. The text "xx--frontier"
+    cut before its dashes made a delimiter line: the rest of the text became
+    a part of its own (an attachment the sender smuggled past any reader of
+    the original), or, with "--frontier--", the parts after it were lost."""
+    for tail in (b"--frontier", b"--frontier--"):
+        line = "Gr\u00fc\u00dfe ".encode() + b"x" * pad + tail
+        message = (
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=frontier\r\n\r\n"
+            b"--frontier\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + line + b"\r\n"
+            b"Content-Type: text/html\r\n\r\n<a href=x>log in</a>\r\n--frontier\r\n"
+            b"Content-Type: text/plain\r\n\r\nlast part\r\n--frontier--\r\n"
+        )
+        out = seven_bit_form(message)
+        assert_seven_bit(out)
+        assert parts(out) == parts(message)
+        assert all(len(line) <= 76 for line in out.split(b"\r\n"))
+
+
+def test_fields_go_where_a_reader_ends_the_header():
+    """A line that is no header field ends the header for a reader (Python's
+    email, a mail client): fields added after it were body text to them."""
+    message = "Subject: x\r\nThis line is no header\r\n\r\ncaf\u00e9\r\n".encode()
+    out = seven_bit_form(message)
+    assert out.startswith(b"Subject: x\r\nMIME-Version: 1.0\r\n")
+    reader = parsed(out)
+    assert reader["MIME-Version"] == "1.0" and reader["Content-Transfer-Encoding"] == "quoted-printable"
+    assert reader.get_payload(decode=True) == parsed(message).get_payload(decode=True)
+
+
+@pytest.mark.parametrize("label", ["8bit (raw UTF-8)", "(c) 8bit", "7bit(x)", "8BIT ((nested) comment)"])
+def test_a_transfer_encoding_with_comments_is_read_without_them(label):
+    message = f"Content-Type: text/plain\r\nContent-Transfer-Encoding: {label}\r\n\r\nt\u00e9\r\n".encode()
+    assert parts(seven_bit_form(message)) == [("text/plain", "t\u00e9\r\n".encode())]
+
+
+@pytest.mark.parametrize("content_type", [
+    "multipart/mixed; boundary*=idna''abc",  # RFC 2231 in a charset whose codec refuses 'replace'
+    "multipart/mixed; boundary*=punycode''%FF",
+    "multipart/mixed; boundary*=no-such-charset''%FFb",
+])
+def test_a_mime_header_the_email_package_cannot_read_is_refused_not_a_crash(content_type):
+    message = f"Content-Type: {content_type}\r\n\r\n--abc\r\n\r\n\u00e9\r\n--abc--\r\n".encode()
+    try:
+        out = seven_bit_form(message)
+    except NotConvertible:
+        return
+    assert_seven_bit(out)
+
+
+def test_text_without_its_type_gets_one_and_an_embedded_message_its_mime_version():
+    message = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\n\r\nno header \xe9\r\n"
+        b"--b\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\nembedded \xe9\r\n--b--\r\n"
+    )
+    out = seven_bit_form(message)
+    assert out.count(b"Content-Type: text/plain; charset=unknown-8bit\r\n") == 2
+    assert b"Subject: inner\r\nMIME-Version: 1.0\r\n" in out
+    assert parts(out) == parts(message)
+
+
+def test_a_multipart_without_its_closing_delimiter_keeps_its_last_line_break_outside():
+    message = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/x\r\n\r\n\xff\xfe\r\n"
+    assert parts(seven_bit_form(message)) == parts(message) == [("application/x", b"\xff\xfe")]
+
+
+def test_parts_and_header_blocks_are_bounded():
+    many = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n\r\n\xe9\r\n" * (MAX_PARTS + 1) + b"--b--\r\n"
+    with pytest.raises(NotConvertible, match=f"more than {MAX_PARTS} MIME parts"):
+        seven_bit_form(many)
+    big = b"Content-Type: text/plain\r\n" + (b"X-Pad: " + b"x" * 990 + b"\r\n") * (MAX_HEADER // 990 + 1)
+    with pytest.raises(NotConvertible, match="header block over"):
+        seven_bit_form(big + b"\r\n\xe9\r\n")
 
 
 def test_nesting_is_bounded():
