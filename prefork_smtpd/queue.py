@@ -29,6 +29,7 @@ import errno
 import json
 import math
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -135,14 +136,21 @@ def queue_file_header(envelope, queue_id: str, arrival: float) -> bytes:
     return (json.dumps(header, separators=(",", ":")) + "\n").encode("utf-8", "surrogateescape")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _recipient(item: object) -> QueuedRecipient:
     """One of the header's recipients; ValueError if not as queue_file_header writes it."""
     if not isinstance(item, dict) or not isinstance(item.get("a"), str):
         raise ValueError("a recipient without its address")
+    if _CONTROL.search(item["a"]):
+        # Our sessions take no such address; one would break a command line
+        # of the runner's, or a field of a notice.
+        raise ValueError("a control character in a recipient")
     notify, orcpt = item.get("notify"), item.get("orcpt")
     if notify is not None and not _strings(notify):
         raise ValueError("notify")
-    if orcpt is not None and not (_strings(orcpt) and len(orcpt) == 2):
+    if orcpt is not None and not (_strings(orcpt) and len(orcpt) == 2 and not _CONTROL.search("".join(orcpt))):
         raise ValueError("orcpt")
     rcpt_dsn = None
     if notify is not None or orcpt is not None:
@@ -166,6 +174,8 @@ def _mail_from_header(queue_id: str, header: object) -> QueuedMail:
     ret, envid, size = header.get("ret"), header.get("envid"), header.get("size", 0)
     if not isinstance(sender, str) or not isinstance(rcpts, list):
         raise ValueError("sender or recipients")
+    if _CONTROL.search(sender):
+        raise ValueError("a control character in the sender")
     if not isinstance(arrival, (int, float)) or not math.isfinite(arrival) or not isinstance(size, int):
         raise ValueError("arrival or size")
     if not all(v is None or isinstance(v, str) for v in (ret, envid)):

@@ -910,7 +910,7 @@ class Runner:
             self.log(f"{mail.id}: retried later: {exc!r}")
             fresh = self.queue.load(mail.id)  # what is recorded so far stays recorded
             if fresh is not None and fresh.pending():
-                self._record_deferred(fresh, [Outcome(i, DEFERRED, str(exc)) for i in fresh.pending()])
+                await self._after_error(fresh, exc)
         finally:
             self.in_flight.discard(mail.id)
             fresh = None if gone else self.queue.load(mail.id)
@@ -919,6 +919,22 @@ class Runner:
             else:
                 self.index[mail.id] = fresh
                 self.wake.set()  # the loop plans its next attempt
+
+    async def _after_error(self, mail: QueuedMail, exc: Exception) -> None:
+        """An attempt that ended in an error of ours: deferred, but only within
+        --queue-lifetime, as any deferral is. Past it the recipients bounce
+        (4.4.7): a mail that meets the same error at every attempt would
+        otherwise stay queued for ever, neither sent nor returned."""
+        reason = repr(exc)
+        if time.time() - mail.arrival < self.settings.queue_lifetime:
+            self._record_deferred(mail, [Outcome(i, DEFERRED, reason) for i in mail.pending()])
+            return
+        reply = f"gave up after {self.settings.queue_lifetime} s in the queue; last error: {reason}"
+        try:
+            await self._bounce(mail, self.queue.message(mail.id), [Outcome(i, BOUNCED, reply, "4.4.7") for i in mail.pending()])
+        except Exception as again:  # noqa: BLE001: even the bounce fails: deferred, tried again
+            self.log(f"{mail.id}: its expiry bounce failed: {again!r}")
+            self._record_deferred(mail, [Outcome(i, DEFERRED, reason) for i in mail.pending()])
 
     async def _deliver(self, mail: QueuedMail) -> bool:
         """One attempt at every unfinished recipient; True if the mail left the queue."""
@@ -1150,7 +1166,10 @@ class Runner:
             # RFC 6152 3: no 8-bit octets to a next hop without 8BITMIME;
             # converted to 7 bits (RFC 2045), else returned, 5.6.3.
             try:
-                message = seven_bit_form(message)
+                # A hostile message may cost seconds of CPU (bounded by
+                # downgrade's limits): in a thread, not on the loop every other
+                # delivery runs on.
+                message = await asyncio.to_thread(seven_bit_form, message)
             except NotConvertible as exc:
                 reason = f"8-bit message not permitted by the next hop (it offers no 8BITMIME) and not convertible: {exc}"
                 return [Outcome(i, BOUNCED, reason, "5.6.3", host) for i in indices]

@@ -33,6 +33,9 @@ def queue_with(tmp_path, header: object, progress: bytes | None = None) -> Queue
     {**GOOD, "arrival": 1e400},
     {**GOOD, "ret": 1},
     {**GOOD, "size": "big"},
+    {**GOOD, "sender": "a@smtpd.com\r\nRCPT TO:<x@y>"},  # a line break: a command of the runner's, forged
+    {**GOOD, "rcpts": [{"a": "x@example.org>\r\nRSET"}]},
+    {**GOOD, "rcpts": [{"a": "x@example.org", "orcpt": ["rfc822", "x\n@example.org"]}]},
     [GOOD],
 ])
 def test_a_header_not_as_written_is_not_a_queued_mail(tmp_path, header):
