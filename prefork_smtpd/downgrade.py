@@ -16,8 +16,6 @@ What it does, part by part (sans-IO: bytes in, bytes out, nothing else):
   (the mail, or one embedded) without ``MIME-Version`` gets one;
 * no quoted-printable line begins with "-" (it is written ``=2D``): a
   soft line break must never make a line that reads as a boundary;
-* the fields it adds go where a reader's header ends: before a line that
-  is no header field, if one comes before the blank line;
 * a ``multipart/*`` body keeps its boundaries, preamble and epilogue; each
   part is converted in turn;
 * a ``message/rfc822`` part is converted as a message of its own (its
@@ -26,9 +24,14 @@ What it does, part by part (sans-IO: bytes in, bytes out, nothing else):
 What it refuses, with the reason: 8-bit octets in any header (no charset is
 known to encode them with RFC 2047), in a preamble or epilogue, in a part
 already labelled base64 or quoted-printable (malformed), labelled
-``binary``, or in ``message/partial`` or ``message/external-body`` (which
-must be 7bit), or in a MIME header the email package cannot read (an
-RFC 2231 value in an unusable charset). Nesting deeper than ``MAX_DEPTH``,
+``binary``, or in a ``message/*`` part other than ``rfc822`` and the
+``global`` ones (the others must be 7bit: RFC 2046 5.2, RFC 3464); a
+header holding a line that is no header field (a reader ends the header
+there: fields added or removed around it would change what it reads); a
+MIME header the email package cannot read (an RFC 2231 value in an
+unusable charset), a boundary that is no printable ASCII, a Content-Type
+with more than ``MAX_PARAMETERS`` parameters (the package's parsing is
+quadratic in them). Nesting deeper than ``MAX_DEPTH``,
 more than ``MAX_PARTS`` parts, or a header block over ``MAX_HEADER``
 octets where 8-bit content needs it read, is refused too, so a hostile message
 costs bounded recursion and bounded work.
@@ -46,18 +49,25 @@ from email.policy import compat32
 MAX_DEPTH = 50  # nested multiparts and messages
 MAX_PARTS = 10_000  # MIME parts in all: each 8-bit one costs a header parse
 MAX_HEADER = 256 * 1024  # octets of one header block the email package is given to parse
+MAX_PARAMETERS = 1000  # ";" in a Content-Type field
 REASON_VALUE = 40  # characters of a header value a refusal quotes
 
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _CTE_FIELD = re.compile(rb"^content-transfer-encoding[ \t]*:.*\r\n(?:[ \t].*\r\n)*", re.IGNORECASE | re.MULTILINE)
 _MIME_VERSION = re.compile(rb"^mime-version[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _CONTENT_TYPE = re.compile(rb"^content-type[ \t]*:", re.IGNORECASE | re.MULTILINE)
 # A line a reader takes as part of the header: a field ("name:") or its continuation.
-_HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:|[ \t]")
-_COMMENT = re.compile(r"\([^()]*\)")  # RFC 5322 comment, innermost first
+# A header block of fields only, as the email package reads a header
+# ("name:" with no blank before the colon, or a continuation), then its blank line.
+_FIELDS_ONLY = re.compile(rb"(?:(?:[!-9;-~]*:|[ \t])[^\r\n]*\r\n)*\r\n\Z")
+_CONTENT_TYPE_FIELD = re.compile(rb"^content-type[ \t]*:.*\r\n(?:[ \t].*\r\n)*", re.IGNORECASE | re.MULTILINE)
 _IDENTITY = frozenset({"", "7bit", "8bit"})
-_MUST_BE_7BIT = frozenset({"message/partial", "message/external-body"})
+# message/* types whose content may be base64 (RFC 6532 3.5, RFC 6533 6): the others are 7bit only.
+_MAY_BE_ENCODED = frozenset({
+    "message/global", "message/global-headers", "message/global-delivery-status",
+    "message/global-disposition-notification",
+})
+_TOO_LONG = re.compile(rb"^[^\r\n]{77,}", re.MULTILINE)
 _QP_WIDTH = 76  # characters of an encoded line, its soft break included (RFC 2045 6.7)
 
 
@@ -73,12 +83,25 @@ def seven_bit_form(message: bytes) -> bytes:
     level by level: a message nested deep costs its size once, not once a
     level.
     """
-    data = _LINE_ENDINGS.sub(b"\r\n", message)
+    data = crlf_lines(message)
     if data.isascii():
         return data
     walk = _Walk(data)
     walk.entity(0, len(data), "text/plain", 0, message=True)
     return b"".join(walk.out)
+
+
+def crlf_lines(message: bytes) -> bytes:
+    """``message`` with every line ending CRLF. The store writes LF: one
+    replace, exact in size. A regex substitution would make a piece per line
+    (10 MiB of short lines held some 600 MiB at its peak)."""
+    if b"\r" not in message:
+        return message.replace(b"\n", b"\r\n")
+    if message.count(b"\n") == message.count(b"\r") == message.count(b"\r\n"):
+        return message  # CRLF already
+    # A bare CR or LF among them: every ending made LF, then CRLF (three
+    # passes in C, each exact in size).
+    return message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 class _Walk:
@@ -103,6 +126,15 @@ class _Walk:
             raise NotConvertible("8-bit octets in a header")
         if len(header) > MAX_HEADER:
             raise NotConvertible(f"a MIME header block over {MAX_HEADER} octets")
+        if not _FIELDS_ONLY.match(header):
+            # A reader ends the header at such a line and reads the rest as
+            # body: where this header ends would be a guess, and fields added
+            # or removed on either side of it would change what is read.
+            raise NotConvertible("a header line that is no header field")
+        content_field = _CONTENT_TYPE_FIELD.search(header)
+        if content_field and content_field.group().count(b";") > MAX_PARAMETERS:
+            # The email package's parameter parsing is quadratic in them.
+            raise NotConvertible(f"a Content-Type with more than {MAX_PARAMETERS} parameters")
         try:
             fields: Message = BytesHeaderParser(policy=compat32).parsebytes(header)
             if default_type != "text/plain":
@@ -120,14 +152,16 @@ class _Walk:
         if content_type.startswith("multipart/"):
             if not boundary:
                 raise NotConvertible("8-bit octets in a multipart without a boundary")
+            if not (boundary.isascii() and boundary.isprintable() and len(boundary) <= 200):
+                raise NotConvertible("a multipart boundary that is no printable ASCII")
             inner = "message/rfc822" if content_type == "multipart/digest" else "text/plain"
             self.out.append(_with_fields(header, added, b"7bit" if encoding == "8bit" else None))
-            self.multipart(body, end, boundary.encode("ascii", "replace"), inner, depth)
+            self.multipart(body, end, boundary.encode("ascii"), inner, depth)
         elif content_type == "message/rfc822":  # its encoding stays identity (RFC 2046 5.2.1): converted inside
             self.out.append(_with_fields(header, added, b"7bit" if encoding == "8bit" else None))
             self.entity(body, end, "text/plain", depth + 1, message=True)
-        elif content_type in _MUST_BE_7BIT:
-            raise NotConvertible(f"8-bit octets in a {content_type} part")
+        elif content_type.startswith("message/") and content_type not in _MAY_BE_ENCODED:
+            raise NotConvertible(f"8-bit octets in a {content_type} part")  # RFC 2046 5.2, RFC 3464: 7bit only
         elif fields.get_content_maintype() == "text":
             if not _CONTENT_TYPE.search(header):
                 added.append(b"Content-Type: text/plain; charset=unknown-8bit\r\n")
@@ -157,8 +191,10 @@ class _Walk:
             in_part = match.group(1) is None
             if not in_part:
                 break
-        if in_part:  # no closing delimiter: the last part runs to the end, its last line break aside
-            last = end - 2 if end - copied >= 2 and data.startswith(b"\r\n", end - 2) else end
+        if in_part:  # no closing delimiter: the last part runs to the end
+            # (at the end of the message, less its last line break, as a reader
+            # takes it; inside another part, that part's delimiter took it).
+            last = end - 2 if end == len(data) and end - copied >= 2 and data.startswith(b"\r\n", end - 2) else end
             self.part(copied, last, inner_type, depth)
             out.append(data[last:end])
         elif _NON_ASCII.search(data, copied, end):
@@ -187,29 +223,31 @@ def _split(data: bytes, start: int, end: int) -> tuple[bytes, int]:
 
 def _encoding(value: str) -> str:
     """A Content-Transfer-Encoding value without its comments (RFC 2045 6.1
-    allows them: ``8bit (raw UTF-8)``), lowercase."""
-    while True:
-        stripped = _COMMENT.sub("", value)
-        if stripped == value:
-            return value.strip().lower()
-        value = stripped
+    allows them: ``8bit (raw UTF-8)``, nested too), lowercase. One pass: a
+    pass per nesting level was quadratic in a hostile field's parentheses."""
+    if "(" not in value:
+        return value.strip().lower()
+    kept, depth = [], 0
+    for char in value:
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            kept.append(char)
+    return "".join(kept).strip().lower()
 
 
 def _with_fields(header: bytes, added: list[bytes], encoding: bytes | None) -> bytes:
-    """The header block with ``added`` fields and, given ``encoding``, one
-    Content-Transfer-Encoding field saying it. They go where a reader takes
-    the header to end: before the first line that is no header field (a
-    reader ends the header there, and what follows it is body), else before
-    the blank line."""
+    """The header block (fields only: checked) with ``added`` fields and,
+    given ``encoding``, one Content-Transfer-Encoding field saying it, before
+    its blank line."""
     if encoding is not None:
         header = _CTE_FIELD.sub(b"", header)
         added = [*added, b"Content-Transfer-Encoding: " + encoding + b"\r\n"]
     if not added:
         return header
-    at = 0
-    while at < len(header) - 2 and _HEADER_LINE.match(header, at):
-        at = header.index(b"\r\n", at) + 2
-    return header[:at] + b"".join(added) + header[at:]
+    return header[:-2] + b"".join(added) + b"\r\n"
 
 
 def _quoted_printable(body: bytes) -> bytes:
@@ -220,26 +258,30 @@ def _quoted_printable(body: bytes) -> bytes:
     boundary of the multipart around the part (the text "xx--frontier" cut
     before its dashes would end the part there).
     """
-    lines = body.split(b"\r\n")
-    encoded = b"\n".join(binascii.b2a_qp(line, quotetabs=False, istext=False) for line in lines)
+    # One C call: CRLF stays the line break, a blank before it is encoded.
+    encoded = binascii.b2a_qp(body, quotetabs=False, istext=True)
+    if b"\n" not in body:  # one line: binascii then breaks it with a bare LF
+        encoded = encoded.replace(b"\n", b"\r\n")
     if b"\n-" not in encoded and not encoded.startswith(b"-"):
-        return encoded.replace(b"\n", b"\r\n")
-    return b"\r\n".join(_no_leading_dash(line) for line in encoded.split(b"\n"))
+        return encoded
+    # One pass in C for every line; only a line the "=2D" made too long
+    # (it was 75 or 76 characters) is broken again, by itself.
+    encoded = (b"=2D" + encoded[1:] if encoded.startswith(b"-") else encoded).replace(b"\n-", b"\n=2D")
+    return _TOO_LONG.sub(lambda line: _broken_again(line.group()), encoded)
 
 
-def _no_leading_dash(line: bytes) -> bytes:
-    """An encoded line with its leading "-" as "=2D", broken again (soft) if
-    that makes it longer than _QP_WIDTH; the rest may begin with "-" too."""
+def _broken_again(line: bytes) -> bytes:
+    """An encoded line over _QP_WIDTH, broken (soft) at or before it, never
+    inside an =XX; a piece that would begin with "-" begins with "=2D"."""
     pieces = []
-    while line.startswith(b"-"):
-        line = b"=2D" + line[1:]
-        if len(line) <= _QP_WIDTH:
-            break
+    while len(line) > _QP_WIDTH:
         cut = _QP_WIDTH - 1  # room for the soft break's "="
-        while b"=" in line[cut - 2 : cut]:  # never inside an =XX
+        while b"=" in line[cut - 2 : cut]:
             cut -= 1
         pieces.append(line[:cut] + b"=")
         line = line[cut:]
+        if line.startswith(b"-"):
+            line = b"=2D" + line[1:]
     pieces.append(line)
     return b"\r\n".join(pieces)
 

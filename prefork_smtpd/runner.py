@@ -64,7 +64,7 @@ import uvloop
 from setproctitle import setproctitle
 
 from .delivery import DeliveryError, MaildirStore
-from .downgrade import NotConvertible, seven_bit_form
+from .downgrade import NotConvertible, crlf_lines, seven_bit_form
 from .dsn import xtext_encode
 from .log import AppendLineHandler, close_log, flush_log, line_writer, open_log, reopen_log
 from .notices import is_local_sender, local_sender_folder
@@ -511,7 +511,6 @@ def _close_soon(conn: Connection, polite: bool) -> None:
 _goodbyes: set[asyncio.Task] = set()
 
 
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
@@ -636,7 +635,7 @@ def _as_a_labels(address: str) -> bytes:
 
 def _data_block(message: bytes) -> bytes:
     """The message as DATA sends it: CRLF lines, leading dots doubled, the final dot."""
-    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    message = crlf_lines(message)  # not a regex substitution: a piece per line, 60 times the message
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return _LEADING_DOT.sub(b"..", message) + b".\r\n"

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefork_smtpd.downgrade import MAX_DEPTH, MAX_HEADER, MAX_PARTS, NotConvertible, seven_bit_form
+from prefork_smtpd.downgrade import MAX_DEPTH, MAX_HEADER, MAX_PARTS, NotConvertible, crlf_lines, seven_bit_form
 
 LINE_LIMIT = 998
 
@@ -136,15 +136,81 @@ def test_a_soft_line_break_never_makes_a_line_that_reads_as_a_boundary(pad):
         assert all(len(line) <= 76 for line in out.split(b"\r\n"))
 
 
-def test_fields_go_where_a_reader_ends_the_header():
+@pytest.mark.parametrize("header", [
+    b"Subject: x\r\nThis line is no header\r\n",
+    b"Subject : x\r\n",  # a blank before the colon: the email package ends the header there
+    b"Subject: x\r\nFrom x@y.example\r\n",
+    b"Hello there\r\nContent-Transfer-Encoding: 8bit\r\n",
+])
+def test_a_header_a_reader_ends_early_is_refused(header):
     """A line that is no header field ends the header for a reader (Python's
-    email, a mail client): fields added after it were body text to them."""
-    message = "Subject: x\r\nThis line is no header\r\n\r\ncaf\u00e9\r\n".encode()
-    out = seven_bit_form(message)
-    assert out.startswith(b"Subject: x\r\nMIME-Version: 1.0\r\n")
-    reader = parsed(out)
-    assert reader["MIME-Version"] == "1.0" and reader["Content-Transfer-Encoding"] == "quoted-printable"
-    assert reader.get_payload(decode=True) == parsed(message).get_payload(decode=True)
+    email, a mail client): fields added or removed on either side of it,
+    and the lines after it left unencoded, changed what the reader saw."""
+    with pytest.raises(NotConvertible, match="no header field"):
+        seven_bit_form(header + "\r\ncaf\u00e9 Total=3D5\r\n".encode())
+
+
+def test_a_transfer_encoding_field_with_many_comments_costs_one_pass():
+    import time
+
+    nested = "(" * 100_000 + ")" * 100_000
+    message = f"Content-Type: text/plain\r\nContent-Transfer-Encoding: 8bit {nested}\r\n\r\nt\u00e9\r\n".encode()
+    started = time.process_time()
+    assert parts(seven_bit_form(message)) == [("text/plain", "t\u00e9\r\n".encode())]
+    assert time.process_time() - started < 5  # a bound on a blow-up (it was minutes), not a speed claim
+
+
+def test_a_content_type_with_too_many_parameters_is_refused():
+    message = b'Content-Type: multipart/mixed; boundary=b; x="' + b";" * 2000 + b'"\r\n\r\n--b\r\n\r\n\xe9\r\n--b--\r\n'
+    with pytest.raises(NotConvertible, match="parameters"):
+        seven_bit_form(message)
+
+
+@pytest.mark.parametrize("kind", ["delivery-status", "disposition-notification", "news"])
+def test_8bit_in_a_message_type_that_must_be_7bit_is_refused(kind):
+    message = f"Content-Type: message/{kind}\r\n\r\nReporting-MTA: dns; \u00e9\r\n".encode()
+    with pytest.raises(NotConvertible, match=f"message/{kind}"):
+        seven_bit_form(message)
+
+
+@pytest.mark.parametrize("boundary, delimiter", [
+    ("boundary*=utf-8''%C3%A9", "?"),  # what the boundary became, encoded with "replace"
+    ("boundary*=us-ascii''a%0D%0Ab", "a\r\nb"),
+])
+def test_a_boundary_no_reader_could_match_is_refused(boundary, delimiter):
+    """The body was split on lines no reader takes for delimiters."""
+    message = (f"Content-Type: multipart/mixed; {boundary}\r\n\r\n--{delimiter}\r\n\r\n\u00e9\r\n"
+               f"--{delimiter}--\r\n").encode()
+    with pytest.raises(NotConvertible, match="boundary"):
+        seven_bit_form(message)
+
+
+def test_an_unclosed_multipart_inside_another_keeps_its_parts_line_breaks():
+    message = (
+        b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n--outer\r\n"
+        b"Content-Type: multipart/mixed; boundary=inner\r\n\r\n--inner\r\n"
+        b"Content-Type: application/x\r\n\r\n\xff\xfe\r\n\r\n--outer--\r\n"
+    )
+    assert parts(seven_bit_form(message)) == parts(message)
+
+
+@pytest.mark.parametrize("line", [b"\xe9\n", b"-\xe9\n", b"\r\xe9"])
+def test_short_lines_cost_memory_in_proportion_to_the_message(line):
+    """A regex substitution per line ending (or per line beginning with "-"),
+    and a list of lines for the encoding, held some 60 to 90 times the
+    message at their peak."""
+    import tracemalloc
+
+    size = 1 << 20
+    message = b"Content-Type: text/plain\r\n\r\n" + line * (size // len(line))  # LF as the store writes, or a mix
+    tracemalloc.start()
+    try:
+        out = seven_bit_form(message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert_seven_bit(out)
+    assert peak < 12 * size, peak
 
 
 @pytest.mark.parametrize("label", ["8bit (raw UTF-8)", "(c) 8bit", "7bit(x)", "8BIT ((nested) comment)"])
@@ -268,3 +334,42 @@ def test_any_octets_give_7bit_or_a_reason(pieces):
     except NotConvertible:
         return
     assert_seven_bit(out)
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\xe9"]), max_size=30))
+def test_crlf_lines_ends_every_line_in_crlf_as_a_substitution_would(pieces):
+    import re
+
+    data = b"".join(pieces)
+    assert crlf_lines(data) == re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", data)
+
+
+def test_a_relayed_message_of_short_lines_costs_memory_in_proportion():
+    """Every relayed mail goes through _data_block (the store writes LF): a
+    substitution per line ending held some 60 times the message."""
+    import tracemalloc
+
+    from prefork_smtpd.runner import _data_block
+
+    size = 1 << 20
+    message = b"Subject: x\n\n" + b"a\n" * (size // 2)
+    tracemalloc.start()
+    try:
+        block = _data_block(message)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert block.endswith(b"a\r\n.\r\n") and block.count(b"\r\n") == size // 2 + 3
+    assert peak < 8 * size, peak
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(st.sampled_from(["-", "x", "\u00e9", " ", "=", "\t"]), max_size=200), min_size=1, max_size=5))
+def test_quoted_printable_lines_are_short_never_begin_with_a_dash_and_read_back(lines):
+    body = "\r\n".join(lines).encode()
+    out = seven_bit_form(b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body)
+    encoded = out.split(b"\r\n\r\n", 1)[1]
+    if body.isascii():
+        return
+    assert all(len(line) <= 76 and not line.startswith(b"-") for line in encoded.split(b"\r\n"))
+    assert parsed(out).get_payload(decode=True) == body
