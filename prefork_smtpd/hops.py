@@ -24,7 +24,10 @@ from collections.abc import Iterable
 _RECEIVED = re.compile(rb"\nreceived[ \t]{0,8}:", re.IGNORECASE)
 # The most of a line's start a match needs: "\n", "received", blanks, ":".
 _LINE_START = 1 + len(b"received") + 8 + 1
-_END_OF_HEADER = b"\r\n\r\n"
+# The end of the header: a line break, then an empty line, CRLF or a bare
+# LF (a BINARYMIME message is kept as received). At most three octets.
+_END_OF_HEADER = re.compile(rb"\n\r?\n")
+_END_OF_HEADER_MAX = 3
 
 
 def received_fields(pieces: Iterable[bytes | bytearray], limit: int) -> int:
@@ -38,19 +41,19 @@ def received_fields(pieces: Iterable[bytes | bytearray], limit: int) -> int:
     carry = b"\r\n"
     for piece in pieces:
         text = carry + piece
-        end = text.find(_END_OF_HEADER)
-        stop = len(text) if end < 0 else end + 2
+        end = _END_OF_HEADER.search(text)
+        stop = len(text) if end is None else end.start() + 1
         for match in _RECEIVED.finditer(text, 0, stop):
             if match.end() > len(carry):  # else wholly in the carry: counted with the piece before
                 count += 1
                 if count > limit:
                     return count
-        if end >= 0:
+        if end is not None:
             return count
         # Keep the last line's start if a match may still begin there, and
         # always three octets (an end of header may be cut anywhere).
         size = len(text)
         line = text.rfind(b"\n")
-        keep = min(line if line >= size - _LINE_START else size, size - (len(_END_OF_HEADER) - 1))
+        keep = min(line if line >= size - _LINE_START else size, size - (_END_OF_HEADER_MAX - 1))
         carry = bytes(text[max(keep, 0):])
     return count

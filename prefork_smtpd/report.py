@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import format_datetime, formatdate, make_msgid
 
+from .downgrade import crlf_lines
+
 DELIVERED = "delivered"
 FAILED = "failed"
 DELAYED = "delayed"
@@ -182,15 +184,25 @@ def _address_type(address: str) -> str:
 
 
 def _split_header(message: bytes) -> tuple[bytes, bytes]:
-    """The header block (its lines, CRLF-ended) and the body."""
+    """The header block (its lines, CRLF-ended) and the body.
+
+    The header ends at the first empty line, CRLF or a bare LF: a
+    BINARYMIME message is kept as received, and one whose header ends in
+    LF LF would otherwise be quoted whole where only its header is asked
+    for (RET=HDRS, success notices), its body with it.
+    """
     if message.startswith(b"\r\n"):
         return b"", message[2:]
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        return (message if message.endswith(b"\r\n") or not message else message + b"\r\n"), b""
-    return message[: end + 2], message[end + 4 :]
+    if message.startswith(b"\n"):
+        return b"", message[1:]
+    found = _EMPTY_LINE.search(message)
+    if found is None:
+        header = crlf_lines(message)
+        return (header if header.endswith(b"\r\n") or not header else header + b"\r\n"), b""
+    return crlf_lines(message[: found.start() + 1]), message[found.end():]
 
 
+_EMPTY_LINE = re.compile(rb"\n\r?\n")  # a line break, then an empty line
 _LONG_LINE = re.compile(rb"[^\r\n]{999}")
 
 

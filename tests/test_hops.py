@@ -49,3 +49,12 @@ def test_only_the_header_counts_and_counting_stops_past_the_limit():
     assert received_fields([b"X: y\r\nReceived:", b" x\r\n\r\n"], 10) == 1
     # An empty first piece, then a message without a header.
     assert received_fields([b"", b"\r\nReceived: body\r\n"], 10) == 0
+
+
+def test_a_header_ending_in_a_bare_lf_ends_there_however_cut():
+    """A BINARYMIME message is kept as received: its header may end in LF LF.
+    Its body was counted as header, Received lines in a forwarded part too."""
+    message = b"Received: a\nReceived: b\n\nReceived: in the body\n" * 1
+    for at in range(len(message) + 1):
+        assert received_fields([message[:at], message[at:]], 10) == 2, at
+    assert received_fields([b"Received: a\r\n\nReceived: body\r\n"], 10) == 1  # CRLF, then a bare LF

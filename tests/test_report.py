@@ -165,6 +165,18 @@ def test_the_notice_of_an_smtputf8_mail_carries_its_utf8_addresses(start_server)
     assert b"?" not in data.replace(b"Subject: Gr\xc3\xbc\xc3\x9fe", b"")  # nothing replaced by "?"
 
 
+def test_only_the_header_is_quoted_when_a_binary_message_ends_it_in_a_bare_lf():
+    from prefork_smtpd.report import FAILED, RecipientStatus, build_report
+
+    original = b"From: a@smtpd.com\nSubject: raw\n\nbody \x00\xff secret\r\n"
+    report = build_report(
+        reporting_mta="mx.test", recipient="a@smtpd.com", original=original, ret="HDRS", queue_id="q1",
+        statuses=[RecipientStatus(final_recipient="b@example.org", action=FAILED, status="5.0.0")],
+    )
+    assert b"secret" not in report and b"\x00" not in report
+    assert b"From: a@smtpd.com\r\nSubject: raw\r\n" in report  # the header's lines end in CRLF, as a text part's must
+
+
 def test_transfer_encoding_names_what_the_octets_are():
     from prefork_smtpd.report import transfer_encoding
 
