@@ -15,22 +15,16 @@ from typing import Callable
 from .policy import MailboxNames
 from .report import DELIVERED, RecipientStatus, build_report
 from .session import CATCH_ALL, Envelope, Recipient
-from .smtputf8 import ascii_domain
+from .smtputf8 import served_form
 
 NOTICE_HELO = "localhost"  # the notice's Received header names the server itself
-
-
-def _domain_as_served(domain: str) -> str:
-    """The domain as ``domains`` holds it: lowercase, a U-label domain in its
-    A-labels (as RCPT compares it), "" for one IDNA 2008 refuses."""
-    return domain.lower() if domain.isascii() else ascii_domain(domain) or ""
 
 
 def is_local_sender(sender: str, domains: frozenset[str]) -> bool:
     """Whether mail to the sender would stay here: a served domain, any under
     the catch-all, or an address literal (MAIL takes only ours)."""
     local, at, domain = sender.rpartition("@")
-    return bool(at) and (_domain_as_served(domain) in domains or CATCH_ALL in domains or domain[:1] == "[")
+    return bool(at) and (served_form(domain) in domains or CATCH_ALL in domains or domain[:1] == "[")
 
 
 def local_sender_folder(
@@ -46,7 +40,7 @@ def local_sender_folder(
         return None
     local, _, domain = sender.rpartition("@")
     names = names or MailboxNames()
-    mailbox = names.mailbox(local, "" if domain[:1] == "[" else _domain_as_served(domain))  # a literal of ours names this host
+    mailbox = names.mailbox(local, "" if domain[:1] == "[" else served_form(domain))  # a literal of ours names this host
     if mailbox is None or mailbox_refusal(mailbox[0]) is not None:
         return None
     return mailbox[0]

@@ -55,6 +55,7 @@ from .diskspace import SpaceGuard
 from .events import Reply
 from .replies import INSUFFICIENT_STORAGE, UNKNOWN_MAILBOX
 from .session import CATCH_ALL, MAX_DOMAIN, Mailbox, Policy, folder_for
+from .smtputf8 import served_form
 from .textfile import read_regular_file
 
 MODES = ("auto", "existing")  # anything else names a file
@@ -75,17 +76,26 @@ def domain_folder(domain: str) -> str | None:
     return name
 
 
+# Folders Dovecot would not show: INBOX is its own (in any case, and a
+# folder under it, ".inbox.x", is listed but cannot be opened), and a name
+# part beginning with "~" is refused as a home directory.
+_NOT_A_DOVECOT_FOLDER = re.compile(r"\Ainbox(?:\.|\Z)|(?:\A|\.)~")
+
+
 def subfolder_for(detail: str) -> str:
     """The Maildir++ subfolder of a plus-address detail, or "" if it makes none.
 
     ``invoices`` -> ``.invoices``; dots inside stay (Maildir++'s hierarchy:
     ``lists.python`` is the folder python under lists). A detail that is
     not a dot-atom (empty, a leading dot) makes none: the mail goes to the
-    mailbox itself. The name on disk is in modified UTF-7, as Dovecot reads
+    mailbox itself, as does one Dovecot would not show (``inbox``, in any
+    case, or under it; a part beginning with "~"). The name on disk is in modified UTF-7, as Dovecot reads
     Maildir++ folder names: ``a&b`` is ``.a&-b``, ``märz`` is ``.m&AOQ-rz``.
     """
     name = folder_for(detail)
-    return "" if name is None else "." + modified_utf7(name)
+    if name is None or _NOT_A_DOVECOT_FOLDER.search(name):
+        return ""
+    return "." + modified_utf7(name)
 
 
 def modified_utf7(name: str) -> str:
@@ -169,6 +179,8 @@ def settings_problem(settings) -> str | None:
     for domain in settings.domains:
         if not domain.isascii():  # Settings turned every U-label domain IDNA 2008 takes into its A-labels
             return f"--domain {domain!r} is not a domain name in IDNA 2008 U-labels"
+        if not domain or domain.startswith(".") or ".." in domain:
+            return f"--domain {domain!r} is not a domain name"
     if settings.folders == "address":
         # Each domain becomes a folder name: it must be a plain domain name.
         for domain in settings.domains:
@@ -271,7 +283,7 @@ def load_mailbox_list(path: str, names: MailboxNames | None = None) -> frozenset
         if not name or name.startswith("#"):
             continue
         local, _, domain = name.rpartition("@") if "@" in name else (name, "", "")
-        folder = names.folder(local, domain)
+        folder = names.folder(local, served_form(domain) or domain)  # a U-label domain: its A-labels, as RCPT has it
         if folder is None:
             what = "address" if names.by_address else "local part"
             raise MailboxListError(f"mailboxes file {path}:{number}: not a valid {what}: {name!r}")

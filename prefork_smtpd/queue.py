@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .dsn import RecipientDSN
+from .smtputf8 import served_form
 
 MSG = "msg"
 STATE = "state"
@@ -95,14 +96,15 @@ def _once_each(recipients) -> list:
     """The outside recipients, each address once (its first RCPT's DSN
     parameters kept): a client naming one twice would have the next hop
     deliver it twice, as local copies are made once per folder. The domain
-    compares caseless; the local part as written (RFC 5321 2.4: only the
-    receiving host may fold it)."""
+    compares in its A-labels, caseless (bücher.example is
+    xn--bcher-kva.example); the local part as written (RFC 5321 2.4: only
+    the receiving host may fold it)."""
     seen: set[str] = set()
     kept = []
     for r in recipients:
         if r.outside:
             local, _, domain = r.address.rpartition("@")
-            key = f"{local}@{domain.lower()}"
+            key = f"{local}@{served_form(domain) or domain}"
             if key not in seen:
                 seen.add(key)
                 kept.append(r)
@@ -222,6 +224,10 @@ class Queue:
             return sorted(name for name in os.listdir(self.msg_dir) if not name.startswith("."))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    def exists(self, queue_id: str) -> bool:
+        """Whether the mail is still queued (prefork-smtpd-queue delete removes it)."""
+        return is_queue_id(queue_id) and os.path.exists(os.path.join(self.msg_dir, queue_id))
 
     def load(self, queue_id: str) -> QueuedMail | None:
         """The mail's envelope and progress; None if it is gone (or not a queue file)."""

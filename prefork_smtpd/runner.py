@@ -948,6 +948,8 @@ class Runner:
         outcomes: list[Outcome] = []
         sent: list[Outcome] = []
         for number, (domain, indices) in enumerate(groups.items()):
+            if number and not self.queue.exists(mail.id):
+                return True  # deleted meanwhile: the transaction under way was the last one
             # The mail can leave the queue with this group's transaction when every
             # group before it was sent and this is the last one.
             last = number == len(groups) - 1 and len(sent) == len(outcomes)
@@ -1273,6 +1275,8 @@ class Runner:
     # -------------------------------------------------------------- notices
     async def _bounce(self, mail: QueuedMail, message: bytes, failed: list[Outcome]) -> None:
         """A failure notice (when asked for), durable first; then the recipients are bounced."""
+        if not self.queue.exists(mail.id):
+            return  # deleted meanwhile (prefork-smtpd-queue delete): no bounce is sent
         wanted = [o for o in failed if _wants(mail, o.index, "FAILURE")]
         if wanted and mail.sender:
             try:

@@ -1086,11 +1086,12 @@ class Session:
     def _owns(self, sender: str) -> bool:
         """An authenticated user sends as user@a-served-domain (under the
         catch-all every domain is served), or as its login if that is an address."""
+        local, _, domain = sender.lower().rpartition("@")
+        domain = smtputf8.served_form(domain)  # bücher.example is xn--bcher-kva.example
         login = self.login.lower()
-        sender = sender.lower()
         if "@" in login:
-            return sender == login
-        local, _, domain = sender.rpartition("@")
+            login_local, _, login_domain = login.rpartition("@")
+            return local == login_local and domain == smtputf8.served_form(login_domain)
         return local == login and (domain in self.domains or CATCH_ALL in self.domains)
 
     # A domain not in self.domains may still be served: these answer for it.

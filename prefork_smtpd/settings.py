@@ -645,7 +645,9 @@ class Settings:
         # A domain in U-labels is served as its A-labels, the form the
         # session compares (straße.de: xn--strae-oqa.de); one IDNA 2008
         # refuses stays as written, for policy.settings_problem to refuse.
-        self.domains = [d.lower() if d.isascii() else ascii_domain(d) or d for d in self.domains]
+        # A fully qualified name's final dot names the same domain.
+        domains = [d[:-1] if d.endswith(".") and d != "." else d for d in self.domains]
+        self.domains = [d.lower() if d.isascii() else ascii_domain(d) or d for d in domains]
 
 
 # ------------------------------------------------------------------ docs

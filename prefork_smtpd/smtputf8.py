@@ -122,6 +122,12 @@ def ascii_domain(domain: str) -> str | None:
     return ace.lower()
 
 
+def served_form(domain: str) -> str:
+    """A domain as the served ones are held and compared: lowercase ASCII,
+    a U-label domain in its A-labels; "" for one IDNA 2008 refuses."""
+    return domain.lower() if domain.isascii() else ascii_domain(domain) or ""
+
+
 def parse_mailbox(path: str) -> tuple[str, str] | None:
     """``local@domain`` with UTF-8 in it -> (local part, ASCII domain), or None.
 

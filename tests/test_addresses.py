@@ -320,6 +320,14 @@ def test_plus_folder_names_are_in_modified_utf7_as_dovecot_reads_them(name, on_d
     assert subfolder_for(name.replace("/", "_")) in ("." + on_disk.replace("/", "_"), "")
 
 
+@pytest.mark.parametrize("detail, folder", [
+    ("inbox", ""), ("INBOX", ""), ("Inbox.Sub", ""), ("~x", ""), ("a.~b", ""),  # Dovecot would not show them
+    ("inboxes", ".inboxes"), ("my.inbox", ".my.inbox"), ("a~b", ".a~b"),
+])
+def test_a_detail_naming_no_folder_dovecot_shows_goes_to_the_inbox(detail, folder):
+    assert subfolder_for(detail) == folder
+
+
 @settings(max_examples=300, deadline=None)
 @given(name=st.text(st.characters(exclude_categories=("Cs",)), max_size=40))
 def test_modified_utf7_is_printable_ascii_and_reads_back(name):
@@ -359,6 +367,8 @@ def test_a_stripped_route_leaves_a_suffix_never_a_new_route(path):
         ({"recipient_delimiter": "+-"}, None),
         ({"domains": ["ex\u00adample.\u00e9x"]}, "is not a domain name in IDNA 2008 U-labels"),
         ({"folders": "address", "domains": ["Stra\u00dfe.de"]}, None),
+        ({"domains": ["."]}, "is not a domain name"),
+        ({"domains": ["a..example"]}, "is not a domain name"),
     ],
 )
 def test_address_settings_are_checked(values, problem):
@@ -366,9 +376,18 @@ def test_address_settings_are_checked(values, problem):
     assert found == problem if problem is None else problem in found
 
 
+def test_a_mailboxes_file_may_name_a_u_label_domain(tmp_path):
+    listed = tmp_path / "mailboxes"
+    listed.write_text("bob@b\u00fccher.example\ncarol@xn--bcher-kva.example\n")
+    names = MailboxNames("address", "smtpd.com", "")
+    assert policy.load_mailbox_list(str(listed), names) == {"xn--bcher-kva.example/bob", "xn--bcher-kva.example/carol"}
+
+
 def test_u_label_domains_are_served_as_their_a_labels():
-    settings = Settings(domains=["Stra\u00dfe.DE", "\u4f8b\u3048.jp", "MX.Example", "ex\u00adample.\u00e9x"])
-    assert settings.domains == ["xn--strae-oqa.de", "xn--r8jz45g.jp", "mx.example", "ex\u00adample.\u00e9x"]
+    settings = Settings(domains=["Stra\u00dfe.DE", "\u4f8b\u3048.jp", "MX.Example", "ex\u00adample.\u00e9x", "smtpd.com.",
+                                 "b\u00fccher.example."])
+    assert settings.domains == ["xn--strae-oqa.de", "xn--r8jz45g.jp", "mx.example", "ex\u00adample.\u00e9x", "smtpd.com",
+                                "xn--bcher-kva.example"]  # a final dot names the same domain
 
 
 def test_the_home_domain_is_the_first_real_domain_else_the_host_name():

@@ -512,7 +512,7 @@ def test_plus_folders_are_the_imap_folders_their_details_name(mail_host):
     open ("Mailbox doesn't exist")."""
     mail_host.add_user("alice@smtpd.com", "alice's password")
     with smtplib.SMTP("127.0.0.1", mail_host.smtpd.port, timeout=60) as client:
-        for detail in ("Invoices", "a&b", "Rechnungen-M\u00e4rz"):
+        for detail in ("Invoices", "a&b", "Rechnungen-M\u00e4rz", "Inbox", "~x"):
             assert client.sendmail("bob@smtpd.com", [f"alice+{detail}@smtpd.com"], message(0, "alice@smtpd.com"),
                                    mail_options=["SMTPUTF8"]) == {}
     client = mail_host.imap("alice@smtpd.com", "alice's password")
@@ -522,4 +522,6 @@ def test_plus_folders_are_the_imap_folders_their_details_name(mail_host):
     assert {b"invoices", b"a&-b", b"rechnungen-m&AOQ-rz"} <= names, names
     for folder in ("invoices", "a&-b", "rechnungen-m&AOQ-rz"):  # as IMAP names them on the wire
         assert client.select(f'"{folder}"') == ("OK", [b"1"]), folder
+    # "inbox" is Dovecot's own INBOX and "~x" no name it takes: those went to the inbox itself.
+    assert client.select("INBOX") == ("OK", [b"2"])
     client.logout()

@@ -273,9 +273,13 @@ def test_a_recipient_named_twice_is_relayed_once(start_server, receiver):
     hop = receiver()
     server = start_server(*relay_to(hop.port))
     send(server, ["dup@example.org", "dup@EXAMPLE.org", "Dup@example.org", "dup@example.org"])
-    wait_until(lambda: not queue_of(server).ids(), what="the queue to empty")
-    (received,) = hop.handler.received
-    assert received.recipients == ["dup@example.org", "Dup@example.org"]  # the local part is the next hop's to fold
+    # One domain in U-labels, A-labels and decomposed: one recipient.
+    send(server, ["bob@b\u00fccher.example", "bob@xn--bcher-kva.example", "bob@bu\u0308cher.example"],
+         mail_options=["SMTPUTF8"])
+    wait_until(lambda: not queue_of(server).ids() and len(hop.handler.received) == 2, what="the queue to empty")
+    first, second = hop.handler.received
+    assert first.recipients == ["dup@example.org", "Dup@example.org"]  # the local part is the next hop's to fold
+    assert len(second.recipients) == 1
 
 
 def test_8bit_mail_to_a_next_hop_without_8bitmime_goes_in_7_bits_or_bounces_5_6_3(start_server, receiver):

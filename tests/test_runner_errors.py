@@ -46,3 +46,40 @@ def test_an_error_of_ours_defers_within_the_lifetime_and_bounces_past_it(tmp_pat
     # Within it: deferred, its attempt counted, tried again later.
     fresh = runner.queue.load("new")
     assert fresh.attempts == 1 and fresh.pending() == [0] and "an error of ours" in fresh.last_reply
+
+
+def queued(tmp_path, queue_id: str, recipients: list[str]) -> None:
+    header = {"v": 1, "id": queue_id, "sender": "alice@smtpd.com", "arrival": time.time(),
+              "rcpts": [{"a": a} for a in recipients]}
+    (tmp_path / "queue" / "msg" / queue_id).write_bytes(json.dumps(header).encode() + b"\nSubject: x\r\n\r\nx\r\n")
+
+
+def test_a_mail_deleted_during_its_delivery_goes_to_no_other_domain_and_bounces_to_nobody(tmp_path):
+    """prefork-smtpd-queue delete while the first domain's transaction runs:
+    the README allows that one to reach its next hop; the others were started
+    afterwards all the same, and a refusal still made a bounce."""
+    from prefork_smtpd.runner import BOUNCED, Outcome
+
+    settings = Settings(mail_dir=str(tmp_path / "mail"), queue_dir=str(tmp_path / "queue"))
+    runner = Runner(settings, SharedStats())
+    runner.queue.make()
+    queued(tmp_path, "q1", ["a@one.example", "b@two.example", "c@three.example"])
+    tried = []
+
+    async def send_group(mail, message, domain, indices, settle):
+        tried.append(domain)
+        runner.queue.remove(mail.id)  # deleted while this transaction runs; the next hop then refuses
+        return [Outcome(i, BOUNCED, "550 5.1.1 no such user", "5.1.1", "mx.one.example") for i in indices]
+
+    runner._send_group = send_group
+
+    async def attempt():
+        runner.limit = asyncio.Semaphore(1)
+        runner.wake = asyncio.Event()
+        runner.loop = asyncio.get_running_loop()
+        await runner.deliver(runner.queue.load("q1"))
+
+    asyncio.run(attempt())
+    assert tried == ["one.example"]
+    assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").rglob("new/*"))  # no bounce stored
+    assert not runner.queue.ids() and not list((tmp_path / "queue" / "state").iterdir())

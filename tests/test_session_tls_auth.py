@@ -258,6 +258,21 @@ def test_which_sender_an_authenticated_user_owns(login, sender, owned):
 
 
 @pytest.mark.parametrize(("login", "sender", "owned"), [
+    ("alice", "alice@b\u00fccher.example", True),  # the U-label form of a served domain
+    ("alice", "alice@B\u00dcCHER.example", True),
+    ("alice", "alice@bucher.example", False),
+    ("carol@xn--bcher-kva.example", "carol@b\u00fccher.example", True),
+    ("carol@b\u00fccher.example", "Carol@xn--bcher-kva.example", True),
+    ("carol@xn--bcher-kva.example", "carol@smtpd.com", False),
+])
+def test_an_authenticated_user_owns_its_address_in_either_form_of_its_domain(login, sender, owned):
+    s = Wired(Session("mx.test", frozenset({"smtpd.com", "xn--bcher-kva.example"}), Limits(), lambda key: 0,
+                      context=STARTTLS_PORT, auth=True))
+    s.session.login = login
+    assert s.session._owns(sender) is owned
+
+
+@pytest.mark.parametrize(("login", "sender", "owned"), [
     ("alice", "alice@smtpd.com", True),
     ("alice", "alice@any.example", True),  # under the catch-all every domain is served
     ("alice", "bob@any.example", False),

@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(mails)} mail{'s' if len(mails) != 1 else ''} in the queue")
         return 0
     if args.command == "show":
-        shown = queue.load(args.id)
-        if shown is None:
-            print(f"prefork-smtpd-queue: no queued mail {args.id}", file=sys.stderr)
+        mail = queue.load(args.id)
+        if mail is None:
+            print(f"prefork-smtpd-queue: no queued mail {shown(args.id)}", file=sys.stderr)
             return 1
-        print("\n".join(describe(shown, now)))
+        print("\n".join(describe(mail, now)))
         print()
         sys.stdout.flush()
         sys.stdout.buffer.write(queue.message(args.id))
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for queue_id in (queue.ids() if args.all else args.ids):
         if not is_queue_id(queue_id):
-            print(f"prefork-smtpd-queue: not a queue id: {queue_id}", file=sys.stderr)
+            print(f"prefork-smtpd-queue: not a queue id: {shown(queue_id)}", file=sys.stderr)
             status = 1
         elif queue.remove(queue_id):
-            print(f"deleted {queue_id}")
+            print(f"deleted {shown(queue_id)}")
         else:
-            print(f"prefork-smtpd-queue: no queued mail {queue_id}", file=sys.stderr)
+            print(f"prefork-smtpd-queue: no queued mail {shown(queue_id)}", file=sys.stderr)
             status = 1
     return status
 
