@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(mails)} mail{'s' if len(mails) != 1 else ''} in the queue")
         return 0
     if args.command == "show":
-        mail = queue.load(args.id)
-        if mail is None:
+        found = queue.load(args.id)
+        if found is None:
             print(f"prefork-smtpd-queue: no queued mail {shown(args.id)}", file=sys.stderr)
             return 1
-        print("\n".join(describe(mail, now)))
+        print("\n".join(describe(found, now)))
         print()
         sys.stdout.flush()
         sys.stdout.buffer.write(queue.message(args.id))
