@@ -89,8 +89,9 @@ def subfolder_for(detail: str) -> str:
     ``lists.python`` is the folder python under lists). A detail that is
     not a dot-atom (empty, a leading dot) makes none: the mail goes to the
     mailbox itself, as does one Dovecot would not show (``inbox``, in any
-    case, or under it; a part beginning with "~"). The name on disk is in modified UTF-7, as Dovecot reads
-    Maildir++ folder names: ``a&b`` is ``.a&-b``, ``märz`` is ``.m&AOQ-rz``.
+    case, or under it; a part beginning with "~"). The name on disk is in
+    modified UTF-7, as Dovecot reads Maildir++ folder names: ``a&b`` is
+    ``.a&-b``, ``märz`` is ``.m&AOQ-rz``.
     """
     name = folder_for(detail)
     if name is None or _NOT_A_DOVECOT_FOLDER.search(name):
