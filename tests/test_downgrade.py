@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import tracemalloc
 from email.message import EmailMessage
 
 import pytest
@@ -33,6 +34,15 @@ def leaves(message: email.message.Message) -> list[tuple[str, bytes]]:
             continue
         found.append((part.get_content_type(), part.get_payload(decode=True)))
     return found
+
+
+def peak_memory(convert, message: bytes) -> tuple[bytes, int]:
+    """``convert(message)`` and the most memory it held at once (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        return convert(message), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def assert_seven_bit(data: bytes) -> None:
@@ -199,16 +209,9 @@ def test_short_lines_cost_memory_in_proportion_to_the_message(line):
     """A regex substitution per line ending (or per line beginning with "-"),
     and a list of lines for the encoding, held some 60 to 90 times the
     message at their peak."""
-    import tracemalloc
-
     size = 1 << 20
     message = b"Content-Type: text/plain\r\n\r\n" + line * (size // len(line))  # LF as the store writes, or a mix
-    tracemalloc.start()
-    try:
-        out = seven_bit_form(message)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = peak_memory(seven_bit_form, message)
     assert_seven_bit(out)
     assert peak < 12 * size, peak
 
@@ -273,17 +276,10 @@ def test_nesting_is_bounded():
 def test_a_message_nested_deep_costs_its_size_a_few_times_not_once_a_level():
     """Parts are found by offsets in one copy: slicing each level out of its
     parent held MAX_DEPTH copies of the message at once."""
-    import tracemalloc
-
     size = 1 << 20
     message = b"Content-Type: message/rfc822\r\n\r\n" * MAX_DEPTH
     message += b"Content-Type: text/plain\r\n\r\n" + b"x" * size + b"\xe9\r\n"
-    tracemalloc.start()
-    try:
-        out = seven_bit_form(message)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    out, peak = peak_memory(seven_bit_form, message)
     assert_seven_bit(out)
     assert peak < 10 * size, peak
 
@@ -347,18 +343,11 @@ def test_crlf_lines_ends_every_line_in_crlf_as_a_substitution_would(pieces):
 def test_a_relayed_message_of_short_lines_costs_memory_in_proportion():
     """Every relayed mail goes through _data_block (the store writes LF): a
     substitution per line ending held some 60 times the message."""
-    import tracemalloc
-
     from prefork_smtpd.runner import _data_block
 
     size = 1 << 20
     message = b"Subject: x\n\n" + b"a\n" * (size // 2)
-    tracemalloc.start()
-    try:
-        block = _data_block(message)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    block, peak = peak_memory(_data_block, message)
     assert block.endswith(b"a\r\n.\r\n") and block.count(b"\r\n") == size // 2 + 3
     assert peak < 8 * size, peak
 

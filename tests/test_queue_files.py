@@ -140,3 +140,7 @@ def test_the_queue_command_shows_a_hostile_reply_escaped_and_lists_json_either_w
                               if args[0] == "--json" else [*tool, *args], capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.splitlines()[0])["id"] == "q1"
+    # A file name in msg/ is shown escaped by delete too (it names it as it goes).
+    (tmp_path / "queue" / "msg" / "q\x1b[2J").write_bytes(b"")
+    deleted = subprocess.run([*tool, "delete", "--all"], capture_output=True, text=True, env=env)
+    assert "\x1b" not in deleted.stdout + deleted.stderr and "deleted q\\x1b[2J" in deleted.stdout

@@ -64,22 +64,28 @@ def test_a_mail_deleted_during_its_delivery_goes_to_no_other_domain_and_bounces_
     runner = Runner(settings, SharedStats())
     runner.queue.make()
     queued(tmp_path, "q1", ["a@one.example", "b@two.example", "c@three.example"])
-    tried = []
+    queued(tmp_path, "q2", ["d@one.example"])
+    tried, notices = [], []
 
     async def send_group(mail, message, domain, indices, settle):
-        tried.append(domain)
+        tried.append((mail.id, domain))
         runner.queue.remove(mail.id)  # deleted while this transaction runs; the next hop then refuses
         return [Outcome(i, BOUNCED, "550 5.1.1 no such user", "5.1.1", "mx.one.example") for i in indices]
 
+    async def send_notice(mail, message, outcomes, action):
+        notices.append((mail.id, action))
+
     runner._send_group = send_group
+    runner._send_notice = send_notice
 
     async def attempt():
         runner.limit = asyncio.Semaphore(1)
         runner.wake = asyncio.Event()
         runner.loop = asyncio.get_running_loop()
-        await runner.deliver(runner.queue.load("q1"))
+        for queue_id in ("q1", "q2"):
+            await runner.deliver(runner.queue.load(queue_id))
 
     asyncio.run(attempt())
-    assert tried == ["one.example"]
-    assert not (tmp_path / "mail").exists() or not any((tmp_path / "mail").rglob("new/*"))  # no bounce stored
+    assert tried == [("q1", "one.example"), ("q2", "one.example")]  # q1's other domains never tried
+    assert notices == []  # q2's refusal made no bounce
     assert not runner.queue.ids() and not list((tmp_path / "queue" / "state").iterdir())
